@@ -1,0 +1,66 @@
+# Loopy platform. `make demo` runs the whole job; `make test` runs the suite.
+# Both create or reuse .venv and install what they need (system tools via apt-get when missing).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Ray, MLflow and Serve stay local: embedded Ray with its temp dir inside the work tree.
+export RAY_TMPDIR := $(CURDIR)/.ray_tmp
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+WORK ?= $(CURDIR)/work
+SAMPLES := $(WORK)/samples
+INGESTED := $(WORK)/ingested
+
+.PHONY: install sysdeps test test-fast demo sample-data ingest train serve bench mlflow-ui clean
+
+install: $(STAMP)
+
+sysdeps:
+	@missing=""; for t in ffmpeg espeak-ng sox; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system tools:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg espeak-ng sox >/dev/null; \
+	fi
+
+# torch is pinned here, in the same pip command, so pip never drags a CUDA build.
+$(STAMP): pyproject.toml | sysdeps
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 -e '.[dev]'
+	@mkdir -p $(RAY_TMPDIR)
+	@touch $(STAMP)
+
+test: install sysdeps
+	@mkdir -p $(RAY_TMPDIR)
+	$(PY) -m pytest -q tests
+
+test-fast: install sysdeps
+	$(PY) -m pytest -q -m "not slow" tests
+
+sample-data: install sysdeps
+	$(PY) -m pipelines.sample_data --output $(SAMPLES)
+
+ingest: sample-data
+	$(PY) pipelines/ingest.py --input $(SAMPLES) --output $(INGESTED)
+
+train: install
+	$(PY) train.py --data $(INGESTED) --stages 1,2
+
+demo: install sysdeps
+	$(PY) -m core.demo --work $(WORK)
+
+bench: install sysdeps
+	$(PY) -m benchmarks.run
+
+mlflow-ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(WORK) $(RAY_TMPDIR) .pytest_cache

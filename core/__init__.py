@@ -1,0 +1,1 @@
+"""Shared foundation: typed configs, weight presets, Ray start-up."""

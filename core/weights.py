@@ -1,0 +1,153 @@
+"""Pretrained-weight presets and where to find them.
+
+``tiny``: random tiny models with the same classes and folder layout as the real ones
+(a diffusers SD folder with ``unet/`` and ``vae/``, and a transformers wav2vec2 folder), written
+with ``save_pretrained`` once under ``WeightsConfig.tiny_dir`` and always loaded back with
+``from_pretrained``. So tests and the demo go through exactly the loading code that real weights
+use, without any download.
+
+``sd15``: the user's SD-1.5 diffusers folder (or hub id) and ``facebook/wav2vec2-base-960h``.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from core.config import PROJECT_ROOT
+from core.sections import WeightsConfig
+
+TINY_VERSION = 1  # bump when a tiny config below changes: forces a rebuild of the folder
+
+
+@dataclass(frozen=True)
+class WeightPaths:
+    """Resolved locations (local folders or hub ids)."""
+
+    unet: str  # diffusers UNet2DConditionModel folder (SD-1.5 layout: <sd>/unet)
+    vae: str  # diffusers AutoencoderKL folder
+    wav2vec2: str  # transformers Wav2Vec2Model + feature-extractor folder
+    dwpose_dir: Optional[str]
+    local_files_only: bool
+
+
+def tiny_vae_config() -> dict:
+    """AutoencoderKL with SD's 8x downsampling (4 levels) and 4 latent channels, few channels."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 16, 16, 16],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+
+
+def tiny_unet_config() -> dict:
+    """A 2-level SD-style UNet2DConditionModel (same block kinds as SD-1.5, tiny widths)."""
+    return dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        block_out_channels=[32, 64],
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def tiny_wav2vec2_config() -> dict:
+    """Wav2Vec2 with the base model's conv front end (320-sample hop = 50 Hz at 16 kHz),
+    2 transformer layers of width 32."""
+    return dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=[32] * 7,
+        conv_stride=[5, 2, 2, 2, 2, 2, 2],
+        conv_kernel=[10, 3, 3, 3, 3, 2, 2],
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        feat_extract_norm="group",
+        do_stable_layer_norm=False,
+        vocab_size=32,
+    )
+
+
+def _tiny_root(cfg: WeightsConfig) -> Path:
+    root = Path(cfg.tiny_dir)
+    return root if root.is_absolute() else PROJECT_ROOT / root
+
+
+def materialize_tiny_weights(root: Path, seed: int = 0) -> Path:
+    """Write the tiny models under ``root`` (idempotent, process-safe). Returns ``root``."""
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / "tiny_weights.json"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file() and json.loads(marker.read_text()).get("version") == TINY_VERSION:
+            return root
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+        torch.manual_seed(seed)
+        AutoencoderKL(**tiny_vae_config()).save_pretrained(root / "sd" / "vae")
+        UNet2DConditionModel(**tiny_unet_config()).save_pretrained(root / "sd" / "unet")
+        w2v = Wav2Vec2Model(Wav2Vec2Config(**tiny_wav2vec2_config()))
+        w2v.save_pretrained(root / "wav2vec2")
+        Wav2Vec2FeatureExtractor(
+            feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+            return_attention_mask=False,
+        ).save_pretrained(root / "wav2vec2")
+        marker.write_text(json.dumps({"version": TINY_VERSION, "seed": seed}))
+    return root
+
+
+def resolve_weights(cfg: WeightsConfig) -> WeightPaths:
+    """Where each pretrained part comes from under this config (tiny ones are created if needed)."""
+    if cfg.preset == "tiny":
+        root = materialize_tiny_weights(_tiny_root(cfg))
+        return WeightPaths(
+            unet=str(root / "sd" / "unet"),
+            vae=str(root / "sd" / "vae"),
+            wav2vec2=str(root / "wav2vec2"),
+            dwpose_dir=cfg.dwpose_dir,
+            local_files_only=True,
+        )
+    sd = cfg.sd15.rstrip("/")
+    return WeightPaths(
+        unet=f"{sd}/unet",
+        vae=cfg.vae or f"{sd}/vae",
+        wav2vec2=cfg.wav2vec2,
+        dwpose_dir=cfg.dwpose_dir,
+        local_files_only=cfg.local_files_only,
+    )
+
+
+def load_pretrained(loader, location: str, local_files_only: bool, **kwargs):
+    """``loader.from_pretrained`` for a local folder or a hub id (``org/name/subfolder``).
+
+    A missing local folder with ``local_files_only`` gives one clear error naming the location.
+    """
+    path = Path(location)
+    if path.exists():
+        return loader.from_pretrained(str(path), **kwargs)
+    parts = location.split("/")
+    repo, sub = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    try:
+        return loader.from_pretrained(repo, subfolder=sub, local_files_only=local_files_only, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = " (local_files_only=true: download it first or give a local folder)" if local_files_only else ""
+        raise FileNotFoundError(f"cannot load {loader.__name__} from {location!r}{hint}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Model room: the Loopy networks on diffusers and the sampler."""

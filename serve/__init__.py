@@ -1,0 +1,1 @@
+"""Serving room: the Ray Serve HTTP app for the sampler and its web page."""

@@ -1,0 +1,37 @@
+"""Shared fixtures. Ray runs embedded on 127.0.0.1 with its temp dir in the work tree."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("RAY_TMPDIR", str(ROOT / ".ray_tmp"))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    from core.ray_runtime import init_ray
+    from core.sections import RayConfig
+
+    init_ray(RayConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """Tiny pretrained folders written with save_pretrained (shared by the session)."""
+    from core.sections import WeightsConfig
+    from core.weights import resolve_weights
+
+    root = tmp_path_factory.mktemp("tiny_weights")
+    cfg = WeightsConfig(preset="tiny", tiny_dir=str(root))
+    return cfg, resolve_weights(cfg)

@@ -1,0 +1,1 @@
+"""Training room: the Ray Train loop, checkpoints and MLflow tracking. Entry point: train.py."""
