@@ -1,0 +1,364 @@
+"""The cluster definitions (cluster/) agree with each other and with the configs the jobs read.
+
+Every YAML is parsed; required fields are present; one image everywhere; the Ray and torch
+versions match what the project is tested with; the GPUs and CPUs the jobs ask for
+(configs/cluster.yaml) fit in the clusters that run them; entrypoints name scripts and config
+files that exist and load; the laptop defaults never name a non-loopback address.
+"""
+from __future__ import annotations
+
+import ast
+import ipaddress
+import re
+import shlex
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from core.config import PlatformConfig, flatten, load_platform_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "cluster"
+K8S = CLUSTER / "k8s"
+LAUNCHER = CLUSTER / "ray-cluster.aws.yaml"
+CLUSTER_CONFIG = ROOT / "configs" / "cluster.yaml"
+IMAGE_ROOT = "/app"  # WORKDIR of cluster/Dockerfile: the repository root inside the image
+SHARED = "/mnt/shared"  # the shared volume every Ray node mounts
+THIRD_PARTY_IMAGES = {"postgres"}  # images that are not the project image (name before the tag)
+NAMESPACE = "loopy"
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def load_docs(path: Path) -> list[dict]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs, f"{path}: no YAML documents"
+    for doc in docs:
+        assert isinstance(doc, dict), f"{path}: a document is not a mapping"
+    return docs
+
+
+def k8s_objects() -> dict[tuple[str, str], dict]:
+    """All Kubernetes objects of cluster/k8s/, keyed by (kind, name)."""
+    out = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in load_docs(path):
+            key = (doc["kind"], doc["metadata"]["name"])
+            assert key not in out, f"{path}: {key} defined twice"
+            out[key] = doc
+    return out
+
+
+def find_key(node, key: str):
+    """Every value stored under ``key`` anywhere in a nested YAML structure."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from find_key(v, key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from find_key(item, key)
+
+
+def ray_cluster_spec(obj: dict) -> dict:
+    """The RayCluster spec of a RayCluster, RayJob or RayService object."""
+    kind = obj["kind"]
+    if kind == "RayCluster":
+        return obj["spec"]
+    if kind == "RayJob":
+        return obj["spec"]["rayClusterSpec"]
+    if kind == "RayService":
+        return obj["spec"]["rayClusterConfig"]
+    raise AssertionError(f"{kind} has no Ray cluster spec")
+
+
+def quantity(value) -> float:
+    """Kubernetes CPU / GPU quantity ("88", 8, "500m") -> a number."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def group_capacity(group: dict, resource: str) -> float:
+    """Most of ``resource`` (``cpu`` or ``nvidia.com/gpu``) one worker group can hold (maxReplicas)."""
+    (container,) = [c for c in group["template"]["spec"]["containers"] if c["name"] == "ray-worker"]
+    limit = container["resources"]["limits"].get(resource, 0)
+    return quantity(limit) * int(group.get("maxReplicas", group["replicas"]))
+
+
+def cluster_gpus(spec: dict) -> float:
+    total = 0.0
+    for group in spec["workerGroupSpecs"]:
+        gpus = group_capacity(group, "nvidia.com/gpu")
+        if gpus:
+            per_pod = group_capacity(group, "nvidia.com/gpu") / int(group.get("maxReplicas", group["replicas"]))
+            assert quantity(group["rayStartParams"]["num-gpus"]) == per_pod, (
+                f"group {group['groupName']}: rayStartParams num-gpus differs from the pod's GPU limit"
+            )
+        total += gpus
+    return total
+
+
+def gpu_budget_errors(cfg: PlatformConfig, gpus_available: float) -> list[str]:
+    """What does not fit: Ray Train workers x GPUs per worker against the GPUs of a cluster."""
+    errors = []
+    if cfg.train.use_gpu:
+        need = cfg.train.num_workers * cfg.train.gpus_per_worker
+        if need > gpus_available:
+            errors.append(f"train.num_workers x train.gpus_per_worker = {need:g} > {gpus_available:g} GPUs")
+    return errors
+
+
+def repo_path(path_in_image: str) -> Path:
+    assert path_in_image.startswith(IMAGE_ROOT + "/"), f"{path_in_image}: not under the image's {IMAGE_ROOT}"
+    return ROOT / path_in_image[len(IMAGE_ROOT) + 1:]
+
+
+def is_loopback_or_local(value: str) -> bool:
+    """True unless ``value`` names a network host other than the loopback interface."""
+    if "://" not in value:
+        try:
+            return ipaddress.ip_address(value).is_loopback
+        except ValueError:
+            return value not in ("0.0.0.0", "::") and not re.fullmatch(r"[\w.-]+:\d+", value)
+    parsed = urlparse(value)
+    if parsed.scheme in ("sqlite", "file", "mlflow-artifacts", "models", "runs"):
+        return not parsed.netloc or parsed.netloc in ("localhost", "127.0.0.1")
+    host = parsed.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster_cfg() -> PlatformConfig:
+    return load_platform_config(CLUSTER_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def objects() -> dict[tuple[str, str], dict]:
+    return k8s_objects()
+
+
+# --- every file parses, required fields ----------------------------------------------------------
+
+def test_every_yaml_parses_with_required_fields():
+    paths = sorted(CLUSTER.rglob("*.yaml"))
+    assert LAUNCHER in paths and len(paths) >= 6
+    for path in paths:
+        docs = load_docs(path)
+        if path.parent == K8S:
+            for doc in docs:
+                for field in ("apiVersion", "kind", "metadata"):
+                    assert field in doc, f"{path}: {doc.get('kind')} lacks {field}"
+                assert doc["metadata"].get("name"), f"{path}: {doc['kind']} has no metadata.name"
+                if doc["kind"] != "Namespace":
+                    assert doc["metadata"].get("namespace") == NAMESPACE, f"{path}: {doc['kind']} not in {NAMESPACE}"
+
+
+def test_launcher_defines_24_a100s_and_cpu_decoders(cluster_cfg):
+    (cfg,) = load_docs(LAUNCHER)
+    for field in ("cluster_name", "max_workers", "provider", "auth", "docker", "available_node_types",
+                  "head_node_type", "head_start_ray_commands", "worker_start_ray_commands"):
+        assert field in cfg, f"{LAUNCHER.name}: missing {field}"
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    gpus = sum(t["resources"].get("GPU", 0) * t["max_workers"] for t in types.values())
+    cpu_only = {n: t for n, t in types.items() if not t["resources"].get("GPU") and n != cfg["head_node_type"]}
+    assert gpus == 24, f"{LAUNCHER.name}: {gpus} GPUs, the plan is 24 A100s"
+    assert cpu_only, "no CPU worker type for decoding"
+    for name, t in types.items():
+        assert 0 <= t["min_workers"] <= t["max_workers"], f"{name}: min_workers > max_workers"
+    assert sum(t["max_workers"] for n, t in types.items() if n != cfg["head_node_type"]) <= cfg["max_workers"]
+    cpus = sum(t["resources"]["CPU"] * t["max_workers"] for t in cpu_only.values())
+    assert cluster_cfg.ingest.num_decode_workers <= cpus
+    assert not gpu_budget_errors(cluster_cfg, gpus)
+
+
+# --- one image, matching versions ----------------------------------------------------------------
+
+def project_images() -> dict[str, set[str]]:
+    images: dict[str, set[str]] = {}
+    (launcher,) = load_docs(LAUNCHER)
+    images.setdefault(launcher["docker"]["image"], set()).add(LAUNCHER.name)
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in load_docs(path):
+            for image in find_key(doc, "image"):
+                if image.split(":")[0] not in THIRD_PARTY_IMAGES:
+                    images.setdefault(image, set()).add(path.name)
+    return images
+
+
+def test_one_project_image_everywhere():
+    images = project_images()
+    assert len(images) == 1, f"different images: {images}"
+    (image,) = images
+    assert ":" in image and not image.endswith(":latest"), f"{image}: pin a tag"
+    readme = (CLUSTER / "README.md")
+    if readme.exists():
+        assert image in readme.read_text(), "cluster/README.md builds a different image tag"
+    assert f"-t {image}" in (CLUSTER / "Dockerfile").read_text()
+
+
+def test_dockerfile_pins_the_tested_versions_and_copies_the_packages():
+    import ray
+
+    text = (CLUSTER / "Dockerfile").read_text()
+    base = re.search(r"^ARG RAY_IMAGE=rayproject/ray:(\d+\.\d+\.\d+)-", text, re.M)
+    assert base and base.group(1) == ray.__version__, "base image Ray version differs from the tested ray"
+    torch_pin = re.search(r"torch==(\S+)", (ROOT / "Makefile").read_text()).group(1)
+    assert f"ARG TORCH_VERSION={torch_pin}" in text
+    assert "torch==${TORCH_VERSION} -e ." in text, "the project install must repeat the torch pin"
+    assert re.search(rf"^WORKDIR {IMAGE_ROOT}$", text, re.M)
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for package in setup["packages"]:
+        assert f"COPY {package} ./{package}" in text, f"Dockerfile does not copy package {package}"
+    for module in setup.get("py-modules", []):
+        assert f"COPY {module}.py ./{module}.py" in text, f"Dockerfile does not copy {module}.py"
+    assert "COPY configs ./configs" in text
+
+
+def test_ray_versions_match(objects):
+    import ray
+
+    for (kind, name), obj in objects.items():
+        if kind.startswith("Ray"):
+            assert ray_cluster_spec(obj)["rayVersion"] == ray.__version__, f"{kind}/{name}: rayVersion"
+
+
+# --- resources against what the jobs read --------------------------------------------------------
+
+def test_cluster_config_loads_and_targets_the_cluster(cluster_cfg):
+    assert cluster_cfg.ray.address == "auto"
+    assert cluster_cfg.weights.preset == "sd15" and cluster_cfg.model.preset == "sd15"
+    for location in (cluster_cfg.weights.sd15, cluster_cfg.weights.vae, cluster_cfg.weights.wav2vec2,
+                     cluster_cfg.train.storage_path, cluster_cfg.serve.job_dir):
+        assert location.startswith(SHARED + "/"), f"{location}: not on the shared volume"
+    assert cluster_cfg.train.use_gpu and cluster_cfg.train.num_workers == 24
+    assert cluster_cfg.train.num_workers * cluster_cfg.train.batch_size == 24, "the paper's global batch is 24"
+    assert cluster_cfg.ingest.use_gpu and cluster_cfg.ingest.crop_size == 512
+
+
+def test_training_job_fits_its_cluster(objects, cluster_cfg):
+    spec = ray_cluster_spec(objects[("RayJob", "loopy-train")])
+    gpus = cluster_gpus(spec)
+    assert gpus == 24
+    assert not gpu_budget_errors(cluster_cfg, gpus)
+    interactive = cluster_gpus(ray_cluster_spec(objects[("RayCluster", "loopy")]))
+    assert not gpu_budget_errors(cluster_cfg, interactive)
+
+
+def test_gpu_budget_check_catches_an_oversized_job(cluster_cfg):
+    too_big = load_platform_config(CLUSTER_CONFIG, ["train.num_workers=32"])
+    assert gpu_budget_errors(too_big, 24)
+    two_each = load_platform_config(CLUSTER_CONFIG, ["train.gpus_per_worker=2"])
+    assert gpu_budget_errors(two_each, 24)
+    assert not gpu_budget_errors(cluster_cfg, 24)
+
+
+def test_ingest_job_has_gpus_and_enough_decode_cpus(objects, cluster_cfg):
+    spec = ray_cluster_spec(objects[("RayJob", "loopy-ingest")])
+    assert cluster_gpus(spec) > 0, "ingest.use_gpu but the ingest cluster has no GPU"
+    decode_cpus = sum(group_capacity(g, "cpu") for g in spec["workerGroupSpecs"]
+                      if not group_capacity(g, "nvidia.com/gpu"))
+    assert decode_cpus >= cluster_cfg.ingest.num_decode_workers
+
+
+def test_sampler_service_fits_and_runs_the_serve_app(objects, cluster_cfg):
+    service = objects[("RayService", "loopy-sampler")]
+    gpus = cluster_gpus(ray_cluster_spec(service))
+    assert cluster_cfg.serve.num_replicas * cluster_cfg.serve.gpus_per_replica <= gpus
+    apps = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert len(apps) == 1
+    module, _, attr = apps[0]["import_path"].partition(":")
+    source = ROOT / (module.replace(".", "/") + ".py")
+    assert source.is_file(), f"RayService imports {module}, {source} does not exist"
+    tree = ast.parse(source.read_text())
+    names = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    names |= {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert attr in names, f"{source} defines no top-level {attr}"
+    local = ROOT / "serve" / "serve_config.yaml"
+    local_apps = yaml.safe_load(local.read_text())["applications"]
+    assert apps[0]["import_path"] in {a["import_path"] for a in local_apps}, "not the app of serve/serve_config.yaml"
+    config_arg = apps[0].get("args", {}).get("config")
+    if config_arg:
+        load_platform_config(repo_path(config_arg))
+
+
+@pytest.mark.parametrize("name, script, flags", [
+    ("loopy-ingest", "pipelines/ingest.py", {"--input", "--output", "--config"}),
+    ("loopy-train", "train.py", {"--data", "--stages", "--config"}),
+])
+def test_job_entrypoints_name_existing_files(objects, name, script, flags):
+    argv = shlex.split(objects[("RayJob", name)]["spec"]["entrypoint"])
+    assert argv[0] == "python"
+    assert repo_path(argv[1]) == ROOT / script
+    assert (ROOT / script).is_file(), f"{script} does not exist"
+    given = {a for a in argv if a.startswith("--")}
+    assert flags <= given, f"{name}: missing {flags - given}"
+    config = repo_path(argv[argv.index("--config") + 1])
+    assert config == CLUSTER_CONFIG
+    load_platform_config(config)
+    for flag in ("--input", "--output", "--data"):
+        if flag in argv:
+            assert argv[argv.index(flag) + 1].startswith(SHARED + "/")
+
+
+def test_every_ray_pod_mounts_the_shared_volume(objects):
+    assert ("PersistentVolumeClaim", "loopy-shared") in objects
+    for (kind, name), obj in objects.items():
+        if not kind.startswith("Ray"):
+            continue
+        spec = ray_cluster_spec(obj)
+        pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+        for pod in pods:
+            claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
+            assert "loopy-shared" in claims, f"{kind}/{name}: a pod without the shared volume"
+            for container in pod["spec"]["containers"]:
+                assert SHARED in {m["mountPath"] for m in container["volumeMounts"]}
+
+
+def test_mlflow_server_postgres_backend_object_store_and_service(objects, cluster_cfg):
+    deployment = objects[("Deployment", "mlflow")]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    command = " ".join(container.get("command", []) + container.get("args", []))
+    assert "mlflow server" in command and "--serve-artifacts" in command
+    assert re.search(r"--artifacts-destination s3://\S+", command)
+    assert "--backend-store-uri \"$MLFLOW_BACKEND_STORE_URI\"" in command
+    secrets = {e["secretRef"]["name"] for e in container["envFrom"]}
+    assert "mlflow-postgres" in secrets, "backend DSN must come from a Secret"
+    postgres = objects[("StatefulSet", "mlflow-postgres")]
+    assert postgres["spec"]["template"]["spec"]["containers"][0]["image"].startswith("postgres:")
+    uri = urlparse(cluster_cfg.tracking.tracking_uri)
+    service = objects[("Service", "mlflow")]
+    assert uri.hostname in (f"mlflow.{NAMESPACE}.svc.cluster.local", f"mlflow.{NAMESPACE}", "mlflow")
+    assert uri.port in {p["port"] for p in service["spec"]["ports"]}
+    assert f"{uri.hostname}:{uri.port}" in command, "--allowed-hosts must admit the tracking URI"
+
+
+# --- the laptop stays on loopback ---------------------------------------------------------------
+
+def test_local_defaults_use_only_loopback():
+    for source, cfg in (("dataclass defaults", PlatformConfig()),
+                        ("configs/tiny.yaml", load_platform_config(ROOT / "configs" / "tiny.yaml"))):
+        assert cfg.ray.address == "local", source
+        assert cfg.weights.local_files_only, source
+        for key, value in flatten(cfg).items():
+            if isinstance(value, str):
+                assert is_loopback_or_local(value), f"{source}: {key}={value!r} leaves the machine"
+    assert "--host 127.0.0.1" in (ROOT / "Makefile").read_text()
+
+
+def test_loopback_check_flags_remote_addresses():
+    assert is_loopback_or_local("127.0.0.1") and is_loopback_or_local("sqlite:///mlflow.db")
+    assert is_loopback_or_local("http://localhost:5000") and is_loopback_or_local("mlruns")
+    assert not is_loopback_or_local("0.0.0.0")
+    assert not is_loopback_or_local("http://mlflow.loopy.svc.cluster.local:5000")
+    assert not is_loopback_or_local("ray://10.0.0.5:10001")
