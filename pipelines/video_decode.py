@@ -1,0 +1,324 @@
+"""Streaming video decode, resampled to a fixed frame rate (25 fps) **by timestamp**.
+
+The rule (``resample_indices``):
+
+* Source times are the presentation timestamps of the video frames, relative to the first
+  frame (``pts[0] == 0``), sorted.
+* The source duration is ``pts[-1] + duration of the last frame`` (its packet duration, else the
+  median frame interval).
+* The output has ``N = floor(duration_s * fps + 1e-6)`` frames; output frame ``k`` shows time
+  ``t_k = k / fps`` seconds and takes the source frame whose presentation interval contains
+  ``t_k``: the latest source frame with ``pts <= t_k + EPS_S`` (``EPS_S`` = 0.1 ms absorbs
+  time-base rounding). This is correct for 25, 29.97, 30, 50, 60 fps and variable frame rate;
+  it never drifts because every output frame is placed by its own time, not by counting.
+
+Decoding (``iter_frames``) streams: frames are produced in chunks of ``chunk_frames`` output
+frames (uint8 RGB), only the needed source frames are converted to RGB, and peak memory is
+bounded by one chunk (the whole video is never held). decord reads the frames (``get_batch`` of
+the needed source indices); PyAV is the fallback when decord cannot open or read a file, when
+its timestamps disagree with the container's, and for rotated videos (decord 0.6 ignores the
+display matrix and returns a wrongly shaped buffer for them). Rotation metadata is honoured:
+frames come out in display orientation.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from pipelines.probe import ProbeError, _open, read_video_pts
+
+log = logging.getLogger(__name__)
+
+EPS_S = 1e-4  # seconds: tolerance of "pts <= t" for time-base rounding
+_TS_AGREE_S = 2e-3  # decord and container timestamps must agree within this (seconds)
+
+
+class DecodeError(RuntimeError):
+    """A video that cannot be decoded; the message names the file and the frame position."""
+
+
+@dataclass
+class FrameChunk:
+    """``n`` consecutive output frames.
+
+    start_index: output index of ``frames[0]`` (frames at ``fps``, 0-based).
+    frames: uint8 [n, H, W, 3] RGB, display orientation (rotation applied), possibly downsized.
+    times_s: float64 [n] output times ``(start_index + i) / fps`` (seconds).
+    source_times_s: float64 [n] presentation time of the source frame used (seconds, relative
+        to the first source frame).
+    """
+
+    start_index: int
+    frames: np.ndarray
+    times_s: np.ndarray
+    source_times_s: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+
+@dataclass
+class ResamplePlan:
+    """Which source frame each output frame takes.
+
+    source_pts_s: float64 [n_src] sorted source times (s, first frame = 0).
+    source_indices: int64 [N] source frame (presentation order) for output frame k.
+    times_s: float64 [N] output times k / fps.
+    duration_s: source duration from the timestamps (s).
+    """
+
+    path: str
+    fps: float
+    source_pts_s: np.ndarray
+    source_indices: np.ndarray
+    times_s: np.ndarray
+    duration_s: float
+    start_ticks: int = 0  # pts of the first source frame, stream time-base units
+
+    @property
+    def num_frames(self) -> int:
+        return int(len(self.source_indices))
+
+
+def num_output_frames(duration_s: float, fps_out: float) -> int:
+    """``floor(duration_s * fps_out)`` (with a 1e-6 frame tolerance for float rounding)."""
+    return max(0, int(np.floor(duration_s * fps_out + 1e-6)))
+
+
+def resample_indices(source_pts_s: np.ndarray, fps_out: float, duration_s: float) -> np.ndarray:
+    """The timestamp rule: int64 [N] source index for each output frame.
+
+    ``source_pts_s``: float64 [n] presentation times in seconds, sorted, first frame at 0 (a
+    first frame later than 0 is used for the output times before it). ``N =
+    num_output_frames(duration_s, fps_out)``; output frame k (time k / fps_out) takes the latest
+    source frame with ``pts <= k / fps_out + EPS_S``.
+    """
+    pts = np.asarray(source_pts_s, dtype=np.float64)
+    if pts.ndim != 1 or len(pts) == 0:
+        raise ValueError("source_pts_s must be a non-empty 1-D array of seconds")
+    if np.any(np.diff(pts) < 0):
+        raise ValueError("source_pts_s must be sorted (presentation order)")
+    if fps_out <= 0:
+        raise ValueError(f"fps_out must be > 0, got {fps_out}")
+    n_out = num_output_frames(duration_s, fps_out)
+    times = np.arange(n_out, dtype=np.float64) / fps_out
+    idx = np.searchsorted(pts, times + EPS_S, side="right") - 1
+    return np.clip(idx, 0, len(pts) - 1).astype(np.int64)
+
+
+def plan_resample(path: str | Path, fps: float = 25.0) -> ResamplePlan:
+    """Container timestamps of ``path`` (PyAV demux, no decoding) -> :class:`ResamplePlan`.
+
+    Raises :class:`DecodeError` (naming the file) when the file cannot be demuxed."""
+    try:
+        stamps = read_video_pts(path)
+    except ProbeError as exc:
+        raise DecodeError(str(exc)) from exc
+    duration = stamps.duration_s
+    idx = resample_indices(stamps.pts_s, fps, duration)
+    times = np.arange(len(idx), dtype=np.float64) / fps
+    return ResamplePlan(str(path), float(fps), stamps.pts_s, idx, times, duration,
+                        stamps.start_ticks)
+
+
+def _display_size(coded_w: int, coded_h: int, rotation: int, max_side: Optional[int]) -> tuple[int, int]:
+    """Coded (w, h) to decode to so that the display frame's longest side is <= max_side."""
+    if not max_side or max(coded_w, coded_h) <= max_side:
+        return coded_w, coded_h
+    scale = max_side / max(coded_w, coded_h)
+    return max(2, int(round(coded_w * scale))), max(2, int(round(coded_h * scale)))
+
+
+def _rotate(frames: np.ndarray, rotation: int) -> np.ndarray:
+    """Apply a counter-clockwise display rotation (degrees) to [..., H, W, 3] frames."""
+    k = (rotation // 90) % 4
+    if k == 0:
+        return frames
+    return np.ascontiguousarray(np.rot90(frames, k=k, axes=(-3, -2)))
+
+
+def _container_facts(path: Path) -> tuple[int, int, int]:
+    """(coded_w, coded_h, rotation ccw degrees) from the first decoded frame."""
+    container = _open(path)
+    try:
+        if not container.streams.video:
+            raise DecodeError(f"{path}: no video stream")
+        frame = next(container.decode(video=0))
+        return frame.width, frame.height, int(round(getattr(frame, "rotation", 0) or 0)) % 360
+    except StopIteration:
+        raise DecodeError(f"{path}: the video stream has no decodable frame") from None
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError(f"{path}: first frame cannot be decoded ({type(exc).__name__}: {exc})") from exc
+    finally:
+        container.close()
+
+
+def iter_frames(path: str | Path, fps: float = 25.0, chunk_frames: int = 50,
+                max_side: Optional[int] = None, backend: str = "auto",
+                plan: Optional[ResamplePlan] = None) -> Iterator[FrameChunk]:
+    """Decode ``path`` resampled to ``fps`` by timestamp, in chunks of ``chunk_frames`` frames.
+
+    Yields :class:`FrameChunk` (uint8 RGB [n, H, W, 3], display orientation); ``max_side``
+    downsizes so that the longest side is at most that many pixels (aspect kept). ``backend``:
+    ``"auto"`` (decord, PyAV fallback), ``"decord"`` or ``"pyav"``. ``plan`` reuses a
+    :func:`plan_resample` result. Raises :class:`DecodeError` naming the file and the output
+    frame / source time where decoding failed.
+    """
+    path = Path(path)
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    if backend not in ("auto", "decord", "pyav"):
+        raise ValueError(f"backend must be auto, decord or pyav, got {backend!r}")
+    if plan is None:
+        plan = plan_resample(path, fps)
+    coded_w, coded_h, rotation = _container_facts(path)
+    if rotation % 90:
+        raise DecodeError(f"{path}: unsupported rotation {rotation} degrees")
+    out_w, out_h = _display_size(coded_w, coded_h, rotation, max_side)
+
+    start = 0
+    if backend in ("auto", "decord") and rotation == 0:
+        try:
+            for chunk in _iter_decord(path, plan, chunk_frames, out_w, out_h, coded_w, coded_h):
+                yield chunk
+                start = chunk.start_index + len(chunk)
+            return
+        except _DecordUnusable as exc:
+            if backend == "decord":
+                raise DecodeError(f"{path}: decord cannot read this file at output frame {start}: {exc}") from exc
+            log.warning("%s: decord failed at output frame %d (%s); continuing with PyAV", path, start, exc)
+    elif backend == "decord":
+        raise DecodeError(f"{path}: decord does not honour rotation ({rotation} degrees); use PyAV")
+    yield from _iter_pyav(path, plan, chunk_frames, out_w, out_h, rotation, start)
+
+
+class _DecordUnusable(Exception):
+    pass
+
+
+def _iter_decord(path: Path, plan: ResamplePlan, chunk_frames: int, out_w: int, out_h: int,
+                 coded_w: int, coded_h: int) -> Iterator[FrameChunk]:
+    try:
+        import decord
+
+        resize = (out_w, out_h) != (coded_w, coded_h)
+        vr = decord.VideoReader(str(path), ctx=decord.cpu(0), width=out_w if resize else -1,
+                                height=out_h if resize else -1, num_threads=0)
+        n = len(vr)
+        if n != len(plan.source_pts_s):
+            raise _DecordUnusable(f"decord sees {n} frames, the container {len(plan.source_pts_s)}")
+        ts = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64)[:, 0]
+        ts = ts - ts[0]
+        if np.max(np.abs(ts - plan.source_pts_s)) > _TS_AGREE_S:
+            raise _DecordUnusable("decord timestamps disagree with the container's")
+    except _DecordUnusable:
+        raise
+    except Exception as exc:
+        raise _DecordUnusable(f"{type(exc).__name__}: {exc}") from exc
+
+    for k0 in range(0, plan.num_frames, chunk_frames):
+        idx = plan.source_indices[k0:k0 + chunk_frames]
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        try:
+            batch = vr.get_batch(uniq.tolist()).asnumpy()
+        except Exception as exc:
+            raise _DecordUnusable(f"get_batch of source frames {uniq[0]}..{uniq[-1]}: {exc}") from exc
+        if batch.shape[1:] != (out_h, out_w, 3):
+            raise _DecordUnusable(f"unexpected frame shape {batch.shape[1:]}, wanted {(out_h, out_w, 3)}")
+        frames = batch[inverse] if len(uniq) != len(idx) else batch
+        yield FrameChunk(k0, frames, plan.times_s[k0:k0 + len(idx)], plan.source_pts_s[idx])
+
+
+def _iter_pyav(path: Path, plan: ResamplePlan, chunk_frames: int, out_w: int, out_h: int,
+               rotation: int, start: int) -> Iterator[FrameChunk]:
+    import av
+
+    n_out = plan.num_frames
+    if start >= n_out:
+        return
+    targets = plan.source_pts_s[plan.source_indices]  # source time wanted by each output frame
+    k = start
+    buf: list[np.ndarray] = []
+    buf_start = start
+
+    def flush() -> FrameChunk:
+        nonlocal buf, buf_start
+        frames = _rotate(np.stack(buf), rotation)
+        chunk = FrameChunk(buf_start, frames, plan.times_s[buf_start:buf_start + len(buf)],
+                           targets[buf_start:buf_start + len(buf)])
+        buf_start += len(buf)
+        buf = []
+        return chunk
+
+    try:
+        container = av.open(str(path))
+    except Exception as exc:
+        raise DecodeError(f"{path}: cannot open for decoding ({type(exc).__name__}: {exc})") from exc
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        tb = float(stream.time_base)
+        t0_ticks = plan.start_ticks
+        if start > 0:  # resume: seek to the keyframe before the first wanted frame
+            container.seek(int(round(targets[start] / tb)) + t0_ticks, stream=stream, backward=True)
+
+        prev = None  # (time_s, VideoFrame) of the last decoded frame
+        cache: dict[int, np.ndarray] = {}  # pts -> RGB of the last converted frame
+
+        def convert(frame) -> np.ndarray:
+            key = frame.pts
+            if key not in cache:
+                cache.clear()
+                cache[key] = frame.reformat(width=out_w, height=out_h, format="rgb24",
+                                            interpolation="AREA").to_ndarray()
+            return cache[key]
+
+        frames_iter = container.decode(stream)
+        while k < n_out:
+            try:
+                frame = next(frames_iter)
+            except StopIteration:
+                break
+            except Exception as exc:
+                raise DecodeError(
+                    f"{path}: decoding failed at output frame {k} (t={k / plan.fps:.3f}s, after "
+                    f"source time {prev[0] if prev else 0.0:.3f}s): {type(exc).__name__}: {exc}"
+                ) from exc
+            if frame.pts is None:
+                continue
+            t = (frame.pts - t0_ticks) * tb
+            # outputs whose wanted source frame lies before this frame take the previous one
+            while k < n_out and targets[k] + EPS_S < t - EPS_S and prev is not None:
+                buf.append(convert(prev[1]))
+                k += 1
+                if len(buf) == chunk_frames:
+                    yield flush()
+            while k < n_out and targets[k] <= t + EPS_S:
+                buf.append(convert(frame))
+                k += 1
+                if len(buf) == chunk_frames:
+                    yield flush()
+            prev = (t, frame)
+        if k < n_out:
+            if prev is None:
+                raise DecodeError(f"{path}: no frame decoded for output frame {k}")
+            if n_out - k > 1 and targets[k] > prev[0] + EPS_S:
+                raise DecodeError(
+                    f"{path}: stream ended at source time {prev[0]:.3f}s, output frame {k} "
+                    f"(t={k / plan.fps:.3f}s) needs source time {targets[k]:.3f}s"
+                )
+            while k < n_out:
+                buf.append(convert(prev[1]))
+                k += 1
+                if len(buf) == chunk_frames:
+                    yield flush()
+        if buf:
+            yield flush()
+    finally:
+        container.close()
