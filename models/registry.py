@@ -1,0 +1,157 @@
+"""Trained model packages and the MLflow model registry.
+
+A package is a folder (layout in docs/CONTRACTS.md)::
+
+    loopy/          LoopyModel.save_pretrained (safetensors + config.json)
+    platform.yaml   the resolved PlatformConfig it was trained with
+    vae/ wav2vec2/  copies of the tiny preset's pretrained folders (sd15: locations in platform.yaml)
+
+:func:`log_model_package` logs such a folder as the artifact ``model_package/stage<N>`` of an MLflow run and
+registers it as a new version of a registered model, with the stage in the tag ``stage`` and the
+alias ``stage<N>`` pointing at the newest version of each stage.
+:func:`resolve_model_location` turns ``models:/name/version``, ``models:/name@alias``,
+``runs:/<run_id>/<path>`` or a local folder into a local package folder.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+PACKAGE_ARTIFACT = "model_package"
+MODEL_SUBDIR = "loopy"
+CONFIG_FILE = "platform.yaml"
+STAGE_TAG = "stage"
+
+
+class ModelPackageError(FileNotFoundError):
+    """A model location that does not hold a readable model package."""
+
+
+def stage_alias(stage: int) -> str:
+    return f"stage{int(stage)}"
+
+
+def write_model_package(folder: str | Path, model: Any, config: Any, weight_paths: Any = None) -> Path:
+    """Write a package: ``model.save_pretrained(folder/loopy)``, ``platform.yaml`` from the
+    dataclass ``config``, and for the tiny preset copies of ``weight_paths.vae`` / ``.wav2vec2``
+    (local folders). Returns ``folder``."""
+    from core.config import dump_yaml
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder / MODEL_SUBDIR))
+    (folder / CONFIG_FILE).write_text(dump_yaml(config))
+    preset = getattr(getattr(config, "weights", None), "preset", None)
+    if preset == "tiny" and weight_paths is not None:
+        for name, src in (("vae", weight_paths.vae), ("wav2vec2", weight_paths.wav2vec2)):
+            if Path(src).is_dir():
+                shutil.copytree(src, folder / name, dirs_exist_ok=True)
+    return folder
+
+
+def check_package(folder: str | Path) -> Path:
+    """``folder`` if it holds a package (``loopy/config.json`` and ``platform.yaml``), else a
+    :class:`ModelPackageError` naming what is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelPackageError(f"model package {folder} does not exist")
+    missing = [p for p in (f"{MODEL_SUBDIR}/config.json", CONFIG_FILE) if not (folder / p).is_file()]
+    if missing:
+        raise ModelPackageError(f"{folder} is not a Loopy model package: missing {', '.join(missing)}")
+    return folder
+
+
+def read_package_config(folder: str | Path):
+    """The :class:`core.config.PlatformConfig` a package was trained with."""
+    from core.config import load_platform_config
+
+    return load_platform_config(check_package(folder) / CONFIG_FILE)
+
+
+def _client(tracking_uri: Optional[str]):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def log_model_package(folder: str | Path, registered_name: str, stage: int, run_id: Optional[str] = None,
+                      tracking_uri: Optional[str] = None, tags: Optional[dict] = None) -> int:
+    """Log ``folder`` as artifact ``model_package/stage<stage>`` of run ``run_id`` (default: the active fluent
+    run) and register it as a new version of ``registered_name`` tagged ``stage=<stage>``; the
+    alias ``stage<stage>`` moves to it. Returns the version number."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    folder = check_package(folder)
+    client = _client(tracking_uri)
+    if run_id is None:
+        active = mlflow.active_run()
+        if active is None:
+            raise ValueError("log_model_package: no run_id given and no active MLflow run")
+        run_id = active.info.run_id
+    taken = {Path(f.path).name for f in client.list_artifacts(run_id, PACKAGE_ARTIFACT)}
+    name, n = stage_alias(stage), 1
+    while name in taken:  # the same stage logged twice in one run: never overwrite a version
+        n += 1
+        name = f"{stage_alias(stage)}_{n}"
+    artifact_path = f"{PACKAGE_ARTIFACT}/{name}"
+    client.log_artifacts(run_id, str(folder), artifact_path)
+    try:
+        client.create_registered_model(registered_name)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    all_tags = {STAGE_TAG: str(int(stage)), **{k: str(v) for k, v in (tags or {}).items()}}
+    version = client.create_model_version(registered_name, source, run_id=run_id, tags=all_tags)
+    client.set_registered_model_alias(registered_name, stage_alias(stage), version.version)
+    return int(version.version)
+
+
+def resolve_model_location(uri_or_path: str | Path, dst_dir: Optional[str | Path] = None,
+                           tracking_uri: Optional[str] = None) -> Path:
+    """A local package folder for ``models:/name/version``, ``models:/name@alias``,
+    ``runs:/<run_id>/<artifact path>`` (MLflow artifacts downloaded to ``dst_dir`` or a temp
+    folder) or a local folder (returned as is). Raises :class:`ModelPackageError` with the
+    location in the message when it does not exist or holds no package."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    text = str(uri_or_path)
+    if not (text.startswith("models:/") or text.startswith("runs:/")):
+        return check_package(Path(text).expanduser().resolve())
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    if dst_dir is not None:
+        Path(dst_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=None if dst_dir is None else str(dst_dir))
+    except (MlflowException, OSError) as exc:
+        raise ModelPackageError(f"cannot fetch model {text!r} from {mlflow.get_tracking_uri()}: {exc}") from exc
+    path = Path(local)
+    if not (path / CONFIG_FILE).is_file():  # runs:/<id> or runs:/<id>/model_package: one package inside?
+        root = path / PACKAGE_ARTIFACT if (path / PACKAGE_ARTIFACT).is_dir() else path
+        found = sorted(p.parent for p in root.glob(f"*/{CONFIG_FILE}"))
+        if len(found) == 1:
+            path = found[0]
+        elif len(found) > 1:
+            raise ModelPackageError(
+                f"{text!r} holds {len(found)} model packages ({', '.join(p.name for p in found)}): "
+                f"name one, e.g. {text.rstrip('/')}/{found[0].relative_to(path)}"
+            )
+    return check_package(path)
+
+
+def latest_version(registered_name: str, stage: int, tracking_uri: Optional[str] = None) -> Optional[int]:
+    """Newest version of ``registered_name`` for ``stage`` (its ``stage<N>`` alias), or None."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        return int(client.get_model_version_by_alias(registered_name, stage_alias(stage)).version)
+    except MlflowException:
+        return None
