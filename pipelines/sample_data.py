@@ -1,0 +1,349 @@
+"""Synthetic talking-head videos for tests and the demo (offline, deterministic by seed).
+
+Each sample shows a real face photo shipped with scikit-image (``skimage.data.astronaut()``)
+with smooth head motion (small translation, in-plane rotation and scale over time) and a mouth
+that opens with the loudness of the speech track, so audio and motion correlate. Speech comes
+from espeak-ng (a different sentence per video). Frames are rendered with PIL and encoded with
+ffmpeg (libx264 + AAC) from a raw RGB pipe.
+
+The default set (``SAMPLE_SPECS``) mixes frame rates (25, 30, 29.97, 60 fps, and one variable
+frame rate), audio sample rates (16, 22.05, 44.1, 48 kHz, one stereo), sizes (320x320 and a
+360x640 portrait) and one file whose pixels are stored sideways with a 90 degree rotation in
+the container's display matrix.
+
+CLI: ``python -m pipelines.sample_data --output DIR [--seconds S] [--seed N] [--with-bad]``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Face geometry in skimage.data.astronaut() (512x512), from dlib's 68 landmarks on the photo.
+_FACE_CENTRE = (225.0, 132.0)  # x, y: middle of the landmark box
+_FACE_SIZE = 95.0  # landmark box side, pixels
+_MOUTH_CENTRE = (223.0, 146.0)  # inner-mouth centre (landmarks 60-67)
+_MOUTH_WIDTH = 42.0  # outer mouth corners 48..54
+_PAD = 256  # reflect-padding of the photo so motion never shows an empty border
+
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog, and then it runs far away into the hills.",
+    "Every morning I walk along the river and listen to the birds singing in the old trees.",
+    "Please remember to bring the blue notebook and two pencils to the meeting tomorrow.",
+    "Sound travels faster in water than in air, which surprises many people who hear it.",
+    "We built a small wooden boat last summer and sailed it across the quiet lake.",
+    "Numbers like seven, twelve and forty two appear in many stories and old songs.",
+    "A gentle rain fell on the city while the lights came on one by one in the evening.",
+    "Learning to play the piano takes patience, practice and a lot of happy mistakes.",
+    "The museum opens at nine, closes at five, and is free for everyone on Sundays.",
+)
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One generated video. ``fps`` is an ffmpeg rate string ("30000/1001"); ``vfr`` renders at
+    ``fps`` and keeps an irregular subset of frames; ``rotation`` (0 or 90, counter-clockwise)
+    stores the pixels rotated and writes the display matrix so players show them upright."""
+
+    name: str
+    fps: str
+    sample_rate: int
+    channels: int
+    width: int  # display size
+    height: int
+    rotation: int = 0
+    vfr: bool = False
+    audio: bool = True
+
+
+SAMPLE_SPECS: tuple[SampleSpec, ...] = (
+    SampleSpec("talk_25fps_16k", "25", 16000, 1, 320, 320),
+    SampleSpec("talk_30fps_22k", "30", 22050, 1, 320, 320),
+    SampleSpec("talk_29.97fps_44k", "30000/1001", 44100, 1, 320, 320),
+    SampleSpec("talk_60fps_48k_stereo", "60", 48000, 2, 320, 320),
+    SampleSpec("talk_25fps_48k_portrait", "25", 48000, 1, 360, 640),
+    SampleSpec("talk_30fps_16k_rot90", "30", 16000, 1, 360, 640, rotation=90),
+    SampleSpec("talk_vfr_44k", "60", 44100, 1, 320, 320, vfr=True),
+)
+
+
+class SampleDataError(RuntimeError):
+    """A tool (ffmpeg, espeak-ng) failed while writing a sample; the message names the file."""
+
+
+def _run(cmd: Sequence[str], out: Path, stdin: Optional[bytes] = None) -> None:
+    proc = subprocess.run(list(cmd), input=stdin, capture_output=True)
+    if proc.returncode != 0:
+        raise SampleDataError(f"{out}: {cmd[0]} failed ({proc.returncode}): "
+                              f"{proc.stderr.decode(errors='replace')[-800:]}")
+
+
+def _require_tools() -> None:
+    for tool in ("ffmpeg", "espeak-ng"):
+        if shutil.which(tool) is None:
+            raise SampleDataError(f"{tool} is not installed (make sysdeps installs it)")
+
+
+def synthesize_speech(text: str, wav_path: Path, seconds: float, rng: np.random.Generator
+                      ) -> tuple[np.ndarray, int]:
+    """espeak-ng speech of ``text``, trimmed or zero-padded to ``seconds``; written to
+    ``wav_path`` (16-bit mono) and returned as (float32 [samples] in -1..1, sample rate Hz)."""
+    import soundfile as sf
+
+    raw = wav_path.with_suffix(".espeak.wav")
+    speed = int(rng.integers(150, 185))  # words per minute
+    pitch = int(rng.integers(30, 70))
+    _run(["espeak-ng", "-s", str(speed), "-p", str(pitch), "-w", str(raw), text], wav_path)
+    audio, sr = sf.read(str(raw), dtype="float32", always_2d=False)
+    raw.unlink(missing_ok=True)
+    if audio.ndim > 1:
+        audio = audio.mean(axis=1)
+    lead = int(0.25 * sr)  # a short pause before speaking
+    total = int(round(seconds * sr))
+    out = np.zeros(total, dtype=np.float32)
+    body = audio[: max(0, total - lead)]
+    out[lead:lead + len(body)] = body
+    sf.write(str(wav_path), out, sr, subtype="PCM_16")
+    return out, sr
+
+
+def loudness_envelope(audio: np.ndarray, sr: int, times_s: np.ndarray, window_s: float = 0.06
+                      ) -> np.ndarray:
+    """RMS loudness of ``audio`` [samples] around each time in ``times_s`` [n] -> [n] in 0..1
+    (normalised by the 95th percentile of the voiced frames)."""
+    half = max(1, int(window_s * sr / 2))
+    centres = np.clip((times_s * sr).astype(np.int64), 0, len(audio) - 1)
+    sq = np.concatenate([[0.0], np.cumsum(audio.astype(np.float64) ** 2)])
+    lo = np.clip(centres - half, 0, len(audio))
+    hi = np.clip(centres + half, 0, len(audio))
+    rms = np.sqrt((sq[hi] - sq[lo]) / np.maximum(hi - lo, 1))
+    ref = np.percentile(rms[rms > 1e-4], 95) if np.any(rms > 1e-4) else 1.0
+    return np.clip(rms / max(ref, 1e-6), 0.0, 1.0)
+
+
+class TalkingHeadRenderer:
+    """Renders frames of the moving astronaut face; motion is a smooth function of time."""
+
+    def __init__(self, width: int, height: int, rng: np.random.Generator):
+        from PIL import Image
+        from skimage import data
+
+        photo = np.pad(data.astronaut(), ((_PAD, _PAD), (_PAD, _PAD), (0, 0)), mode="reflect")
+        self.photo = Image.fromarray(photo)
+        self.width, self.height = width, height
+        self.base_scale = 0.38 * min(width, height) / _FACE_SIZE
+        self.centre = (width / 2.0, height * (0.5 if height <= width else 0.42))
+        # motion: amplitudes (pixels in face sizes, degrees, relative scale) and random phases
+        self.freq = rng.uniform(0.15, 0.35, size=4)  # Hz
+        self.phase = rng.uniform(0, 2 * np.pi, size=4)
+        self.amp = np.array([0.12, 0.08, 4.0, 0.04]) * rng.uniform(0.7, 1.0, size=4)
+
+    def pose(self, t: float) -> tuple[float, float, float, float]:
+        """(dx px, dy px, angle deg ccw, scale) at time ``t`` seconds."""
+        w = np.sin(2 * np.pi * self.freq * t + self.phase) * self.amp
+        face_px = _FACE_SIZE * self.base_scale
+        return float(w[0] * face_px), float(w[1] * face_px), float(w[2]), float(self.base_scale * (1 + w[3]))
+
+    def render(self, t: float, mouth_open: float) -> np.ndarray:
+        """uint8 [height, width, 3] RGB frame at time ``t`` with the mouth ``mouth_open`` (0..1)."""
+        from PIL import Image, ImageDraw
+
+        dx, dy, angle, scale = self.pose(t)
+        a = np.radians(angle)
+        cos, sin = np.cos(a), np.sin(a)
+        cx, cy = self.centre[0] + dx, self.centre[1] + dy
+        sx, sy = _FACE_CENTRE[0] + _PAD, _FACE_CENTRE[1] + _PAD
+        # output o = c + scale * R(angle) (p - s)  =>  p = s + R(-angle) (o - c) / scale
+        inv = 1.0 / scale
+        coeffs = (cos * inv, -sin * inv, sx - (cos * cx - sin * cy) * inv,
+                  sin * inv, cos * inv, sy - (sin * cx + cos * cy) * inv)
+        img = self.photo.transform((self.width, self.height), Image.Transform.AFFINE, coeffs,
+                                   resample=Image.Resampling.BILINEAR)
+        # the mouth: a dark opening whose height follows the loudness
+        mx, my = _MOUTH_CENTRE[0] - _FACE_CENTRE[0], _MOUTH_CENTRE[1] - _FACE_CENTRE[1]
+        ox = cx + scale * (cos * mx + sin * my)
+        oy = cy + scale * (-sin * mx + cos * my)
+        half_w = 0.36 * _MOUTH_WIDTH * scale
+        h = float(np.clip(mouth_open, 0, 1)) * 0.45 * _MOUTH_WIDTH * scale
+        if h > 1.0:
+            draw = ImageDraw.Draw(img)
+            draw.ellipse([ox - half_w, oy - h * 0.3, ox + half_w, oy + h * 0.7],
+                         fill=(70, 18, 24), outline=(150, 70, 70))
+        return np.asarray(img)
+
+
+def write_talking_head(out: Path, spec: SampleSpec, seconds: float, sentence: str,
+                       rng: np.random.Generator, work: Path) -> Path:
+    """Render and encode one talking-head video described by ``spec`` to ``out`` (mp4)."""
+    rate = Fraction(spec.fps)
+    n_frames = int(round(seconds * rate))
+    times = np.arange(n_frames, dtype=np.float64) / float(rate)
+    wav = work / f"{out.stem}.wav"
+    audio, sr = synthesize_speech(sentence, wav, seconds, rng)
+    mouth = loudness_envelope(audio, sr, times)
+    renderer = TalkingHeadRenderer(spec.width, spec.height, rng)
+    k = (spec.rotation // 90) % 4
+    coded_w, coded_h = (spec.height, spec.width) if k % 2 else (spec.width, spec.height)
+    cmd = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error",
+           "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{coded_w}x{coded_h}",
+           "-framerate", spec.fps, "-i", "-"]
+    if spec.audio:
+        cmd += ["-i", str(wav), "-map", "0:v", "-map", "1:a"]
+    vf = []
+    if spec.vfr:
+        vf.append("select='" + _vfr_select_expr(seconds) + "'")
+    if vf:
+        cmd += ["-vf", ",".join(vf), "-fps_mode", "vfr"]
+    cmd += ["-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p",
+            "-g", "50", "-threads", "2"]
+    if spec.audio:
+        cmd += ["-c:a", "aac", "-b:a", "96k", "-ar", str(spec.sample_rate),
+                "-ac", str(spec.channels)]
+    encoded = work / f"{out.stem}.norot.mp4" if spec.rotation else out
+    cmd += ["-map_metadata", "-1", "-fflags", "+bitexact", "-flags", "+bitexact", str(encoded)]
+    frames = bytearray()
+    for t, m in zip(times, mouth):
+        frame = renderer.render(float(t), float(m))
+        if k:
+            frame = np.rot90(frame, k=-k)  # stored sideways; the display matrix turns it back
+        frames += np.ascontiguousarray(frame).tobytes()
+    _run(cmd, out, stdin=bytes(frames))
+    if spec.rotation:  # ffmpeg 5 writes the display matrix only when copying streams
+        _run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(encoded), "-map", "0",
+              "-c", "copy", "-metadata:s:v:0", f"rotate={spec.rotation}", "-fflags", "+bitexact",
+              str(out)], out)
+        encoded.unlink()
+    return out
+
+
+def _vfr_select_expr(seconds: float) -> str:
+    """ffmpeg select filter: every 4th frame in the first third of the video, every frame in the
+    second, every 2nd in the last (15 / 60 / 30 fps from a 60 fps render); timestamps kept."""
+    third = seconds / 3.0
+    return (f"if(lt(t\\,{third:.6f})\\,not(mod(n\\,4))\\,"
+            f"if(lt(t\\,{2 * third:.6f})\\,1\\,not(mod(n\\,2))))")
+
+
+def generate_samples(out_dir: Path, seconds: float = 7.0, seed: int = 0,
+                     specs: Sequence[SampleSpec] = SAMPLE_SPECS) -> list[Path]:
+    """Write the talking-head sample set (``SAMPLE_SPECS``) to ``out_dir``; returns the mp4 paths.
+
+    Deterministic for a given ``seed`` (motion, voice speed / pitch, sentence choice)."""
+    _require_tools()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(SENTENCES))
+    paths = []
+    with tempfile.TemporaryDirectory(prefix="loopy_samples_") as tmp:
+        for i, spec in enumerate(specs):
+            sub = np.random.default_rng([seed, i])
+            out = out_dir / f"{spec.name}.mp4"
+            write_talking_head(out, spec, seconds, SENTENCES[order[i % len(order)]], sub, Path(tmp))
+            paths.append(out)
+    return paths
+
+
+def make_vfr_video(path: Path, seconds: float = 7.0, seed: int = 0, size: tuple[int, int] = (320, 320),
+                   render_fps: int = 60, sample_rate: int = 16000) -> Path:
+    """A variable-frame-rate talking head: rendered at ``render_fps`` and thinned to 1/4, 1/1
+    and 1/2 of it in the three thirds of the video (15 / 60 / 30 fps at 60), timestamps kept."""
+    _require_tools()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = SampleSpec(path.stem, str(render_fps), sample_rate, 1, size[0], size[1], vfr=True)
+    rng = np.random.default_rng([seed, 1000])
+    with tempfile.TemporaryDirectory(prefix="loopy_vfr_") as tmp:
+        return write_talking_head(path, spec, seconds, SENTENCES[seed % len(SENTENCES)], rng, Path(tmp))
+
+
+def _write_noise_video(out: Path, seconds: float, rng: np.random.Generator, work: Path,
+                       size: int = 160, fps: int = 25) -> Path:
+    """A face-free video: a moving colour gradient with smooth noise, plus speech audio."""
+    n = int(round(seconds * fps))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    noise = rng.uniform(0, 1, size=(size // 8, size // 8, 3)).astype(np.float32)
+    noise = np.kron(noise, np.ones((8, 8, 1), np.float32))
+    frames = bytearray()
+    for i in range(n):
+        t = i / fps
+        r = 0.5 + 0.5 * np.sin(2 * np.pi * (xx + 0.3 * t))
+        g = 0.5 + 0.5 * np.sin(2 * np.pi * (yy - 0.2 * t))
+        b = np.roll(noise, shift=i, axis=1)[..., 2]
+        img = np.stack([r, g, b], axis=-1) * 0.7 + 0.3 * np.roll(noise, shift=i, axis=0)
+        frames += (np.clip(img, 0, 1) * 255).astype(np.uint8).tobytes()
+    wav = work / f"{out.stem}.wav"
+    synthesize_speech(SENTENCES[0], wav, seconds, rng)
+    cmd = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+           "-s", f"{size}x{size}", "-framerate", str(fps), "-i", "-", "-i", str(wav),
+           "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-preset", "veryfast", "-crf", "23",
+           "-pix_fmt", "yuv420p", "-c:a", "aac", "-ar", "16000", "-map_metadata", "-1",
+           "-fflags", "+bitexact", "-flags", "+bitexact", str(out)]
+    _run(cmd, out, stdin=bytes(frames))
+    return out
+
+
+def make_bad_inputs(out_dir: Path, seed: int = 0, seconds: float = 6.0) -> dict[str, Path]:
+    """Inputs every stage must reject with a recorded reason (never a crash). Keys:
+
+    ``empty`` (0-byte .mp4), ``not_video`` (a text file named .mp4), ``truncated`` (the first
+    half of a good mp4: the index at the end is missing), ``no_audio`` (talking head without an
+    audio track), ``no_face`` (moving gradient and noise, with speech), ``too_short`` (2 s
+    talking head: fewer than 136 frames at 25 fps)."""
+    _require_tools()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 2000])
+    paths = {
+        "empty": out_dir / "bad_empty.mp4",
+        "not_video": out_dir / "bad_not_video.mp4",
+        "truncated": out_dir / "bad_truncated.mp4",
+        "no_audio": out_dir / "bad_no_audio.mp4",
+        "no_face": out_dir / "bad_no_face.mp4",
+        "too_short": out_dir / "bad_too_short.mp4",
+    }
+    paths["empty"].write_bytes(b"")
+    paths["not_video"].write_text("This is a text file, not a video.\n" * 20)
+    with tempfile.TemporaryDirectory(prefix="loopy_bad_") as tmp:
+        work = Path(tmp)
+        small = SampleSpec("short", "25", 16000, 1, 160, 160)
+        full = work / "full.mp4"
+        write_talking_head(full, small, 3.0, SENTENCES[1], rng, work)
+        data = full.read_bytes()
+        paths["truncated"].write_bytes(data[: len(data) // 2])
+        write_talking_head(paths["no_audio"], SampleSpec("no_audio", "25", 16000, 1, 160, 160, audio=False),
+                           seconds, SENTENCES[2], rng, work)
+        _write_noise_video(paths["no_face"], seconds, rng, work)
+        write_talking_head(paths["too_short"], small, 2.0, SENTENCES[3], rng, work)
+    return paths
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output", required=True, type=Path, help="folder for the mp4 files")
+    parser.add_argument("--seconds", type=float, default=7.0, help="length of each video (s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--with-bad", action="store_true",
+                        help="also write the bad inputs (bad_*.mp4) into the same folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    paths = generate_samples(args.output, seconds=args.seconds, seed=args.seed)
+    if args.with_bad:
+        paths += list(make_bad_inputs(args.output, seed=args.seed).values())
+    for p in paths:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
