@@ -27,16 +27,9 @@ from typing import Optional
 
 import numpy as np
 
-# 68-point layout constants. TODO(video room): move to pipelines/landmarks.py when it lands; these
-# follow PAPER.md ("Keypoint layout") and are tested against it in tests/test_motion_stats.py.
-NUM_LANDMARKS = 68
-NOSE_TIP = 30
-UPPER_FACE: tuple[int, ...] = tuple([0, 1, 2] + list(range(17, 48)) + [14, 15, 16])
-
-try:  # one definition of the layout once the video room ships it
-    from pipelines.landmarks import NOSE_TIP, UPPER_FACE  # type: ignore  # noqa: F811
-except ImportError:
-    pass
+# The 68-point layout (NOSE_TIP = 30, UPPER_FACE = the 37 points above) has one definition, in
+# pipelines/landmarks.py; tests/test_motion_stats.py checks it against PAPER.md.
+from pipelines.landmarks import NOSE_TIP, NUM_LANDMARKS, UPPER_FACE  # noqa: E402,F401
 
 
 def _check(landmarks: np.ndarray) -> np.ndarray:

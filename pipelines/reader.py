@@ -258,7 +258,7 @@ def build_ray_dataset(data_dir: str | Path, reader_cfg: ReaderConfig, split: Opt
 
     Rows start as the epoch plan's spec rows (one block per ``batch_size`` specs); ``map_batches``
     reads each block's frame rows in the worker. Shard it on the training side with Ray Train's
-    ``get_dataset_shard`` and iterate with ``iter_torch_batches(collate_fn=to_torch_batch)``
+    ``get_dataset_shard`` and iterate with ``iter_torch_batches(collate_fn=ray_collate_fn())``
     (or the default conversion: every column is numeric / bool)."""
     import ray.data
 
@@ -274,8 +274,24 @@ def build_ray_dataset(data_dir: str | Path, reader_cfg: ReaderConfig, split: Opt
 
 
 def to_torch_batch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """``collate_fn`` for ``iter_torch_batches``: numpy columns -> contiguous contract tensors."""
-    return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=SAMPLE_DTYPES[k])) for k, v in batch.items()}
+    """Numpy columns -> contiguous, writable contract tensors (copies only read-only buffers)."""
+    out = {}
+    for k, v in batch.items():
+        arr = np.ascontiguousarray(v, dtype=SAMPLE_DTYPES[k])
+        out[k] = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    return out
+
+
+def ray_collate_fn():
+    """``collate_fn`` for ``iter_torch_batches`` (a ``NumpyBatchCollateFn``, as Ray asks since
+    2.47) applying :func:`to_torch_batch`."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class _ContractCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            return to_torch_batch(batch)
+
+    return _ContractCollate()
 
 
 # --- inspection CLI ---------------------------------------------------------------------------
