@@ -205,7 +205,7 @@ def write_talking_head(out: Path, spec: SampleSpec, seconds: float, sentence: st
     if vf:
         cmd += ["-vf", ",".join(vf), "-fps_mode", "vfr"]
     cmd += ["-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p",
-            "-g", "50", "-threads", "2"]
+            "-g", "50", "-threads", "1"]  # one thread: bit-exact reruns
     if spec.audio:
         cmd += ["-c:a", "aac", "-b:a", "96k", "-ar", str(spec.sample_rate),
                 "-ac", str(spec.channels)]
