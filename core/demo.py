@@ -9,7 +9,7 @@ cluster job would run, with the venv's Python:
    the model package is logged to MLflow and registered as ``tracking.registered_model``)
 4. ``register`` - look the registered version up in MLflow and print each stage's loss curve
 5. ``serve``    - start the Serve app on 127.0.0.1 (a free port), wait for ``/healthz``
-6. ``generate`` - POST /v1/videos (a portrait frame and the audio of a held-out sample),
+6. ``generate`` - POST /v1/videos (the first frame and a few seconds of audio of a sample video),
    poll GET /v1/videos/{id}, download GET /v1/videos/{id}/file
 7. stop the service; print where the video, the MLflow UI and the service are.
 
@@ -224,11 +224,11 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 # --- request inputs ------------------------------------------------------------------------------
 
 def pick_request_video(samples: Path) -> Path:
-    """The sample video the request is cut from (the last one in name order)."""
+    """The sample video the request is cut from (the first in name order)."""
     videos = sorted(p for p in samples.rglob("*") if p.suffix.lower() in {".mp4", ".mkv", ".mov", ".webm", ".avi"})
     if not videos:
         raise StepError("generate", f"no sample video found under {samples}")
-    return videos[-1]
+    return videos[0]
 
 
 def make_request_inputs(video: Path, out_dir: Path, audio_seconds: float) -> tuple[Path, Path]:
@@ -244,6 +244,24 @@ def make_request_inputs(video: Path, out_dir: Path, audio_seconds: float) -> tup
         if result.returncode != 0:
             raise StepError("generate", f"ffmpeg could not cut the request from {video}: {result.stderr.strip()}")
     return image, audio
+
+
+def check_ingest_output(ingested: Path) -> str:
+    """After the ingest step: at least one video made it (else :class:`StepError` listing the
+    reasons of the rejects from the manifest). Returns a one-line summary."""
+    import pyarrow.parquet as pq
+
+    manifest_path = ingested / "videos.parquet"
+    if not manifest_path.is_file():
+        raise StepError("ingest", f"no manifest {manifest_path}")
+    rows = pq.read_table(manifest_path, columns=["source", "status", "reason", "num_frames"]).to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    rejected = [r for r in rows if r["status"] != "ok"]
+    if not ok:
+        reasons = "\n    ".join(f"{r['source']}: {r['reason']}" for r in rejected[:10])
+        raise StepError("ingest", f"no video was ingested ({len(rejected)} rejected):\n    {reasons}")
+    frames = sum(r["num_frames"] or 0 for r in ok)
+    return f"{len(ok)} videos ingested ({frames} frames at 25 fps), {len(rejected)} rejected"
 
 
 # --- MLflow --------------------------------------------------------------------------------------
@@ -409,6 +427,8 @@ def run_demo(work: Path, settings: DemoSettings) -> Path:
         if step == "train":
             since_ms = int(time.time() * 1000)
         run_step(step, commands[step], paths.logs / f"{step}.log", settings.step_timeout_s, env)
+        if step == "ingest":
+            say(check_ingest_output(paths.ingested))
 
     say("step register: the model package in the MLflow registry")
     try:

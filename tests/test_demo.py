@@ -214,3 +214,21 @@ def _closed_port() -> int:
     from core.demo import free_port
 
     return free_port()
+
+
+def test_ingest_check_needs_one_ok_video_and_lists_rejects(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from core.demo import check_ingest_output
+
+    with pytest.raises(StepError, match="step 'ingest'.*no manifest"):
+        check_ingest_output(tmp_path)
+    rows = {"source": ["a.mp4", "b.mp4"], "status": ["rejected", "rejected"],
+            "reason": ["face: no face in 80% of frames", "probe: no audio stream"], "num_frames": [0, 0]}
+    pq.write_table(pa.table(rows), tmp_path / "videos.parquet")
+    with pytest.raises(StepError, match=r"no video was ingested \(2 rejected\)(.|\n)*b.mp4: probe: no audio stream"):
+        check_ingest_output(tmp_path)
+    rows["status"][0], rows["reason"][0], rows["num_frames"][0] = "ok", None, 150
+    pq.write_table(pa.table(rows), tmp_path / "videos.parquet")
+    assert check_ingest_output(tmp_path) == "1 videos ingested (150 frames at 25 fps), 1 rejected"
