@@ -1,0 +1,247 @@
+"""The Loopy networks (models/loopy.py and its modules), tiny preset on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.config import ModelConfig
+from pipelines.config import ReaderConfig
+
+B, F, M, H = 2, 4, 6, 8  # clips, clip frames, motion latents, latent side (tiny: 4x8x8)
+L, D, W = 2, 32, 5
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny_weights):
+    from models.loopy import LoopyModel
+
+    _, paths = tiny_weights
+    torch.manual_seed(0)
+    return LoopyModel.from_sd15(paths.unet, ModelConfig(), ReaderConfig(), stage=1).eval()
+
+
+@pytest.fixture(scope="module")
+def stage2(stage1):
+    from models.loopy import LoopyModel
+
+    torch.manual_seed(1)
+    return LoopyModel.from_stage1(stage1, ModelConfig(), ReaderConfig()).eval()
+
+
+def make_batch(frames: int = F, batch: int = B, seed: int = 0, **switches) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    off = torch.zeros(batch, dtype=torch.bool)
+    out = dict(
+        noisy_latents=torch.randn(batch, frames, 4, H, H, generator=g),
+        timesteps=torch.randint(0, 1000, (batch,), generator=g),
+        ref_latent=torch.randn(batch, 4, H, H, generator=g),
+        motion_latents=torch.randn(batch, M, 4, H, H, generator=g),
+        motion_mask=torch.ones(batch, M, dtype=torch.bool),
+        audio=torch.randn(batch, frames, W, L, D, generator=g),
+        landmarks=torch.rand(batch, frames, 68, 2, generator=g),
+        head_motion_var=torch.rand(batch, generator=g) * 1e-3,
+        expression_var=torch.rand(batch, generator=g) * 1e-3,
+        drop_audio=off.clone(), drop_motion_cond=off.clone(), drop_ref=off.clone(),
+        drop_motion_frames=off.clone(), a2l_kind=torch.arange(batch) % 4,
+        clip_frame_indices=torch.zeros(batch, frames, dtype=torch.long),
+    )
+    out.update(switches)
+    return out
+
+
+def perturb_new_modules(model, scale: float = 0.5, seed: int = 3) -> None:
+    """Give the zero-initialised stage-2 outputs non-zero weights (as after some training)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".processor." in name or name.startswith("audio_to_latents.out"):
+                if "to_out" in name or name.startswith("audio_to_latents.out"):
+                    p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(scope="module")
+def trained_stage2(stage2):
+    import copy
+
+    model = copy.deepcopy(stage2)
+    perturb_new_modules(model)
+    return model
+
+
+def test_shapes_through_every_path(stage1, trained_stage2):
+    with torch.no_grad():
+        eps1 = stage1(**make_batch(frames=1))
+        assert eps1.shape == (B, 1, 4, H, H)
+        batch = make_batch()
+        eps2 = trained_stage2(**batch)
+        assert eps2.shape == (B, F, 4, H, H)
+        ref = trained_stage2.compute_reference(batch["ref_latent"], batch["motion_latents"], batch["motion_mask"])
+        layer = trained_stage2.layer_names[0]
+        assert ref.ref_tokens[layer].shape[0] == B and ref.motion_tokens[layer].shape[:2] == (B, M)
+        # no motion latents, no audio, no audio-to-latents inputs: still a valid call
+        ref0 = trained_stage2.compute_reference(batch["ref_latent"])
+        eps = trained_stage2.denoise(batch["noisy_latents"], batch["timesteps"], ref0)
+        assert eps.shape == (B, F, 4, H, H) and torch.isfinite(eps).all()
+        with pytest.raises(ValueError, match="one frame"):
+            stage1(**make_batch(frames=2))
+
+
+def test_compute_reference_then_denoise_equals_forward(trained_stage2):
+    """compute_reference once, denoise at two steps with the cached features = forward each time."""
+    batch = make_batch(drop_motion_frames=torch.tensor([False, True]))
+    a2l = {k: batch[k] for k in ("audio", "landmarks", "head_motion_var", "expression_var")}
+    with torch.no_grad():
+        ref = trained_stage2.compute_reference(batch["ref_latent"], batch["motion_latents"], batch["motion_mask"],
+                                               batch["drop_ref"], batch["drop_motion_frames"])
+        for t in (torch.tensor([10, 10]), torch.tensor([700, 300])):
+            eps = trained_stage2.denoise(batch["noisy_latents"], t, ref, batch["audio"], a2l,
+                                         batch["a2l_kind"], batch["drop_audio"], batch["drop_motion_cond"])
+            full = trained_stage2(**dict(batch, timesteps=t))
+            torch.testing.assert_close(eps, full, rtol=0, atol=1e-6)
+
+
+def test_reference_features_do_not_depend_on_timestep(trained_stage2):
+    """The reference net always runs at t = 0: the same features whatever the denoising step."""
+    batch = make_batch()
+    seen = []
+
+    def capture(module, args, kwargs):
+        seen.append(args[1].clone())
+
+    handle = trained_stage2.reference_net.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            trained_stage2(**dict(batch, timesteps=torch.tensor([5, 5])))
+            trained_stage2(**dict(batch, timesteps=torch.tensor([900, 900])))
+    finally:
+        handle.remove()
+    assert all(bool((t == 0).all()) for t in seen)
+    with torch.no_grad():
+        r1 = trained_stage2.compute_reference(batch["ref_latent"], batch["motion_latents"], batch["motion_mask"])
+        r2 = trained_stage2.compute_reference(batch["ref_latent"], batch["motion_latents"], batch["motion_mask"])
+    for k in r1.ref_tokens:
+        assert torch.equal(r1.ref_tokens[k], r2.ref_tokens[k])
+        assert torch.equal(r1.motion_tokens[k], r2.motion_tokens[k])
+
+
+@pytest.mark.parametrize("switch", ["drop_ref", "drop_motion_frames", "drop_audio", "drop_motion_cond"])
+def test_switches_change_output_per_sample(trained_stage2, switch):
+    base = make_batch()
+    flipped = dict(base, **{switch: torch.tensor([False, True])})
+    with torch.no_grad():
+        a = trained_stage2(**base)
+        b = trained_stage2(**flipped)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-5)  # sample 0 untouched
+    assert (a[1] - b[1]).abs().max() > 1e-4  # sample 1 changed
+
+
+def test_masking_is_per_sample_not_per_batch(trained_stage2):
+    """Sample 0 in a batch where only sample 1 drops its reference = sample 0 alone."""
+    batch = make_batch(drop_ref=torch.tensor([False, True]), drop_motion_frames=torch.tensor([False, True]))
+    alone = {k: (v[:1] if torch.is_tensor(v) else v) for k, v in batch.items()}
+    with torch.no_grad():
+        both = trained_stage2(**batch)
+        single = trained_stage2(**alone)
+    torch.testing.assert_close(both[:1], single, rtol=0, atol=1e-5)
+
+
+def test_every_trainable_parameter_gets_a_gradient(stage2):
+    """DDP without find_unused_parameters: one step with every switch on for all samples still
+    reaches every parameter with requires_grad (the reference net's unused tail is frozen)."""
+    import copy
+
+    model = copy.deepcopy(stage2).train()
+    on = torch.ones(B, dtype=torch.bool)
+    for switches in ({}, dict(drop_ref=on, drop_motion_frames=on, drop_audio=on, drop_motion_cond=on)):
+        model.zero_grad(set_to_none=True)
+        model(**make_batch(**switches)).square().mean().backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, missing[:10]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith("reference_net.") for n in frozen)
+    assert any("conv_out" in n for n in frozen)
+
+
+def test_fresh_stage2_equals_stage1(stage1, stage2):
+    batch = make_batch(frames=1)
+    with torch.no_grad():
+        torch.testing.assert_close(stage2(**batch), stage1(**batch), rtol=0, atol=1e-5)
+
+
+def test_stage1_to_stage2_weight_transfer(stage1, stage2):
+    s1, s2 = stage1.state_dict(), stage2.state_dict()
+    for k, v in s1.items():
+        assert torch.equal(v, s2[k]), k
+    new = [k for k in s2 if k not in s1]
+    assert new and all(".processor." in k or k.startswith(("audio_projection.", "audio_to_latents."))
+                       for k in new)
+    assert stage2.stage == 2 and stage1.stage == 1
+
+
+def test_from_sd15_loads_the_sd_unet_into_both_nets(tiny_weights, stage1):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_weights[1].unet)
+    for k, v in unet.state_dict().items():
+        assert torch.equal(stage1.reference_net.state_dict()[k], v)
+        assert torch.equal(stage1.denoise_unet.state_dict()[k], v)
+
+
+def test_save_load_round_trip_bit_exact(trained_stage2, tmp_path):
+    from models.loopy import LoopyModel
+
+    trained_stage2.save_pretrained(tmp_path / "loopy")
+    assert (tmp_path / "loopy" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = LoopyModel.from_pretrained(tmp_path / "loopy").eval()
+    a, b = trained_stage2.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    batch = make_batch()
+    with torch.no_grad():
+        assert torch.equal(trained_stage2(**batch), loaded(**batch))
+    assert [n for n, p in loaded.named_parameters() if not p.requires_grad] == \
+        [n for n, p in trained_stage2.named_parameters() if not p.requires_grad]
+
+
+def test_gradient_checkpointing_same_gradients(stage2):
+    import copy
+
+    plain = copy.deepcopy(stage2).train()
+    perturb_new_modules(plain)
+    ckpt = copy.deepcopy(plain)
+    ckpt.enable_gradient_checkpointing()
+    batch = make_batch()
+    plain(**batch).square().mean().backward()
+    ckpt(**batch).square().mean().backward()
+    for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_bfloat16_forward(stage2):
+    import copy
+
+    model = copy.deepcopy(stage2).to(torch.bfloat16)
+    with torch.no_grad():
+        eps = model(**make_batch())
+    assert eps.dtype == torch.bfloat16 and torch.isfinite(eps.float()).all()
+
+
+def test_tiny_model_overfits_one_sample(stage2):
+    """30 AdamW steps on one fixed (noisy latent, timestep) sample: the loss falls by >= 5x."""
+    import copy
+
+    torch.manual_seed(0)
+    model = copy.deepcopy(stage2).train()
+    batch = make_batch(frames=2, batch=1)
+    noise = torch.randn(1, 2, 4, H, H, generator=torch.Generator().manual_seed(7))
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad(set_to_none=True)
+        loss = (model(**batch) - noise).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 5, losses
