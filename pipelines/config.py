@@ -27,6 +27,15 @@ class IngestConfig:
     num_decode_workers: Optional[int] = None  # None = Ray decides
     model_batch_size: int = 16  # frames per VAE call
     use_gpu: bool = False  # put the VAE / wav2vec2 actors on GPUs
+    # ingest job (pipelines/ingest.py): splits, resume, Ray Data stage sizes
+    split_key: Literal["video", "folder"] = "video"  # folder: one person's folder never spans both splits
+    max_out_of_frame_ratio: float = 0.1  # share of frames whose face crop leaves the frame
+    retry_rejected: bool = False  # resume: also redo videos rejected by an earlier run
+    num_detect_actors: int = 1  # actor pool: probe + face detection + crop track + audio decode
+    num_audio_actors: int = 1  # actor pool: wav2vec2 features
+    num_vae_actors: int = 1  # actor pool: VAE latents
+    stage_num_cpus: float = 0.25  # logical CPUs reserved per task/actor of each stage
+    model_num_gpus: float = 1.0  # GPUs per wav2vec2 / VAE actor when use_gpu
 
 
 @dataclass

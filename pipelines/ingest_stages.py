@@ -1,0 +1,433 @@
+"""The Ray Data stages of the ingest job (``pipelines/ingest.py`` wires them together).
+
+Every stage passes a failing video on as a ``reject`` row (stage + a reason naming the file)
+instead of raising, so one bad file never stops the batch (SEED_REVIEW defect 20).
+
+Row kinds flowing through the pipeline (one Ray Data row each):
+
+* after :class:`VideoAnalyzer` (one row per video): ``kind`` = ``video`` or ``reject``;
+  ``num_frames`` (frames at ``fps`` that will be written), per-frame arrays of the crop track
+  ``boxes`` f32 [N, 4] (x0, y0, x1, y1 source pixels), ``landmarks`` f32 [N, 68, 2] (crop
+  coordinates / crop size), ``found`` bool [N], and the audio ``samples`` f32 [K] (16 kHz mono,
+  exactly ``N / fps`` seconds);
+* after :class:`AudioFeatureStage`: ``samples`` replaced by ``features`` f16 [N, L, D];
+* after :func:`decode_and_crop` (many rows per video): ``chunk`` rows (``chunk_index``,
+  ``start_index``, ``crops`` u8 [n, S, S, 3] and the chunk's slices of every per-frame array),
+  then one ``end`` row (``num_chunks``, ``num_frames``), or a ``reject`` row;
+* after :class:`VaeStage`: ``crops`` replaced by ``latent`` f16 [n, 4, S/8, S/8] (and JPEGs when
+  asked: ``jpeg`` u8 [bytes] concatenated, ``jpeg_sizes`` i64 [n]).
+
+Every row carries every column (empty arrays of the right rank where unused) so Ray Data blocks
+of mixed kinds share one schema. ``info`` is a JSON string of the probe facts for the manifest.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from pipelines.config import IngestConfig
+from pipelines.quality import (RejectedVideo, check_length, check_silence, check_streams, check_track,
+                               frames_covered_by_audio)
+
+# --- row helpers ----------------------------------------------------------------------------------
+
+STAGE_TIMES_KEY = "stage_seconds"  # JSON dict {stage: seconds} carried for the benchmark
+
+
+def _empty_video_arrays() -> dict[str, np.ndarray]:
+    return {
+        "boxes": np.zeros((0, 4), np.float32),
+        "landmarks": np.zeros((0, 68, 2), np.float32),
+        "found": np.zeros((0,), bool),
+        "time_s": np.zeros((0,), np.float64),
+        "source_time_s": np.zeros((0,), np.float64),
+    }
+
+
+def reject_row(video_id: str, path: str, stage: str, why: str, info: Optional[dict] = None) -> dict:
+    """A ``reject`` row with the same columns as every other row (empty arrays)."""
+    return {
+        "kind": "reject", "video_id": video_id, "path": path, "stage": stage,
+        "reason": f"{stage}: {why}", "info": json.dumps(info or {}),
+        "chunk_index": -1, "start_index": 0, "num_frames": 0, "num_chunks": 0,
+        **_empty_video_arrays(),
+        "samples": np.zeros((0,), np.float32),
+    }
+
+
+def _error_text(path: str, exc: BaseException) -> str:
+    """One line naming the file and the error (the file name is prefixed when missing)."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if path not in msg:
+        msg = f"{path}: {type(exc).__name__}: {msg}"
+    return msg
+
+
+def _first(batch: dict, key: str) -> Any:
+    """Row 0 of a ``batch_size=1`` numpy batch (object arrays of ragged tensors unwrapped)."""
+    value = batch[key][0]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _as_batch(row: dict) -> dict:
+    """A row dict -> a one-row numpy batch."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, np.ndarray):
+            out[k] = v[None]
+        else:
+            out[k] = np.array([v])
+    return out
+
+
+def _video_start_s(path: str) -> float:
+    """Start time (s) of the first video stream in the container (0.0 when unknown)."""
+    import av
+
+    with av.open(path) as container:
+        vs = container.streams.video[0]
+        if vs.start_time is None or not vs.time_base:
+            return 0.0
+        return float(vs.start_time * vs.time_base)
+
+
+def interpolate_missing(landmarks: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """Fill frames without a detection by linear interpolation over time (edges: nearest found
+    frame). landmarks [N, 68, 2], found bool [N] -> [N, 68, 2] (a copy)."""
+    out = np.array(landmarks, dtype=np.float32, copy=True)
+    idx = np.flatnonzero(found)
+    if idx.size == 0 or idx.size == len(found):
+        return out
+    t = np.arange(len(found))
+    flat = out.reshape(len(found), -1)
+    for j in range(flat.shape[1]):
+        flat[:, j] = np.interp(t, idx, flat[idx, j])
+    return out
+
+
+# --- stage 1: probe, detection pass, crop track, audio, filters ------------------------------------
+
+
+class VideoAnalyzer:
+    """Ray Data ``map`` UDF (callable class: the face detector is built once per actor).
+
+    In: ``{video_id, path}``. Out: a ``video`` row (crop track + audio samples) or a ``reject``
+    row. Decoding for detection is a low-resolution streaming pass (``detect_max_side``), so
+    memory does not grow with the video's length beyond the small per-frame arrays.
+    """
+
+    def __init__(self, cfg: IngestConfig, dwpose_dir: Optional[str] = None):
+        from pipelines.face_detect import make_detector
+
+        self.cfg = cfg
+        self.detector = make_detector(cfg.detector, dwpose_dir)
+
+    def __call__(self, row: dict) -> dict:
+        video_id, path = str(row["video_id"]), str(row["path"])
+        info: dict = {}
+        times: dict[str, float] = {}
+        try:
+            out = self._analyze(video_id, path, info, times)
+        except RejectedVideo as rej:
+            return reject_row(video_id, path, rej.rejection.stage, rej.rejection.why, info)
+        except Exception as exc:  # noqa: BLE001 - recorded as this video's rejection
+            stage = info.get("_stage", "analyze")
+            return reject_row(video_id, path, stage, _error_text(path, exc), info)
+        info[STAGE_TIMES_KEY] = times
+        out["info"] = json.dumps({k: v for k, v in info.items() if not k.startswith("_")})
+        return out
+
+    def _analyze(self, video_id: str, path: str, info: dict, times: dict) -> dict:
+        from pipelines.audio_decode import AudioDecodeError, decode_audio, is_silent
+        from pipelines.crop import landmarks_to_crop, plan_crop_track
+        from pipelines.probe import ProbeError, probe_video
+        from pipelines.video_decode import DecodeError, iter_frames
+
+        cfg = self.cfg
+        if not Path(path).is_file():
+            raise RejectedVideo("input", f"{path}: file not found")
+
+        info["_stage"] = "probe"
+        t0 = time.perf_counter()
+        try:
+            probe = probe_video(path)
+        except ProbeError as exc:
+            raise RejectedVideo("probe", _error_text(path, exc)) from None
+        info.update(fps_in=probe.fps, duration_s=probe.duration_s, width=probe.width,
+                    height=probe.height, rotation=probe.rotation)
+        rej = check_streams(True, probe.has_audio)
+        if rej:
+            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+        # cheap early length check from the container (exact count is checked after decoding)
+        est = int(np.floor(probe.duration_s * cfg.fps + 1e-6))
+        rej = check_length(est, cfg)
+        if rej:
+            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+        times["probe"] = time.perf_counter() - t0
+
+        # low-resolution streaming detection pass
+        info["_stage"] = "decode"
+        t_decode = t_detect = 0.0
+        lms, found, src_t = [], [], []
+        small_wh = None
+        t0 = time.perf_counter()
+        try:
+            for chunk in iter_frames(path, fps=cfg.fps, chunk_frames=cfg.chunk_frames,
+                                     max_side=cfg.detect_max_side):
+                t1 = time.perf_counter()
+                t_decode += t1 - t0
+                small_wh = (chunk.frames.shape[2], chunk.frames.shape[1])
+                info["_stage"] = "face"
+                lm, ok = self.detector.detect(chunk.frames)
+                info["_stage"] = "decode"
+                lms.append(np.asarray(lm, np.float32))
+                found.append(np.asarray(ok, bool))
+                src_t.append(np.asarray(chunk.source_times_s, np.float64))
+                t0 = time.perf_counter()
+                t_detect += t0 - t1
+        except DecodeError as exc:
+            raise RejectedVideo("decode", _error_text(path, exc)) from None
+        times["decode_detect_pass"] = t_decode
+        times["detect"] = t_detect
+        if not lms:
+            raise RejectedVideo("decode", f"{path}: no frames decoded")
+        landmarks = np.concatenate(lms)
+        found_all = np.concatenate(found)
+        video_frames = len(found_all)
+        info["video_frames"] = video_frames
+        # detection ran on frames scaled to detect_max_side: back to source (display) pixels
+        sx, sy = probe.width / small_wh[0], probe.height / small_wh[1]
+        landmarks = landmarks * np.array([sx, sy], np.float32)
+
+        # audio: 16 kHz mono, aligned to the video stream's start, never padded
+        info["_stage"] = "audio"
+        t0 = time.perf_counter()
+        try:
+            start_delta = 0.0
+            try:
+                v_start = _video_start_s(path)
+                import av
+
+                with av.open(path) as c:
+                    a = c.streams.audio[0]
+                    a_start = float(a.start_time * a.time_base) if (a.start_time is not None and a.time_base) else 0.0
+                start_delta = a_start - v_start  # > 0: audio begins after the first video frame
+            except Exception:  # noqa: BLE001 - start times unknown: assume aligned
+                start_delta = 0.0
+            audio = decode_audio(path, sample_rate=cfg.sample_rate, start_s=max(0.0, -start_delta))
+        except AudioDecodeError as exc:
+            raise RejectedVideo("audio", _error_text(path, exc)) from None
+        if start_delta > cfg.max_audio_video_offset_s:
+            raise RejectedVideo("audio", f"{path}: audio starts {start_delta:.3f} s after the video "
+                                         f"(max_audio_video_offset_s {cfg.max_audio_video_offset_s:g})")
+        num_frames, offset, rej = frames_covered_by_audio(video_frames, audio.duration_s, cfg)
+        info["audio_offset_s"] = offset
+        if rej:
+            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+        samples = audio.samples[: int(round(num_frames / cfg.fps * cfg.sample_rate))]
+        rej = check_silence(is_silent(samples))
+        if rej:
+            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+        times["audio_decode"] = time.perf_counter() - t0
+
+        info["_stage"] = "filter"
+        rej = check_length(num_frames, cfg)
+        if rej:
+            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+
+        # crop track and the quality filters on it
+        info["_stage"] = "crop"
+        t0 = time.perf_counter()
+        landmarks, found_all = landmarks[:num_frames], found_all[:num_frames]
+        if not found_all.any():
+            raise RejectedVideo("face", f"{path}: no face found in any frame")
+        track = plan_crop_track(landmarks, found_all, (probe.width, probe.height), cfg.crop_margin,
+                                fps=cfg.fps)
+        rej = check_track(track.missing_ratio, track.out_of_frame_ratio, track.max_abs_yaw_deg,
+                          track.head_motion, cfg)
+        if rej:
+            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+        filled = interpolate_missing(landmarks, found_all)
+        lm_crop = np.asarray(landmarks_to_crop(filled, track.boxes), np.float32)
+        times["crop_plan"] = time.perf_counter() - t0
+        info["num_frames"] = num_frames
+        return {
+            "kind": "video", "video_id": video_id, "path": path, "stage": "", "reason": "",
+            "info": "", "chunk_index": -1, "start_index": 0, "num_frames": num_frames, "num_chunks": 0,
+            "boxes": np.asarray(track.boxes, np.float32),
+            "landmarks": lm_crop,
+            "found": found_all.astype(bool),
+            "time_s": np.arange(num_frames, dtype=np.float64) / cfg.fps,
+            "source_time_s": np.concatenate(src_t)[:num_frames],
+            "samples": np.ascontiguousarray(samples, np.float32),
+        }
+
+
+# --- stage 2: wav2vec2 features -----------------------------------------------------------------
+
+
+class AudioFeatureStage:
+    """Ray Data ``map_batches`` UDF (actor pool, ``batch_size=1``): wav2vec2 hidden states of
+    every layer over the whole utterance, one vector per frame -> ``features`` f16 [N, L, D]."""
+
+    def __init__(self, location: str, local_files_only: bool = True, device: str = "cpu", fps: float = 25.0):
+        from pipelines.audio_features import AudioFeatureExtractor
+
+        self.extractor = AudioFeatureExtractor(location, local_files_only=local_files_only, device=device)
+        self.fps = fps
+
+    def __call__(self, batch: dict) -> dict:
+        row = {k: _first(batch, k) for k in batch}
+        samples = row.pop("samples")
+        row["features"] = np.zeros((0, 1, 1), np.float16)
+        if row["kind"] != "video":
+            return _as_batch(row)
+        path = str(row["path"])
+        try:
+            t0 = time.perf_counter()
+            feats = self.extractor(np.asarray(samples, np.float32), int(row["num_frames"]), fps=self.fps)
+            row["features"] = np.asarray(feats, np.float16)
+            info = json.loads(row["info"])
+            info.setdefault(STAGE_TIMES_KEY, {})["audio_features"] = time.perf_counter() - t0
+            row["info"] = json.dumps(info)
+        except Exception as exc:  # noqa: BLE001
+            bad = reject_row(row["video_id"], path, "features", _error_text(path, exc),
+                             json.loads(row["info"] or "{}"))
+            bad.pop("samples")
+            bad["features"] = row["features"]
+            return _as_batch(bad)
+        return _as_batch(row)
+
+
+# --- stage 3: full-resolution decode and crop, one row per chunk ---------------------------------
+
+
+def _chunk_row(row: dict, kind: str, **extra) -> dict:
+    base = {
+        "kind": kind, "video_id": row["video_id"], "path": row["path"], "stage": "", "reason": "",
+        "info": row["info"], "chunk_index": -1, "start_index": 0, "num_frames": 0, "num_chunks": 0,
+        **_empty_video_arrays(),
+        "features": np.zeros((0, 1, 1), np.float16),
+        "crops": np.zeros((0, 1, 1, 3), np.uint8),
+    }
+    base.update(extra)
+    return base
+
+
+def decode_and_crop(row: dict, cfg: IngestConfig) -> Iterator[dict]:
+    """Ray Data ``flat_map`` UDF: stream the video at full resolution in ``chunk_frames`` chunks,
+    crop each frame with the planned track, and yield one ``chunk`` row per chunk followed by one
+    ``end`` row. A failure yields a ``reject`` row (earlier chunks of the video are discarded by
+    the writer). Memory: one chunk of source frames at a time."""
+    from pipelines.crop import crop_frames
+    from pipelines.video_decode import iter_frames
+
+    empty_crops = np.zeros((0, 1, 1, 3), np.uint8)
+    if row["kind"] != "video":
+        yield _chunk_row(row, "reject", stage=row["stage"], reason=row["reason"], crops=empty_crops)
+        return
+    path, n_total = str(row["path"]), int(row["num_frames"])
+    boxes, lms, found = row["boxes"], row["landmarks"], row["found"]
+    feats, src_t = row["features"], row["source_time_s"]
+    written = 0
+    chunk_index = 0
+    t_decode = t_crop = 0.0
+    try:
+        t0 = time.perf_counter()
+        for chunk in iter_frames(path, fps=cfg.fps, chunk_frames=cfg.chunk_frames):
+            t1 = time.perf_counter()
+            t_decode += t1 - t0
+            start = int(chunk.start_index)
+            if start != written:
+                raise RuntimeError(f"{path}: decoder chunk starts at frame {start}, expected {written}")
+            stop = min(start + len(chunk.frames), n_total)
+            if stop <= start:
+                break
+            frames = chunk.frames[: stop - start]
+            crops = crop_frames(frames, boxes[start:stop], cfg.crop_size)
+            t0 = time.perf_counter()
+            t_crop += t0 - t1
+            yield _chunk_row(
+                row, "chunk", chunk_index=chunk_index, start_index=start, num_frames=stop - start,
+                boxes=np.asarray(boxes[start:stop], np.float32),
+                landmarks=np.asarray(lms[start:stop], np.float32),
+                found=np.asarray(found[start:stop], bool),
+                time_s=np.arange(start, stop, dtype=np.float64) / cfg.fps,
+                source_time_s=np.asarray(chunk.source_times_s[: stop - start], np.float64),
+                features=np.asarray(feats[start:stop], np.float16),
+                crops=np.ascontiguousarray(crops, np.uint8),
+            )
+            written = stop
+            chunk_index += 1
+            if written >= n_total:
+                break
+            t0 = time.perf_counter()
+    except Exception as exc:  # noqa: BLE001
+        yield _chunk_row(row, "reject", stage="decode", reason=f"decode: {_error_text(path, exc)}")
+        return
+    if written != n_total:
+        yield _chunk_row(row, "reject", stage="decode",
+                         reason=f"decode: {path}: full-resolution decode gave {written} frames, the "
+                                f"detection pass {n_total}")
+        return
+    info = json.loads(row["info"])
+    info.setdefault(STAGE_TIMES_KEY, {}).update(decode_full=t_decode, crop=t_crop)
+    yield _chunk_row(row, "end", num_frames=written, num_chunks=chunk_index, info=json.dumps(info))
+
+
+# --- stage 4: VAE latents --------------------------------------------------------------------------
+
+
+def encode_jpegs(crops: np.ndarray, quality: int = 90) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [n, S, S, 3] -> (concatenated JPEG bytes as uint8 [total], sizes int64 [n])."""
+    from PIL import Image
+
+    blobs = []
+    for frame in crops:
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
+        blobs.append(buf.getvalue())
+    sizes = np.array([len(b) for b in blobs], np.int64)
+    return np.frombuffer(b"".join(blobs), np.uint8).copy(), sizes
+
+
+class VaeStage:
+    """Ray Data ``map_batches`` UDF (actor pool, ``batch_size=1`` chunk): crops -> ``latent`` f16
+    [n, 4, S/8, S/8] (AutoencoderKL posterior mean x scaling factor). Crop pixels are dropped
+    (kept only as JPEG bytes when ``write_jpeg``). Other row kinds pass through."""
+
+    def __init__(self, location: str, local_files_only: bool = True, device: str = "cpu",
+                 batch_size: int = 16, write_jpeg: bool = False):
+        from pipelines.latents import LatentCodec
+
+        self.codec = LatentCodec(location, local_files_only=local_files_only, device=device)
+        self.batch_size = batch_size
+        self.write_jpeg = write_jpeg
+
+    def __call__(self, batch: dict) -> dict:
+        row = {k: _first(batch, k) for k in batch}
+        crops = np.asarray(row.pop("crops"))
+        row["latent"] = np.zeros((0, 1, 1, 1), np.float16)
+        row["jpeg"] = np.zeros((0,), np.uint8)
+        row["jpeg_sizes"] = np.zeros((0,), np.int64)
+        row["vae_s"] = 0.0  # seconds spent in the VAE for this chunk (benchmark)
+        if row["kind"] != "chunk":
+            return _as_batch(row)
+        try:
+            t0 = time.perf_counter()
+            row["latent"] = np.asarray(self.codec.encode(crops, batch_size=self.batch_size), np.float16)
+            row["vae_s"] = time.perf_counter() - t0
+            if self.write_jpeg:
+                row["jpeg"], row["jpeg_sizes"] = encode_jpegs(crops)
+        except Exception as exc:  # noqa: BLE001
+            path = str(row["path"])
+            bad = _chunk_row(row, "reject", stage="vae", reason=f"vae: {_error_text(path, exc)}")
+            bad.pop("crops")
+            bad.update(latent=row["latent"], jpeg=row["jpeg"], jpeg_sizes=row["jpeg_sizes"], vae_s=0.0)
+            return _as_batch(bad)
+        return _as_batch(row)

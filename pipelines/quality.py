@@ -1,0 +1,111 @@
+"""Quality filters of the ingest job: each check returns a :class:`Rejection` with the stage and
+a reason a person can act on, or ``None`` when the video passes.
+
+Stages named in reasons: ``probe`` (container/streams), ``audio`` (audio track), ``face``
+(detection), ``filter`` (quality thresholds: length, framing, rotation, head motion).
+Thresholds come from :class:`pipelines.config.IngestConfig`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from pipelines.config import IngestConfig
+
+
+@dataclass(frozen=True)
+class Rejection:
+    stage: str
+    why: str
+
+    @property
+    def reason(self) -> str:
+        """The manifest ``reason``: ``"<stage>: <why>"``."""
+        return f"{self.stage}: {self.why}"
+
+
+class RejectedVideo(Exception):
+    """Raised inside a stage to end one video's processing with a recorded rejection."""
+
+    def __init__(self, stage: str, why: str):
+        super().__init__(f"{stage}: {why}")
+        self.rejection = Rejection(stage, why)
+
+
+def check_streams(has_video: bool, has_audio: bool) -> Optional[Rejection]:
+    if not has_video:
+        return Rejection("probe", "no video stream")
+    if not has_audio:
+        return Rejection("probe", "no audio track")
+    return None
+
+
+def check_length(num_frames: int, cfg: IngestConfig) -> Optional[Rejection]:
+    """Too short for one training sample (``min_frames`` = 12 clip + 124 motion frames)."""
+    if num_frames < cfg.min_frames:
+        return Rejection(
+            "filter",
+            f"too short: {num_frames} frames at {cfg.fps:g} fps < min_frames {cfg.min_frames} "
+            f"({cfg.min_frames / cfg.fps:.2f} s)",
+        )
+    return None
+
+
+def frames_covered_by_audio(video_frames: int, audio_duration_s: float, cfg: IngestConfig
+                            ) -> tuple[int, float, Optional[Rejection]]:
+    """Frames usable given the audio length: ``(num_frames, audio_offset_s, rejection)``.
+
+    ``audio_offset_s`` = audio duration - video duration (both in seconds, video duration =
+    ``video_frames / fps``). Audio longer than the video: all frames are kept (the audio is cut
+    to them). Audio shorter by at most ``max_audio_video_offset_s``: only the frames the audio
+    covers are kept (never padded with silence). Shorter by more: rejected (stage ``audio``).
+    """
+    video_s = video_frames / cfg.fps
+    offset = audio_duration_s - video_s
+    if offset >= 0:
+        return video_frames, offset, None
+    if -offset > cfg.max_audio_video_offset_s:
+        return 0, offset, Rejection(
+            "audio",
+            f"audio is {audio_duration_s:.3f} s, video {video_s:.3f} s: {-offset:.3f} s shorter "
+            f"(max_audio_video_offset_s {cfg.max_audio_video_offset_s:g})",
+        )
+    covered = int(math.floor(audio_duration_s * cfg.fps + 1e-6))
+    return min(video_frames, covered), offset, None
+
+
+def check_track(missing_ratio: float, out_of_frame_ratio: float, max_abs_yaw_deg: float,
+                head_motion: float, cfg: IngestConfig) -> Optional[Rejection]:
+    """Thresholds on the face track (ratios 0..1 of frames, yaw in degrees, head motion in face
+    widths)."""
+    if missing_ratio >= 1.0:
+        return Rejection("face", "no face found in any frame")
+    if missing_ratio > cfg.max_missing_face_ratio:
+        return Rejection(
+            "face",
+            f"face lost in {missing_ratio:.0%} of frames (max_missing_face_ratio "
+            f"{cfg.max_missing_face_ratio:.0%})",
+        )
+    if out_of_frame_ratio > cfg.max_out_of_frame_ratio:
+        return Rejection(
+            "filter",
+            f"face not fully in frame in {out_of_frame_ratio:.0%} of frames (max_out_of_frame_ratio "
+            f"{cfg.max_out_of_frame_ratio:.0%})",
+        )
+    if not math.isfinite(max_abs_yaw_deg) or max_abs_yaw_deg > cfg.max_yaw_deg:
+        return Rejection(
+            "filter", f"extreme rotation: |yaw| up to {max_abs_yaw_deg:.0f} deg (max_yaw_deg {cfg.max_yaw_deg:g})"
+        )
+    if head_motion > cfg.max_head_motion:
+        return Rejection(
+            "filter",
+            f"excessive head motion: {head_motion:.2f} face widths (max_head_motion {cfg.max_head_motion:g})",
+        )
+    return None
+
+
+def check_silence(silent: bool) -> Optional[Rejection]:
+    if silent:
+        return Rejection("audio", "audio track is silent")
+    return None

@@ -1,0 +1,201 @@
+"""End-to-end ingest job through Ray Data with the tiny preset (issue 2).
+
+One session-scoped run ingests a handful of generated talking-head videos (25, 30, 29.97 fps,
+a rotated portrait and a variable-frame-rate file, 6 s each); the tests check the manifest, the
+frame files (through FrameStore), the split, the 25 fps frame counts and resume.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from core.config import PlatformConfig
+from pipelines.config import IngestConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+SECONDS = 6.0
+GOOD_SPECS = ("talk_25fps_16k", "talk_30fps_22k", "talk_29.97fps_44k", "talk_30fps_16k_rot90", "talk_vfr_44k")
+
+
+def ingest_config(weights_cfg, **ingest) -> PlatformConfig:
+    cfg = PlatformConfig()
+    cfg.weights = weights_cfg
+    cfg.ingest = IngestConfig(**ingest)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def good_videos(tmp_path_factory) -> list[Path]:
+    from pipelines.sample_data import SAMPLE_SPECS, generate_samples
+
+    specs = [s for s in SAMPLE_SPECS if s.name in GOOD_SPECS]
+    assert len(specs) == len(GOOD_SPECS)
+    # two "people" (folders), for the folder split key
+    root = tmp_path_factory.mktemp("ingest_inputs")
+    paths = generate_samples(root / "person_a", seconds=SECONDS, seed=0, specs=specs[:3])
+    paths += generate_samples(root / "person_b", seconds=SECONDS, seed=1, specs=specs[3:])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def ingested(ray_local, tiny_weights, good_videos, tmp_path_factory):
+    from pipelines.ingest import run_ingest
+
+    out = tmp_path_factory.mktemp("ingest_out")
+    cfg = ingest_config(tiny_weights[0], split_key="folder", test_fraction=0.5)
+    summary = run_ingest(good_videos[0].parent.parent, out, cfg, echo=lambda s: None)
+    return out, summary, cfg
+
+
+def _manifest(out: Path):
+    return pq.read_table(out / "videos.parquet").to_pylist()
+
+
+def _expected_frames(path: Path, fps: float = 25.0) -> int:
+    """floor(duration * 25) of the video, limited to the frames the audio covers."""
+    from pipelines.audio_decode import decode_audio
+    from pipelines.probe import probe_video
+
+    video = math.floor(probe_video(path).duration_s * fps + 1e-6)
+    audio = math.floor(decode_audio(path).duration_s * fps + 1e-6)
+    return min(video, audio)
+
+
+@pytest.mark.slow
+def test_every_good_video_is_ingested_with_25fps_frame_count(ingested, good_videos):
+    out, summary, _ = ingested
+    rows = {Path(r["source"]).name: r for r in _manifest(out)}
+    assert len(rows) == len(good_videos)
+    for path in good_videos:
+        r = rows[path.name]
+        assert r["status"] == "ok", (path.name, r["reason"])
+        assert r["reason"] is None and r["stage"] is None
+        expected = _expected_frames(path)
+        assert r["num_frames"] == expected, (path.name, r["num_frames"], expected)
+        # not the source frame count: 30 / 60 fps and VFR inputs are resampled by timestamp
+        assert abs(r["num_frames"] - SECONDS * 25) <= 2, path.name
+        assert (out / r["frames_file"]).is_file()
+    assert summary.ok == len(good_videos) and summary.rejected == 0
+
+
+@pytest.mark.slow
+def test_fps_in_and_rotation_recorded(ingested):
+    out, _, _ = ingested
+    rows = {Path(r["source"]).stem: r for r in _manifest(out)}
+    assert rows["talk_30fps_22k"]["fps_in"] == pytest.approx(30.0, rel=0.01)
+    assert rows["talk_29.97fps_44k"]["fps_in"] == pytest.approx(29.97, rel=0.01)
+    assert rows["talk_25fps_16k"]["fps_in"] == pytest.approx(25.0, rel=0.01)
+    rot = rows["talk_30fps_16k_rot90"]
+    assert rot["rotation"] in (90, 270)
+    assert (rot["width"], rot["height"]) == (360, 640)  # display size
+    assert abs(rows["talk_25fps_16k"]["audio_offset_s"]) < 0.2
+
+
+@pytest.mark.slow
+def test_frame_files_hold_latents_audio_landmarks(ingested):
+    from pipelines.schema import FrameStore
+
+    out, _, cfg = ingested
+    store = FrameStore(out)
+    meta = store.meta
+    assert meta.latent_shape == [4, cfg.ingest.crop_size // 8, cfg.ingest.crop_size // 8]
+    assert meta.audio_shape == [2, 32]  # tiny wav2vec2: every one of its 2 transformer layers, width 32
+    assert meta.fps == 25.0 and meta.vae_scaling_factor == pytest.approx(0.18215)
+    for r in store.manifest("ok").to_pylist():
+        vid, n = r["video_id"], r["num_frames"]
+        assert store.num_frames(vid) == n
+        idx = np.arange(n)
+        data = store.read(vid, idx, ["frame_index", "time_s", "source_time_s", "latent", "audio",
+                                     "landmarks", "crop_box", "face_found"])
+        np.testing.assert_array_equal(data["frame_index"], idx)
+        np.testing.assert_allclose(data["time_s"], idx / 25.0)
+        assert np.all(np.diff(data["source_time_s"]) >= 0)
+        # the source frame shown is never later than the output time (timestamp resampling)
+        assert np.all(data["source_time_s"] <= data["time_s"] + 1e-3)
+        assert data["latent"].shape == (n, *meta.latent_shape) and data["latent"].dtype == np.float16
+        assert np.isfinite(data["latent"]).all() and data["latent"].std() > 0
+        assert data["audio"].shape == (n, *meta.audio_shape) and data["audio"].dtype == np.float16
+        assert np.isfinite(data["audio"]).all()
+        # features differ over time (real per-frame features, not one vector repeated)
+        assert np.abs(np.diff(data["audio"].astype(np.float32), axis=0)).mean() > 0
+        lm = data["landmarks"]
+        assert lm.shape == (n, 68, 2) and lm.dtype == np.float32
+        assert lm.min() >= 0.0 and lm.max() <= 1.0
+        assert data["face_found"].mean() > 0.9
+        box = data["crop_box"]
+        assert np.allclose(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1], rtol=1e-3)  # square
+        # random frame ranges read back identically to the full read
+        sub = store.read(vid, [n - 1, 3, 40], ["latent"])["latent"]
+        np.testing.assert_array_equal(sub, data["latent"][[n - 1, 3, 40]])
+
+
+@pytest.mark.slow
+def test_split_is_deterministic_and_by_folder(ingested, good_videos):
+    from pipelines.manifest import plan_inputs, split_for
+
+    out, _, cfg = ingested
+    rows = {r["source"]: r for r in _manifest(out)}
+    again = {v.source: v for v in plan_inputs(good_videos[0].parent.parent, 0.5, "folder")}
+    for source, r in rows.items():
+        assert r["split"] == again[source].split
+        folder = Path(source).parent.name
+        assert r["split"] == split_for(f"folder:{folder}", 0.5)
+    by_folder: dict[str, set] = {}
+    for source, r in rows.items():
+        by_folder.setdefault(Path(source).parent.name, set()).add(r["split"])
+    assert all(len(s) == 1 for s in by_folder.values())  # one person never spans both splits
+
+
+@pytest.mark.slow
+def test_resume_skips_finished_and_redoes_deleted(ingested, tmp_path):
+    from pipelines.ingest import run_ingest
+    from pipelines.schema import FrameStore
+
+    out_src, _, cfg = ingested
+    out = tmp_path / "resumed"
+    shutil.copytree(out_src, out)
+    before = _manifest(out)
+    inputs = Path(before[0]["source"]).parent.parent
+
+    again = run_ingest(inputs, out, cfg, echo=lambda s: None)
+    assert again.processed == 0 and again.skipped == len(before)
+    after = _manifest(out)
+    assert len(after) == len(before)
+    assert sorted(r["video_id"] for r in after) == sorted(r["video_id"] for r in before)
+
+    victim = before[0]
+    frames = out / victim["frames_file"]
+    frames.unlink()
+    (frames.parent / "crashed.parquet.tmp").write_bytes(b"half written")  # a crashed writer's leftover
+    third = run_ingest(inputs, out, cfg, echo=lambda s: None)
+    assert third.processed == 1 and third.skipped == len(before) - 1
+    final = _manifest(out)
+    assert len(final) == len(before)
+    assert len({r["video_id"] for r in final}) == len(final)
+    row = next(r for r in final if r["video_id"] == victim["video_id"])
+    assert row["status"] == "ok" and row["num_frames"] == victim["num_frames"]
+    assert FrameStore(out).num_frames(victim["video_id"]) == victim["num_frames"]
+    assert not list(frames.parent.glob("*.tmp"))
+
+
+def test_cli_runs_as_a_file_without_ray_for_a_list_of_missing_files(tmp_path):
+    """The script runs as a file (project root put on sys.path by itself); a list naming a missing
+    file gives a rejected row (stage ``input``), exit 0, and needs no Ray."""
+    listing = tmp_path / "videos.txt"
+    listing.write_text("# one missing file\nnot_there.mp4\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "ingest.py"), "--input", str(listing),
+                           "--output", str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = _manifest(out)
+    assert len(rows) == 1
+    assert rows[0]["status"] == "rejected" and rows[0]["stage"] == "input"
+    assert "not_there.mp4" in rows[0]["reason"]
+    assert (out / "ingest_meta.json").is_file()

@@ -1,0 +1,130 @@
+"""Bad input never crashes the ingest job: every file ends as exactly one manifest row, rejected
+ones with a reason naming the stage and the file; wrong --input / --output fail fast (issue 2)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from core.config import PlatformConfig
+from pipelines.config import IngestConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# the stage each bad input must be rejected at
+EXPECTED_STAGE = {
+    "empty": {"probe"},
+    "not_video": {"probe"},
+    "truncated": {"probe", "decode"},
+    "no_audio": {"probe"},
+    "no_face": {"face"},
+    "too_short": {"filter"},
+}
+
+
+@pytest.fixture(scope="module")
+def bad_run(ray_local, tiny_weights, tmp_path_factory):
+    from pipelines.ingest import run_ingest
+    from pipelines.sample_data import SAMPLE_SPECS, generate_samples, make_bad_inputs
+
+    inputs = tmp_path_factory.mktemp("bad_inputs")
+    bad = make_bad_inputs(inputs / "bad", seconds=6.0)
+    good = generate_samples(inputs / "good", seconds=6.0, seed=3,
+                            specs=[s for s in SAMPLE_SPECS if s.name == "talk_25fps_16k"])
+    out = tmp_path_factory.mktemp("bad_out")
+    cfg = PlatformConfig()
+    cfg.weights = tiny_weights[0]
+    cfg.ingest = IngestConfig()
+    messages: list[str] = []
+    summary = run_ingest(inputs, out, cfg, echo=messages.append)
+    rows = {Path(r["source"]).resolve(): r for r in pq.read_table(out / "videos.parquet").to_pylist()}
+    return bad, good, rows, summary, messages
+
+
+@pytest.mark.slow
+def test_one_manifest_row_per_input_file(bad_run):
+    bad, good, rows, summary, _ = bad_run
+    inputs = {p.resolve() for p in [*bad.values(), *good]}
+    assert set(rows) == inputs
+    assert summary.inputs == len(inputs)
+    assert summary.ok + summary.rejected == len(inputs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(EXPECTED_STAGE))
+def test_bad_input_rejected_with_stage_and_file(bad_run, case):
+    from pipelines.schema import frames_path
+
+    bad, _, rows, summary, _ = bad_run
+    path = bad[case].resolve()
+    r = rows[path]
+    assert r["status"] == "rejected", (case, r)
+    assert r["stage"] in EXPECTED_STAGE[case], (case, r["stage"], r["reason"])
+    assert r["reason"].startswith(f"{r['stage']}: ")
+    assert path.name in r["reason"]  # the message names the file
+    assert r["frames_file"] is None and r["num_frames"] == 0
+    assert not frames_path(Path(summary.output_dir), r["video_id"]).exists()
+
+
+@pytest.mark.slow
+def test_specific_reasons(bad_run):
+    bad, _, rows, _, _ = bad_run
+    reason = {k: rows[p.resolve()]["reason"] for k, p in bad.items()}
+    assert "no audio" in reason["no_audio"]
+    assert "empty" in reason["empty"] or "0 bytes" in reason["empty"]
+    assert "face" in reason["no_face"]
+    assert "too short" in reason["too_short"]
+
+
+@pytest.mark.slow
+def test_good_file_ingested_beside_bad_ones(bad_run):
+    from pipelines.schema import FrameStore
+
+    _, good, rows, summary, messages = bad_run
+    r = rows[good[0].resolve()]
+    assert r["status"] == "ok", r["reason"]
+    assert FrameStore(Path(summary.output_dir)).num_frames(r["video_id"]) == r["num_frames"] > 0
+    assert any("rejected" in m for m in messages)  # progress reports rejections
+
+
+def _run_cli(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "ingest.py"), *args],
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
+    return proc, time.perf_counter() - t0
+
+
+def test_wrong_input_path_is_one_line_error(tmp_path):
+    proc, _ = _run_cli("--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "--input" in lines[0] and "nope" in lines[0]
+    assert "Ray" not in proc.stdout + proc.stderr  # failed before Ray started
+    assert not (tmp_path / "out" / "videos.parquet").exists()
+
+
+def test_unwritable_output_is_one_line_error(tmp_path):
+    video = tmp_path / "a.mp4"
+    video.write_bytes(b"x")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    proc, _ = _run_cli("--input", str(video), "--output", str(blocker / "out"), cwd=tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "--output" in lines[0] and "not writable" in lines[0]
+    assert "Ray" not in proc.stdout + proc.stderr
+
+
+def test_bad_override_is_one_line_error(tmp_path):
+    video = tmp_path / "a.mp4"
+    video.write_bytes(b"x")
+    proc, _ = _run_cli("--input", str(video), "--output", str(tmp_path / "o"), "ingest.no_such_key=1", cwd=tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ingest.no_such_key" in lines[0], proc.stderr
