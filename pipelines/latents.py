@@ -1,0 +1,104 @@
+"""Frames <-> VAE latents with SD's KL autoencoder (diffusers ``AutoencoderKL``, not a VQ-VAE).
+
+One implementation for ingest (encode every crop once, offline) and the sampler (decode generated
+latents, encode the reference image).
+
+Conventions:
+* Frames: uint8 RGB [n, S, S, 3] (S divisible by 8), mapped to [-1, 1] as ``x / 127.5 - 1``.
+* Latents: [n, 4, S/8, S/8] = ``latent_dist.mean * scaling_factor`` (0.18215 for SD-1.5), so they
+  have roughly unit variance, as the diffusion model expects.
+* ``encode`` uses the posterior **mean**, not a sample: it is deterministic (the same frame always
+  gives the same latent, so stored latents are reproducible) and the posterior's std is tiny for
+  SD's VAE (sampling would only add noise of order exp(logvar / 2)). ``encode(..., sample=True)``
+  draws ``mean + std * eps`` instead, from a seeded generator.
+* ``decode`` divides by the scaling factor, decodes, clamps to [-1, 1] and rounds to uint8.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import numpy as np
+
+
+class LatentCodec:
+    """Encode frames to scaled KL-VAE latents and decode them back.
+
+    ``location``: a diffusers ``AutoencoderKL`` folder (``resolve_weights(...).vae``: the tiny preset
+    or ``<sd15>/vae``), loaded with ``core.weights.load_pretrained``. Models run under
+    ``torch.inference_mode`` on ``device`` in ``dtype``; results come back on the CPU as numpy.
+    """
+
+    def __init__(self, location: str, local_files_only: bool = True, device: str = "cpu", dtype=None):
+        import torch
+        from diffusers import AutoencoderKL
+
+        from core.weights import load_pretrained
+
+        self.location = str(location)
+        self.device = torch.device(device)
+        self.dtype = dtype if dtype is not None else torch.float32
+        vae = load_pretrained(AutoencoderKL, self.location, local_files_only)
+        self.vae = vae.to(device=self.device, dtype=self.dtype).eval()
+        cfg = self.vae.config
+        self.scaling_factor = float(cfg.scaling_factor)
+        self.latent_channels = int(cfg.latent_channels)
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)  # 8 for SD's 4-level VAE
+
+    def latent_shape(self, size: int) -> tuple[int, int, int]:
+        """Latent shape of one S x S frame: (4, S/8, S/8)."""
+        if size % self.downsample:
+            raise ValueError(f"LatentCodec: frame size {size} is not divisible by {self.downsample}")
+        return (self.latent_channels, size // self.downsample, size // self.downsample)
+
+    def _check_frames(self, frames: np.ndarray) -> np.ndarray:
+        frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"LatentCodec.encode: frames must be uint8 [n, H, W, 3] RGB, got shape {frames.shape}")
+        if frames.dtype != np.uint8:
+            raise ValueError(f"LatentCodec.encode: frames must be uint8 (0..255), got {frames.dtype}")
+        h, w = frames.shape[1:3]
+        if h % self.downsample or w % self.downsample:
+            raise ValueError(f"LatentCodec.encode: frame size {h}x{w} is not divisible by {self.downsample}")
+        return frames
+
+    def encode(self, frames: np.ndarray, batch_size: int = 16, sample: bool = False,
+               generator=None) -> np.ndarray:
+        """uint8 RGB [n, S, S, 3] -> float16 [n, 4, S/8, S/8] (posterior mean x scaling_factor).
+
+        Batched by ``batch_size`` frames (bounds memory). ``sample=True``: draw from the posterior
+        with ``generator`` (a ``torch.Generator``) instead of taking its mean.
+        """
+        import torch
+
+        frames = self._check_frames(frames)
+        if batch_size < 1:
+            raise ValueError(f"LatentCodec.encode: batch_size must be >= 1, got {batch_size}")
+        out = np.empty((frames.shape[0], self.latent_channels, frames.shape[1] // self.downsample,
+                        frames.shape[2] // self.downsample), dtype=np.float16)
+        with torch.inference_mode():
+            for i in range(0, frames.shape[0], batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(frames[i:i + batch_size])).to(self.device)
+                x = x.permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0  # [b, 3, S, S] in [-1, 1]
+                dist = self.vae.encode(x).latent_dist
+                z = dist.sample(generator=generator) if sample else dist.mean
+                out[i:i + batch_size] = (z.float() * self.scaling_factor).cpu().numpy().astype(np.float16)
+        return out
+
+    def decode(self, latents: Union[np.ndarray, "torch.Tensor"], batch_size: int = 16) -> np.ndarray:  # noqa: F821
+        """Scaled latents [n, 4, h, w] (numpy or torch, any float dtype) -> uint8 RGB [n, 8h, 8w, 3]."""
+        import torch
+
+        z = torch.as_tensor(np.asarray(latents) if not isinstance(latents, torch.Tensor) else latents)
+        if z.ndim != 4 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"LatentCodec.decode: latents must be [n, {self.latent_channels}, h, w], got {tuple(z.shape)}")
+        chunks = []
+        with torch.inference_mode():
+            for i in range(0, z.shape[0], batch_size):
+                zb = z[i:i + batch_size].to(device=self.device, dtype=self.dtype) / self.scaling_factor
+                x = self.vae.decode(zb).sample.float().clamp(-1.0, 1.0)
+                x = ((x + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+                chunks.append(x.cpu().numpy())
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), np.uint8)
+
