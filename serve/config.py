@@ -17,3 +17,5 @@ class ServeConfig:
     max_audio_s: float = 30.0
     auth_token: Optional[str] = None
     job_dir: str = "work/serve_jobs"
+    cpus_per_replica: float = 1.0  # CPUs reserved by each sampler worker replica
+    job_ttl_s: float = 3600.0  # finished jobs (and their files) are removed after this many seconds

@@ -35,3 +35,14 @@ def tiny_weights(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_weights")
     cfg = WeightsConfig(preset="tiny", tiny_dir=str(root))
     return cfg, resolve_weights(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_weights, tmp_path_factory):
+    """An untrained stage-2 Loopy model package (loopy/, platform.yaml, vae/, wav2vec2/) built on
+    the tiny weights: the layout training writes (models.untrained_package)."""
+    from models.untrained_package import write_untrained_package
+
+    weights_cfg, _ = tiny_weights
+    folder = tmp_path_factory.mktemp("tiny_package") / "package"
+    return write_untrained_package(folder, overrides=[f"weights.tiny_dir={weights_cfg.tiny_dir}"])

@@ -1,0 +1,234 @@
+"""The sampler: guidance arithmetic, batched vs separate guidance forwards, reference computed once
+per clip, motion history carried between clips as latents, and output length / mp4 timing."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.guidance import (CONDITIONS, combine_guidance, combine_stacked, guidance_switches,
+                             split_conditions, stack_conditions)
+from models.sampler import LoopySampler, SampleOptions, num_clips
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+def make_portrait(path: Path) -> Path:
+    """A real face photo shipped with scikit-image, cut to a 300x260 portrait."""
+    from PIL import Image
+    from skimage import data
+
+    Image.fromarray(data.astronaut()[20:280, 80:380]).save(path)
+    return path
+
+
+def make_audio(path: Path, seconds: float, rate: int = 22050) -> Path:
+    """A non-silent test tone (stereo, 22.05 kHz) of ``seconds`` seconds."""
+    subprocess.run(["sox", "-n", "-r", str(rate), "-c", "2", str(path), "synth", f"{seconds}",
+                    "sine", "220-660", "tremolo", "4", "80"], check=True)
+    return path
+
+
+def probe_streams(path: Path) -> dict:
+    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries",
+                          "stream=codec_type,nb_read_frames,duration", "-of", "json", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return {s["codec_type"]: s for s in json.loads(out)["streams"]}
+
+
+@pytest.fixture(scope="module")
+def core_sampler(tiny_package):
+    """A sampler with the package's model only (no VAE / audio / face parts): the denoising loop."""
+    from core.config import load_platform_config
+    from models.loopy import LoopyModel
+
+    cfg = load_platform_config(tiny_package / "platform.yaml")
+    model = LoopyModel.from_pretrained(str(tiny_package / "loopy"))
+    return LoopySampler(model, None, None, None, cfg, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def full_sampler(tiny_package):
+    return LoopySampler.from_package(tiny_package, device="cpu")
+
+
+def random_inputs(sampler: LoopySampler, num_frames: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = sampler.model.config
+    ref = torch.randn((1, 4, 8, 8), generator=g)
+    feats = torch.randn((num_frames, cfg.audio_layers, cfg.audio_dim), generator=g)
+    return ref, feats
+
+
+# --- guidance ----------------------------------------------------------------------------------------
+
+def test_guidance_combination_matches_hand_computation():
+    e_audio = torch.tensor([1.0, 2.0, -1.0])
+    e_ref = torch.tensor([0.5, 1.0, 0.0])
+    e_base = torch.tensor([0.25, -1.0, 2.0])
+    # a=5, r=3: 5*(e_audio-e_ref) + 3*(e_ref-e_base) + e_base, element by element
+    expected = torch.tensor([5 * 0.5 + 3 * 0.25 + 0.25, 5 * 1.0 + 3 * 2.0 - 1.0, 5 * -1.0 + 3 * -2.0 + 2.0])
+    assert torch.allclose(combine_guidance(e_audio, e_ref, e_base, 5.0, 3.0), expected)
+    assert torch.allclose(combine_stacked(torch.cat([e_audio, e_ref, e_base]), 5.0, 3.0), expected)
+    # ratios of 1 reduce to the fully conditioned prediction
+    assert torch.allclose(combine_guidance(e_audio, e_ref, e_base, 1.0, 1.0), e_audio)
+    with pytest.raises(ValueError):
+        combine_guidance(e_audio, e_ref, e_base[:2])
+
+
+def test_guidance_switches_and_stacking_order():
+    assert CONDITIONS == ("audio", "ref", "base")
+    sw = guidance_switches(2)
+    assert sw.drop_audio.tolist() == [False, False, True, True, True, True]
+    assert sw.drop_motion_cond.tolist() == [False, False, True, True, True, True]
+    assert sw.drop_ref.tolist() == [False, False, False, False, True, True]
+    assert sw.drop_motion_frames.tolist() == [False, False, False, False, True, True]
+    x = torch.arange(4.0).reshape(2, 2)
+    stacked = stack_conditions(x)
+    assert stacked.shape == (6, 2)
+    for part in split_conditions(stacked):
+        assert torch.equal(part, x)
+
+
+def test_batched_guidance_forward_equals_three_separate_forwards(core_sampler):
+    s = core_sampler
+    ref, feats = random_inputs(s, 12, seed=1)
+    from pipelines.audio_features import audio_windows
+
+    windows = audio_windows(feats, radius=s.audio_radius)
+    generated = torch.randn(12, 4, 8, 8)
+    motion, mask = s.motion_history(generated, 12, ref)  # some real history, some filled
+    assert mask.any() and not mask.all()
+    sw = guidance_switches(1)
+    reference = s.reference_for_guidance(ref, motion, mask)
+    x = torch.randn(1, s.clip_frames, 4, 8, 8)
+    audio3 = stack_conditions(s.clip_audio(windows, 0))
+    t = torch.tensor(500)
+    with torch.no_grad():
+        batched = s.guidance_forward(stack_conditions(x), t, reference, audio3, sw)
+        separate = s.guidance_forward_separately(x, t, reference, audio3, sw)
+        # and the plain model call per condition, with its own reference computation
+        plain = []
+        for i in range(3):
+            r = s.model.compute_reference(ref, motion, mask, sw.drop_ref[i:i + 1], sw.drop_motion_frames[i:i + 1])
+            a = audio3[i:i + 1]
+            plain.append(s.model.denoise(x, t.reshape(1), r, a, {"audio": a}, torch.zeros(1, dtype=torch.long),
+                                         sw.drop_audio[i:i + 1], sw.drop_motion_cond[i:i + 1]))
+    assert batched.shape == (3, s.clip_frames, 4, 8, 8)
+    assert torch.allclose(batched, separate, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(batched, torch.cat(plain), atol=1e-5, rtol=1e-4)
+    # the three conditions really differ (the switches reach the model)
+    e_audio, e_ref, e_base = split_conditions(batched)
+    assert not torch.allclose(e_ref, e_base)
+
+
+def test_reference_net_runs_once_per_clip_and_history_is_carried(core_sampler, monkeypatch):
+    s = core_sampler
+    n = 30  # 3 clips: 12 + 12 + 6
+    ref, feats = random_inputs(s, n, seed=2)
+    calls = []
+    real = s.model.compute_reference
+
+    def recording(ref_latent, motion_latents=None, motion_mask=None, *args, **kwargs):
+        calls.append((motion_latents.clone(), motion_mask.clone()))
+        return real(ref_latent, motion_latents, motion_mask, *args, **kwargs)
+
+    monkeypatch.setattr(s.model, "compute_reference", recording)
+    progress = []
+    out = s.generate_latents(ref, feats, SampleOptions(steps=3, seed=5), progress.append)
+    assert out.shape == (n, 4, 8, 8)
+    assert len(calls) == num_clips(n, s.clip_frames) == 3  # once per clip, not per step
+    assert [p.clips_done for p in progress] == [1, 2, 3]
+    assert [p.frames_done for p in progress] == [12, 24, 30]
+    # clip 0: no history: every slot is the reference latent, mask False
+    motion0, mask0 = calls[0]
+    assert not mask0.any()
+    assert torch.allclose(motion0[0], ref.expand_as(motion0[0]))
+    # clip 1 and 2: the real slots are exactly the generated latents (no decode / re-encode)
+    for clip, (motion, mask) in enumerate(calls[1:], start=1):
+        start = clip * s.clip_frames
+        idx = s.segment.source_indices(start)[:, 0]  # uniform abstraction: one source per slot
+        real_slots = idx >= 0
+        assert mask[0].numpy().tolist() == real_slots.tolist()
+        assert real_slots.sum() > 0
+        assert torch.equal(motion[0, torch.as_tensor(real_slots)], out[torch.as_tensor(idx[real_slots])])
+        assert torch.allclose(motion[0, torch.as_tensor(~real_slots)], ref.expand(int((~real_slots).sum()), -1, -1, -1))
+    # the newest slot of clip 1 is the last frame of clip 0
+    assert torch.equal(calls[1][0][0, -1], out[11])
+
+
+def test_output_length_for_several_lengths_and_determinism(core_sampler):
+    s = core_sampler
+    for n in (1, 12, 13, 25):
+        ref, feats = random_inputs(s, n, seed=n)
+        out = s.generate_latents(ref, feats, SampleOptions(steps=2, seed=3))
+        assert out.shape == (n, 4, 8, 8)
+        assert torch.isfinite(out).all()
+    ref, feats = random_inputs(s, 13, seed=9)
+    a = s.generate_latents(ref, feats, SampleOptions(steps=2, seed=3))
+    b = s.generate_latents(ref, feats, SampleOptions(steps=2, seed=3))
+    c = s.generate_latents(ref, feats, SampleOptions(steps=2, seed=4))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_cached_reference_equals_recomputed_reference(core_sampler):
+    s = core_sampler
+    ref, feats = random_inputs(s, 12, seed=4)
+    from pipelines.audio_features import audio_windows
+
+    audio = s.clip_audio(audio_windows(feats, radius=s.audio_radius), 0)
+    motion, mask = s.motion_history(torch.zeros(12, 4, 8, 8), 0, ref)
+    opts = SampleOptions(steps=2, seed=1)
+    cached = s.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0))
+    again = s.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0), cache_reference=False)
+    three = s.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0), batched=False)
+    assert torch.allclose(cached, again, atol=1e-5)
+    assert torch.allclose(cached, three, atol=1e-4, rtol=1e-4)
+
+
+# --- end to end: image + audio file -> mp4 ----------------------------------------------------------
+
+@pytest.mark.parametrize("seconds", [0.5, 1.3])
+def test_generate_mp4_one_frame_per_40ms_with_audio(full_sampler, tmp_path, seconds):
+    image = make_portrait(tmp_path / "portrait.png")
+    audio = make_audio(tmp_path / "speech.wav", seconds)
+    progress = []
+    result = full_sampler.generate(image, audio, tmp_path / "out.mp4", SampleOptions(steps=2), progress.append)
+    expected = int(np.floor(seconds * 25 + 1e-6))
+    assert result.num_frames == expected
+    assert [p.clips_done for p in progress] == list(range(1, num_clips(expected, 12) + 1))
+    streams = probe_streams(result.path)
+    assert int(streams["video"]["nb_read_frames"]) == expected
+    assert float(streams["video"]["duration"]) == pytest.approx(expected / 25, abs=1e-3)
+    assert "audio" in streams
+    assert float(streams["audio"]["duration"]) == pytest.approx(expected / 25, abs=0.03)
+
+
+def test_portrait_without_face_is_refused(full_sampler, tmp_path):
+    from models.portrait import NoFaceError
+
+    noise = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    with pytest.raises(NoFaceError):
+        full_sampler.prepare_portrait(noise)
+
+
+def test_cli_writes_video(tiny_package, tmp_path):
+    import sys
+
+    image = make_portrait(tmp_path / "p.jpg")
+    audio = make_audio(tmp_path / "a.wav", 0.6)
+    out = tmp_path / "cli.mp4"
+    proc = subprocess.run([sys.executable, "-m", "models.sample", "--image", str(image), "--audio", str(audio),
+                           "--out", str(out), "--model", str(tiny_package), "--device", "cpu", "sampler.steps=2"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(probe_streams(out)["video"]["nb_read_frames"]) == 15
+    bad = subprocess.run([sys.executable, "-m", "models.sample", "--image", str(tmp_path / "missing.png"),
+                          "--audio", str(audio), "--out", str(out), "--model", str(tiny_package)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "missing.png" in bad.stderr
