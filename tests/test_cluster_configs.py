@@ -263,12 +263,30 @@ def test_gpu_budget_check_catches_an_oversized_job(cluster_cfg):
     assert not gpu_budget_errors(cluster_cfg, 24)
 
 
-def test_ingest_job_has_gpus_and_enough_decode_cpus(objects, cluster_cfg):
+def ingest_budget_errors(cfg: PlatformConfig, gpus: float, cpus: float) -> list[str]:
+    """What does not fit: the ingest actor pools' GPUs, and every stage's CPUs at full size."""
+    ing, errors = cfg.ingest, []
+    model_actors = ing.num_vae_actors + ing.num_audio_actors
+    if ing.use_gpu and model_actors * ing.model_num_gpus > gpus:
+        errors.append(f"(num_vae_actors + num_audio_actors) x model_num_gpus = "
+                      f"{model_actors * ing.model_num_gpus:g} > {gpus:g} GPUs")
+    tasks = ing.num_detect_actors + (ing.num_decode_workers or 0) + model_actors
+    if tasks * ing.stage_num_cpus > cpus:
+        errors.append(f"all stages at full size need {tasks * ing.stage_num_cpus:g} CPUs > {cpus:g}")
+    return errors
+
+
+def test_ingest_job_fits_its_cluster(objects, cluster_cfg):
     spec = ray_cluster_spec(objects[("RayJob", "loopy-ingest")])
-    assert cluster_gpus(spec) > 0, "ingest.use_gpu but the ingest cluster has no GPU"
+    gpus = cluster_gpus(spec)
+    assert gpus > 0, "ingest.use_gpu but the ingest cluster has no GPU"
+    cpus = sum(group_capacity(g, "cpu") for g in spec["workerGroupSpecs"])
     decode_cpus = sum(group_capacity(g, "cpu") for g in spec["workerGroupSpecs"]
                       if not group_capacity(g, "nvidia.com/gpu"))
-    assert decode_cpus >= cluster_cfg.ingest.num_decode_workers
+    assert decode_cpus >= cluster_cfg.ingest.num_decode_workers * cluster_cfg.ingest.stage_num_cpus
+    assert not ingest_budget_errors(cluster_cfg, gpus, cpus)
+    assert ingest_budget_errors(load_platform_config(CLUSTER_CONFIG, ["ingest.num_vae_actors=100"]), gpus, cpus)
+    assert ingest_budget_errors(load_platform_config(CLUSTER_CONFIG, ["ingest.num_detect_actors=900"]), gpus, cpus)
 
 
 def test_sampler_service_fits_and_runs_the_serve_app(objects, cluster_cfg):
