@@ -359,6 +359,12 @@ def test_mlflow_server_postgres_backend_object_store_and_service(objects, cluste
     assert uri.hostname in (f"mlflow.{NAMESPACE}.svc.cluster.local", f"mlflow.{NAMESPACE}", "mlflow")
     assert uri.port in {p["port"] for p in service["spec"]["ports"]}
     assert f"{uri.hostname}:{uri.port}" in command, "--allowed-hosts must admit the tracking URI"
+    from training.tracking import resolve_artifact_root, resolve_tracking_uri
+
+    assert resolve_tracking_uri(cluster_cfg.tracking.tracking_uri) == cluster_cfg.tracking.tracking_uri
+    artifacts = urlparse(resolve_artifact_root(cluster_cfg.tracking.artifact_root))
+    assert artifacts.scheme == "mlflow-artifacts", "artifacts must go through the server (--serve-artifacts)"
+    assert (artifacts.hostname, artifacts.port) == (uri.hostname, uri.port)
 
 
 # --- the laptop stays on loopback ---------------------------------------------------------------
