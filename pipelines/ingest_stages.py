@@ -125,7 +125,7 @@ class VideoAnalyzer:
         from pipelines.face_detect import make_detector
 
         self.cfg = cfg
-        self.detector = make_detector(cfg.detector, dwpose_dir)
+        self.detector = make_detector(cfg.detector, dwpose_dir, detect_max_side=cfg.detect_max_side)
 
     def __call__(self, row: dict) -> dict:
         video_id, path = str(row["video_id"]), str(row["path"])

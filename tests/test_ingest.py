@@ -199,3 +199,53 @@ def test_cli_runs_as_a_file_without_ray_for_a_list_of_missing_files(tmp_path):
     assert rows[0]["status"] == "rejected" and rows[0]["stage"] == "input"
     assert "not_there.mp4" in rows[0]["reason"]
     assert (out / "ingest_meta.json").is_file()
+
+
+# --- fast unit tests of the driver's helpers (no Ray) ----------------------------------------------
+
+
+def test_video_id_is_stable_and_changes_with_the_file(tmp_path):
+    import os
+
+    from pipelines.manifest import video_id_for
+
+    f = tmp_path / "a.mp4"
+    f.write_bytes(b"1234")
+    vid = video_id_for(f)
+    assert vid == video_id_for(tmp_path / "." / "a.mp4") and len(vid) == 16
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert video_id_for(f) != vid
+
+
+def test_expand_inputs_folder_list_and_split(tmp_path):
+    from pipelines.manifest import InputError, expand_inputs, plan_inputs, split_for
+
+    (tmp_path / "p1").mkdir()
+    (tmp_path / "p1" / "x.MP4").write_bytes(b"a")
+    (tmp_path / "p1" / "notes.txt").write_text("ignored")
+    (tmp_path / "y.webm").write_bytes(b"b")
+    found = [p.name for _, p in expand_inputs(tmp_path)]
+    assert found == ["x.MP4", "y.webm"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("# comment\np1/x.MP4\n\ny.webm\np1/x.MP4\nmissing.mp4\n")
+    planned = plan_inputs(listing, 0.5)
+    assert [v.source for v in planned] == ["p1/x.MP4", "y.webm", "missing.mp4"]  # duplicate dropped
+    with pytest.raises(InputError):
+        expand_inputs(tmp_path / "nothing_here")
+    # splits: deterministic, and roughly test_fraction of many keys
+    keys = [f"video:{i}" for i in range(2000)]
+    frac = np.mean([split_for(k, 0.1) == "test" for k in keys])
+    assert 0.07 < frac < 0.13
+    assert [split_for(k, 0.1) for k in keys[:50]] == [split_for(k, 0.1) for k in keys[:50]]
+
+
+def test_audio_coverage_rule():
+    from pipelines.quality import frames_covered_by_audio
+
+    cfg = IngestConfig(max_audio_video_offset_s=0.5)
+    assert frames_covered_by_audio(150, 6.2, cfg)[:2] == (150, pytest.approx(0.2))  # longer audio: all frames
+    n, off, rej = frames_covered_by_audio(150, 5.8, cfg)  # 0.2 s short: only covered frames, no padding
+    assert (n, rej) == (145, None) and off == pytest.approx(-0.2)
+    n, off, rej = frames_covered_by_audio(150, 5.0, cfg)  # 1 s short: rejected
+    assert n == 0 and rej.stage == "audio" and "shorter" in rej.reason

@@ -1,0 +1,212 @@
+"""Whole ingest job benchmarks (issue 2): throughput and its scaling with Ray CPUs, peak memory
+on long 1080p videos, and per-stage per-frame costs for the scale plan.
+
+Rows:
+* ``videos_per_min`` with 1 and 2 Ray CPUs on the generated sample videos (tiny preset, 6 s
+  each, several frame rates), and their ratio. Each run is a fresh process with its own embedded
+  Ray (start-up excluded from the timing; model loading in the actors included).
+* ``peak_rss`` of ingesting a 1-minute 1080p video (5 and 10 minutes with LOOPY_BENCH_FULL=1):
+  the peak of the summed RSS of the whole process tree (driver, raylet, Ray workers), sampled
+  every 0.2 s from /proc. Target: flat in video length and < 3 GB.
+* ``s_per_frame`` of each stage (probe, detection-pass decode, face detection, audio decode,
+  crop planning, wav2vec2 features, full-resolution decode, crop, VAE), summed over the videos of
+  the 2-CPU run and divided by their frames (tiny models: the VAE / wav2vec2 numbers are not the
+  sd15 ones).
+
+Generated media are cached under ``work/bench_media``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MEDIA = ROOT / "work" / "bench_media"
+FULL = os.environ.get("LOOPY_BENCH_FULL") == "1"
+QUICK = os.environ.get("LOOPY_BENCH_QUICK") == "1"
+SAMPLE_SECONDS = 6.0
+GB = 1024 ** 3
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("RAY_TMPDIR", str(ROOT / ".ray_tmp"))
+    env.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=str(ROOT))
+    return env
+
+
+def sample_videos() -> Path:
+    """The sample set (cached): 4 talking heads at 25, 30, 29.97 fps and VFR."""
+    from pipelines.sample_data import SAMPLE_SPECS, generate_samples
+
+    folder = MEDIA / "samples"
+    names = ("talk_25fps_16k", "talk_30fps_22k", "talk_29.97fps_44k", "talk_vfr_44k")
+    if not all((folder / f"{n}.mp4").is_file() for n in names):
+        generate_samples(folder, seconds=SAMPLE_SECONDS, specs=[s for s in SAMPLE_SPECS if s.name in names])
+    return folder
+
+
+def long_1080p_video(minutes: int) -> Path:
+    """A ``minutes``-long 1920x1080 25 fps talking head (a sample looped and padded), cached."""
+    out = MEDIA / f"talk_1080p_{minutes}min.mp4"
+    if out.is_file():
+        return out
+    src = sample_videos() / "talk_25fps_16k.mp4"
+    tmp = out.with_suffix(".tmp.mp4")
+    loops = int(minutes * 60 / SAMPLE_SECONDS) + 1
+    cmd = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-stream_loop", str(loops), "-i", str(src),
+           "-t", str(minutes * 60), "-vf", "scale=-2:1080:flags=bicubic,pad=1920:1080:(ow-iw)/2:0",
+           "-c:v", "libx264", "-preset", "ultrafast", "-crf", "28", "-pix_fmt", "yuv420p",
+           "-c:a", "aac", "-ar", "16000", str(tmp)]
+    subprocess.run(cmd, check=True)
+    tmp.replace(out)
+    return out
+
+
+# --- process-tree memory sampling ------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += _children(p)
+    return out
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class TreeRssSampler:
+    """Peak of the summed RSS of a process and all its descendants (sampled)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.2):
+        self.pid, self.interval_s = pid, interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, sum(_rss_bytes(p) for p in _tree(self.pid)))
+            time.sleep(self.interval_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+# --- runs ------------------------------------------------------------------------------------------
+
+_RUNNER = r"""
+import json, sys, time
+from core.config import load_platform_config
+from core.ray_runtime import init_ray
+from pipelines.ingest import run_ingest
+cfg = load_platform_config(None, sys.argv[3:])
+init_ray(cfg.ray)
+t0 = time.perf_counter()
+s = run_ingest(sys.argv[1], sys.argv[2], cfg, echo=lambda m: None)
+wall = time.perf_counter() - t0
+print("RESULT " + json.dumps({"wall_s": wall, "ok": s.ok, "rejected": s.rejected,
+      "frames": s.frames_processed, "stage_seconds": s.stage_seconds, "rejections": s.rejections}))
+"""
+
+
+def run_job(input_path: Path, overrides: list[str]) -> tuple[dict, int]:
+    """Ingest in a fresh process (own embedded Ray); returns (result, peak tree RSS bytes)."""
+    out = Path(tempfile.mkdtemp(prefix="bench_ingest_", dir=MEDIA))
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _RUNNER, str(input_path), str(out), *overrides],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
+        with TreeRssSampler(proc.pid) as sampler:
+            stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"ingest run failed ({proc.returncode}): {stderr[-2000:]}")
+        line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
+        return json.loads(line[len("RESULT "):]), sampler.peak
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _cpu_overrides(cpus: int) -> list[str]:
+    return [f"ray.num_cpus={cpus}", f"ingest.num_detect_actors={cpus}", f"ingest.num_vae_actors={cpus}",
+            "ingest.num_audio_actors=1"]
+
+
+def run() -> list[dict]:
+    MEDIA.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    samples = sample_videos()
+    n_videos = len(list(samples.glob("*.mp4")))
+    per_min = {}
+    stage_result = None
+    for cpus in (1, 2):
+        res, _ = run_job(samples, _cpu_overrides(cpus))
+        per_min[cpus] = res["ok"] / res["wall_s"] * 60.0
+        rows.append({"benchmark": "ingest_job", "metric": f"videos_per_min_{cpus}cpu", "value": per_min[cpus],
+                     "unit": "videos/min", "target": "",
+                     "note": f"{res['ok']}/{n_videos} ok, {SAMPLE_SECONDS:g} s videos, tiny preset, wall "
+                             f"{res['wall_s']:.1f}s (model loading included, Ray start excluded)"})
+        stage_result = res
+    rows.append({"benchmark": "ingest_job", "metric": "scaling_2cpu_over_1cpu", "value": per_min[2] / per_min[1],
+                 "unit": "x", "target": "~2 (linear)",
+                 "note": "machine has 2 cores shared with other jobs: contention lowers this"})
+
+    frames = max(1, stage_result["frames"])
+    for stage, secs in sorted(stage_result["stage_seconds"].items()):
+        rows.append({"benchmark": "ingest_stage", "metric": f"{stage}_s_per_frame", "value": secs / frames,
+                     "unit": "s/frame", "target": "",
+                     "note": f"summed over {frames} frames of the 2-CPU run (tiny models, 320px sources)"})
+
+    minutes = [1, 5, 10] if FULL else ([] if QUICK else [1])
+    peaks = {}
+    for m in minutes:
+        video = long_1080p_video(m)
+        res, peak = run_job(video, _cpu_overrides(2))
+        peaks[m] = peak
+        ok = res["ok"] == 1
+        rows.append({"benchmark": "ingest_memory", "metric": f"peak_rss_{m}min_1080p", "value": peak / GB,
+                     "unit": "GB", "target": "< 3, flat",
+                     "note": (f"{res['frames']} frames in {res['wall_s']:.0f}s, whole process tree (driver, "
+                              f"raylet, workers), 2 Ray CPUs" if ok else f"NOT ingested: {res['rejections']}")})
+    if len(peaks) > 1:
+        rows.append({"benchmark": "ingest_memory", "metric": "peak_rss_growth_longest_over_1min",
+                     "value": peaks[max(peaks)] / peaks[1], "unit": "x", "target": "~1 (flat)", "note": ""})
+    return rows
+
+
+if __name__ == "__main__":
+    from benchmarks.run import print_table
+
+    print_table(run())
