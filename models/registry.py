@@ -33,14 +33,18 @@ def stage_alias(stage: int) -> str:
 
 
 def write_model_package(folder: str | Path, model: Any, config: Any, weight_paths: Any = None) -> Path:
-    """Write a package: ``model.save_pretrained(folder/loopy)``, ``platform.yaml`` from the
+    """Write a package: ``model.save_pretrained(folder/loopy)`` (or a copy of ``model`` when it
+    is a folder written by ``save_pretrained``), ``platform.yaml`` from the
     dataclass ``config``, and for the tiny preset copies of ``weight_paths.vae`` / ``.wav2vec2``
     (local folders). Returns ``folder``."""
     from core.config import dump_yaml
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder / MODEL_SUBDIR))
+    if isinstance(model, (str, Path)):
+        shutil.copytree(model, folder / MODEL_SUBDIR, dirs_exist_ok=True)
+    else:
+        model.save_pretrained(str(folder / MODEL_SUBDIR))
     (folder / CONFIG_FILE).write_text(dump_yaml(config))
     preset = getattr(getattr(config, "weights", None), "preset", None)
     if preset == "tiny" and weight_paths is not None:

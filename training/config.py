@@ -11,7 +11,7 @@ class TrainConfig:
     num_workers: int = 2  # DDP workers (processes); CPU + gloo unless use_gpu
     use_gpu: bool = False  # one NCCL worker per GPU
     gpus_per_worker: float = 1.0
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 0.5  # leaves CPUs for the Ray Data read tasks on a 2-CPU laptop
     # --- data ---
     # "ray_data": the reader's Ray Dataset streamed into each worker (get_dataset_shard);
     # "torch": the reader's torch Dataset sharded by rank (bit-exact resume: every rank always

@@ -1,0 +1,129 @@
+"""Training checkpoints: what a resumed run needs to continue exactly where it stopped.
+
+One checkpoint is a folder that every DDP rank writes into (Ray Train merges the ranks' folders
+into one checkpoint directory)::
+
+    state.json        TrainState: stage, step (optimizer steps done), data position, samples seen
+    model.pt          the unwrapped model's state_dict                          (rank 0)
+    optimizer.pt      AdamW state                                               (rank 0)
+    lr_scheduler.pt   LR scheduler state                                        (rank 0)
+    ema.pt            EMA shadow weights (when EMA is on)                       (rank 0)
+    rng_rank<r>.pt    python / numpy / torch (CPU, CUDA) RNG states of rank r   (every rank)
+    loopy/            ``LoopyModel.save_pretrained`` (final checkpoint of a stage only; EMA
+                      weights when EMA is on): the model that goes into the package
+
+Data position: ``epoch`` and ``batch_in_epoch`` (batches this rank consumed in that epoch), so
+the resumed run skips exactly the batches already trained on.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.json"
+MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+LR_SCHEDULER_FILE = "lr_scheduler.pt"
+EMA_FILE = "ema.pt"
+FINAL_MODEL_DIR = "loopy"
+
+
+@dataclass
+class TrainState:
+    """Where a stage is: ``step`` optimizer steps done; the next batch is batch
+    ``batch_in_epoch`` of epoch ``epoch`` (per rank)."""
+
+    stage: int
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples_seen: int = 0  # clips, all ranks together
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Global RNG states of this process (python, numpy, torch CPU and every CUDA device)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(folder: str | Path, *, rank: int, state: TrainState, model: torch.nn.Module,
+                    optimizer, lr_scheduler, ema=None, final: bool = False) -> Path:
+    """Write this rank's part of a checkpoint into ``folder`` (see the module docstring)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(capture_rng_state(), folder / rng_file(rank))
+    if rank != 0:
+        return folder
+    net = unwrap(model)
+    torch.save(net.state_dict(), folder / MODEL_FILE)
+    torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+    torch.save(lr_scheduler.state_dict(), folder / LR_SCHEDULER_FILE)
+    if ema is not None:
+        torch.save(ema.state_dict(), folder / EMA_FILE)
+    if final:
+        save_final_model(folder / FINAL_MODEL_DIR, net, ema)
+    (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    return folder
+
+
+def save_final_model(folder: Path, net: torch.nn.Module, ema=None) -> None:
+    """``net.save_pretrained(folder)``, with the EMA weights swapped in when EMA is on."""
+    if ema is not None:
+        ema.store(net.parameters())
+        ema.copy_to(net.parameters())
+    try:
+        net.save_pretrained(str(folder))
+    finally:
+        if ema is not None:
+            ema.restore(net.parameters())
+
+
+def read_state(folder: str | Path) -> TrainState:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a training checkpoint: {STATE_FILE} is missing")
+    return TrainState(**json.loads(path.read_text()))
+
+
+def load_checkpoint(folder: str | Path, *, rank: int, model: torch.nn.Module, optimizer, lr_scheduler,
+                    ema=None, map_location: Optional[torch.device] = None) -> TrainState:
+    """Restore model, optimizer, scheduler, EMA and this rank's RNG states; return the state.
+    A checkpoint saved by a run with another number of workers restores the model and
+    optimizer; ranks without an RNG file keep their seeded state."""
+    folder = Path(folder)
+    state = read_state(folder)
+    loc = map_location or "cpu"
+    unwrap(model).load_state_dict(torch.load(folder / MODEL_FILE, map_location=loc, weights_only=True))
+    optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location=loc, weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(folder / LR_SCHEDULER_FILE, map_location=loc, weights_only=True))
+    if ema is not None and (folder / EMA_FILE).is_file():
+        ema.load_state_dict(torch.load(folder / EMA_FILE, map_location=loc, weights_only=False))
+    rng = folder / rng_file(rank)
+    if rng.is_file():
+        restore_rng_state(torch.load(rng, weights_only=False))
+    return state

@@ -1,0 +1,138 @@
+"""One training step: noising (one DDPM timestep per clip), epsilon loss, backward, clipping,
+optimizer / LR-scheduler / EMA update, and the NaN guard.
+
+Shapes: ``latents`` [B, F, 4, h, w] (F = 12 clip frames, 1 in stage 1); timesteps [B] in
+0..num_train_timesteps-1, the same for every frame of a clip (seed defect 17); noise
+[B, F, 4, h, w]. The loss is the MSE between predicted and true noise (epsilon objective).
+
+Randomness of a step (timesteps and noise) comes from a generator seeded by (seed, rank, step),
+so a resumed run draws exactly the noise the uninterrupted run drew at the same step.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+
+from training.config import TrainConfig
+
+PROVENANCE_KEYS = ("video_index", "clip_frame_indices", "ref_frame_index")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN / inf loss or gradient: carries the step and the batch provenance."""
+
+    def __init__(self, step: int, what: str, provenance: Mapping[str, Any]):
+        self.step, self.what, self.provenance = step, what, dict(provenance)
+        super().__init__(f"non-finite {what} at step {step}; batch provenance: {self.provenance}")
+
+
+@dataclass
+class StepResult:
+    loss: float  # this rank's batch loss (MSE per element)
+    grad_norm: float  # total L2 norm of the averaged gradients, before clipping
+    lr: float  # learning rate used for this step
+
+
+def make_noise_scheduler(cfg: TrainConfig):
+    """diffusers ``DDPMScheduler`` with SD-1.5's training schedule (epsilon prediction)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+                         beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule, prediction_type="epsilon")
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """CPU generator for the noise of (rank, step): independent of any global RNG state."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 1_000_003 + step)
+
+
+def batch_provenance(batch: Mapping[str, torch.Tensor]) -> dict[str, list]:
+    """Which source frames a batch holds (manifest row, clip frames, reference frame)."""
+    return {k: batch[k].tolist() for k in PROVENANCE_KEYS if k in batch}
+
+
+def _forward_parameters(model: torch.nn.Module) -> Optional[set[str]]:
+    """Names the model's ``forward`` accepts, or None when it takes ``**kwargs``."""
+    target = model.module if hasattr(model, "module") else model
+    params = inspect.signature(target.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
+
+
+def model_inputs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch keys the model's ``forward`` takes (clean ``latents`` never go in)."""
+    accepted = _forward_parameters(model)
+    return {k: v for k, v in batch.items() if k != "latents" and (accepted is None or k in accepted)}
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def autocast_context(device: torch.device, mixed_precision: str):
+    """bf16 / fp16 autocast on CUDA; nothing on CPU (float32)."""
+    if device.type != "cuda" or mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def diffusion_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], noise_scheduler,
+                   generator: torch.Generator, timesteps: Optional[torch.Tensor] = None,
+                   mixed_precision: str = "no") -> torch.Tensor:
+    """MSE between the model's noise prediction and the noise added to ``batch["latents"]`` at
+    one timestep per clip (``timesteps`` [B], default: uniform draws from ``generator``)."""
+    latents = batch["latents"]
+    device = latents.device
+    b = latents.shape[0]
+    if timesteps is None:
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
+    timesteps = timesteps.to(device=device, dtype=torch.long)
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # broadcasts alpha_t over F, C, h, w
+    with autocast_context(device, mixed_precision):
+        eps = model(**model_inputs(model, batch), noisy_latents=noisy, timesteps=timesteps)
+    return F.mse_loss(eps.float(), noise)
+
+
+def train_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], optimizer, lr_scheduler,
+               noise_scheduler, cfg: TrainConfig, step: int, rank: int, device: torch.device,
+               ema=None, fp16_scaler: Optional[torch.amp.GradScaler] = None) -> StepResult:
+    """Forward, backward (DDP averages gradients), clip, update. Raises
+    :class:`NonFiniteLossError` before the update when this rank's loss or the averaged gradient
+    is not finite: every rank sees the same non-finite gradient norm, so all ranks stop at the
+    same step; the rank whose own loss is non-finite names its batch."""
+    model.train()
+    provenance = batch_provenance(batch)
+    batch = to_device(batch, device)
+    lr = optimizer.param_groups[0]["lr"]
+    loss = diffusion_loss(model, batch, noise_scheduler, step_generator(cfg.seed, rank, step),
+                          mixed_precision=cfg.mixed_precision)
+    optimizer.zero_grad(set_to_none=True)
+    (fp16_scaler.scale(loss) if fp16_scaler is not None else loss).backward()
+    if fp16_scaler is not None:
+        fp16_scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        raise NonFiniteLossError(step, f"loss ({loss_value})", provenance)
+    if not math.isfinite(grad_norm) and fp16_scaler is None:
+        raise NonFiniteLossError(step, "gradient norm (the loss of another rank)", provenance)
+    if fp16_scaler is not None:
+        fp16_scaler.step(optimizer)
+        fp16_scaler.update()
+    else:
+        optimizer.step()
+    lr_scheduler.step()
+    if ema is not None:
+        ema.step(model.parameters())
+    return StepResult(loss=loss_value, grad_norm=grad_norm, lr=lr)
