@@ -1,0 +1,249 @@
+"""Face landmarks (dlib on the astronaut sample, DWPose layout and error paths), yaw, crops."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.crop import crop_frames, landmarks_to_crop, plan_crop_track
+from pipelines.face_detect import (
+    DlibDetector,
+    DWPoseDetector,
+    FaceDetectorError,
+    FaceLandmarkDetector,
+    box_to_pose_input,
+    make_detector,
+    pose_input_to_image,
+    simcc_decode,
+)
+from pipelines.landmarks import (
+    CHIN,
+    MOUTH,
+    NOSE_TIP,
+    UPPER_FACE,
+    estimate_yaw_deg,
+    wholebody_to_face68,
+)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return DlibDetector(detect_max_side=480)
+
+
+@pytest.fixture(scope="module")
+def astronaut_video(tmp_path_factory):
+    """1.2 s, 25 fps, 320x320 talking head (one short sample video)."""
+    from pipelines.sample_data import SampleSpec, write_talking_head
+
+    root = tmp_path_factory.mktemp("face")
+    spec = SampleSpec("face", "25", 16000, 1, 320, 320)
+    return write_talking_head(root / "face.mp4", spec, 1.2, "Hello there, how are you?",
+                              np.random.default_rng(5), root)
+
+
+# ---------------------------------------------------------------- detection
+def test_dlib_finds_68_points_where_the_face_was_rendered(detector):
+    from pipelines.sample_data import _FACE_SIZE, TalkingHeadRenderer
+
+    renderer = TalkingHeadRenderer(320, 320, np.random.default_rng(1))
+    times = [0.0, 0.7, 1.9, 3.1]
+    frames = np.stack([renderer.render(t, 0.5) for t in times])
+    landmarks, found = detector.detect(frames)
+    assert isinstance(detector, FaceLandmarkDetector)
+    assert landmarks.shape == (4, 68, 2) and landmarks.dtype == np.float32
+    assert found.all()
+    for i, t in enumerate(times):
+        dx, dy, _, scale = renderer.pose(t)
+        centre = np.array([renderer.centre[0] + dx, renderer.centre[1] + dy])
+        box_centre = (landmarks[i].min(0) + landmarks[i].max(0)) / 2
+        face = _FACE_SIZE * scale
+        assert np.linalg.norm(box_centre - centre) < 0.12 * face
+        width = landmarks[i, :, 0].max() - landmarks[i, :, 0].min()
+        assert 0.8 * face < width < 1.25 * face
+        # iBUG order: chin below the nose tip, nose tip below the brows, mouth below the nose
+        assert landmarks[i, CHIN, 1] > landmarks[i, NOSE_TIP, 1] > landmarks[i, 17:27, 1].mean()
+        assert landmarks[i, list(MOUTH), 1].mean() > landmarks[i, NOSE_TIP, 1]
+
+
+def test_detection_on_downscaled_copy_matches_full_size(detector):
+    from pipelines.sample_data import TalkingHeadRenderer
+
+    frame = TalkingHeadRenderer(360, 640, np.random.default_rng(2)).render(0.3, 0.2)[None]
+    try:
+        detector.detect_max_side = None
+        full, found_full = detector.detect(frame)
+        detector.detect_max_side = 320
+        small, found_small = detector.detect(frame)
+    finally:
+        detector.detect_max_side = 480
+    assert found_full.all() and found_small.all()
+    assert np.abs(full - small).max() < 6.0  # points fitted at full size either way
+
+
+def test_no_face_frame_reports_not_found(detector):
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:240, 0:240]
+    gradient = np.stack([xx, yy, (xx + yy) // 2], -1).astype(np.uint8)
+    noise = rng.integers(0, 255, size=(240, 240, 3), dtype=np.uint8)
+    landmarks, found = detector.detect(np.stack([gradient, noise]))
+    assert not found.any()
+    assert np.isnan(landmarks).all()
+    with pytest.raises(ValueError):
+        detector.detect(np.zeros((2, 8, 8), np.uint8))
+
+
+def test_short_video_detect_and_crop(astronaut_video, detector):
+    from pipelines.video_decode import iter_frames
+
+    lms, founds, frames = [], [], []
+    for chunk in iter_frames(astronaut_video, chunk_frames=12):
+        lm, ok = detector.detect(chunk.frames)
+        lms.append(lm)
+        founds.append(ok)
+        frames.append(chunk.frames)
+    lm, found, frames = np.concatenate(lms), np.concatenate(founds), np.concatenate(frames)
+    assert len(found) == 30 and found.all()
+    track = plan_crop_track(lm, found, (320, 320), margin=0.6)
+    assert track.missing_ratio == 0.0 and track.out_of_frame_ratio == 0.0
+    assert 0.0 < track.head_motion < 0.5
+    assert track.max_abs_yaw_deg < 20.0
+    crops = crop_frames(frames, track.boxes, 64)
+    assert crops.shape == (30, 64, 64, 3) and crops.dtype == np.uint8
+    norm = landmarks_to_crop(lm, track.boxes)
+    assert norm.min() > 0.0 and norm.max() < 1.0
+    # the face is centred in the crop
+    centre = (norm.min(axis=1) + norm.max(axis=1)) / 2
+    assert np.abs(centre - 0.5).max() < 0.15
+
+
+# ---------------------------------------------------------------- DWPose (no weights here)
+def test_wholebody_face_slice_is_points_23_to_90():
+    kp = np.stack([np.arange(133), -np.arange(133)], -1).astype(np.float32)[None]
+    face = wholebody_to_face68(kp)
+    assert face.shape == (1, 68, 2)
+    assert face[0, 0, 0] == 23 and face[0, 67, 0] == 90 and face[0, NOSE_TIP, 0] == 53
+    with pytest.raises(ValueError):
+        wholebody_to_face68(np.zeros((68, 2)))
+
+
+def test_simcc_decode_and_mapping_back():
+    k = 133
+    sx = np.zeros((1, k, 576), np.float32)
+    sy = np.zeros((1, k, 768), np.float32)
+    xs = np.arange(k) * 4 % 576
+    ys = np.arange(k) * 5 % 768
+    sx[0, np.arange(k), xs] = 1.0
+    sy[0, np.arange(k), ys] = 0.8
+    pts, score = simcc_decode(sx, sy)
+    np.testing.assert_allclose(pts[0, :, 0], xs / 2.0)
+    np.testing.assert_allclose(pts[0, :, 1], ys / 2.0)
+    np.testing.assert_allclose(score, 0.8)
+    centre, scale = box_to_pose_input(np.array([100, 50, 200, 250]))
+    assert np.isclose(scale[0] / scale[1], 288 / 384) and scale[1] >= 200 * 1.25 - 1e-3
+    # the centre of the model input maps to the box centre, its corners to the region corners
+    np.testing.assert_allclose(pose_input_to_image(np.array([144.0, 192.0]), centre, scale), [150, 150])
+    np.testing.assert_allclose(pose_input_to_image(np.array([0.0, 0.0]), centre, scale), centre - scale / 2)
+
+
+def test_dwpose_error_paths(tmp_path):
+    with pytest.raises(FaceDetectorError, match="yolox_l.onnx"):
+        DWPoseDetector(tmp_path)
+    with pytest.raises(FaceDetectorError, match="dwpose_dir"):
+        make_detector("dwpose", None)
+    with pytest.raises(FaceDetectorError, match="unknown detector"):
+        make_detector("mediapipe", None)
+    (tmp_path / "yolox_l.onnx").write_bytes(b"x")
+    (tmp_path / "dw-ll_ucoco_384.onnx").write_bytes(b"x")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        with pytest.raises(FaceDetectorError, match="onnxruntime"):
+            make_detector("dlib", str(tmp_path))
+    else:
+        with pytest.raises(Exception):  # not a valid onnx model
+            DWPoseDetector(tmp_path)
+    assert isinstance(make_detector("dlib", None), DlibDetector)
+
+
+# ---------------------------------------------------------------- layout, yaw
+def test_upper_face_indices():
+    assert len(set(UPPER_FACE)) == 37
+    assert not set(UPPER_FACE) & set(MOUTH) and CHIN not in UPPER_FACE
+    assert set(range(17, 48)) <= set(UPPER_FACE) and {0, 1, 2, 14, 15, 16} <= set(UPPER_FACE)
+
+
+def _template(nose_shift: float = 0.0) -> np.ndarray:
+    """A symmetric synthetic 68-point face (unit width ~100 px) with the nose moved sideways."""
+    lm = np.zeros((68, 2), np.float64)
+    jaw_angle = np.linspace(np.pi, 0, 17)
+    lm[0:17] = np.stack([150 + 50 * np.cos(jaw_angle), 100 + 60 * np.sin(jaw_angle)], -1)
+    lm[17:27] = np.stack([np.linspace(110, 190, 10), np.full(10, 80)], -1)
+    lm[27:36] = np.stack([np.full(9, 150 + nose_shift), np.linspace(90, 130, 9)], -1)
+    lm[36:48] = np.stack([np.r_[np.linspace(115, 135, 6), np.linspace(165, 185, 6)], np.full(12, 95)], -1)
+    lm[48:68] = np.stack([np.linspace(130, 170, 20), np.full(20, 145)], -1)
+    return lm
+
+
+def test_estimate_yaw_deg():
+    faces = np.stack([_template(s) for s in (0.0, 10.0, 25.0, -25.0)])
+    yaw = estimate_yaw_deg(faces)
+    assert abs(yaw[0]) < 1.0
+    assert 0 < yaw[1] < yaw[2] and np.isclose(yaw[3], -yaw[2], atol=1e-4)
+    assert 20 < yaw[2] < 40  # offset 25 of half-width 50: asin(0.5) = 30 degrees
+
+
+# ---------------------------------------------------------------- crop track
+def test_crop_track_square_inside_frame_and_contains_landmarks():
+    rng = np.random.default_rng(0)
+    n = 60
+    base = _template()
+    shifts = np.stack([20 * np.sin(np.arange(n) / 9.0), 10 * np.cos(np.arange(n) / 7.0)], -1)
+    lm = base[None] + shifts[:, None, :] + rng.normal(0, 1.5, size=(n, 68, 2))
+    found = np.ones(n, bool)
+    found[[10, 11, 12, 40]] = False
+    lm[~found] = np.nan
+    W, H = 320, 240
+    track = plan_crop_track(lm, found, (W, H), margin=0.4)
+    b = track.boxes
+    assert b.shape == (n, 4) and b.dtype == np.float32
+    np.testing.assert_allclose(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1], atol=1e-3)  # square
+    assert (b[:, :2] >= -1e-3).all() and (b[:, 2] <= W + 1e-3).all() and (b[:, 3] <= H + 1e-3).all()
+    ok = found
+    inside = ((lm[ok] >= b[ok, None, :2]) & (lm[ok] <= b[ok, None, 2:])).all()
+    assert inside
+    assert np.isclose(track.missing_ratio, 4 / 60)
+    assert track.out_of_frame_ratio == 0.0
+    # interpolated boxes of the missing frames sit between their neighbours
+    assert min(b[9, 0], b[13, 0]) - 2 <= b[11, 0] <= max(b[9, 0], b[13, 0]) + 2
+    # head motion: std of the centre in face widths (~100 px wide face)
+    want = np.sqrt(shifts[found].var(axis=0).sum()) / 100.0
+    assert abs(track.head_motion - want) < 0.03
+    # smoothing: box centres jitter (second differences) far less than the raw landmark centres
+    run = slice(14, 40)  # frames with a face
+    raw_c = (lm[run].min(axis=1)[:, 0] + lm[run].max(axis=1)[:, 0]) / 2
+    box_c = (b[run, 0] + b[run, 2]) / 2
+    assert np.std(np.diff(box_c, n=2)) < 0.5 * np.std(np.diff(raw_c, n=2))
+
+
+def test_crop_track_head_out_of_frame_and_no_face():
+    lm = np.repeat(_template()[None], 20, axis=0) + np.array([140.0, 0.0])  # face centre x = 290
+    track = plan_crop_track(lm, np.ones(20, bool), (320, 240), margin=0.4)
+    assert track.out_of_frame_ratio == 1.0
+    assert (track.boxes[:, 2] <= 320 + 1e-3).all()
+    empty = plan_crop_track(np.full((5, 68, 2), np.nan), np.zeros(5, bool), (320, 240), margin=0.4)
+    assert empty.missing_ratio == 1.0
+    np.testing.assert_allclose(empty.boxes[0], [40, 0, 280, 240])
+
+
+def test_crop_frames_is_a_face_centred_square_not_a_squash():
+    frame = np.zeros((100, 200, 3), np.uint8)
+    frame[20:70, 120:170] = (255, 0, 0)  # a 50x50 red square
+    frame[45:47, 120:170] = (0, 0, 255)  # with a horizontal blue line through its middle
+    box = np.array([[120, 20, 170, 70]], np.float32)
+    crop = crop_frames(frame[None], box, 25)
+    assert crop.shape == (1, 25, 25, 3)
+    assert crop[0, :8, :, 0].min() > 200 and crop[0, :8, :, 2].max() < 40  # red, not the black frame
+    assert crop[0, 12, :, 2].mean() > 80  # the blue line stays horizontal in the middle
+    lm = np.array([[[120, 20], [170, 70], [145, 45]] + [[145, 45]] * 65], np.float32)
+    norm = landmarks_to_crop(lm, box)
+    np.testing.assert_allclose(norm[0, :3], [[0, 0], [1, 1], [0.5, 0.5]], atol=1e-6)
