@@ -168,11 +168,14 @@ class FrameStore:
     frames touches only the row groups that cover them.
     """
 
-    def __init__(self, out_dir: str | Path):
+    def __init__(self, out_dir: str | Path, max_open_files: int = 64):
         self.dir = Path(out_dir)
         if not self.dir.is_dir():
             raise IngestFormatError(f"{self.dir} is not a directory")
         self.meta = IngestMeta.read(self.dir)
+        # least recently used files are closed beyond this (a worker sampling 10k videos must not
+        # hold 10k file descriptors)
+        self.max_open_files = max_open_files
         self._files: dict[str, tuple[pq.ParquetFile, np.ndarray, np.ndarray]] = {}
 
     def manifest(self, status: Optional[str] = "ok") -> pa.Table:
@@ -198,6 +201,10 @@ class FrameStore:
                 starts.append(st.min)
                 stops.append(st.max + 1)
             self._files[video_id] = (pf, np.array(starts), np.array(stops))
+            while len(self._files) > self.max_open_files:
+                self._files.pop(next(iter(self._files)))[0].close()
+        else:
+            self._files[video_id] = self._files.pop(video_id)  # most recently used last
         return self._files[video_id]
 
     def num_frames(self, video_id: str) -> int:

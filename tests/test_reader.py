@@ -84,6 +84,7 @@ def test_errors_name_the_problem(data_dir, tmp_path):
 def test_samples_trace_to_their_source_frames(data_dir):
     c = cfg()
     src = LoopySampleSource(data_dir, c)
+    src.store.max_open_files = 2  # files are closed and reopened while sampling 5 videos
     specs = src.epoch_specs(0)
     assert len(specs) == 5 * c.samples_per_video
     for spec in specs:
@@ -114,6 +115,7 @@ def test_samples_trace_to_their_source_frames(data_dir):
         assert (s["audio"][:, :, 1] == number).all()
         np.testing.assert_allclose(s["landmarks"], synthetic_landmarks(clip, number))
         assert int(s["video_index"]) == spec.video_index
+        assert len(src.store._files) <= 2
 
 
 def test_audio_window_edges_and_empty_history(data_dir):
