@@ -268,6 +268,8 @@ class LoopyModel(ModelMixin, ConfigMixin):
         Stage 2: audio [B, F, W, L, D] (None = zero audio, as if dropped); a2l_inputs: any of
         {"audio", "landmarks", "head_motion_var", "expression_var"} (None = no audio-to-latents
         output); a2l_kind long [B] (None = 0, audio); drop_audio / drop_motion_cond bool [B].
+        ``drop_audio`` zeroes c_audio for the audio cross-attention and for the audio-to-latents
+        audio condition alike; ``drop_motion_cond`` zeroes the audio-to-latents output.
         Stage 1 ignores audio and audio-to-latents inputs."""
         b, f = noisy_latents.shape[:2]
         dev, dtype = noisy_latents.device, self.dtype
@@ -289,6 +291,9 @@ class LoopyModel(ModelMixin, ConfigMixin):
             if drop_audio is not None:
                 audio = audio * (~drop_audio.to(dev, torch.bool)).to(dtype)[:, None, None, None, None]
             audio_tokens = self.audio_projection(audio)
+            if a2l_inputs and "audio" in a2l_inputs and drop_audio is not None:
+                keep = (~drop_audio.to(dev, torch.bool)).to(dtype)[:, None, None, None, None]
+                a2l_inputs = dict(a2l_inputs, audio=a2l_inputs["audio"].to(dtype) * keep)
             if a2l_inputs:
                 kind = torch.zeros(b, dtype=torch.long, device=dev) if a2l_kind is None else a2l_kind.to(dev)
                 drop = torch.zeros(b, dtype=torch.bool, device=dev) if drop_motion_cond is None else drop_motion_cond.to(dev)
