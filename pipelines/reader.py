@@ -41,12 +41,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from models.temporal_segment import TemporalSegmentModule
@@ -79,6 +81,11 @@ SAMPLE_DTYPES: dict[str, np.dtype] = {
 }
 STAGE2_ONLY_KEYS = ("motion_latents", "motion_mask", "motion_source_indices", "audio")
 _MANIFEST_COLUMNS = ("video_id", "status", "num_frames", "split")
+log = logging.getLogger(__name__)
+
+
+class SampleReadError(RuntimeError):
+    """A sample whose frames could not be read (names the frames file and the frames)."""
 
 
 def sample_keys(stage: int) -> list[str]:
@@ -148,9 +155,29 @@ class LoopySampleSource:
         """The epoch's samples, shuffled; deterministic for (reader.seed, epoch)."""
         return epoch_plan(self.videos, self.cfg, epoch, self.evaluation)
 
-    @torch.no_grad()
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-sample shape of every key this source produces (no batch axis)."""
+        f, lat = clip_length(self.cfg), tuple(self.store.meta.latent_shape)
+        shapes = {"latents": (f, *lat), "ref_latent": lat, "landmarks": (f, 68, 2),
+                  "clip_frame_indices": (f,)}
+        if self.segment is not None:
+            m = self.segment.num_outputs
+            shapes.update(motion_latents=(m, *lat), motion_mask=(m,), motion_source_indices=(m,),
+                          audio=(f, 2 * self.cfg.audio_window + 1, *self.store.meta.audio_shape))
+        return {k: shapes.get(k, ()) for k in sample_keys(self.cfg.stage)}
+
     def load(self, spec: SampleSpec) -> dict[str, np.ndarray]:
-        """Read one sample (contract keys, :data:`SAMPLE_DTYPES`)."""
+        """Read one sample (contract keys, :data:`SAMPLE_DTYPES`). Raises :class:`SampleReadError`
+        naming the frames file when its rows cannot be read."""
+        try:
+            return self._load(spec)
+        except (OSError, IndexError, ValueError, KeyError, pa.ArrowException) as exc:
+            raise SampleReadError(
+                f"{frames_path(self.data_dir, spec.video_id)}: cannot read the sample at clip start "
+                f"{spec.clip_start} (reference {spec.ref_index}): {type(exc).__name__}: {exc}") from exc
+
+    @torch.no_grad()
+    def _load(self, spec: SampleSpec) -> dict[str, np.ndarray]:
         cfg, vid = self.cfg, spec.video_id
         clip = spec.clip_frame_indices
         out: dict[str, np.ndarray] = {}
@@ -246,9 +273,17 @@ def specs_from_batch(batch: dict[str, np.ndarray]) -> list[SampleSpec]:
 
 def load_spec_batch(batch: dict[str, np.ndarray], data_dir: str, reader_cfg: dict,
                     split: Optional[str]) -> dict[str, np.ndarray]:
-    """``map_batches`` function: spec rows -> stacked sample columns (no string columns)."""
+    """``map_batches`` function: spec rows -> stacked sample columns (no string columns).
+    A sample whose frames cannot be read is logged with its file and dropped; the rest go on."""
     source = _cached_source(data_dir, reader_cfg, split)
-    samples = [source.load(spec) for spec in specs_from_batch(batch)]
+    samples = []
+    for spec in specs_from_batch(batch):
+        try:
+            samples.append(source.load(spec))
+        except SampleReadError as exc:
+            log.warning("dropped sample: %s", exc)
+    if not samples:
+        return {k: np.zeros((0, *shape), SAMPLE_DTYPES[k]) for k, shape in source.sample_shapes().items()}
     return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
 
 

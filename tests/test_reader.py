@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipelines.config import ReaderConfig
-from pipelines.reader import (SAMPLE_DTYPES, LoopySampleSource, LoopyTorchDataset, build_ray_dataset,
-                              collate, main, ray_collate_fn)
+from pipelines.reader import (SAMPLE_DTYPES, LoopySampleSource, LoopyTorchDataset, SampleReadError,
+                              build_ray_dataset, collate, load_spec_batch, main, ray_collate_fn)
 from pipelines.sample_spec import (A2L_KINDS, SampleSpec, VideoEntry, draw_video_specs, epoch_plan,
                                    shard, valid_clip_starts)
 from pipelines.schema import META_NAME, IngestFormatError, frames_path
@@ -90,6 +90,7 @@ def test_samples_trace_to_their_source_frames(data_dir):
     for spec in specs:
         s = src.load(spec)
         assert set(s) == set(SAMPLE_DTYPES) and all(s[k].dtype == SAMPLE_DTYPES[k] for k in s)
+        assert {k: v.shape for k, v in s.items()} == src.sample_shapes()
         n, number = spec.num_frames, _number(src, spec.video_index)
         clip = np.arange(spec.clip_start, spec.clip_start + 12)
         assert s["latents"].shape == (12, 4, 8, 8)
@@ -276,6 +277,7 @@ def test_stage1_one_frame_and_reference(data_dir):
     for spec in src.epoch_specs(0):
         s = src.load(spec)
         assert s["latents"].shape == (1, 4, 8, 8)
+        assert {k: v.shape for k, v in s.items()} == src.sample_shapes()
         assert not {"motion_latents", "motion_mask", "motion_source_indices", "audio"} & set(s)
         assert s["latents"][0, 0, 0, 0] == spec.clip_start
         assert abs(int(s["ref_frame_index"]) - spec.clip_start) >= 12
@@ -318,3 +320,23 @@ def test_ray_dataset_matches_torch_dataset(data_dir, ray_local):
         have = got[(spec.video_index, spec.clip_start, spec.ref_index, spec.drop_ref)]
         assert all(np.array_equal(want[k], have[k]) for k in want)
     assert dataclasses.asdict(c)["stage"] == 2
+
+
+def test_unreadable_frames_name_the_file_and_ray_batches_go_on(data_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    src = LoopySampleSource(broken, cfg(samples_per_video=2))
+    specs = src.epoch_specs(0)
+    good = next(s for s in specs if s.video_id != video_id_of(1))
+    bad = next(s for s in specs if s.video_id == video_id_of(1))
+    frames_path(broken, video_id_of(1)).write_bytes(b"not parquet at all")
+    with pytest.raises(SampleReadError, match=f"{video_id_of(1)}.parquet"):
+        src.load(bad)
+    rows = [good.to_row(), bad.to_row()]
+    batch = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    out = load_spec_batch(batch, str(broken), dataclasses.asdict(src.cfg), "train")
+    assert out["latents"].shape == (1, 12, 4, 8, 8) and int(out["ref_frame_index"][0]) == good.ref_index
+    only_bad = {k: v[1:] for k, v in batch.items()}
+    empty = load_spec_batch(only_bad, str(broken), dataclasses.asdict(src.cfg), "train")
+    assert set(empty) == set(SAMPLE_DTYPES) and empty["audio"].shape == (0, 12, 5, 2, 4)
+    assert empty["motion_mask"].dtype == bool
