@@ -182,17 +182,17 @@ class LoopySampleSource:
         clip = spec.clip_frame_indices
         out: dict[str, np.ndarray] = {}
         if self.segment is None:
-            lat = self.store.read(vid, [*clip, spec.ref_index], ["latent"])["latent"]
-            lm = self.store.read(vid, clip, ["landmarks"])["landmarks"]
+            rows = self.store.read(vid, [*clip, spec.ref_index], ["latent", "landmarks"])
+            lat, lm = rows["latent"], rows["landmarks"][:-1]
             out["latents"], out["ref_latent"] = lat[:-1], lat[-1]
         else:
             src = self.segment.source_indices(spec.clip_start)  # [M, G], -1 invalid
             valid = src >= 0
             rows = np.unique(np.concatenate([clip, [spec.ref_index], src[valid]]))
             lat = self.store.read(vid, rows, ["latent"])["latent"]  # [K, 4, h, w] fp16
-            at = lambda idx: np.searchsorted(rows, idx)  # noqa: E731
-            ref = lat[at(spec.ref_index)].astype(np.float32)
-            groups = lat[at(np.where(valid, src, rows[0]))].astype(np.float32)  # [M, G, 4, h, w]
+            ref = lat[np.searchsorted(rows, spec.ref_index)].astype(np.float32)
+            gpos = np.searchsorted(rows, np.where(valid, src, rows[0]))  # [M, G] rows of lat
+            groups = lat[gpos].astype(np.float32)  # [M, G, 4, h, w], any value where invalid
             motion, mask = self.segment.reduce_groups(torch.from_numpy(groups)[None],
                                                       torch.from_numpy(valid)[None],
                                                       torch.from_numpy(ref)[None])
@@ -200,7 +200,7 @@ class LoopySampleSource:
             wrows = np.unique(window)
             av = self.store.read(vid, wrows, ["audio", "landmarks"])
             lm = av["landmarks"][np.searchsorted(wrows, clip)]
-            out["latents"], out["ref_latent"] = lat[at(clip)], ref
+            out["latents"], out["ref_latent"] = lat[np.searchsorted(rows, clip)], ref
             out["motion_latents"], out["motion_mask"] = motion[0].numpy(), mask[0].numpy()
             out["motion_source_indices"] = np.where(valid, src, -1).max(axis=1)
             out["audio"] = av["audio"][np.searchsorted(wrows, window)]  # [F, 5, L, D]
