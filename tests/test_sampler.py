@@ -164,12 +164,12 @@ def test_reference_net_runs_once_per_clip_and_history_is_carried(core_sampler, m
 
 def test_output_length_for_several_lengths_and_determinism(core_sampler):
     s = core_sampler
-    for n in (1, 12, 13, 25):
+    for n in (1, 13):
         ref, feats = random_inputs(s, n, seed=n)
         out = s.generate_latents(ref, feats, SampleOptions(steps=2, seed=3))
         assert out.shape == (n, 4, 8, 8)
         assert torch.isfinite(out).all()
-    ref, feats = random_inputs(s, 13, seed=9)
+    ref, feats = random_inputs(s, 12, seed=9)
     a = s.generate_latents(ref, feats, SampleOptions(steps=2, seed=3))
     b = s.generate_latents(ref, feats, SampleOptions(steps=2, seed=3))
     c = s.generate_latents(ref, feats, SampleOptions(steps=2, seed=4))
@@ -193,7 +193,7 @@ def test_cached_reference_equals_recomputed_reference(core_sampler):
 
 # --- end to end: image + audio file -> mp4 ----------------------------------------------------------
 
-@pytest.mark.parametrize("seconds", [0.5, 1.3])
+@pytest.mark.parametrize("seconds", [0.3, 1.03])
 def test_generate_mp4_one_frame_per_40ms_with_audio(full_sampler, tmp_path, seconds):
     image = make_portrait(tmp_path / "portrait.png")
     audio = make_audio(tmp_path / "speech.wav", seconds)
@@ -221,13 +221,13 @@ def test_cli_writes_video(tiny_package, tmp_path):
     import sys
 
     image = make_portrait(tmp_path / "p.jpg")
-    audio = make_audio(tmp_path / "a.wav", 0.6)
+    audio = make_audio(tmp_path / "a.wav", 0.3)
     out = tmp_path / "cli.mp4"
     proc = subprocess.run([sys.executable, "-m", "models.sample", "--image", str(image), "--audio", str(audio),
                            "--out", str(out), "--model", str(tiny_package), "--device", "cpu", "sampler.steps=2"],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert int(probe_streams(out)["video"]["nb_read_frames"]) == 15
+    assert int(probe_streams(out)["video"]["nb_read_frames"]) == 7
     bad = subprocess.run([sys.executable, "-m", "models.sample", "--image", str(tmp_path / "missing.png"),
                           "--audio", str(audio), "--out", str(out), "--model", str(tiny_package)],
                          capture_output=True, text=True, timeout=120)
