@@ -10,9 +10,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import PlatformConfig
-from pipelines.config import IngestConfig
-
 ROOT = Path(__file__).resolve().parent.parent
 
 # the stage each bad input must be rejected at
@@ -26,23 +23,15 @@ EXPECTED_STAGE = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bad_run(ray_local, tiny_weights, tmp_path_factory):
-    from pipelines.ingest import run_ingest
-    from pipelines.sample_data import SAMPLE_SPECS, generate_samples, make_bad_inputs
+    """The shared ingest of good and bad inputs (see ``test_ingest.shared_ingest_run``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_ingest import shared_ingest_run
 
-    inputs = tmp_path_factory.mktemp("bad_inputs")
-    bad = make_bad_inputs(inputs / "bad", seconds=6.0)
-    good = generate_samples(inputs / "good", seconds=6.0, seed=3,
-                            specs=[s for s in SAMPLE_SPECS if s.name == "talk_25fps_16k"])
-    out = tmp_path_factory.mktemp("bad_out")
-    cfg = PlatformConfig()
-    cfg.weights = tiny_weights[0]
-    cfg.ingest = IngestConfig()
-    messages: list[str] = []
-    summary = run_ingest(inputs, out, cfg, echo=messages.append)
-    rows = {Path(r["source"]).resolve(): r for r in pq.read_table(out / "videos.parquet").to_pylist()}
-    return bad, good, rows, summary, messages
+    run = shared_ingest_run(tmp_path_factory, tiny_weights)
+    rows = {Path(r["source"]).resolve(): r for r in pq.read_table(run["out"] / "videos.parquet").to_pylist()}
+    return run["bad"], run["good"], rows, run["summary"], run["messages"]
 
 
 @pytest.mark.slow
@@ -85,9 +74,10 @@ def test_good_file_ingested_beside_bad_ones(bad_run):
     from pipelines.schema import FrameStore
 
     _, good, rows, summary, messages = bad_run
-    r = rows[good[0].resolve()]
-    assert r["status"] == "ok", r["reason"]
-    assert FrameStore(Path(summary.output_dir)).num_frames(r["video_id"]) == r["num_frames"] > 0
+    for path in good:
+        r = rows[path.resolve()]
+        assert r["status"] == "ok", r["reason"]
+        assert FrameStore(Path(summary.output_dir)).num_frames(r["video_id"]) == r["num_frames"] > 0
     assert any("rejected" in m for m in messages)  # progress reports rejections
 
 
