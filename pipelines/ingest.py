@@ -432,7 +432,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, InputError, OutputError) as exc:
         print(f"ingest: error: {exc}", file=sys.stderr)
         return 2
-    summary = run_ingest(args.input, args.output, cfg, echo=lambda s: print(s, flush=True))
+    try:
+        summary = run_ingest(args.input, args.output, cfg, echo=lambda s: print(s, flush=True))
+    finally:
+        if "ray" in sys.modules:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()  # stop the embedded Ray (or disconnect from the cluster) cleanly
     print(json.dumps({k: v for k, v in asdict(summary).items() if k != "rejections"}))
     return 0
 
