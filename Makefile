@@ -17,7 +17,7 @@ WORK ?= $(CURDIR)/work
 SAMPLES := $(WORK)/samples
 INGESTED := $(WORK)/ingested
 
-.PHONY: install sysdeps test test-fast demo sample-data ingest train serve bench mlflow-ui clean
+.PHONY: install sysdeps browser test test-fast demo sample-data ingest train serve bench mlflow-ui clean
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ sysdeps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg espeak-ng sox >/dev/null; \
 	fi
 
+# Headless Chromium + chromedriver for the web page test (tests/test_web_page.py).
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  echo "installing chromium (web page test)"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null \
+	  || echo "chromium could not be installed: tests/test_web_page.py will be skipped"; }
+
 # torch is pinned here, in the same pip command, so pip never drags a CUDA build.
 $(STAMP): pyproject.toml | sysdeps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,7 +45,7 @@ $(STAMP): pyproject.toml | sysdeps
 	@mkdir -p $(RAY_TMPDIR)
 	@touch $(STAMP)
 
-test: install sysdeps
+test: install sysdeps browser
 	@mkdir -p $(RAY_TMPDIR)
 	$(PY) -m pytest -q tests
 

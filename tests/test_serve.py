@@ -1,0 +1,253 @@
+"""The Ray Serve service end to end over HTTP (tiny untrained model), and every bad request."""
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve.jobs import JobStore, QueueFullError, parse_job_id
+from serve.validation import InputError, parse_options
+from models.sampler import SampleOptions
+
+TOKEN = "test-token-123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def portrait_bytes(fmt: str = "PNG") -> bytes:
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()[20:280, 80:380]).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def noise_png(size: int = 200) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def sox_audio(path: Path, seconds: float, silent: bool = False) -> bytes:
+    effect = ["trim", "0", f"{seconds}"] if silent else ["synth", f"{seconds}", "sine", "200-700", "tremolo", "5", "80"]
+    cmd = ["sox", "-n", "-r", "22050", "-c", "1", str(path)] + (["synth", f"{seconds}", "sine", "0"] if silent else effect)
+    subprocess.run(cmd, check=True)
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    return {
+        "image": portrait_bytes("JPEG"),
+        "audio": sox_audio(d / "speech.wav", 1.0),
+        "silent": sox_audio(d / "silent.wav", 1.0, silent=True),
+        "long": sox_audio(d / "long.wav", 4.0),
+        "noface": noise_png(),
+    }
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, tiny_package, tiny_weights, tmp_path_factory):
+    """The Serve app on 127.0.0.1 at a free port: bearer token, queue bound 2, 1 MB uploads, 3 s audio."""
+    import httpx
+    from ray import serve
+
+    from core.config import load_platform_config
+    from serve.app import build_app
+
+    port = free_port()
+    job_dir = tmp_path_factory.mktemp("serve_jobs")
+    cfg = load_platform_config(None, [
+        f"serve.model={tiny_package}", f"serve.job_dir={job_dir}", "serve.max_queue=2", "serve.max_upload_mb=1",
+        "serve.max_audio_s=3", f"serve.auth_token={TOKEN}", "serve.cpus_per_replica=0", f"serve.port={port}",
+        "sampler.steps=2", f"weights.tiny_dir={tiny_weights[0].tiny_dir}",
+    ])
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name="loopy_test", route_prefix="/", blocking=False)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if client.get("/healthz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "service did not come up"
+        time.sleep(0.5)
+    yield client, job_dir
+    client.close()
+    serve.shutdown()
+
+
+def post(client, image: bytes, audio: bytes, headers=AUTH, **options):
+    files = {"image": ("p.img", image, "application/octet-stream"), "audio": ("a.snd", audio, "application/octet-stream")}
+    return client.post("/v1/videos", files=files, data={k: str(v) for k, v in options.items()}, headers=headers)
+
+
+def wait_done(client, job_id: str, timeout_s: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/videos/{job_id}", headers=AUTH).json()
+        seen.append(body)
+        if body["state"] in ("done", "failed"):
+            body["history"] = seen
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} not finished: {seen[-1]}")
+
+
+# --- unit: job store and options -----------------------------------------------------------------------
+
+def test_job_store_bounds_ids_and_files(tmp_path):
+    store = JobStore(tmp_path, max_pending=2, ttl_s=10)
+    a = store.create({"steps": 2})
+    b = store.create({})
+    with pytest.raises(QueueFullError) as err:
+        store.create({})
+    assert err.value.retry_after_s >= 1
+    assert parse_job_id(a.id) == a.id and a.folder.parent == tmp_path
+    assert store.get("../../etc/passwd") is None and store.get(a.id.upper()) is a
+    assert store.queue_position(b.id) == 1
+    store.start(a.id)
+    store.progress(a.id, 1, 3, 30)
+    assert store.get(a.id).progress == pytest.approx(1 / 3)
+    a.file("video").write_bytes(b"x")
+    store.finish(a.id)
+    assert store.pending() == 1
+    store.create({})  # a slot came free
+    assert store.evict_expired(now=time.time() + 100) == 1 and not a.folder.exists()
+
+
+def test_options_unknown_and_out_of_range_name_the_field():
+    base = SampleOptions()
+    assert parse_options({"steps": "3", "seed": "7", "audio_ratio": "4.5"}, base) == base.replace(
+        steps=3, seed=7, audio_ratio=4.5)
+    for raw, field in (({"stepz": "3"}, "stepz"), ({"steps": "0"}, "steps"), ({"steps": "abc"}, "steps"),
+                       ({"ref_ratio": "nan"}, "ref_ratio"), ({"size": "63"}, "size"), ({"fps": "1000"}, "fps")):
+        with pytest.raises(InputError) as err:
+            parse_options(raw, base)
+        assert err.value.status == 422 and err.value.field == field
+
+
+# --- end to end over HTTP -----------------------------------------------------------------------------
+
+def test_submit_poll_download_valid_mp4_with_audio(service, media, tmp_path):
+    client, job_dir = service
+    assert client.get("/healthz").json()["status"] == "ok"
+    resp = post(client, media["image"], media["audio"], steps=2, seed=3)
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    assert parse_job_id(job_id) == job_id
+    done = wait_done(client, job_id)
+    assert done["state"] == "done", done
+    assert done["clips_total"] == 3 and done["num_frames"] == 25  # 1 s of audio at 25 fps, 12-frame clips
+    progress = [h["progress"] for h in done["history"]]
+    assert progress == sorted(progress)
+    video = client.get(f"/v1/videos/{job_id}/file", headers=AUTH)
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    out = tmp_path / "result.mp4"
+    out.write_bytes(video.content)
+    probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries",
+                            "stream=codec_type,nb_read_frames", "-of", "csv=p=0", str(out)],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert "video,25" in probe and any(line.startswith("audio") for line in probe)
+    # files live only under the server's job folder, named by the server
+    assert sorted(p.name for p in (job_dir / job_id).iterdir()) == ["audio.bin", "portrait.img", "result.mp4"]
+
+
+def test_bad_requests(service, media):
+    client, _ = service
+    too_big = post(client, media["image"] + b"\0" * (1024 * 1024 + 10), media["audio"])
+    assert too_big.status_code == 413 and too_big.json()["field"] == "image"
+    cases = [
+        (b"this is not an image", media["audio"], {}, "image", "not a decodable image"),
+        (media["noface"], media["audio"], {}, "image", "no face"),
+        (media["image"], b"RIFF....not audio at all", {}, "audio", "not decodable audio"),
+        (media["image"], media["silent"], {}, "audio", "silent"),
+        (media["image"], media["long"], {}, "audio", "longer than"),
+        (media["image"], media["audio"], {"colour": "blue"}, "colour", "unknown option"),
+        (media["image"], media["audio"], {"steps": "500"}, "steps", "outside the allowed range"),
+    ]
+    for image, audio, options, field, words in cases:
+        resp = post(client, image, audio, **options)
+        assert resp.status_code == 422, (field, resp.text)
+        body = resp.json()
+        assert body["field"] == field and words in body["error"], body
+    missing = client.post("/v1/videos", files={"image": ("p", media["image"])}, headers=AUTH)
+    assert missing.status_code == 422 and missing.json()["field"] == "audio"
+    unknown = client.get("/v1/videos/0b9a3f5e-1f7e-4a51-9d0b-6b1f1f0f0f0f", headers=AUTH)
+    assert unknown.status_code == 404
+    assert client.get("/v1/videos/..%2F..%2Fetc%2Fpasswd", headers=AUTH).status_code == 404
+    assert client.get("/v1/videos/not-a-uuid/file", headers=AUTH).status_code == 404
+
+
+def test_bearer_token_required(service, media):
+    client, _ = service
+    assert post(client, media["image"], media["audio"], headers={}).status_code == 401
+    wrong = post(client, media["image"], media["audio"], headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert client.get("/v1/videos/0b9a3f5e-1f7e-4a51-9d0b-6b1f1f0f0f0f").status_code == 401
+    assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
+
+
+def test_full_queue_answers_429_with_retry_after_and_loses_nothing(service, media):
+    client, _ = service
+    results: list = [None] * 5
+
+    def submit(i: int) -> None:
+        results[i] = post(client, media["image"], media["audio"], steps=6, seed=i)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(r.status_code for r in results)
+    assert set(codes) <= {202, 429} and codes.count(202) <= 2 and 429 in codes, codes
+    for r in results:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["field"] == "queue"
+    accepted = [r.json()["id"] for r in results if r.status_code == 202]
+    assert accepted
+    for job_id in accepted:
+        assert wait_done(client, job_id)["state"] == "done"
+    # the file endpoint refuses a job that is not done yet (409), then serves it
+    resp = post(client, media["image"], media["audio"], steps=2)
+    assert resp.status_code == 202
+    early = client.get(f"/v1/videos/{resp.json()['id']}/file", headers=AUTH)
+    assert early.status_code in (200, 409)
+    assert wait_done(client, resp.json()["id"])["state"] == "done"
+
+
+def test_serve_config_file_builds_the_application(tiny_package):
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from core.config import PROJECT_ROOT
+    from serve.app import app
+
+    data = yaml.safe_load((PROJECT_ROOT / "serve" / "serve_config.yaml").read_text())
+    spec = ServeDeploySchema.model_validate(data).applications[0]
+    assert spec.import_path == "serve.app:app" and data["http_options"]["host"] == "127.0.0.1"
+    args = dict(spec.args)
+    args["overrides"] = list(args["overrides"]) + [f"serve.model={tiny_package}"]
+    assert isinstance(app(args), Application)
+    with pytest.raises(Exception, match="serve.model"):
+        app({"config": args["config"], "overrides": ["serve.model=null"]})
