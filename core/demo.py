@@ -93,7 +93,8 @@ class DemoPaths:
 class DemoSettings:
     """Sizes of the demo: small enough for 15 minutes on 2 CPU cores."""
 
-    train_steps: int = 150  # optimizer steps per stage
+    train_steps: int = 100  # optimizer steps per stage
+    train_lr: float = 2e-4  # the tiny random model learns visibly in 100 steps (the paper's 1e-5 is for SD-1.5)
     num_cpus: int = 2
     sample_steps: int = 10  # DDIM steps of the generated video
     audio_seconds: float = 3.0  # length of the request's audio
@@ -124,7 +125,7 @@ def step_commands(paths: DemoPaths, settings: DemoSettings, python: str = sys.ex
         "ingest": [python, str(PROJECT_ROOT / "pipelines" / "ingest.py"), "--input", str(paths.samples),
                    "--output", str(paths.ingested), *common],
         "train": [python, str(PROJECT_ROOT / "train.py"), "--data", str(paths.ingested), "--stages", "1,2",
-                  *common, f"train.max_steps={settings.train_steps}",
+                  *common, f"train.max_steps={settings.train_steps}", f"train.lr={settings.train_lr:g}",
                   f"train.checkpoint_every={settings.train_steps}",
                   f"train.eval_every={settings.train_steps}"],
     }
@@ -266,16 +267,21 @@ def check_ingest_output(ingested: Path) -> str:
 
 # --- MLflow --------------------------------------------------------------------------------------
 
-def latest_model_uri(tracking_uri: str, registered_name: str) -> str:
-    """``models:/<name>/<latest version>`` from the MLflow registry."""
+def stage2_model_uri(tracking_uri: str, registered_name: str, since_ms: int) -> str:
+    """``models:/<name>/<version>`` of the stage-2 model registered by this demo's training (the
+    version the ``stage2`` alias points at, checked to be newer than ``since_ms``)."""
     from mlflow import MlflowClient
 
+    from models.registry import latest_version
+
+    version = latest_version(registered_name, 2, tracking_uri)
+    if version is None:
+        raise StepError("register", f"no stage-2 version of registered model '{registered_name}' in {tracking_uri}")
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    versions = client.search_model_versions(f"name='{registered_name}'")
-    if not versions:
-        raise StepError("register", f"no version of registered model '{registered_name}' in {tracking_uri}")
-    latest = max(versions, key=lambda v: int(v.version))
-    return f"models:/{registered_name}/{latest.version}"
+    created = client.get_model_version(registered_name, str(version)).creation_timestamp
+    if created < since_ms:
+        raise StepError("register", f"'{registered_name}' version {version} predates this run: training registered nothing")
+    return f"models:/{registered_name}/{version}"
 
 
 def loss_summaries(tracking_uri: str, experiment: str, since_ms: int) -> list[str]:
@@ -432,7 +438,7 @@ def run_demo(work: Path, settings: DemoSettings) -> Path:
 
     say("step register: the model package in the MLflow registry")
     try:
-        model_uri = latest_model_uri(tracking_uri, cfg.tracking.registered_model)
+        model_uri = stage2_model_uri(tracking_uri, cfg.tracking.registered_model, since_ms)
         for line in loss_summaries(tracking_uri, cfg.tracking.experiment, since_ms):
             say(line)
     except StepError:

@@ -305,9 +305,14 @@ def test_sampler_service_fits_and_runs_the_serve_app(objects, cluster_cfg):
     local = ROOT / "serve" / "serve_config.yaml"
     local_apps = yaml.safe_load(local.read_text())["applications"]
     assert apps[0]["import_path"] in {a["import_path"] for a in local_apps}, "not the app of serve/serve_config.yaml"
-    config_arg = apps[0].get("args", {}).get("config")
-    if config_arg:
-        load_platform_config(repo_path(config_arg))
+    serve_cfg = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_cfg["http_options"]["port"] == cluster_cfg.serve.port
+    config_arg = apps[0]["args"]["config"]
+    assert repo_path(config_arg) == CLUSTER_CONFIG
+    from models.registry import stage_alias
+
+    assert cluster_cfg.serve.model == f"models:/{cluster_cfg.tracking.registered_model}@{stage_alias(2)}", \
+        "serve.model must name the alias training moves (models.registry.stage_alias)"
 
 
 @pytest.mark.parametrize("name, script, flags", [
