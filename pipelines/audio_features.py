@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 
 def audio_window_indices(frame_indices: np.ndarray, num_frames: int, radius: int = 2) -> np.ndarray:
@@ -66,9 +67,7 @@ def audio_windows(features: np.ndarray, radius: int = 2, frame_indices: np.ndarr
     if frame_indices is None:
         frame_indices = np.arange(num_frames)
     idx = audio_window_indices(frame_indices, num_frames, radius)
-    if not isinstance(features, np.ndarray):  # torch.Tensor: index with a tensor of the same device
-        import torch
-
+    if isinstance(features, torch.Tensor):  # index with a tensor on the same device
         return features[torch.as_tensor(idx, device=features.device)]
     return features[idx]
 
@@ -161,8 +160,7 @@ class AudioFeatureExtractor:
     """
 
     def __init__(self, location: str, local_files_only: bool = True, device: str = "cpu",
-                 window_s: float = 20.0, context_s: float = 2.0, dtype=None):
-        import torch
+                 window_s: float = 20.0, context_s: float = 2.0, dtype: torch.dtype = torch.float32):
         from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
         from core.weights import load_pretrained
@@ -171,7 +169,7 @@ class AudioFeatureExtractor:
             raise ValueError(f"AudioFeatureExtractor: window_s ({window_s}) must exceed 2 * context_s ({context_s})")
         self.location = str(location)
         self.device = torch.device(device)
-        self.dtype = dtype if dtype is not None else torch.float32
+        self.dtype = dtype
         self.window_s = float(window_s)
         self.context_s = float(context_s)
         self.feature_extractor = load_pretrained(Wav2Vec2FeatureExtractor, self.location, local_files_only)
@@ -214,8 +212,6 @@ class AudioFeatureExtractor:
 
     def _run(self, values: np.ndarray):
         """All transformer layers' hidden states for one span: float32 [T_span, L, D]."""
-        import torch
-
         x = torch.from_numpy(np.ascontiguousarray(values)).to(device=self.device, dtype=self.dtype)[None]
         out = self.model(x, output_hidden_states=True)
         return torch.stack(out.hidden_states[1:], dim=2)[0].float().cpu().numpy()
@@ -243,8 +239,6 @@ class AudioFeatureExtractor:
         video (N). Returns float32 [N, num_layers, dim]; row k is frame k's audio (alignment rule: module docstring).
         Raises AudioLengthError when the audio is shorter than N/fps by more than one frame.
         """
-        import torch
-
         samples = np.asarray(samples, dtype=np.float32)
         if samples.ndim != 1:
             raise ValueError(f"AudioFeatureExtractor: samples must be mono [n], got shape {samples.shape}")

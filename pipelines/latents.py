@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Union
 
 import numpy as np
+import torch
 
 
 class LatentCodec:
@@ -28,17 +29,17 @@ class LatentCodec:
     ``torch.inference_mode`` on ``device`` in ``dtype``; results come back on the CPU as numpy.
     """
 
-    def __init__(self, location: str, local_files_only: bool = True, device: str = "cpu", dtype=None):
-        import torch
+    def __init__(self, location: str, local_files_only: bool = True, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
         from diffusers import AutoencoderKL
 
         from core.weights import load_pretrained
 
         self.location = str(location)
         self.device = torch.device(device)
-        self.dtype = dtype if dtype is not None else torch.float32
-        vae = load_pretrained(AutoencoderKL, self.location, local_files_only)
-        self.vae = vae.to(device=self.device, dtype=self.dtype).eval()
+        self.dtype = dtype
+        vae = load_pretrained(AutoencoderKL, self.location, local_files_only, torch_dtype=dtype)
+        self.vae = vae.to(device=self.device).eval()
         cfg = self.vae.config
         self.scaling_factor = float(cfg.scaling_factor)
         self.latent_channels = int(cfg.latent_channels)
@@ -64,14 +65,12 @@ class LatentCodec:
         return frames
 
     def encode(self, frames: np.ndarray, batch_size: int = 16, sample: bool = False,
-               generator=None) -> np.ndarray:
+               generator: torch.Generator | None = None) -> np.ndarray:
         """uint8 RGB [n, S, S, 3] -> float16 [n, 4, S/8, S/8] (posterior mean x scaling_factor).
 
         Batched by ``batch_size`` frames (bounds memory). ``sample=True``: draw from the posterior
         with ``generator`` (a ``torch.Generator``) instead of taking its mean.
         """
-        import torch
-
         frames = self._check_frames(frames)
         if batch_size < 1:
             raise ValueError(f"LatentCodec.encode: batch_size must be >= 1, got {batch_size}")
@@ -86,10 +85,8 @@ class LatentCodec:
                 out[i:i + batch_size] = (z.float() * self.scaling_factor).cpu().numpy().astype(np.float16)
         return out
 
-    def decode(self, latents: Union[np.ndarray, "torch.Tensor"], batch_size: int = 16) -> np.ndarray:  # noqa: F821
+    def decode(self, latents: Union[np.ndarray, torch.Tensor], batch_size: int = 16) -> np.ndarray:
         """Scaled latents [n, 4, h, w] (numpy or torch, any float dtype) -> uint8 RGB [n, 8h, 8w, 3]."""
-        import torch
-
         z = torch.as_tensor(np.asarray(latents) if not isinstance(latents, torch.Tensor) else latents)
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
             raise ValueError(f"LatentCodec.decode: latents must be [n, {self.latent_channels}, h, w], got {tuple(z.shape)}")
