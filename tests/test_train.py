@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,3 +208,32 @@ def test_resume_matches_uninterrupted(tmp_path, data_dir, tiny_weights, ray_loca
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
     assert a[3] != a[1]  # the curve moves: equal values are not an artefact of a frozen model
+
+
+class _KnownLandmarks:
+    """A detector answering fixed pixel landmarks (the statistics, not detection, are under test)."""
+
+    def __init__(self, pixels, found):
+        self.pixels, self.found = pixels, found
+
+    def detect(self, frames):
+        assert frames.dtype == np.uint8 and frames.shape[0] == len(self.found)
+        return self.pixels, self.found
+
+
+def test_glo_exp_of_generated_vs_ground_truth():
+    from pipelines.motion_stats import clip_motion_stats
+    from training.evaluation import motion_statistics
+
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(0.3, 0.7, size=(12, 68, 2)).astype(np.float32)
+    gen = (gt + rng.normal(0, 0.02, size=gt.shape)).astype(np.float32)
+    frames = np.zeros((12, 64, 64, 3), np.uint8)
+    stats = motion_statistics(frames, gt, _KnownLandmarks(gen * 64, np.ones(12, bool)))
+    ref_gen, ref_gt = clip_motion_stats(gen), clip_motion_stats(gt)
+    assert stats["glo_gen"] == pytest.approx(ref_gen.glo, rel=1e-4)
+    assert stats["exp_gt"] == pytest.approx(ref_gt.exp, rel=1e-4)
+    assert stats["glo_ratio"] == pytest.approx(ref_gen.glo / ref_gt.glo, rel=1e-4)
+    assert stats["face_found_share"] == 1.0
+    none = motion_statistics(frames, gt, _KnownLandmarks(np.full_like(gen, np.nan), np.zeros(12, bool)))
+    assert np.isnan(none["glo_gen"]) and none["face_found_share"] == 0.0 and none["glo_gt"] == stats["glo_gt"]

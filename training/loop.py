@@ -171,29 +171,42 @@ class _Evaluator:
                     png = plot_losses(series, Path(tmp) / f"loss_step{step:06d}.png",
                                       title=f"stage {job.stage}, step {step}")
                     job.run.log_artifact(png, "eval")
-                    video = self._sample_video(net, Path(tmp), step)
-                    if video is not None:
-                        job.run.log_artifact(video, "eval")
+                    metrics.update(self._sample(net, Path(tmp), step))
         finally:
             if ema is not None:
                 ema.restore(net.parameters())
         return metrics
 
-    def _sample_video(self, net, tmp: Path, step: int) -> Optional[Path]:
+    def _sample(self, net, tmp: Path, step: int) -> dict[str, float]:
+        """Stage 2: sample video of the first test clip (MLflow artifact) and its Glo / Exp."""
         from core.weights import resolve_weights
         from models.registry import write_model_package
-        from training.evaluation import sample_video
+        from models.video_io import write_video
+        from training.evaluation import generate_sample, motion_statistics
 
         tc = self.job.cfg.train
         if tc.eval_sample_steps <= 0 or not self.batches or self.job.stage != 2:
-            return None
-        try:
+            return {}
+        try:  # a failed preview never stops training; the traceback is in the worker log
             pkg = write_model_package(tmp / "package", net, self.job.cfg, resolve_weights(self.job.cfg.weights))
-            return sample_video(pkg, self.batches[0], tmp / f"sample_step{step:06d}.mp4", tc.eval_sample_steps,
-                                seed=tc.seed)
-        except Exception:  # a failed preview never stops training; the traceback is in the log
-            log.exception("sample video at step %d failed", step)
-            return None
+            frames = generate_sample(pkg, self.batches[0], tc.eval_sample_steps, seed=tc.seed)
+            video = write_video(frames, tmp / f"sample_step{step:06d}.mp4", fps=self.job.cfg.ingest.fps,
+                                audio_path=None)
+            self.job.run.log_artifact(video, "eval")
+            stats = motion_statistics(frames, self.batches[0]["landmarks"][0].numpy(), self._detector())
+            self.job.run.log_metrics(stats, step)
+            return stats
+        except Exception:
+            log.exception("sample video / motion statistics at step %d failed", step)
+            return {}
+
+    def _detector(self):
+        if getattr(self, "_det", None) is None:
+            from pipelines.face_detect import make_detector
+
+            ing = self.job.cfg.ingest
+            self._det = make_detector(ing.detector, self.job.cfg.weights.dwpose_dir, ing.detect_max_side)
+        return self._det
 
 
 def train_loop_per_worker(config: dict) -> None:
