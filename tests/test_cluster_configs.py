@@ -391,3 +391,20 @@ def test_loopback_check_flags_remote_addresses():
     assert not is_loopback_or_local("0.0.0.0")
     assert not is_loopback_or_local("http://mlflow.loopy.svc.cluster.local:5000")
     assert not is_loopback_or_local("ray://10.0.0.5:10001")
+
+
+def test_scale_plan_arithmetic():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale_plan", CLUSTER / "scale_plan.py")
+    sp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sp)
+    rows = {("video", "decode+resample+crop (decord)"): {"value": 100.0},  # 10 ms
+            ("video", "dlib detect, 480 px frame"): {"value": 20.0},  # 20 ms
+            ("cluster", "vae_encode_512px_per_frame"): {"value": 1.0}}
+    text = sp.plan(rows, hours=160)
+    assert "**14.4 M frames**" in text
+    assert "**40.0 ms** CPU per frame" in text  # 2 decodes + detection
+    assert "**160 core-hours**" in text  # 0.04 s x 14.4e6 / 3600
+    assert "| latent fp16 [4, 64, 64] | 32,768 |" in text and "| audio fp16 [12, 768] | 18,432 |" in text
+    assert "Training" not in text  # no training rows given, no training table
