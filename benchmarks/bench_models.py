@@ -2,7 +2,8 @@
 
 * ``tiny fwd+bwd``: one stage-2 training step (forward + backward, no optimizer) of the tiny
   preset on CPU, B = 1, F = 12 clip frames, M = 20 motion latents, 4x8x8 latents (64 px crops),
-  audio 5 x 2 x 32; median of several steps, in a fresh process with torch on 2 threads.
+  audio 5 x 2 x 32; median of several steps, in a fresh process with one torch thread (on the shared 2-core
+  machine two OpenMP threads spin against other processes and are many times slower).
   ``peak RSS``: that process's peak resident memory; ``step peak over loaded``: the peak minus the
   RSS once the model and batch exist (what the step itself needs).
 * ``reference cache``: inference as the sampler runs it (three guidance conditions batched,
@@ -93,7 +94,7 @@ def _rss_mb() -> float:
 
 def _child_tiny_step(repeats: int) -> dict:
     """Runs in a fresh process: tiny stage-2 step time and memory."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     model = _tiny_model().train()
     batch = make_batch(model, 1, F, M, 8)
     loaded = _rss_mb()
@@ -105,6 +106,7 @@ def _child_tiny_step(repeats: int) -> dict:
 
 def _reference_cache(steps: int) -> dict:
     """Sampler-like inference: cached reference vs recomputed at every step (tiny, CPU)."""
+    torch.set_num_threads(1)
     model = _tiny_model().eval()
     b = make_batch(model, 1, F, M, 8)
     drop_audio = torch.tensor([False, True, True])
@@ -169,7 +171,7 @@ def run() -> list[dict]:
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_models", "--child-tiny-step", str(repeats)],
                          cwd=ROOT, capture_output=True, text=True, check=True)
     tiny = json.loads(out.stdout.strip().splitlines()[-1])
-    shape = f"stage 2, B=1, F={F}, M={M}, latents 4x8x8, {tiny['params'] / 1e6:.2f} M params, 2 threads"
+    shape = f"stage 2, B=1, F={F}, M={M}, latents 4x8x8, {tiny['params'] / 1e6:.2f} M params, 1 torch thread"
     rows.append({"benchmark": "models tiny", "metric": "fwd+bwd step", "value": tiny["median_s"], "unit": "s",
                  "target": "~1", "note": f"median of {repeats}; {shape}"})
     rows.append({"benchmark": "models tiny", "metric": "peak RSS", "value": tiny["peak_rss_mb"], "unit": "MB",
@@ -180,7 +182,7 @@ def run() -> list[dict]:
 
     steps = 5 if QUICK else 25
     cache = _reference_cache(steps)
-    note = f"tiny, CPU, {steps} DDIM-like steps, 3 guidance conditions batched, F={F}, M={M}"
+    note = f"tiny, CPU 1 thread, {steps} DDIM-like steps, 3 guidance conditions batched, F={F}, M={M}"
     rows.append({"benchmark": "models ref cache", "metric": "cached", "value": cache["cached_s"], "unit": "s",
                  "target": "", "note": note})
     rows.append({"benchmark": "models ref cache", "metric": "recomputed", "value": cache["recomputed_s"],

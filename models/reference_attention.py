@@ -20,7 +20,7 @@ All attention runs through ``torch.nn.functional.scaled_dot_product_attention`` 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -122,13 +122,6 @@ class ReferenceFeatures:
         return ReferenceFeatures({k: rep(v) for k, v in self.ref_tokens.items()}, motion,
                                  rep(self.ref_keep), rep(self.motion_valid), rep(self.motion_keep))
 
-    def detach(self) -> "ReferenceFeatures":
-        def det(t):
-            return None if t is None else t.detach()
-        motion = None if self.motion_tokens is None else {k: v.detach() for k, v in self.motion_tokens.items()}
-        return ReferenceFeatures({k: v.detach() for k, v in self.ref_tokens.items()}, motion,
-                                 self.ref_keep, det(self.motion_valid), det(self.motion_keep))
-
 
 @dataclass
 class LoopyCallContext:
@@ -144,7 +137,6 @@ class LoopyCallContext:
     num_frames: int = 1
     audio_tokens: Optional[torch.Tensor] = None
     ref_mask_needed: bool = True  # False when no sample drops its reference: skip the mask
-    extras: dict = field(default_factory=dict)
 
 
 class ContextAttnProcessor(AttnProcessor2_0):

@@ -11,6 +11,16 @@ B, F, M, H = 2, 4, 6, 8  # clips, clip frames, motion latents, latent side (tiny
 L, D, W = 2, 32, 5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: one thread is fastest, and on a shared 2-core machine two OpenMP threads
+    spin against other processes (10x slower steps)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def stage1(tiny_weights):
     from models.loopy import LoopyModel
@@ -160,6 +170,25 @@ def test_every_trainable_parameter_gets_a_gradient(stage2):
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen and all(n.startswith("reference_net.") for n in frozen)
     assert any("conv_out" in n for n in frozen)
+
+
+def test_ddp_without_find_unused_parameters(stage2, tmp_path):
+    """Two DDP steps (gloo, world size 1, find_unused_parameters=False) with every switch on:
+    DDP raises on the second step if a parameter it tracks got no gradient in the first."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(copy.deepcopy(stage2).train(), find_unused_parameters=False)
+        on = torch.ones(B, dtype=torch.bool)
+        for _ in range(2):
+            batch = make_batch(drop_ref=on, drop_motion_frames=on, drop_audio=on, drop_motion_cond=on)
+            ddp(**batch).square().mean().backward()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_fresh_stage2_equals_stage1(stage1, stage2):
