@@ -99,7 +99,8 @@ class DemoSettings:
     sample_steps: int = 10  # DDIM steps of the generated video
     audio_seconds: float = 3.0  # length of the request's audio
     port: Optional[int] = None  # Serve HTTP port; None = a free one
-    step_timeout_s: float = 600.0
+    step_timeout_s: float = 600.0  # each step but training
+    train_timeout_s: float = 1500.0  # both stages
     generate_timeout_s: float = 420.0
 
 
@@ -432,7 +433,8 @@ def run_demo(work: Path, settings: DemoSettings) -> Path:
     for step in ("samples", "ingest", "train"):
         if step == "train":
             since_ms = int(time.time() * 1000)
-        run_step(step, commands[step], paths.logs / f"{step}.log", settings.step_timeout_s, env)
+        timeout = settings.train_timeout_s if step == "train" else settings.step_timeout_s
+        run_step(step, commands[step], paths.logs / f"{step}.log", timeout, env)
         if step == "ingest":
             say(check_ingest_output(paths.ingested))
 
