@@ -2,7 +2,7 @@
 
 * ``tiny fwd+bwd``: one stage-2 training step (forward + backward, no optimizer) of the tiny
   preset on CPU, B = 1, F = 12 clip frames, M = 20 motion latents, 4x8x8 latents (64 px crops),
-  audio 5 x 2 x 32; median of several steps, in a fresh process with one torch thread (on the shared 2-core
+  audio 5 x 2 x 32; median CPU seconds of several steps, in a fresh process with one torch thread (on the shared 2-core
   machine two OpenMP threads spin against other processes and are many times slower).
   ``peak RSS``: that process's peak resident memory; ``step peak over loaded``: the peak minus the
   RSS once the model and batch exist (what the step itself needs).
@@ -70,20 +70,25 @@ def make_batch(model, batch: int, frames: int, motion: int, side: int, device="c
     )
 
 
+def _clock(cuda: bool) -> float:
+    """GPU: wall seconds after a synchronize. CPU: this process's CPU seconds (one torch thread),
+    which other processes on the shared machine do not inflate."""
+    if cuda:
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
 def train_step_seconds(model, batch: dict, repeats: int) -> list[float]:
-    """Wall seconds of ``repeats`` forward + backward passes (after one warm-up)."""
+    """Seconds (see :func:`_clock`) of ``repeats`` forward + backward passes after one warm-up."""
     cuda = next(model.parameters()).is_cuda
     times = []
     for i in range(repeats + 1):
         model.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = _clock(cuda)
         model(**batch).float().square().mean().backward()
-        if cuda:
-            torch.cuda.synchronize()
         if i:
-            times.append(time.perf_counter() - t0)
+            times.append(_clock(cuda) - t0)
     return times
 
 
@@ -121,15 +126,15 @@ def _reference_cache(steps: int) -> dict:
 
     with torch.no_grad():
         reference()  # warm-up
-        t0 = time.perf_counter()
+        t0 = _clock(False)
         ref = reference()
         for s in range(steps):
             model.denoise(x, torch.full((3,), 999 - 40 * s), ref, audio, a2l, None, drop_audio, None)
-        cached = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        cached = _clock(False) - t0
+        t0 = _clock(False)
         for s in range(steps):
             model.denoise(x, torch.full((3,), 999 - 40 * s), reference(), audio, a2l, None, drop_audio, None)
-        recomputed = time.perf_counter() - t0
+        recomputed = _clock(False) - t0
     return {"cached_s": cached, "recomputed_s": recomputed}
 
 
@@ -172,7 +177,7 @@ def run() -> list[dict]:
                          cwd=ROOT, capture_output=True, text=True, check=True)
     tiny = json.loads(out.stdout.strip().splitlines()[-1])
     shape = f"stage 2, B=1, F={F}, M={M}, latents 4x8x8, {tiny['params'] / 1e6:.2f} M params, 1 torch thread"
-    rows.append({"benchmark": "models tiny", "metric": "fwd+bwd step", "value": tiny["median_s"], "unit": "s",
+    rows.append({"benchmark": "models tiny", "metric": "fwd+bwd step", "value": tiny["median_s"], "unit": "CPU s",
                  "target": "~1", "note": f"median of {repeats}; {shape}"})
     rows.append({"benchmark": "models tiny", "metric": "peak RSS", "value": tiny["peak_rss_mb"], "unit": "MB",
                  "target": "", "note": "whole process (python + torch + model)"})
@@ -180,13 +185,13 @@ def run() -> list[dict]:
                  tiny["peak_rss_mb"] - tiny["loaded_rss_mb"], "unit": "MB", "target": "",
                  "note": "peak RSS minus RSS with model and batch loaded"})
 
-    steps = 5 if QUICK else 25
+    steps = 10 if QUICK else 25
     cache = _reference_cache(steps)
     note = f"tiny, CPU 1 thread, {steps} DDIM-like steps, 3 guidance conditions batched, F={F}, M={M}"
-    rows.append({"benchmark": "models ref cache", "metric": "cached", "value": cache["cached_s"], "unit": "s",
+    rows.append({"benchmark": "models ref cache", "metric": "cached", "value": cache["cached_s"], "unit": "CPU s",
                  "target": "", "note": note})
     rows.append({"benchmark": "models ref cache", "metric": "recomputed", "value": cache["recomputed_s"],
-                 "unit": "s", "target": "", "note": note})
+                 "unit": "CPU s", "target": "", "note": note})
     rows.append({"benchmark": "models ref cache", "metric": "speed-up (recomputed / cached)",
                  "value": cache["recomputed_s"] / cache["cached_s"], "unit": "x", "target": "> 1",
                  "note": "reference net over 1 + M frames vs denoising 3 x F frames"})
