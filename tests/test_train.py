@@ -150,6 +150,11 @@ def test_two_stages_tracked_and_registered(two_stage_job):
         arts = [a.path for a in client.list_artifacts(run.info.run_id, "eval")]
         assert any(p.endswith(".png") for p in arts)
     assert any(a.path.endswith(".mp4") for a in client.list_artifacts(children["2"].info.run_id, "eval"))
+    for stage in ("1", "2"):  # complete packages (tiny preset: vae/ and wav2vec2/ copies with weights)
+        pkg = Path(record.stages[stage].package_dir)
+        for part in ("loopy/config.json", "platform.yaml", "vae/config.json", "wav2vec2/config.json"):
+            assert (pkg / part).is_file(), (stage, part)
+        assert list((pkg / "wav2vec2").glob("*.safetensors")) and list((pkg / "loopy").glob("*.safetensors"))
     # the failure really happened (rank 1 exited once) and the stage still finished
     assert (prep.job_dir / "stage1_work" / "fault_injected_stage1_step2_rank1").is_file()
 

@@ -154,6 +154,11 @@ def prepare_job(cfg: PlatformConfig, data_dir: str | Path, stages: Sequence[int]
     if not data.is_dir():
         raise TrainSetupError(f"--data {data}: no such directory")
     per_epoch = {s: steps_per_epoch(cfg, data, s) for s in stages}
+    # Tiny preset: materialise the weights here, never in a DDP worker (transformers'
+    # save_pretrained writes nothing on a rank other than 0 once torch.distributed is up).
+    from core.weights import resolve_weights
+
+    resolve_weights(cfg.weights)
     root = storage_root(cfg)
     if resume:
         name = job_name or ((root / LATEST_FILE).read_text().strip() if (root / LATEST_FILE).is_file() else None)
