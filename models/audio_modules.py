@@ -112,7 +112,12 @@ class AudioToLatents(nn.Module):
                 continue
             sel = kind == idx
             covered = covered | sel
-            q = self.query[name](self._features(name, conditions[name].to(dtype), frames))
+            feats = self._features(name, conditions[name].to(dtype), frames)
+            first = self.query[name][-1] if isinstance(self.query[name], nn.Sequential) else self.query[name]
+            if feats.shape[-1] != first.in_features:
+                raise ValueError(f"a2l input {name!r} {tuple(conditions[name].shape)} gives {feats.shape[-1]} "
+                                 f"features per frame, the model expects {first.in_features}")
+            q = self.query[name](feats)
             query = query + q * sel.to(dtype)[:, None, None]
         if not bool(covered.all()):
             missing = sorted({A2L_KINDS[int(k)] for k in kind[~covered].tolist() if 0 <= int(k) < 4})

@@ -278,6 +278,10 @@ class LoopyModel(ModelMixin, ConfigMixin):
                              f"ReferenceFeatures.repeat / with_drops")
         if self.stage == 1 and f != 1:
             raise ValueError(f"a stage-1 model denoises one frame per sample, got F = {f}")
+        ref_n = reference.ref_tokens[self.layer_names[0]].shape[1]
+        if ref_n != noisy_latents.shape[-2] * noisy_latents.shape[-1]:
+            raise ValueError(f"reference features were computed for {ref_n} latent positions, "
+                             f"noisy_latents are {tuple(noisy_latents.shape[-2:])}")
         x = noisy_latents.flatten(0, 1).to(dtype)
         t = timesteps.to(dev).reshape(b).repeat_interleave(f)
         time_dim = self.denoise_unet.time_embedding.linear_2.out_features
@@ -287,6 +291,10 @@ class LoopyModel(ModelMixin, ConfigMixin):
             cfg = self.config
             if audio is None:
                 audio = torch.zeros(b, f, cfg.audio_window, cfg.audio_layers, cfg.audio_dim, device=dev, dtype=dtype)
+            expected = (b, f, cfg.audio_window, cfg.audio_layers, cfg.audio_dim)
+            if tuple(audio.shape) != expected:
+                raise ValueError(f"audio is {tuple(audio.shape)}, expected [B, F, W, L, D] = {expected} "
+                                 f"(model config audio_window / audio_layers / audio_dim)")
             audio = audio.to(dtype)
             if drop_audio is not None:
                 audio = audio * (~drop_audio.to(dev, torch.bool)).to(dtype)[:, None, None, None, None]

@@ -94,6 +94,12 @@ def test_shapes_through_every_path(stage1, trained_stage2):
         assert eps.shape == (B, F, 4, H, H) and torch.isfinite(eps).all()
         with pytest.raises(ValueError, match="one frame"):
             stage1(**make_batch(frames=2))
+        with pytest.raises(ValueError, match="audio is"):
+            trained_stage2(**dict(batch, audio=torch.zeros(B, F, W, L + 1, D)))
+        with pytest.raises(ValueError, match="'landmarks'"):
+            trained_stage2(**dict(batch, landmarks=torch.zeros(B, F, 60, 2)))
+        with pytest.raises(ValueError, match="latent positions"):
+            trained_stage2.denoise(torch.zeros(B, F, 4, 2 * H, 2 * H), batch["timesteps"], ref0)
 
 
 def test_compute_reference_then_denoise_equals_forward(trained_stage2):
