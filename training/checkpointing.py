@@ -93,14 +93,16 @@ def save_checkpoint(folder: str | Path, *, rank: int, state: TrainState, model: 
 
 def save_final_model(folder: Path, net: torch.nn.Module, ema=None) -> None:
     """``net.save_pretrained(folder)``, with the EMA weights swapped in when EMA is on."""
+    from training.step import trainable
+
     if ema is not None:
-        ema.store(net.parameters())
-        ema.copy_to(net.parameters())
+        ema.store(trainable(net))
+        ema.copy_to(trainable(net))
     try:
         net.save_pretrained(str(folder))
     finally:
         if ema is not None:
-            ema.restore(net.parameters())
+            ema.restore(trainable(net))
 
 
 def read_state(folder: str | Path) -> TrainState:

@@ -33,7 +33,7 @@ from typing import Iterator, Optional
 import torch
 
 from training.checkpointing import TrainState, load_checkpoint, save_checkpoint, unwrap
-from training.step import NonFiniteLossError, make_noise_scheduler, train_step
+from training.step import NonFiniteLossError, make_noise_scheduler, train_step, trainable
 from training.tracking import RunLogger, gpu_memory_metrics
 
 log = logging.getLogger(__name__)
@@ -158,8 +158,8 @@ class _Evaluator:
         job, tc = self.job, self.job.cfg.train
         net = unwrap(model)
         if ema is not None:
-            ema.store(net.parameters())
-            ema.copy_to(net.parameters())
+            ema.store(trainable(net))
+            ema.copy_to(trainable(net))
         try:
             metrics = validation_loss(net, self.batches, self.noise_scheduler, tc.eval_timesteps, tc.seed,
                                       self.device, tc.mixed_precision)
@@ -174,7 +174,7 @@ class _Evaluator:
                     metrics.update(self._sample(net, Path(tmp), step))
         finally:
             if ema is not None:
-                ema.restore(net.parameters())
+                ema.restore(trainable(net))
         return metrics
 
     def _sample(self, net, tmp: Path, step: int) -> dict[str, float]:
@@ -223,7 +223,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     model = build_model(job, device)
-    params = list(model.trainable_parameters())
+    params = trainable(model)  # == LoopyModel.trainable_parameters(), in module order
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=tc.warmup_steps)
     ema = EMAModel(params, decay=tc.ema_decay) if tc.ema_decay else None

@@ -52,6 +52,12 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 1_000_003 + step)
 
 
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters with ``requires_grad`` in module order (what AdamW and the EMA track; the
+    reference net's unused tail is frozen by the model)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def batch_provenance(batch: Mapping[str, torch.Tensor]) -> dict[str, list]:
     """Which source frames a batch holds (manifest row, clip frames, reference frame)."""
     return {k: batch[k].tolist() for k in PROVENANCE_KEYS if k in batch}
@@ -134,5 +140,5 @@ def train_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], optimi
         optimizer.step()
     lr_scheduler.step()
     if ema is not None:
-        ema.step(model.parameters())
+        ema.step(trainable(model))
     return StepResult(loss=loss_value, grad_norm=grad_norm, lr=lr)
