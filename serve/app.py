@@ -29,6 +29,7 @@ import asyncio
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -119,6 +120,7 @@ class LoopyIngress:
         self.max_upload_bytes = int(sc.max_upload_mb * 1024 * 1024)
         self.default_options = SampleOptions.from_config(cfg.sampler)
         self.cropper = PortraitCropper.from_config(cfg)  # face presence: the ingest detector
+        self._detect_lock = threading.Lock()
         self.num_dispatchers = max(1, sc.num_replicas)
         self._queue: Optional[asyncio.Queue] = None
         self._dispatchers: list[asyncio.Task] = []
@@ -168,7 +170,8 @@ class LoopyIngress:
     def _validate_files(self, job) -> None:
         """Decode-to-check both uploads (runs in a thread)."""
         image = decode_image(job.file("image").read_bytes(), "image")
-        check_face(image, self.cropper.has_face, "image")
+        with self._detect_lock:  # one detector shared by the request threads
+            check_face(image, self.cropper.has_face, "image")
         check_audio(job.file("audio"), self.cfg.serve.max_audio_s, "audio")
 
     # --- routes --------------------------------------------------------------------------------

@@ -48,8 +48,9 @@ def check_size(num_bytes: int, field: str, max_bytes: int) -> None:
 
 
 def decode_image(data: bytes, field: str = "image") -> np.ndarray:
-    """Decode image bytes (any format Pillow reads) to uint8 RGB ``[H, W, 3]``; 422 if not an image."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode image bytes (any format Pillow reads, EXIF orientation applied) to uint8 RGB
+    ``[H, W, 3]``; 422 if not an image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -58,7 +59,8 @@ def decode_image(data: bytes, field: str = "image") -> np.ndarray:
                 raise InputError(422, field, f"image of {width}x{height} pixels is larger than "
                                              f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels")
             img.load()
-            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            upright = ImageOps.exif_transpose(img)  # phone photos: apply the EXIF orientation
+            rgb = np.asarray(upright.convert("RGB"), dtype=np.uint8)
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
