@@ -286,7 +286,8 @@ def stage2_model_uri(tracking_uri: str, registered_name: str, since_ms: int) -> 
 
 
 def loss_summaries(tracking_uri: str, experiment: str, since_ms: int) -> list[str]:
-    """One line per run started after ``since_ms``: each ``*loss*`` metric's first and last value."""
+    """One line per stage run started after ``since_ms``: the mean training ``loss`` of its first
+    and last tenth of steps, and its last ``val_loss``."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -297,16 +298,17 @@ def loss_summaries(tracking_uri: str, experiment: str, since_ms: int) -> list[st
     runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.start_time >= {since_ms}",
                               order_by=["attributes.start_time ASC"])
     for run in runs:
-        for key in sorted(k for k in run.data.metrics if "loss" in k):
-            history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
-            if len(history) < 2:
-                continue
-            head = history[: max(1, len(history) // 10)]
-            tail = history[-max(1, len(history) // 10):]
-            first = sum(m.value for m in head) / len(head)
-            last = sum(m.value for m in tail) / len(tail)
-            lines.append(f"run {run.info.run_name or run.info.run_id}: {key} {first:.4f} (first steps) -> "
-                         f"{last:.4f} (last steps) over {len(history)} points")
+        history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+        if len(history) < 2:
+            continue
+        k = max(1, len(history) // 10)
+        first = sum(m.value for m in history[:k]) / k
+        last = sum(m.value for m in history[-k:]) / k
+        line = (f"{run.info.run_name or run.info.run_id}: training loss {first:.4f} (first {k} steps) -> "
+                f"{last:.4f} (last {k} steps) over {len(history)} steps")
+        if "val_loss" in run.data.metrics:
+            line += f"; val_loss {run.data.metrics['val_loss']:.4f}"
+        lines.append(line)
     return lines
 
 

@@ -232,3 +232,34 @@ def test_ingest_check_needs_one_ok_video_and_lists_rejects(tmp_path):
     rows["status"][0], rows["reason"][0], rows["num_frames"][0] = "ok", None, 150
     pq.write_table(pa.table(rows), tmp_path / "videos.parquet")
     assert check_ingest_output(tmp_path) == "1 videos ingested (150 frames at 25 fps), 1 rejected"
+
+
+@pytest.mark.slow  # creating an MLflow sqlite store runs its schema migrations (seconds)
+def test_register_step_reads_losses_and_the_stage2_version(tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from core.demo import loss_summaries, stage2_model_uri
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.create_experiment("demo", artifact_location=(tmp_path / "artifacts").as_uri())
+    before_ms = int(time.time() * 1000) - 1
+    run = client.create_run(exp, run_name="job-stage1")
+    for step, loss in enumerate([1.0, 0.9, 0.5, 0.3]):
+        client.log_metric(run.info.run_id, "loss", loss, step=step)
+    client.log_metric(run.info.run_id, "val_loss", 0.35, step=3)
+    client.create_run(exp, run_name="job-parent")  # no loss: no line
+    (line,) = loss_summaries(uri, "demo", before_ms)
+    assert line.startswith("job-stage1: training loss 1.0000 (first 1 steps) -> 0.3000 (last 1 steps) over 4 steps")
+    assert line.endswith("val_loss 0.3500")
+    assert loss_summaries(uri, "demo", int(time.time() * 1000) + 60_000) == []
+    with pytest.raises(StepError, match="step 'register'.*no stage-2 version"):
+        stage2_model_uri(uri, "loopy", before_ms)
+    client.create_registered_model("loopy")
+    version = client.create_model_version("loopy", str(tmp_path / "pkg"), run_id=run.info.run_id)
+    client.set_registered_model_alias("loopy", "stage2", version.version)
+    assert stage2_model_uri(uri, "loopy", before_ms) == f"models:/loopy/{version.version}"
+    with pytest.raises(StepError, match="predates this run"):
+        stage2_model_uri(uri, "loopy", int(time.time() * 1000) + 60_000)
+    mlflow.set_tracking_uri(None)
