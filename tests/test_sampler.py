@@ -232,3 +232,25 @@ def test_cli_writes_video(tiny_package, tmp_path):
                           "--audio", str(audio), "--out", str(out), "--model", str(tiny_package)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "missing.png" in bad.stderr
+
+
+@pytest.mark.slow
+def test_sampler_loads_a_registered_mlflow_model(tiny_package, tmp_path):
+    import mlflow
+
+    from models.registry import log_model_package
+
+    previous = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    try:
+        mlflow.set_tracking_uri(uri)
+        exp = mlflow.create_experiment("sampler_test", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp):
+            version = log_model_package(tiny_package, "loopy_sampler_test", stage=2, tracking_uri=uri)
+        sampler = LoopySampler.from_package(f"models:/loopy_sampler_test/{version}", device="cpu",
+                                            tracking_uri=uri)
+        assert sampler.model.stage == 2 and sampler.clip_frames == 12
+        with pytest.raises(FileNotFoundError, match="no_such_model"):
+            LoopySampler.from_package("models:/no_such_model/1", device="cpu", tracking_uri=uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
