@@ -253,6 +253,8 @@ def test_training_job_fits_its_cluster(objects, cluster_cfg):
     assert not gpu_budget_errors(cluster_cfg, gpus)
     interactive = cluster_gpus(ray_cluster_spec(objects[("RayCluster", "loopy")]))
     assert not gpu_budget_errors(cluster_cfg, interactive)
+    cpus = sum(group_capacity(g, "cpu") for g in spec["workerGroupSpecs"])
+    assert cluster_cfg.train.num_workers * cluster_cfg.train.cpus_per_worker <= cpus
 
 
 def test_gpu_budget_check_catches_an_oversized_job(cluster_cfg):
