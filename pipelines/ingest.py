@@ -39,6 +39,7 @@ if str(_ROOT) not in sys.path:  # run as a file: make the project importable
     sys.path.insert(0, str(_ROOT))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -178,19 +179,34 @@ def build_dataset(rows: list[dict], cfg: PlatformConfig, vae: str, wav2vec2: str
     return ds
 
 
-def _configure_ray_data(num_videos: int) -> None:
+@contextlib.contextmanager
+def _ray_data_settings(num_videos: int):
+    """Ray Data settings of this job, restored afterwards (other jobs in the process keep theirs)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
     # a worker that dies on one video (e.g. a decoder crash) loses only that video's block: the
     # video ends as a rejected row ("pipeline: ...") and the rest continues
-    ctx.max_errored_blocks = max(1, num_videos)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    wanted = {"enable_progress_bars": False, "print_on_execution_start": False,
+              "max_errored_blocks": max(1, num_videos)}
+    saved = {k: getattr(ctx, k) for k in wanted if hasattr(ctx, k)}
+    for k in saved:
+        setattr(ctx, k, wanted[k])
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(ctx, k, v)
+        logger.setLevel(level)
 
 
 def _vae_scaling_factor(vae: str, local_files_only: bool) -> float:
+    local = Path(vae) / "config.json"
+    if local.is_file():  # no diffusers/torch import in the driver for local folders
+        return float(json.loads(local.read_text()).get("scaling_factor", 0.18215))
     try:
         from diffusers import AutoencoderKL
 
@@ -283,9 +299,15 @@ def _run_pipeline(todo: list[InputVideo], cfg: PlatformConfig, weights, out: Pat
                   records: dict, summary: IngestSummary, echo: Callable[[str], None]):
     from core.ray_runtime import init_ray
 
-    ing = cfg.ingest
     init_ray(cfg.ray)
-    _configure_ray_data(len(todo))
+    with _ray_data_settings(len(todo)):
+        return _stream(todo, cfg, weights, out, store, records, summary, echo)
+
+
+def _stream(todo: list[InputVideo], cfg: PlatformConfig, weights, out: Path, store: RecordStore,
+            records: dict, summary: IngestSummary, echo: Callable[[str], None]):
+    """Build the dataset, consume its rows and assemble the frame files (see module docstring)."""
+    ing = cfg.ingest
     by_id = {v.video_id: v for v in todo}
     ds = build_dataset([{"video_id": v.video_id, "path": str(v.path)} for v in todo], cfg,
                        weights.vae, weights.wav2vec2, weights.local_files_only, weights.dwpose_dir)

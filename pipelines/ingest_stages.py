@@ -178,7 +178,7 @@ class VideoAnalyzer:
         t0 = time.perf_counter()
         try:
             for chunk in iter_frames(path, fps=cfg.fps, chunk_frames=cfg.chunk_frames,
-                                     max_side=cfg.detect_max_side):
+                                     max_side=cfg.detect_max_side, backend=cfg.detect_decode_backend):
                 t1 = time.perf_counter()
                 t_decode += t1 - t0
                 small_wh = (chunk.frames.shape[2], chunk.frames.shape[1])
@@ -319,10 +319,19 @@ def _chunk_row(row: dict, kind: str, **extra) -> dict:
     return base
 
 
+def frames_per_chunk(cfg: IngestConfig, width: int, height: int) -> int:
+    """Frames per full-resolution chunk: ``chunk_frames``, fewer when that many uint8 RGB frames of
+    ``width`` x ``height`` would exceed ``max_chunk_mb`` (e.g. 21 frames for 1080p at 128 MB)."""
+    if width <= 0 or height <= 0:
+        return cfg.chunk_frames
+    fit = (cfg.max_chunk_mb * 1024 * 1024) // (width * height * 3)
+    return int(max(1, min(cfg.chunk_frames, fit)))
+
+
 def decode_and_crop(row: dict, cfg: IngestConfig) -> Iterator[dict]:
-    """Ray Data ``flat_map`` UDF: stream the video at full resolution in ``chunk_frames`` chunks,
-    crop each frame with the planned track, and yield one ``chunk`` row per chunk followed by one
-    ``end`` row. A failure yields a ``reject`` row (earlier chunks of the video are discarded by
+    """Ray Data ``flat_map`` UDF: stream the video at full resolution in chunks
+    (:func:`frames_per_chunk`), crop each frame with the planned track, and yield one ``chunk`` row
+    per chunk followed by one ``end`` row. A failure yields a ``reject`` row (earlier chunks of the video are discarded by
     the writer). Memory: one chunk of source frames at a time."""
     from pipelines.crop import crop_frames
     from pipelines.video_decode import iter_frames
@@ -332,14 +341,16 @@ def decode_and_crop(row: dict, cfg: IngestConfig) -> Iterator[dict]:
         yield _chunk_row(row, "reject", stage=row["stage"], reason=row["reason"], crops=empty_crops)
         return
     path, n_total = str(row["path"]), int(row["num_frames"])
+    info = json.loads(row["info"])
+    chunk_frames = frames_per_chunk(cfg, int(info.get("width", 0)), int(info.get("height", 0)))
     boxes, lms, found = row["boxes"], row["landmarks"], row["found"]
-    feats, src_t = row["features"], row["source_time_s"]
+    feats = row["features"]
     written = 0
     chunk_index = 0
     t_decode = t_crop = 0.0
     try:
         t0 = time.perf_counter()
-        for chunk in iter_frames(path, fps=cfg.fps, chunk_frames=cfg.chunk_frames):
+        for chunk in iter_frames(path, fps=cfg.fps, chunk_frames=chunk_frames, backend=cfg.decode_backend):
             t1 = time.perf_counter()
             t_decode += t1 - t0
             start = int(chunk.start_index)
@@ -375,7 +386,6 @@ def decode_and_crop(row: dict, cfg: IngestConfig) -> Iterator[dict]:
                          reason=f"decode: {path}: full-resolution decode gave {written} frames, the "
                                 f"detection pass {n_total}")
         return
-    info = json.loads(row["info"])
     info.setdefault(STAGE_TIMES_KEY, {}).update(decode_full=t_decode, crop=t_crop)
     yield _chunk_row(row, "end", num_frames=written, num_chunks=chunk_index, info=json.dumps(info))
 
