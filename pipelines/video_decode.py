@@ -14,11 +14,15 @@ The rule (``resample_indices``):
 
 Decoding (``iter_frames``) streams: frames are produced in chunks of ``chunk_frames`` output
 frames (uint8 RGB), only the needed source frames are converted to RGB, and peak memory is
-bounded by one chunk (the whole video is never held). decord reads the frames (``get_batch`` of
-the needed source indices); PyAV is the fallback when decord cannot open or read a file, when
-its timestamps disagree with the container's, and for rotated videos (decord 0.6 ignores the
-display matrix and returns a wrongly shaped buffer for them). Rotation metadata is honoured:
-frames come out in display orientation.
+bounded by one chunk (the whole video is never held). Backends: PyAV (default: sequential
+threaded decode, frames picked by pts, flat memory) and decord (``get_batch`` of the needed
+source indices). ``backend="auto"`` starts with PyAV and, if PyAV fails part-way, continues with
+decord from the failing output frame. decord is not the default because, measured here
+(benchmarks/bench_video.py), its read-ahead makes memory grow far beyond one chunk (upstream
+issues dmlc/decord#157, #208) and it was slower; it cannot read rotated videos either (decord 0.6
+ignores the display matrix and returns a wrongly shaped buffer), so those use PyAV only.
+decord's timestamps are checked against the container's before use. Rotation metadata is
+honoured: frames come out in display orientation.
 """
 from __future__ import annotations
 
@@ -166,44 +170,54 @@ def iter_frames(path: str | Path, fps: float = 25.0, chunk_frames: int = 50,
 
     Yields :class:`FrameChunk` (uint8 RGB [n, H, W, 3], display orientation); ``max_side``
     downsizes so that the longest side is at most that many pixels (aspect kept). ``backend``:
-    ``"auto"`` (decord, PyAV fallback), ``"decord"`` or ``"pyav"``. ``plan`` reuses a
-    :func:`plan_resample` result. Raises :class:`DecodeError` naming the file and the output
-    frame / source time where decoding failed.
+    ``"auto"`` (PyAV, then decord from the failing frame on if PyAV fails), ``"pyav"`` or
+    ``"decord"`` (alone). ``plan`` reuses a :func:`plan_resample` result. Raises
+    :class:`DecodeError` naming the file and the output frame where decoding failed.
     """
     path = Path(path)
     if chunk_frames < 1:
         raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
-    if backend not in ("auto", "decord", "pyav"):
+    order = {"auto": ["pyav", "decord"], "pyav": ["pyav"], "decord": ["decord"]}.get(backend)
+    if order is None:
         raise ValueError(f"backend must be auto, decord or pyav, got {backend!r}")
     if plan is None:
         plan = plan_resample(path, fps)
     coded_w, coded_h, rotation = _container_facts(path)
     if rotation % 90:
         raise DecodeError(f"{path}: unsupported rotation {rotation} degrees")
+    if rotation and "decord" in order:
+        if backend == "decord":
+            raise DecodeError(f"{path}: decord does not honour rotation ({rotation} degrees); use PyAV")
+        order.remove("decord")
     out_w, out_h = _display_size(coded_w, coded_h, rotation, max_side)
 
     start = 0
-    if backend in ("auto", "decord") and rotation == 0:
+    failures = []
+    for name in order:
         try:
-            for chunk in _iter_decord(path, plan, chunk_frames, out_w, out_h, coded_w, coded_h):
+            if name == "pyav":
+                chunks = _iter_pyav(path, plan, chunk_frames, out_w, out_h, rotation, start)
+            else:
+                chunks = _iter_decord(path, plan, chunk_frames, out_w, out_h, coded_w, coded_h, start)
+            for chunk in chunks:
                 yield chunk
                 start = chunk.start_index + len(chunk)
             return
-        except _DecordUnusable as exc:
-            if backend == "decord":
-                raise DecodeError(f"{path}: decord cannot read this file at output frame {start}: {exc}") from exc
-            log.warning("%s: decord failed at output frame %d (%s); continuing with PyAV", path, start, exc)
-    elif backend == "decord":
-        raise DecodeError(f"{path}: decord does not honour rotation ({rotation} degrees); use PyAV")
-    yield from _iter_pyav(path, plan, chunk_frames, out_w, out_h, rotation, start)
+        except _BackendFailure as exc:
+            failures.append(f"{name}: {exc}")
+            log.warning("%s: %s failed at output frame %d (%s)", path, name, start, exc)
+    raise DecodeError(f"{path}: cannot decode output frame {start} (t={start / plan.fps:.3f}s): "
+                      + "; ".join(failures))
 
 
-class _DecordUnusable(Exception):
-    pass
+class _BackendFailure(Exception):
+    """One backend cannot go on; ``iter_frames`` resumes with the next one or gives up."""
 
 
 def _iter_decord(path: Path, plan: ResamplePlan, chunk_frames: int, out_w: int, out_h: int,
-                 coded_w: int, coded_h: int) -> Iterator[FrameChunk]:
+                 coded_w: int, coded_h: int, start: int) -> Iterator[FrameChunk]:
+    """decord ``get_batch`` of the needed source indices, chunk by chunk. Note: decord 0.6 reads
+    ahead on a thread and its memory is not bounded by the chunk (hundreds of MB at 1080p)."""
     try:
         import decord
 
@@ -212,54 +226,65 @@ def _iter_decord(path: Path, plan: ResamplePlan, chunk_frames: int, out_w: int, 
                                 height=out_h if resize else -1, num_threads=0)
         n = len(vr)
         if n != len(plan.source_pts_s):
-            raise _DecordUnusable(f"decord sees {n} frames, the container {len(plan.source_pts_s)}")
+            raise _BackendFailure(f"decord sees {n} frames, the container {len(plan.source_pts_s)}")
         ts = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64)[:, 0]
         ts = ts - ts[0]
         if np.max(np.abs(ts - plan.source_pts_s)) > _TS_AGREE_S:
-            raise _DecordUnusable("decord timestamps disagree with the container's")
-    except _DecordUnusable:
+            raise _BackendFailure("decord timestamps disagree with the container's")
+    except _BackendFailure:
         raise
     except Exception as exc:
-        raise _DecordUnusable(f"{type(exc).__name__}: {exc}") from exc
+        raise _BackendFailure(f"{type(exc).__name__}: {exc}") from exc
 
-    for k0 in range(0, plan.num_frames, chunk_frames):
+    for k0 in range(start, plan.num_frames, chunk_frames):
         idx = plan.source_indices[k0:k0 + chunk_frames]
         uniq, inverse = np.unique(idx, return_inverse=True)
         try:
             batch = vr.get_batch(uniq.tolist()).asnumpy()
         except Exception as exc:
-            raise _DecordUnusable(f"get_batch of source frames {uniq[0]}..{uniq[-1]}: {exc}") from exc
+            raise _BackendFailure(f"get_batch of source frames {uniq[0]}..{uniq[-1]}: {exc}") from exc
         if batch.shape[1:] != (out_h, out_w, 3):
-            raise _DecordUnusable(f"unexpected frame shape {batch.shape[1:]}, wanted {(out_h, out_w, 3)}")
+            raise _BackendFailure(f"unexpected frame shape {batch.shape[1:]}, wanted {(out_h, out_w, 3)}")
         frames = batch[inverse] if len(uniq) != len(idx) else batch
         yield FrameChunk(k0, frames, plan.times_s[k0:k0 + len(idx)], plan.source_pts_s[idx])
 
 
 def _iter_pyav(path: Path, plan: ResamplePlan, chunk_frames: int, out_w: int, out_h: int,
                rotation: int, start: int) -> Iterator[FrameChunk]:
+    """Sequential PyAV decode (threaded), keeping only the frames the plan needs. Each chunk is
+    written into one preallocated uint8 array: memory = the chunk + the decoder's buffers."""
     import av
 
     n_out = plan.num_frames
     if start >= n_out:
         return
     targets = plan.source_pts_s[plan.source_indices]  # source time wanted by each output frame
+    swap = (rotation // 90) % 2 == 1
+    disp_h, disp_w = (out_w, out_h) if swap else (out_h, out_w)
     k = start
-    buf: list[np.ndarray] = []
-    buf_start = start
+    buf: Optional[np.ndarray] = None
+    filled = 0
 
-    def flush() -> FrameChunk:
-        nonlocal buf, buf_start
-        frames = _rotate(np.stack(buf), rotation)
-        chunk = FrameChunk(buf_start, frames, plan.times_s[buf_start:buf_start + len(buf)],
-                           targets[buf_start:buf_start + len(buf)])
-        buf_start += len(buf)
-        buf = []
-        return chunk
+    def put(rgb: np.ndarray) -> Optional[FrameChunk]:
+        """Store output frame k; return the chunk when it is full."""
+        nonlocal buf, filled, k
+        if buf is None:
+            buf = np.empty((min(chunk_frames, n_out - k), disp_h, disp_w, 3), dtype=np.uint8)
+            filled = 0
+        buf[filled] = _rotate(rgb, rotation) if rotation else rgb
+        filled += 1
+        k += 1
+        if filled == len(buf):
+            k0 = k - filled
+            chunk = FrameChunk(k0, buf, plan.times_s[k0:k], targets[k0:k])
+            buf = None
+            return chunk
+        return None
 
     try:
         container = av.open(str(path))
     except Exception as exc:
-        raise DecodeError(f"{path}: cannot open for decoding ({type(exc).__name__}: {exc})") from exc
+        raise _BackendFailure(f"cannot open ({type(exc).__name__}: {exc})") from exc
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -286,39 +311,31 @@ def _iter_pyav(path: Path, plan: ResamplePlan, chunk_frames: int, out_w: int, ou
             except StopIteration:
                 break
             except Exception as exc:
-                raise DecodeError(
-                    f"{path}: decoding failed at output frame {k} (t={k / plan.fps:.3f}s, after "
-                    f"source time {prev[0] if prev else 0.0:.3f}s): {type(exc).__name__}: {exc}"
-                ) from exc
+                raise _BackendFailure(
+                    f"decoding failed after source time {prev[0] if prev else 0.0:.3f}s "
+                    f"({type(exc).__name__}: {exc})") from exc
             if frame.pts is None:
                 continue
             t = (frame.pts - t0_ticks) * tb
             # outputs whose wanted source frame lies before this frame take the previous one
-            while k < n_out and targets[k] + EPS_S < t - EPS_S and prev is not None:
-                buf.append(convert(prev[1]))
-                k += 1
-                if len(buf) == chunk_frames:
-                    yield flush()
+            while k < n_out and prev is not None and targets[k] < t - EPS_S:
+                chunk = put(convert(prev[1]))
+                if chunk is not None:
+                    yield chunk
             while k < n_out and targets[k] <= t + EPS_S:
-                buf.append(convert(frame))
-                k += 1
-                if len(buf) == chunk_frames:
-                    yield flush()
+                chunk = put(convert(frame))
+                if chunk is not None:
+                    yield chunk
             prev = (t, frame)
         if k < n_out:
             if prev is None:
-                raise DecodeError(f"{path}: no frame decoded for output frame {k}")
-            if n_out - k > 1 and targets[k] > prev[0] + EPS_S:
-                raise DecodeError(
-                    f"{path}: stream ended at source time {prev[0]:.3f}s, output frame {k} "
-                    f"(t={k / plan.fps:.3f}s) needs source time {targets[k]:.3f}s"
-                )
+                raise _BackendFailure("no frame decoded")
+            if targets[k] > prev[0] + EPS_S:
+                raise _BackendFailure(f"stream ended at source time {prev[0]:.3f}s, output frame {k} "
+                                      f"needs source time {targets[k]:.3f}s")
             while k < n_out:
-                buf.append(convert(prev[1]))
-                k += 1
-                if len(buf) == chunk_frames:
-                    yield flush()
-        if buf:
-            yield flush()
+                chunk = put(convert(prev[1]))
+                if chunk is not None:
+                    yield chunk
     finally:
         container.close()

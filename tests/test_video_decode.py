@@ -170,23 +170,27 @@ def test_plan_matches_decode_and_max_side(cfr_videos):
     assert small.frames.shape == (5, 8, 16, 3)
 
 
-def test_decord_failure_mid_video_continues_with_pyav(cfr_videos, monkeypatch):
-    import decord
+def test_pyav_failure_mid_video_continues_with_decord(cfr_videos, monkeypatch):
+    from pipelines import video_decode
 
     path, pts, duration = cfr_videos["60"]
-    calls = {"n": 0}
-    real = decord.VideoReader.get_batch
+    real = video_decode._iter_pyav
+    seen = {"chunks": 0}
 
-    def flaky(self, indices):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated decoder failure")
-        return real(self, indices)
+    def failing_after_two_chunks(*args, **kwargs):
+        for chunk in real(*args, **kwargs):
+            if seen["chunks"] == 2:
+                raise video_decode._BackendFailure("simulated decoder failure")
+            seen["chunks"] += 1
+            yield chunk
 
-    monkeypatch.setattr(decord.VideoReader, "get_batch", flaky)
+    monkeypatch.setattr(video_decode, "_iter_pyav", failing_after_two_chunks)
     frames, _, _ = decode_all(path, "auto", chunk_frames=6)
-    assert calls["n"] == 3  # decord gave up at the third chunk, PyAV did the rest
+    assert seen["chunks"] == 2  # PyAV gave up at the third chunk, decord did the rest
     assert read_indices(frames).tolist() == expected_indices(pts, duration)
+    seen["chunks"] = 0
+    with pytest.raises(DecodeError, match=r"r60.mp4: cannot decode output frame 12"):
+        list(iter_frames(path, chunk_frames=6, backend="pyav"))
 
 
 def test_rotation_metadata_is_honoured(tmp_path):
@@ -207,6 +211,8 @@ def test_rotation_metadata_is_honoured(tmp_path):
     assert np.abs(frames.astype(int) - truth.astype(int)).max() <= 3
     # the white marker (top-left in storage) is bottom-left once turned 90 degrees counter-clockwise
     assert frames[0, -4:, :4].mean() > 240 and frames[0, :4, :4].mean() < 200
+    with pytest.raises(DecodeError, match="rotation"):
+        list(iter_frames(rotated, backend="decord"))
 
 
 def test_decode_errors_name_the_file(tmp_path):
