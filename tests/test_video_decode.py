@@ -227,3 +227,12 @@ def test_decode_errors_name_the_file(tmp_path):
             probe_video(bad)
     with pytest.raises(ValueError):
         list(iter_frames(empty, chunk_frames=0))
+    audio_only = tmp_path / "speech.m4a"
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "sine=frequency=440:duration=0.5", "-c:a", "aac", str(audio_only)], check=True)
+    with pytest.raises(ProbeError, match="speech.m4a: no video stream"):
+        probe_video(audio_only)
+    with pytest.raises(DecodeError, match="speech.m4a: no video stream"):
+        list(iter_frames(audio_only))
+    with pytest.raises(ProbeError, match="does not exist"):
+        probe_video(tmp_path / "missing.mp4")
