@@ -3,6 +3,7 @@ per clip, motion history carried between clips as latents, and output length / m
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -39,6 +40,16 @@ def probe_streams(path: Path) -> dict:
                           "stream=codec_type,nb_read_frames,duration", "-of", "json", str(path)],
                          check=True, capture_output=True, text=True).stdout
     return {s["codec_type"]: s for s in json.loads(out)["streams"]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a CPU shared with other jobs, OpenMP's spinning worker threads
+    make the tiny model ~10x slower; the results do not depend on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +236,7 @@ def test_cli_writes_video(tiny_package, tmp_path):
     out = tmp_path / "cli.mp4"
     proc = subprocess.run([sys.executable, "-m", "models.sample", "--image", str(image), "--audio", str(audio),
                            "--out", str(out), "--model", str(tiny_package), "--device", "cpu", "sampler.steps=2"],
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int(probe_streams(out)["video"]["nb_read_frames"]) == 7
     bad = subprocess.run([sys.executable, "-m", "models.sample", "--image", str(tmp_path / "missing.png"),
