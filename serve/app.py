@@ -214,7 +214,8 @@ class LoopyIngress:
             for key in ("image", "audio"):
                 if key not in files:
                     raise InputError(422, key, "missing file field")
-                check_size(files[key].size or 0, key, self.max_upload_bytes)
+                if files[key].size is not None:  # known from the parser; checked again after reading
+                    check_size(files[key].size, key, self.max_upload_bytes)
         except InputError as exc:
             await form.close()
             return _error(exc)

@@ -1,0 +1,157 @@
+"""Service benchmark: 20 concurrent clients against the Serve app (tiny untrained model, CPU).
+
+Every client POSTs a portrait + 1 s of audio; a 429 is retried after its ``Retry-After``, so a
+request is "lost" only if it is neither answered nor finished. A poller samples ``/healthz``
+throughout and records the largest number of pending (queued + running) jobs, which must never
+exceed ``serve.max_queue``. Reported: answered / accepted / finished counts, the largest queue
+seen, 429s, POST latency while jobs run (ingress responsiveness), and the total wall time.
+
+``LOOPY_BENCH_QUICK=1``: 8 clients instead of 20.
+"""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+QUICK = os.environ.get("LOOPY_BENCH_QUICK", "0") not in ("0", "", "false")
+CLIENTS = 8 if QUICK else 20
+MAX_QUEUE = 6
+BENCH = "serve"
+
+
+def _row(metric, value, unit, target="", note=""):
+    return {"benchmark": BENCH, "metric": metric, "value": value, "unit": unit, "target": target, "note": note}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run() -> list[dict]:
+    import httpx
+    from PIL import Image
+    from ray import serve
+    from skimage import data
+
+    from core.config import load_platform_config
+    from core.ray_runtime import init_ray
+    from models.untrained_package import write_untrained_package
+    from serve.app import build_app
+
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+        tmp = Path(tmp)
+        package = write_untrained_package(tmp / "package")
+        buf = io.BytesIO()
+        Image.fromarray(data.astronaut()[20:280, 80:380]).save(buf, "JPEG")
+        image = buf.getvalue()
+        subprocess.run(["sox", "-n", "-r", "16000", "-c", "1", str(tmp / "a.wav"), "synth", "1.0", "sine",
+                        "200-600", "tremolo", "5", "80"], check=True)
+        audio = (tmp / "a.wav").read_bytes()
+        port = _free_port()
+        cfg = load_platform_config(None, [f"serve.model={package}", f"serve.job_dir={tmp / 'jobs'}",
+                                          f"serve.max_queue={MAX_QUEUE}", "serve.cpus_per_replica=0",
+                                          f"serve.port={port}", "sampler.steps=2"])
+        init_ray(cfg.ray)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg), name="loopy_bench", route_prefix="/", blocking=False)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            with httpx.Client(base_url=base, timeout=120) as probe:
+                deadline = time.monotonic() + 180
+                while True:
+                    try:
+                        if probe.get("/healthz").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("service did not come up")
+                    time.sleep(0.5)
+            return _load(base, image, audio)
+        finally:
+            serve.shutdown()
+
+
+def _load(base: str, image: bytes, audio: bytes) -> list[dict]:
+    import httpx
+
+    results: list[dict] = [dict() for _ in range(CLIENTS)]
+    post_latency: list[float] = []
+    stop = threading.Event()
+    max_pending = [0]
+
+    def poller() -> None:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            while not stop.is_set():
+                try:
+                    jobs = c.get("/healthz").json()["jobs"]
+                    max_pending[0] = max(max_pending[0], jobs["queued"] + jobs["running"])
+                except (httpx.HTTPError, KeyError, ValueError):
+                    pass
+                time.sleep(0.1)
+
+    def client(i: int) -> None:
+        r = results[i]
+        r.update(answered=False, done=False, rejected=0)
+        with httpx.Client(base_url=base, timeout=300) as c:
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
+                t0 = time.perf_counter()
+                resp = c.post("/v1/videos", files={"image": ("p.jpg", image), "audio": ("a.wav", audio)},
+                              data={"seed": str(i)})
+                post_latency.append(time.perf_counter() - t0)
+                r["answered"] = True
+                if resp.status_code == 429:
+                    r["rejected"] += 1
+                    time.sleep(float(resp.headers.get("retry-after", "1")))
+                    continue
+                if resp.status_code != 202:
+                    r["error"] = f"{resp.status_code} {resp.text[:200]}"
+                    return
+                job = resp.json()["id"]
+                while time.monotonic() < deadline:
+                    state = c.get(f"/v1/videos/{job}").json()["state"]
+                    if state in ("done", "failed"):
+                        r["done"] = state == "done" and c.get(f"/v1/videos/{job}/file").status_code == 200
+                        return
+                    time.sleep(0.3)
+                return
+
+    poll = threading.Thread(target=poller, daemon=True)
+    poll.start()
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    stop.set()
+    poll.join(timeout=5)
+    answered = sum(r["answered"] for r in results)
+    done = sum(r["done"] for r in results)
+    rejected = sum(r["rejected"] for r in results)
+    errors = [r["error"] for r in results if "error" in r]
+    lat = sorted(post_latency)
+    p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan")
+    note = f"{CLIENTS} concurrent clients, tiny model on CPU, 2 DDIM steps, 1 s audio, 1 worker replica"
+    return [
+        _row("requests answered", answered, f"of {CLIENTS}", f"{CLIENTS}", note),
+        _row("videos finished and downloaded", done, f"of {CLIENTS}", f"{CLIENTS}",
+             "none lost" if done == CLIENTS else f"lost {CLIENTS - done}; errors: {errors[:3]}"),
+        _row("largest queue seen (queued + running)", max_pending[0], "jobs", f"<= {MAX_QUEUE}",
+             "sampled from /healthz every 0.1 s"),
+        _row("429 answers (retried after Retry-After)", rejected, "responses", "> 0 when clients > queue", ""),
+        _row("POST latency p95 / median", f"{p95:.3f} / {statistics.median(lat):.3f}", "s", "",
+             "validation (decode, face detection) runs in the ingress while jobs run in the worker"),
+        _row("wall time for all clients", wall, "s", "", note),
+    ]
