@@ -20,8 +20,12 @@ Choices (**ours**):
   [1, context_tokens, cross_attention_dim] tensor, zero-initialised.
 * Temporal layers and audio cross-attention sit in every transformer block of the denoising
   U-Net (16 for SD-1.5), as residual branches of the self-attention step, reading the block's
-  ``norm1`` tokens, the same tokens the reference net hands over for the motion frames. The two
-  resnet-only blocks at 1/64 resolution (``down_blocks.3`` / ``up_blocks.0`` in SD-1.5) have none.
+  ``norm1`` tokens, the same tokens the reference net hands over for the motion frames.
+  The blocks without attention (``down_blocks.3`` / ``up_blocks.0`` of SD-1.5, 1/64 resolution)
+  get temporal layers after each residual block (5 in SD-1.5), whose motion tokens are the
+  reference net's outputs of the same residual block. These are attached by forward hooks that
+  live only for one ``compute_reference`` / ``denoise`` call (no state between calls); gradient
+  checkpointing stays off in those two small blocks, so a recomputation never misses a hook.
 * DDP: the reference net's layers after its last self-attention input (that transformer block's
   attn1/attn2/ff, its ``proj_out``, ``conv_norm_out``, ``conv_out``) never influence the output;
   they are frozen (``requires_grad=False``) at construction, so DDP needs no
@@ -89,6 +93,42 @@ def _reference_tail(unet: UNet2DConditionModel) -> list[nn.Module]:
     return tail
 
 
+def _resnet_sites(unet: UNet2DConditionModel) -> list[str]:
+    """Residual blocks of the U-Net blocks without attention (``down_blocks.i.resnets.j``, ...)."""
+    sites = []
+    for prefix in ("down_blocks", "up_blocks"):
+        for i, block in enumerate(getattr(unet, prefix)):
+            if getattr(block, "attentions", None) is None:
+                sites += [f"{prefix}.{i}.resnets.{j}" for j in range(len(block.resnets))]
+    return sites
+
+
+def _site_key(site: str) -> str:
+    return site.replace(".", "_")
+
+
+def _feature_map_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[frames, C, h, w] -> [frames, h*w, C]."""
+    return x.flatten(2).transpose(1, 2)
+
+
+class _CallHooks:
+    """Forward hooks registered for one call and removed afterwards (``with _CallHooks() as h``)."""
+
+    def __init__(self):
+        self.handles = []
+
+    def add(self, module: nn.Module, hook) -> None:
+        self.handles.append(module.register_forward_hook(hook))
+
+    def __enter__(self) -> "_CallHooks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 class LoopyModel(ModelMixin, ConfigMixin):
     """Loopy's networks. ``stage`` 1: reference net + denoising U-Net only (F = 1 frames);
     stage 2: + temporal layers, audio cross-attention, audio projection, audio-to-latents.
@@ -125,6 +165,16 @@ class LoopyModel(ModelMixin, ConfigMixin):
         else:
             self.audio_projection = None
             self.audio_to_latents = None
+
+        self.resnet_sites = _resnet_sites(self.reference_net)
+        if stage == 2:
+            temporal = {}
+            for site in self.resnet_sites:
+                ch = self.denoise_unet.get_submodule(site).out_channels
+                temporal[_site_key(site)] = TemporalLayers(ch, 8 if ch % 8 == 0 else 1)
+            self.resnet_temporal = nn.ModuleDict(temporal)
+        else:
+            self.resnet_temporal = None
 
         ref_procs, den_procs = {}, {}
         for name in self.reference_net.attn_processors:
@@ -198,7 +248,7 @@ class LoopyModel(ModelMixin, ConfigMixin):
             kwargs["audio_window"] = 2 * reader_cfg.audio_window + 1
         model = cls(stage=2, **kwargs)
         missing, unexpected = model.load_state_dict(stage1.state_dict(), strict=False)
-        new_prefixes = ("audio_projection.", "audio_to_latents.")
+        new_prefixes = ("audio_projection.", "audio_to_latents.", "resnet_temporal.")
         bad = [k for k in missing if not (k.startswith(new_prefixes) or ".processor." in k)]
         if bad or unexpected:
             raise RuntimeError(f"stage-1 weights do not fit stage 2: missing {bad[:5]}, unexpected {unexpected[:5]}")
@@ -214,6 +264,15 @@ class LoopyModel(ModelMixin, ConfigMixin):
         dtype = getattr(torch, model_cfg.dtype)
         if dtype != torch.float32:
             self.to(dtype=dtype)
+
+    def enable_gradient_checkpointing(self, *args, **kwargs) -> None:
+        """diffusers' gradient checkpointing for both U-Nets, except the denoising U-Net's blocks
+        whose residual blocks carry per-call temporal hooks (tiny 1/64-resolution blocks)."""
+        super().enable_gradient_checkpointing(*args, **kwargs)
+        if self.resnet_temporal is not None:
+            for site in self.resnet_sites:
+                block = self.denoise_unet.get_submodule(site.rsplit(".resnets.", 1)[0])
+                block.gradient_checkpointing = False
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters that receive gradients (everything but the reference net's unused tail)."""
@@ -240,14 +299,23 @@ class LoopyModel(ModelMixin, ConfigMixin):
         t = torch.zeros(x.shape[0], device=dev, dtype=torch.long)
         store: dict[str, torch.Tensor] = {}
         ctx = LoopyCallContext(store=store)
-        self.reference_net(x, t, encoder_hidden_states=self.null_context.expand(x.shape[0], -1, -1),
-                           cross_attention_kwargs={"loopy": ctx}, return_dict=False)
+        with _CallHooks() as hooks:
+            if use_motion and self.resnet_temporal is not None:
+                for site in self.resnet_sites:
+                    def record(module, args, output, site=site):
+                        store[site] = _feature_map_tokens(output)
+                    hooks.add(self.reference_net.get_submodule(site), record)
+            self.reference_net(x, t, encoder_hidden_states=self.null_context.expand(x.shape[0], -1, -1),
+                               cross_attention_kwargs={"loopy": ctx}, return_dict=False)
         ref_tokens, motion_tokens = {}, ({} if use_motion else None)
         for layer in self.layer_names:
             tok = store[layer].unflatten(0, (b, per_sample))  # [B, 1+M, N, C]
             ref_tokens[layer] = tok[:, 0]
             if use_motion:
                 motion_tokens[layer] = tok[:, 1:]
+        if use_motion and self.resnet_temporal is not None:
+            for site in self.resnet_sites:  # residual-block outputs: only the motion frames are used
+                motion_tokens[site] = store[site].unflatten(0, (b, per_sample))[:, 1:]
         motion_valid = None
         if use_motion:
             m = motion_latents.shape[1]
@@ -308,10 +376,27 @@ class LoopyModel(ModelMixin, ConfigMixin):
                 class_labels = self.audio_to_latents(a2l_inputs, kind, drop, f).reshape(b * f, -1).to(dtype)
         ctx = LoopyCallContext(reference=reference, num_frames=f, audio_tokens=audio_tokens,
                                ref_mask_needed=not bool(reference.ref_keep.all()))
-        eps = self.denoise_unet(x, t, encoder_hidden_states=self.null_context.expand(b * f, -1, -1),
-                                class_labels=class_labels, cross_attention_kwargs={"loopy": ctx},
-                                return_dict=False)[0]
+        with _CallHooks() as hooks:
+            if self.resnet_temporal is not None:
+                for site in self.resnet_sites:
+                    hooks.add(self.denoise_unet.get_submodule(site),
+                              self._resnet_temporal_hook(site, reference, f))
+            eps = self.denoise_unet(x, t, encoder_hidden_states=self.null_context.expand(b * f, -1, -1),
+                                    class_labels=class_labels, cross_attention_kwargs={"loopy": ctx},
+                                    return_dict=False)[0]
         return eps.unflatten(0, (b, f))
+
+    def _resnet_temporal_hook(self, site: str, reference: ReferenceFeatures, frames: int):
+        """Forward hook adding the temporal layers' delta to a residual block's output [B*F, C, h, w]."""
+        layers = self.resnet_temporal[_site_key(site)]
+        motion = None if reference.motion_tokens is None else reference.motion_tokens.get(site)
+
+        def hook(module, args, output):
+            tokens = _feature_map_tokens(output)
+            delta = layers(tokens, frames, None if motion is None else motion.to(output.dtype),
+                           reference.motion_keep)
+            return output + delta.transpose(1, 2).reshape(output.shape)
+        return hook
 
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, ref_latent: torch.Tensor,
                 motion_latents: Optional[torch.Tensor] = None, motion_mask: Optional[torch.Tensor] = None,

@@ -64,7 +64,7 @@ def perturb_new_modules(model, scale: float = 0.5, seed: int = 3) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".processor." in name or name.startswith("audio_to_latents.out"):
+            if ".processor." in name or name.startswith(("audio_to_latents.out", "resnet_temporal.")):
                 if "to_out" in name or name.startswith("audio_to_latents.out"):
                     p.copy_(torch.randn(p.shape, generator=g) * scale)
 
@@ -151,6 +151,31 @@ def test_switches_change_output_per_sample(trained_stage2, switch):
     assert (a[1] - b[1]).abs().max() > 1e-4  # sample 1 changed
 
 
+def test_residual_block_temporal_layers_use_motion_frames(stage2):
+    """The temporal layers after the attention-free blocks' residual blocks alone (everything else
+    fresh) make the output depend on the motion frames; checkpointing stays off in those blocks."""
+    import copy
+
+    model = copy.deepcopy(stage2)
+    assert model.resnet_sites and set(model.resnet_temporal.keys()) == {s.replace(".", "_") for s in model.resnet_sites}
+    with torch.no_grad():
+        for name, p in model.resnet_temporal.named_parameters():
+            if "to_out" in name:
+                p.normal_(0, 0.5)
+    base = make_batch()
+    with torch.no_grad():
+        a = model(**base)
+        b = model(**dict(base, drop_motion_frames=torch.tensor([False, True])))
+        c = stage2(**base)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-5)
+    assert (a[1] - b[1]).abs().max() > 1e-4 and (a - c).abs().max() > 1e-4
+    model.enable_gradient_checkpointing()
+    for site in model.resnet_sites:
+        assert not model.denoise_unet.get_submodule(site.rsplit(".resnets.", 1)[0]).gradient_checkpointing
+    assert model.denoise_unet.down_blocks[0].gradient_checkpointing
+    assert not model.denoise_unet.down_blocks[-1].resnets[0]._forward_hooks  # hooks live for one call only
+
+
 def test_masking_is_per_sample_not_per_batch(trained_stage2):
     """Sample 0 in a batch where only sample 1 drops its reference = sample 0 alone."""
     batch = make_batch(drop_ref=torch.tensor([False, True]), drop_motion_frames=torch.tensor([False, True]))
@@ -215,8 +240,9 @@ def test_stage1_to_stage2_weight_transfer(stage1, stage2):
     for k, v in s1.items():
         assert torch.equal(v, s2[k]), k
     new = [k for k in s2 if k not in s1]
-    assert new and all(".processor." in k or k.startswith(("audio_projection.", "audio_to_latents."))
-                       for k in new)
+    assert new and all(".processor." in k or k.startswith(("audio_projection.", "audio_to_latents.",
+                                                           "resnet_temporal.")) for k in new)
+    assert any(k.startswith("resnet_temporal.") for k in new)
     assert stage2.stage == 2 and stage1.stage == 1
 
 
