@@ -112,8 +112,8 @@ def plan_crop_track(landmarks: np.ndarray, found: np.ndarray, frame_wh: tuple[in
 
 def crop_frames(frames: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
     """Cut each square box [n, 4] (x0, y0, x1, y1 source pixels, sub-pixel) out of ``frames``
-    uint8 [n, H, W, 3] and resize it to ``size`` x ``size`` (PIL, Lanczos with antialiasing when
-    shrinking) -> uint8 [n, size, size, 3]."""
+    uint8 [n, H, W, 3] and resize it to ``size`` x ``size`` (PIL bicubic, antialiased when
+    shrinking: the filter widens with the scale factor) -> uint8 [n, size, size, 3]."""
     from PIL import Image
 
     frames = np.asarray(frames)
@@ -124,7 +124,7 @@ def crop_frames(frames: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
     out = np.empty((frames.shape[0], size, size, 3), dtype=np.uint8)
     for i in range(frames.shape[0]):
         img = Image.fromarray(frames[i])
-        out[i] = np.asarray(img.resize((size, size), Image.Resampling.LANCZOS,
+        out[i] = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC,
                                        box=tuple(float(v) for v in boxes[i]), reducing_gap=3.0))
     return out
 
