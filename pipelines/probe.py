@@ -46,7 +46,9 @@ class VideoProbe:
         return asdict(self)
 
 
-def _open(path: Path):
+def open_media(path: Path):
+    """``av.open`` for reading, after checking the file exists and is not empty; raises
+    :class:`ProbeError` naming the file."""
     import av
 
     if not path.exists():
@@ -86,7 +88,7 @@ def read_video_pts(path: str | Path) -> VideoTimestamps:
 
     Raises :class:`ProbeError` naming the file (empty, not media, no video, no frames)."""
     path = Path(path)
-    container = _open(path)
+    container = open_media(path)
     try:
         if not container.streams.video:
             raise ProbeError(f"{path}: no video stream")
@@ -135,7 +137,7 @@ def is_variable_rate(pts_s: np.ndarray, tick_s: float = 0.0) -> bool:
 def probe_video(path: str | Path) -> VideoProbe:
     """Probe one file. Raises :class:`ProbeError` naming the file and the problem."""
     path = Path(path)
-    container = _open(path)
+    container = open_media(path)
     try:
         if not container.streams.video:
             raise ProbeError(f"{path}: no video stream")

@@ -33,7 +33,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from pipelines.probe import ProbeError, _open, read_video_pts
+from pipelines.probe import ProbeError, open_media, read_video_pts
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def _rotate(frames: np.ndarray, rotation: int) -> np.ndarray:
 
 def _container_facts(path: Path) -> tuple[int, int, int]:
     """(coded_w, coded_h, rotation ccw degrees) from the first decoded frame."""
-    container = _open(path)
+    container = open_media(path)
     try:
         if not container.streams.video:
             raise DecodeError(f"{path}: no video stream")
@@ -196,7 +196,7 @@ def iter_frames(path: str | Path, fps: float = 25.0, chunk_frames: int = 50,
     for name in order:
         try:
             if name == "pyav":
-                chunks = _iter_pyav(path, plan, chunk_frames, out_w, out_h, rotation, start)
+                chunks = _iter_pyav(path, plan, chunk_frames, out_w, out_h, rotation)
             else:
                 chunks = _iter_decord(path, plan, chunk_frames, out_w, out_h, coded_w, coded_h, start)
             for chunk in chunks:
@@ -250,18 +250,16 @@ def _iter_decord(path: Path, plan: ResamplePlan, chunk_frames: int, out_w: int, 
 
 
 def _iter_pyav(path: Path, plan: ResamplePlan, chunk_frames: int, out_w: int, out_h: int,
-               rotation: int, start: int) -> Iterator[FrameChunk]:
+               rotation: int) -> Iterator[FrameChunk]:
     """Sequential PyAV decode (threaded), keeping only the frames the plan needs. Each chunk is
     written into one preallocated uint8 array: memory = the chunk + the decoder's buffers."""
     import av
 
     n_out = plan.num_frames
-    if start >= n_out:
-        return
     targets = plan.source_pts_s[plan.source_indices]  # source time wanted by each output frame
     swap = (rotation // 90) % 2 == 1
     disp_h, disp_w = (out_w, out_h) if swap else (out_h, out_w)
-    k = start
+    k = 0
     buf: Optional[np.ndarray] = None
     filled = 0
 
@@ -290,8 +288,6 @@ def _iter_pyav(path: Path, plan: ResamplePlan, chunk_frames: int, out_w: int, ou
         stream.thread_type = "AUTO"
         tb = float(stream.time_base)
         t0_ticks = plan.start_ticks
-        if start > 0:  # resume: seek to the keyframe before the first wanted frame
-            container.seek(int(round(targets[start] / tb)) + t0_ticks, stream=stream, backward=True)
 
         prev = None  # (time_s, VideoFrame) of the last decoded frame
         cache: dict[int, np.ndarray] = {}  # pts -> RGB of the last converted frame
