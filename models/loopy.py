@@ -131,7 +131,8 @@ class _CallHooks:
 
 class LoopyModel(ModelMixin, ConfigMixin):
     """Loopy's networks. ``stage`` 1: reference net + denoising U-Net only (F = 1 frames);
-    stage 2: + temporal layers, audio cross-attention, audio projection, audio-to-latents.
+    stage 2: + temporal layers (in the self-attention processors and ``resnet_temporal``),
+    audio cross-attention, audio projection, audio-to-latents.
 
     Config (saved in ``config.json``): ``unet_config`` (SD U-Net config dict), ``stage``,
     ``audio_layers`` L, ``audio_dim`` D, ``audio_window`` W (5), ``motion_latent_tokens``

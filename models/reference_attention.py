@@ -85,7 +85,9 @@ class ReferenceFeatures:
 
     ref_tokens[layer]:    [B, N, C]     the reference frame (N = h*w of the layer)
     motion_tokens[layer]: [B, M, N, C]  the M motion latents, time order (None in stage 1 or
-                                        when no motion latents were given)
+                                        when no motion latents were given); also holds, under
+                                        their module names, the outputs of the residual blocks
+                                        that carry temporal layers (see ``models/loopy.py``)
     ref_keep:             bool [B]      False = the reference is dropped for this sample
     motion_valid:         bool [B, M]   True = motion latent from real history (segment mask)
     motion_keep:          bool [B, M]   motion_valid & ~drop_motion_frames & ~drop_ref
