@@ -190,16 +190,20 @@ def tiny_weights_unet(cfg) -> str:
 
 
 @pytest.mark.slow
-def test_resume_matches_uninterrupted(tmp_path, data_dir, tiny_weights, ray_local):
-    """Same job twice (torch loader): uninterrupted, and killed before step 3 with no retries then
-    ``--resume``d from the step-2 checkpoint. The loss curves agree."""
+def test_nan_stop_then_resume_matches_uninterrupted(tmp_path, data_dir, tiny_weights, ray_local):
+    """Same job twice (torch loader): uninterrupted, and stopped by the NaN guard at step 3 (a NaN
+    batch injected once) then ``--resume``d from the step-2 checkpoint. The NaN stop names the step
+    and the batch; the loss curves and the final (EMA) weights agree."""
+    from training.stages import TrainingStoppedError
+
     common = ["train.num_workers=1", "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=0",
               "train.data_loader=torch", "train.warmup_steps=1", "train.lr=0.001", "train.max_failures=0",
               "train.eval_max_batches=1", "train.ema_decay=0.9"]
     cfg = _cfg(tmp_path, tiny_weights, *common)
     full = run_job(prepare_job(cfg, data_dir, [1], job_name="full"))
-    cut_cfg = _cfg(tmp_path, tiny_weights, *common, "train.fault_at_step=3", "train.fault_rank=0")
-    with pytest.raises(Exception):
+    cut_cfg = _cfg(tmp_path, tiny_weights, *common, "train.fault_at_step=3", "train.fault_rank=0",
+                   "train.fault_kind=nan")
+    with pytest.raises(TrainingStoppedError, match=r"step 3.*video_index"):
         run_job(prepare_job(cut_cfg, data_dir, [1], job_name="cut"))
     resumed = run_job(prepare_job(cut_cfg, data_dir, [1], resume=True, job_name="cut"))
     client = JobTracker(cfg.tracking).client

@@ -44,6 +44,8 @@ class TrainConfig:
     eval_sample_steps: int = 4  # DDIM steps of the sample video at evaluation (0 = no video)
     max_failures: int = 1  # Ray Train FailureConfig: worker failures recovered from the last checkpoint
     storage_path: str = "work/ray_results"  # relative paths are under the project root
-    # --- fault injection (tests / drills only): rank ``fault_rank`` raises once at this step ---
+    # --- fault injection (tests / drills only), once per job: before step ``fault_at_step`` rank
+    # ``fault_rank`` exits ("exit": a killed worker) or gets a NaN batch ("nan": the NaN guard) ---
     fault_at_step: Optional[int] = None
     fault_rank: int = 1
+    fault_kind: Literal["exit", "nan"] = "exit"

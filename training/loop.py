@@ -15,9 +15,10 @@ step until ``train.max_steps``:
   GPU memory when present;
 * every ``eval_every`` steps (and the last), rank 0: validation loss on the test split, the loss
   plot and a sample video as MLflow artifacts (``training/evaluation.py``);
-* a non-finite loss: every rank stops at that step (see ``training/step.py``), the offending
-  rank's batch provenance goes to the MLflow run (tag ``loopy.nan`` + ``nan_report_rank<r>.json``)
-  and the stage's result carries ``nan_step``; the driver turns that into an error.
+* a non-finite loss: every rank stops at that step (see ``training/step.py``) and returns
+  without a new checkpoint; the offending rank's batch provenance goes to the MLflow run (tags
+  ``loopy.nan_stop`` / ``loopy.nan`` + ``nan_report_rank<r>.json``); the driver turns that into
+  an error (``--resume`` would continue from the last good checkpoint).
 """
 from __future__ import annotations
 
@@ -103,8 +104,9 @@ def _ray_batches(job: StageJob, skip: int) -> Iterator[dict]:
             yield batch
 
 
-def _maybe_inject_fault(job: StageJob, step: int, rank: int) -> None:
-    """Test / drill hook: rank ``fault_rank`` dies once (process exit) before step ``fault_at_step``."""
+def _maybe_inject_fault(job: StageJob, step: int, rank: int, batch: dict) -> None:
+    """Test / drill hook, once per job: before step ``fault_at_step`` rank ``fault_rank`` exits
+    (``fault_kind="exit"``, a killed worker) or its batch latents become NaN (``"nan"``)."""
     tc = job.cfg.train
     if tc.fault_at_step is None or rank != tc.fault_rank or step != tc.fault_at_step:
         return
@@ -112,9 +114,12 @@ def _maybe_inject_fault(job: StageJob, step: int, rank: int) -> None:
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(time.time()))
-    log.warning("fault injection: rank %d exits before step %d", rank, step)
-    os._exit(17)
+    marker.write_text(tc.fault_kind)
+    log.warning("fault injection: rank %d, step %d: %s", rank, step, tc.fault_kind)
+    if tc.fault_kind == "nan":
+        batch["latents"] = torch.full_like(batch["latents"], float("nan"))
+    else:
+        os._exit(17)
 
 
 def _mean_over_ranks(value: float, world: int) -> float:
@@ -128,6 +133,9 @@ def _mean_over_ranks(value: float, world: int) -> float:
 
 
 def _report_nan(job: StageJob, rank: int, err: NonFiniteLossError) -> None:
+    """Log the stop to the stage's MLflow run: every rank sets the tag ``loopy.nan_stop`` (the
+    step; the driver looks for it) and logs ``nan_report_rank<r>.json``; the rank whose own loss
+    was non-finite also sets ``loopy.nan`` (step + batch provenance)."""
     log.error("rank %d: %s", rank, err)
     if job.run is None:
         return
@@ -136,8 +144,10 @@ def _report_nan(job: StageJob, rank: int, err: NonFiniteLossError) -> None:
         path = Path(tmp) / f"nan_report_rank{rank}.json"
         path.write_text(json.dumps(report, indent=2))
         job.run.log_artifact(path)
+    tags = {"loopy.nan_stop": err.step}
     if err.what.startswith("loss"):
-        job.run.set_tags({"loopy.nan": json.dumps(report)[:4000]})
+        tags["loopy.nan"] = json.dumps(report)[:4000]
+    job.run.set_tags(tags)
 
 
 class _Evaluator:
@@ -255,14 +265,14 @@ def train_loop_per_worker(config: dict) -> None:
         exhausted = True
         t_wait = time.perf_counter()
         for batch in batches:
-            _maybe_inject_fault(job, state.step + 1, rank)
+            _maybe_inject_fault(job, state.step + 1, rank, batch)
             t_start = time.perf_counter()
-            try:
-                res = train_step(model, batch, optimizer, lr_scheduler, noise_scheduler, tc, state.step, rank,
+            try:  # steps are numbered 1..max_steps (as in the metrics)
+                res = train_step(model, batch, optimizer, lr_scheduler, noise_scheduler, tc, state.step + 1, rank,
                                  device, ema=ema, fp16_scaler=fp16_scaler)
             except NonFiniteLossError as err:
                 _report_nan(job, rank, err)
-                ray.train.report({"nan_step": err.step, "step": state.step})
+                ray.train.report({"nan_step": err.step, "step": state.step})  # every rank: same step
                 return
             t_end = time.perf_counter()
             state.step += 1

@@ -220,6 +220,11 @@ def run_stage(prep: PreparedJob, stage: int, tracker: JobTracker, parent: RunLog
     cfg = stage_config(prep.cfg, stage)
     rec = prep.record.stages.setdefault(str(stage), StageRecord())
     run = tracker.start_stage(parent, stage, cfg, prep.record.name, run_id=rec.run_id)
+    if rec.run_id:  # a resumed stage: a previous NaN stop is history, not this attempt's outcome
+        old_tags = tracker.client.get_run(run.run_id).data.tags
+        if "loopy.nan_stop" in old_tags:
+            run.set_tags({"loopy.previous_nan_stop": old_tags["loopy.nan_stop"]})
+            tracker.client.delete_tag(run.run_id, "loopy.nan_stop")
     rec.run_id = run.run_id
     prep.record.save(prep.job_dir)
     init_from = None
@@ -249,11 +254,13 @@ def run_stage(prep: PreparedJob, stage: int, tracker: JobTracker, parent: RunLog
     except Exception:
         run.end("FAILED")
         raise
-    metrics = result.metrics or {}
-    if "nan_step" in metrics:
+    # A NaN stop ends the workers without a new checkpoint (Ray Train's result then shows the last
+    # checkpoint's metrics), so the workers' MLflow tag is the signal.
+    tags = tracker.client.get_run(run.run_id).data.tags
+    if "loopy.nan_stop" in tags or "nan_step" in (result.metrics or {}):
         run.end("FAILED")
-        tags = tracker.client.get_run(run.run_id).data.tags
-        raise TrainingStoppedError(f"stage {stage} stopped: non-finite loss at step {metrics['nan_step']}; "
+        step = tags.get("loopy.nan_stop") or (result.metrics or {}).get("nan_step")
+        raise TrainingStoppedError(f"stage {stage} stopped: non-finite loss at step {step}; "
                                    f"{tags.get('loopy.nan', 'see nan_report_rank*.json in MLflow run ' + run.run_id)}")
     if result.checkpoint is None:
         run.end("FAILED")

@@ -111,7 +111,7 @@ def diffusion_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], no
 def train_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], optimizer, lr_scheduler,
                noise_scheduler, cfg: TrainConfig, step: int, rank: int, device: torch.device,
                ema=None, fp16_scaler: Optional[torch.amp.GradScaler] = None) -> StepResult:
-    """Forward, backward (DDP averages gradients), clip, update. Raises
+    """Step number ``step`` (1-based): forward, backward (DDP averages gradients), clip, update. Raises
     :class:`NonFiniteLossError` before the update when this rank's loss or the averaged gradient
     is not finite: every rank sees the same non-finite gradient norm, so all ranks stop at the
     same step; the rank whose own loss is non-finite names its batch."""
