@@ -311,12 +311,24 @@ def run_service(cfg: PlatformConfig, blocking: bool = True, name: str = "loopy")
     serve.run(build_app(cfg), name=name, route_prefix="/", blocking=False)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     if blocking:
+        import ray
+        import signal
+
+        def stop(signum, frame):  # SIGINT / SIGTERM: shut Serve and Ray down cleanly
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)  # set after ray.init, which may install its own
         print(f"Loopy service at {url}/ (Ctrl-C to stop)", flush=True)
         try:
             while True:
-                time.sleep(3600)
+                time.sleep(1.0)  # short: a signal landing on a Ray thread is handled within 1 s
+                signal.signal(signal.SIGINT, stop)  # Ray's native code may re-take SIGINT
         except KeyboardInterrupt:
+            print("stopping the Loopy service", flush=True)
+        finally:
             serve.shutdown()
+            ray.shutdown()
     return url
 
 
