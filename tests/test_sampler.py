@@ -204,13 +204,22 @@ def test_cached_reference_equals_recomputed_reference(core_sampler):
 
 # --- end to end: image + audio file -> mp4 ----------------------------------------------------------
 
-@pytest.mark.parametrize("seconds", [0.3, 1.03])
-def test_generate_mp4_one_frame_per_40ms_with_audio(full_sampler, tmp_path, seconds):
+@pytest.mark.parametrize("seconds, container", [(0.3, "wav"), (1.03, "m4a")])
+def test_generate_mp4_one_frame_per_40ms_with_audio(full_sampler, tmp_path, seconds, container):
+    from pipelines.audio_decode import decode_audio
+
     image = make_portrait(tmp_path / "portrait.png")
     audio = make_audio(tmp_path / "speech.wav", seconds)
+    if container != "wav":  # any common container / codec: AAC in MP4 at 44.1 kHz
+        converted = tmp_path / f"speech.{container}"
+        subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(audio), "-ar", "44100",
+                        "-c:a", "aac", str(converted)], check=True)
+        audio = converted
+    decoded_s = decode_audio(audio).duration_s
+    assert decoded_s == pytest.approx(seconds, abs=0.03)
     progress = []
     result = full_sampler.generate(image, audio, tmp_path / "out.mp4", SampleOptions(steps=2), progress.append)
-    expected = int(np.floor(seconds * 25 + 1e-6))
+    expected = int(np.floor(decoded_s * 25 + 1e-6))  # one frame per whole 40 ms of audio
     assert result.num_frames == expected
     assert [p.clips_done for p in progress] == list(range(1, num_clips(expected, 12) + 1))
     streams = probe_streams(result.path)
