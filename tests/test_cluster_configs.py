@@ -401,12 +401,13 @@ def test_scale_plan_arithmetic():
     spec = importlib.util.spec_from_file_location("scale_plan", CLUSTER / "scale_plan.py")
     sp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sp)
-    rows = {("video", "decode+resample+crop (decord)"): {"value": 100.0},  # 10 ms
-            ("video", "dlib detect, 480 px frame"): {"value": 20.0},  # 20 ms
+    rows = {("cluster", "cpu_s_per_frame_decode_full_1080p_crop512"): {"value": 0.010},
+            ("cluster", "cpu_s_per_frame_decode_detect_pass_480"): {"value": 0.010},
+            ("cluster", "cpu_s_per_frame_dlib_1080p_at_480"): {"value": 0.020},
             ("cluster", "vae_encode_512px_per_frame"): {"value": 1.0}}
     text = sp.plan(rows, hours=160)
     assert "**14.4 M frames**" in text
-    assert "**40.0 ms** CPU per frame" in text  # 2 decodes + detection
+    assert "| **total** | **40 ms** | sum |" in text  # 2 decodes + detection
     assert "**160 core-hours**" in text  # 0.04 s x 14.4e6 / 3600
     assert "| latent fp16 [4, 64, 64] | 32,768 |" in text and "| audio fp16 [12, 768] | 18,432 |" in text
     assert "Training" not in text  # no training rows given, no training table
