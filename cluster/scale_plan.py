@@ -3,7 +3,7 @@
     python cluster/scale_plan.py [--bench work/bench_results.json] [--hours 160]
 
 Reads the rows ``python -m benchmarks.run video audio ingest cluster`` wrote to
-``work/bench_results.json`` (measured on this machine: 2 shared CPU cores, no GPU) and prints the
+``work/bench_results.json`` (or ``--bench FILE``; measured on this machine: 2 shared CPU cores, no GPU) and prints the
 tables of ``cluster/README.md``. Every number is either **measured** (a benchmark row, named), an
 **assumption** (the constants below, each with its reason), or **computed** from those two.
 """
