@@ -161,6 +161,20 @@ def test_every_yaml_parses_with_required_fields():
                     assert doc["metadata"].get("namespace") == NAMESPACE, f"{path}: {doc['kind']} not in {NAMESPACE}"
 
 
+def test_launcher_file_fits_rays_own_schema():
+    import json
+
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    (cfg,) = load_docs(LAUNCHER)
+    jsonschema.validate(cfg, schema)
+    broken = {k: v for k, v in cfg.items() if k != "provider"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
 def test_launcher_defines_24_a100s_and_cpu_decoders(cluster_cfg):
     (cfg,) = load_docs(LAUNCHER)
     for field in ("cluster_name", "max_workers", "provider", "auth", "docker", "available_node_types",
