@@ -36,6 +36,7 @@ class IngestConfig:
     num_vae_actors: int = 1  # actor pool: VAE latents
     stage_num_cpus: float = 0.25  # logical CPUs reserved per task/actor of each stage
     model_num_gpus: float = 1.0  # GPUs per wav2vec2 / VAE actor when use_gpu
+    max_task_retries: int = 1  # a video whose worker dies this often more is recorded as rejected
     max_chunk_mb: int = 128  # full-resolution pass: fewer than chunk_frames frames per chunk for big sources
     # decoders (pipelines.video_decode backends): decord's full-resolution get_batch grew to ~4.5 GB
     # on a 1-minute 1080p file (PyAV: flat ~1 GB), so the full-resolution pass uses PyAV

@@ -44,6 +44,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
@@ -154,28 +155,40 @@ def build_dataset(rows: list[dict], cfg: PlatformConfig, vae: str, wav2vec2: str
                   local_files_only: bool, dwpose_dir: Optional[str]):
     """The Ray Data pipeline over ``rows`` = [{video_id, path}] (one block per video)."""
     import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from pipelines.ingest_stages import AudioFeatureStage, VaeStage, VideoAnalyzer, decode_and_crop
 
     ing = cfg.ingest
     device = "cuda" if ing.use_gpu else "cpu"
-    model_res = {"num_cpus": ing.stage_num_cpus}
-    if ing.use_gpu:
-        model_res["num_gpus"] = ing.model_num_gpus
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    ds = ds.map(VideoAnalyzer, fn_constructor_kwargs={"cfg": ing, "dwpose_dir": dwpose_dir},
-                concurrency=(1, max(1, ing.num_detect_actors)), num_cpus=ing.stage_num_cpus)
-    ds = ds.map_batches(AudioFeatureStage, batch_size=1,
-                        fn_constructor_kwargs={"location": wav2vec2, "local_files_only": local_files_only,
-                                               "device": device, "fps": ing.fps},
-                        concurrency=(1, max(1, ing.num_audio_actors)), **model_res)
-    ds = ds.flat_map(decode_and_crop, fn_kwargs={"cfg": ing}, num_cpus=ing.stage_num_cpus,
-                     **({"concurrency": ing.num_decode_workers} if ing.num_decode_workers else {}))
-    ds = ds.map_batches(VaeStage, batch_size=1,
-                        fn_constructor_kwargs={"location": vae, "local_files_only": local_files_only,
-                                               "device": device, "batch_size": ing.model_batch_size,
-                                               "write_jpeg": ing.write_jpeg},
-                        concurrency=(1, max(1, ing.num_vae_actors)), **model_res)
+    # Ray Data retries actor tasks forever by default: a file that crashes its worker (a decoder
+    # segfault) would loop; after max_task_retries the block fails and max_errored_blocks skips it.
+    # Ray 2.60 has no named parameter for these retry limits, only the (deprecated) remote args.
+    actor_args = {"max_task_retries": ing.max_task_retries, "max_restarts": -1}
+    gpus = {"num_gpus": ing.model_num_gpus} if ing.use_gpu else {}
+
+    def pool(size: int) -> ActorPoolStrategy:
+        return ActorPoolStrategy(min_size=1, max_size=max(1, size))
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+        ds = ds.map(VideoAnalyzer, fn_constructor_kwargs={"cfg": ing, "dwpose_dir": dwpose_dir},
+                    compute=pool(ing.num_detect_actors), num_cpus=ing.stage_num_cpus, **actor_args)
+        ds = ds.map_batches(AudioFeatureStage, batch_size=1,
+                            fn_constructor_kwargs={"location": wav2vec2, "local_files_only": local_files_only,
+                                                   "device": device, "fps": ing.fps},
+                            compute=pool(ing.num_audio_actors), num_cpus=ing.stage_num_cpus, **gpus,
+                            **actor_args)
+        ds = ds.flat_map(decode_and_crop, fn_kwargs={"cfg": ing}, num_cpus=ing.stage_num_cpus,
+                         compute=TaskPoolStrategy(size=ing.num_decode_workers),
+                         max_retries=ing.max_task_retries)
+        ds = ds.map_batches(VaeStage, batch_size=1,
+                            fn_constructor_kwargs={"location": vae, "local_files_only": local_files_only,
+                                                   "device": device, "batch_size": ing.model_batch_size,
+                                                   "write_jpeg": ing.write_jpeg},
+                            compute=pool(ing.num_vae_actors), num_cpus=ing.stage_num_cpus, **gpus,
+                            **actor_args)
     return ds
 
 

@@ -178,8 +178,15 @@ def test_split_is_deterministic_and_by_folder(ingested, good_videos):
 
 
 @pytest.mark.slow
-def test_resume_skips_finished_and_redoes_deleted(ingested, good_videos, tmp_path):
-    from pipelines.ingest import run_ingest
+def test_resume_skips_finished_redoes_deleted_and_survives_a_worker_crash(ingested, good_videos, tmp_path,
+                                                                          monkeypatch):
+    """Resume: a second run skips every finished video (no duplicate rows). Third run: a deleted
+    frame file is redone, a crashed writer's tmp file is cleaned, and a new input whose worker
+    process dies (as in a native decoder crash) ends as a ``pipeline`` rejection while the job
+    finishes normally."""
+    import os
+
+    import pipelines.ingest as ingest
     from pipelines.schema import FrameStore
 
     out_src, _, cfg = ingested
@@ -188,7 +195,7 @@ def test_resume_skips_finished_and_redoes_deleted(ingested, good_videos, tmp_pat
     before = _manifest(out)
     inputs = good_videos[0].parent.parent
 
-    again = run_ingest(inputs, out, cfg, echo=lambda s: None)
+    again = ingest.run_ingest(inputs, out, cfg, echo=lambda s: None)
     assert again.processed == 0 and again.skipped == len(before)
     after = _manifest(out)
     assert len(after) == len(before)
@@ -198,15 +205,33 @@ def test_resume_skips_finished_and_redoes_deleted(ingested, good_videos, tmp_pat
     frames = out / victim["frames_file"]
     frames.unlink()
     (frames.parent / "crashed.parquet.tmp").write_bytes(b"half written")  # a crashed writer's leftover
-    third = run_ingest(inputs, out, cfg, echo=lambda s: None)
-    assert third.processed == 1 and third.skipped == len(before) - 1
+    crasher = tmp_path / "crashes_its_worker.mp4"
+    shutil.copyfile(good_videos[0], crasher)
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("\n".join([r["source"] for r in before] + [str(crasher)]) + "\n")
+    real_build = ingest.build_dataset
+
+    def build_with_a_crash(*args, **kwargs):
+        def die_on_crasher(batch):
+            if any(Path(str(p)).name == crasher.name for p in batch["path"]):
+                os._exit(1)  # the worker process dies
+            return batch
+
+        return real_build(*args, **kwargs).map_batches(die_on_crasher, batch_size=1, max_retries=1)
+
+    monkeypatch.setattr(ingest, "build_dataset", build_with_a_crash)
+    third = ingest.run_ingest(listing, out, cfg, echo=lambda s: None)
+    assert third.processed == 2 and third.skipped == len(before) - 1
     final = _manifest(out)
-    assert len(final) == len(before)
+    assert len(final) == len(before) + 1
     assert len({r["video_id"] for r in final}) == len(final)
     row = next(r for r in final if r["video_id"] == victim["video_id"])
     assert row["status"] == "ok" and row["num_frames"] == victim["num_frames"]
     assert FrameStore(out).num_frames(victim["video_id"]) == victim["num_frames"]
     assert not list(frames.parent.glob("*.tmp"))
+    crashed = next(r for r in final if r["source"] == str(crasher))
+    assert crashed["status"] == "rejected" and crashed["stage"] == "pipeline"
+    assert crasher.name in crashed["reason"]
 
 
 def test_cli_runs_as_a_file_without_ray_for_a_list_of_missing_files(tmp_path):

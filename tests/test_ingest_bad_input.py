@@ -118,3 +118,4 @@ def test_bad_override_is_one_line_error(tmp_path):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "ingest.no_such_key" in lines[0], proc.stderr
+
