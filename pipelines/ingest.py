@@ -83,8 +83,10 @@ class IngestSummary:
     rejections: dict = field(default_factory=dict)  # source -> reason (this run and earlier)
 
 
-def check_output_dir(out_dir: str | Path) -> Path:
-    """Create ``out_dir`` and prove it is writable; raises :class:`OutputError` (one line)."""
+def check_output_dir(out_dir: str | Path, cfg: Optional[PlatformConfig] = None) -> Path:
+    """Create ``out_dir`` and prove it is writable; with ``cfg``, also check that an earlier
+    ingest there used the same frame rate, crop size and weights preset (a resumed directory must
+    hold one format). Raises :class:`OutputError` (one line)."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -94,6 +96,17 @@ def check_output_dir(out_dir: str | Path) -> Path:
         probe.unlink()
     except OSError as exc:
         raise OutputError(f"--output {out_dir}: not writable ({exc.strerror or exc})") from None
+    if cfg is not None and (out / META_NAME).is_file():
+        try:
+            old = IngestMeta.read(out)
+        except (IngestFormatError, TypeError, ValueError) as exc:
+            raise OutputError(f"--output {out_dir}: holds an unreadable {META_NAME} ({exc}); use a new "
+                              f"output directory") from None
+        now = (cfg.ingest.fps, cfg.ingest.crop_size, cfg.weights.preset)
+        was = (old.fps, old.crop_size, old.weights.get("preset"))
+        if now != was:
+            raise OutputError(f"--output {out_dir}: holds an ingest with fps/crop_size/preset {was}, this "
+                              f"run has {now}; use a new output directory")
     return out
 
 
@@ -248,7 +261,7 @@ def run_ingest(input_path: str | Path, output_dir: str | Path, cfg: Optional[Pla
     ing = cfg.ingest
     t_start = time.perf_counter()
     videos = plan_inputs(input_path, ing.test_fraction, ing.split_key)
-    out = check_output_dir(output_dir)
+    out = check_output_dir(output_dir, cfg)
     summary = IngestSummary(output_dir=str(out), inputs=len(videos))
 
     store = RecordStore(out)
@@ -463,7 +476,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_platform_config(args.config, args.overrides)
         plan_inputs(args.input, cfg.ingest.test_fraction, cfg.ingest.split_key)
-        check_output_dir(args.output)
+        check_output_dir(args.output, cfg)
     except (ConfigError, InputError, OutputError) as exc:
         print(f"ingest: error: {exc}", file=sys.stderr)
         return 2

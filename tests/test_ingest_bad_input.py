@@ -119,3 +119,18 @@ def test_bad_override_is_one_line_error(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "ingest.no_such_key" in lines[0], proc.stderr
 
+
+
+def test_output_of_another_format_is_refused(tmp_path):
+    """Resuming into a directory ingested with another crop size would mix two formats."""
+    from pipelines.schema import IngestMeta
+
+    out = tmp_path / "o"
+    out.mkdir()
+    IngestMeta(1, 25.0, 512, [4, 64, 64], [12, 768], 16000, {"preset": "sd15"}, 0.18215).write(out)
+    video = tmp_path / "a.mp4"
+    video.write_bytes(b"x")
+    proc, _ = _run_cli("--input", str(video), "--output", str(out), cwd=tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "new output directory" in lines[0], proc.stderr
