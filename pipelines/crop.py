@@ -8,7 +8,8 @@ Box rule: the landmark box of a frame (68 points) has centre (cx, cy) and side
 ``s = max(width, height)``; the crop is a square of side ``s * (1 + 2 * margin)`` centred on
 (cx, cy - 0.1 s) (raised a little: the 68 points stop at the brows). Frames without a face take
 centre and side interpolated linearly from the nearest frames with one (held at the ends).
-Centre and side are smoothed with a Savitzky-Golay filter (order 2) over ``smooth_window_s``.
+Centre and side are smoothed with a Savitzky-Golay filter (order 2) over ``smooth_window_s``,
+then rounded to whole pixels.
 A box larger than the frame is shrunk to the shorter frame side and a box crossing the border is
 shifted inside; ``out_of_frame_ratio`` is the share of frames where that was needed (the "head
 not fully in frame" filter).
@@ -29,7 +30,8 @@ _FIT_TOL_PX = 0.5
 class CropTrack:
     """One square crop box per frame plus the video-level quality measures.
 
-    boxes: float32 [N, 4] (x0, y0, x1, y1) source pixels, square, inside the frame.
+    boxes: float32 [N, 4] (x0, y0, x1, y1) source pixels, whole-pixel values, square, inside
+        the frame.
     out_of_frame_ratio: share of frames whose ideal box had to be shifted or shrunk to fit.
     missing_ratio: share of frames without a detected face (boxes interpolated there).
     head_motion: std of the face centre over the video (sqrt of the summed x / y variances), in
@@ -93,8 +95,13 @@ def plan_crop_track(landmarks: np.ndarray, found: np.ndarray, frame_wh: tuple[in
     fit_side = np.minimum(side_s, min(W, H))
     x0 = np.clip(cx_s - fit_side / 2, 0.0, W - fit_side)
     y0 = np.clip(cy_s - fit_side / 2, 0.0, H - fit_side)
-    boxes = np.stack([x0, y0, x0 + fit_side, y0 + fit_side], axis=1)
-    moved = np.abs(boxes - ideal).max(axis=1) > _FIT_TOL_PX
+    fitted = np.stack([x0, y0, x0 + fit_side, y0 + fit_side], axis=1)
+    moved = np.abs(fitted - ideal).max(axis=1) > _FIT_TOL_PX
+    # whole pixels (what crop_frames cuts), still square and inside the frame
+    side_px = np.clip(np.round(fit_side), 1, np.floor(min(W, H)))
+    x0_px = np.clip(np.round(cx_s - side_px / 2), 0, np.floor(W) - side_px)
+    y0_px = np.clip(np.round(cy_s - side_px / 2), 0, np.floor(H) - side_px)
+    boxes = np.stack([x0_px, y0_px, x0_px + side_px, y0_px + side_px], axis=1)
 
     face_w = float(np.median(wh[found, 0]))
     centre = np.stack([cx[found], cy[found] + _RAISE * s[found]], 1)
@@ -111,21 +118,34 @@ def plan_crop_track(landmarks: np.ndarray, found: np.ndarray, frame_wh: tuple[in
 
 
 def crop_frames(frames: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
-    """Cut each square box [n, 4] (x0, y0, x1, y1 source pixels, sub-pixel) out of ``frames``
-    uint8 [n, H, W, 3] and resize it to ``size`` x ``size`` (PIL bicubic, antialiased when
-    shrinking: the filter widens with the scale factor) -> uint8 [n, size, size, 3]."""
-    from PIL import Image
+    """Cut each square box [n, 4] (x0, y0, x1, y1 source pixels; rounded to whole pixels, as
+    :func:`plan_crop_track` makes them) out of ``frames`` uint8 [n, H, W, 3] and resize it to
+    ``size`` x ``size`` -> uint8 [n, size, size, 3].
+
+    Resizing: torch bilinear with antialiasing (the filter widens with the shrink factor), run
+    on uint8 directly (about 1 ms for 800 -> 512 px, 6x faster than PIL bicubic here). A box
+    reaching outside the frame is an error (never a silent squash or pad)."""
+    import torch
+    import torch.nn.functional as F
 
     frames = np.asarray(frames)
     boxes = np.asarray(boxes, dtype=np.float64)
     if frames.ndim != 4 or frames.dtype != np.uint8 or boxes.shape != (frames.shape[0], 4):
         raise ValueError(f"need uint8 frames [n, H, W, 3] and boxes [n, 4]; got {frames.dtype} "
                          f"{frames.shape}, {boxes.shape}")
+    H, W = frames.shape[1:3]
+    ints = np.round(boxes).astype(np.int64)
+    bad = (ints[:, 0] < 0) | (ints[:, 1] < 0) | (ints[:, 2] > W) | (ints[:, 3] > H) | \
+          (ints[:, 2] <= ints[:, 0]) | (ints[:, 3] <= ints[:, 1])
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"crop box {boxes[i].tolist()} of frame {i} is empty or outside the {W}x{H} frame")
     out = np.empty((frames.shape[0], size, size, 3), dtype=np.uint8)
-    for i in range(frames.shape[0]):
-        img = Image.fromarray(frames[i])
-        out[i] = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC,
-                                       box=tuple(float(v) for v in boxes[i]), reducing_gap=3.0))
+    for i, (x0, y0, x1, y1) in enumerate(ints):
+        region = torch.from_numpy(frames[i, y0:y1, x0:x1]).permute(2, 0, 1)[None]  # [1, 3, h, w]
+        resized = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True,
+                                align_corners=False)
+        out[i] = resized[0].permute(1, 2, 0).numpy()
     return out
 
 

@@ -207,6 +207,7 @@ def test_crop_track_square_inside_frame_and_contains_landmarks():
     b = track.boxes
     assert b.shape == (n, 4) and b.dtype == np.float32
     np.testing.assert_allclose(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1], atol=1e-3)  # square
+    np.testing.assert_array_equal(b, np.round(b))  # whole pixels: what crop_frames cuts
     assert (b[:, :2] >= -1e-3).all() and (b[:, 2] <= W + 1e-3).all() and (b[:, 3] <= H + 1e-3).all()
     ok = found
     inside = ((lm[ok] >= b[ok, None, :2]) & (lm[ok] <= b[ok, None, 2:])).all()
@@ -247,3 +248,5 @@ def test_crop_frames_is_a_face_centred_square_not_a_squash():
     lm = np.array([[[120, 20], [170, 70], [145, 45]] + [[145, 45]] * 65], np.float32)
     norm = landmarks_to_crop(lm, box)
     np.testing.assert_allclose(norm[0, :3], [[0, 0], [1, 1], [0.5, 0.5]], atol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        crop_frames(frame[None], np.array([[170, 20, 220, 70]], np.float32), 25)
