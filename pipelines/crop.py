@@ -141,11 +141,16 @@ def crop_frames(frames: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
         i = int(np.argmax(bad))
         raise ValueError(f"crop box {boxes[i].tolist()} of frame {i} is empty or outside the {W}x{H} frame")
     out = np.empty((frames.shape[0], size, size, 3), dtype=np.uint8)
-    for i, (x0, y0, x1, y1) in enumerate(ints):
-        region = torch.from_numpy(frames[i, y0:y1, x0:x1]).permute(2, 0, 1)[None]  # [1, 3, h, w]
-        resized = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True,
-                                align_corners=False)
-        out[i] = resized[0].permute(1, 2, 0).numpy()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one small image per call: extra threads only spin (6x the CPU)
+    try:
+        for i, (x0, y0, x1, y1) in enumerate(ints):
+            region = torch.from_numpy(frames[i, y0:y1, x0:x1]).permute(2, 0, 1)[None]  # [1, 3, h, w]
+            resized = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True,
+                                    align_corners=False)
+            out[i] = resized[0].permute(1, 2, 0).numpy()
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
