@@ -61,6 +61,11 @@ ingest: sample-data
 train: install
 	$(PY) train.py --data $(INGESTED) --stages 1,2
 
+# The HTTP service on 127.0.0.1:8000 with the latest stage-2 model registered by `make train`.
+MODEL ?= models:/loopy@stage2
+serve: install
+	$(PY) -m serve.app serve.model=$(MODEL)
+
 demo: install sysdeps
 	$(PY) -m core.demo --work $(WORK)
 
