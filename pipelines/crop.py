@@ -145,7 +145,9 @@ def crop_frames(frames: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
     torch.set_num_threads(1)  # one small image per call: extra threads only spin (6x the CPU)
     try:
         for i, (x0, y0, x1, y1) in enumerate(ints):
-            region = torch.from_numpy(frames[i, y0:y1, x0:x1]).permute(2, 0, 1)[None]  # [1, 3, h, w]
+            view = frames[i, y0:y1, x0:x1]  # read-only when it comes from a decoder buffer
+            region = torch.from_numpy(view if view.flags.writeable else view.copy())
+            region = region.permute(2, 0, 1)[None]  # [1, 3, h, w]
             resized = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True,
                                     align_corners=False)
             out[i] = resized[0].permute(1, 2, 0).numpy()
