@@ -155,6 +155,8 @@ def child_env() -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
+        # the children's output is piped and prefixed: Ray Data's redrawn progress bars are noise there
+        "RAY_DATA_DISABLE_PROGRESS_BARS": env.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1"),
     })
     env.pop("RAY_ADDRESS", None)  # the demo never joins a cluster
     Path(env["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
