@@ -190,14 +190,16 @@ def tiny_weights_unet(cfg) -> str:
 
 
 @pytest.mark.slow
-def test_nan_stop_then_resume_matches_uninterrupted(tmp_path, data_dir, tiny_weights, ray_local):
-    """Same job twice (torch loader): uninterrupted, and stopped by the NaN guard at step 3 (a NaN
-    batch injected once) then ``--resume``d from the step-2 checkpoint. The NaN stop names the step
-    and the batch; the loss curves and the final (EMA) weights agree."""
+@pytest.mark.parametrize("loader,workers", [("torch", 1), ("ray_data", 2)])
+def test_nan_stop_then_resume_matches_uninterrupted(tmp_path, data_dir, tiny_weights, ray_local, loader, workers):
+    """Same job twice: uninterrupted, and stopped by the NaN guard at step 3 (a NaN batch injected
+    once) then ``--resume``d from the step-2 checkpoint. The NaN stop names the step and the batch;
+    the loss curves and the final (EMA) weights agree. Both data paths: the torch Dataset, and the
+    reader's Ray Dataset sharded over 2 workers by Ray Train."""
     from training.stages import TrainingStoppedError
 
-    common = ["train.num_workers=1", "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=0",
-              "train.data_loader=torch", "train.warmup_steps=1", "train.lr=0.001", "train.max_failures=0",
+    common = [f"train.num_workers={workers}", "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=0",
+              f"train.data_loader={loader}", "train.warmup_steps=1", "train.lr=0.001", "train.max_failures=0",
               "train.eval_max_batches=1", "train.ema_decay=0.9"]
     cfg = _cfg(tmp_path, tiny_weights, *common)
     full = run_job(prepare_job(cfg, data_dir, [1], job_name="full"))

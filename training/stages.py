@@ -235,9 +235,16 @@ def run_stage(prep: PreparedJob, stage: int, tracker: JobTracker, parent: RunLog
     work_dir.mkdir(parents=True, exist_ok=True)
     job = StageJob(cfg=cfg, stage=stage, data_dir=str(prep.data_dir), steps_per_epoch=prep.steps_per_epoch[stage],
                    init_from=init_from, run=run, work_dir=str(work_dir))
-    datasets = None
+    datasets, dataset_config = None, None
     if cfg.train.data_loader == "ray_data":
         datasets = {"train": _ray_dataset(cfg, prep.data_dir, prep.steps_per_epoch[stage])}
+        # preserve_order makes the blocks, and so each worker's shard, the same in every run:
+        # a resumed run that skips the batches already trained on sees exactly the rest
+        from ray.data import ExecutionOptions
+        from ray.train import DataConfig
+
+        dataset_config = DataConfig(execution_options=ExecutionOptions(preserve_order=True),
+                                    enable_shard_locality=False)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
@@ -248,6 +255,7 @@ def run_stage(prep: PreparedJob, stage: int, tracker: JobTracker, parent: RunLog
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
         ),
         datasets=datasets,
+        dataset_config=dataset_config,
     )
     try:
         result = trainer.fit()
