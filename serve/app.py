@@ -246,24 +246,28 @@ class LoopyIngress:
         return JSONResponse({"field": "queue", "error": f"queue: {exc}", "retry_after_s": exc.retry_after_s},
                             status_code=429, headers={"Retry-After": str(exc.retry_after_s)})
 
-    @fastapi_app.get("/v1/videos/{job_id}")
-    async def status(self, job_id: str, request: Request):
+    def _find_job(self, job_id: str, request: Request):
+        """(job, None) for an authorised request naming a known job, else (None, the 401/404 answer)."""
         denied = self._auth(request)
         if denied:
-            return denied
+            return None, denied
         job = self.store.get(job_id)
         if job is None:
-            return JSONResponse({"field": "id", "error": f"id: no job {job_id[:64]!r}"}, status_code=404)
+            return None, JSONResponse({"field": "id", "error": f"id: no job {job_id[:64]!r}"}, status_code=404)
+        return job, None
+
+    @fastapi_app.get("/v1/videos/{job_id}")
+    async def status(self, job_id: str, request: Request):
+        job, answer = self._find_job(job_id, request)
+        if answer is not None:
+            return answer
         return job.to_json(self.store.queue_position(job.id))
 
     @fastapi_app.get("/v1/videos/{job_id}/file")
     async def file(self, job_id: str, request: Request):
-        denied = self._auth(request)
-        if denied:
-            return denied
-        job = self.store.get(job_id)
-        if job is None:
-            return JSONResponse({"field": "id", "error": f"id: no job {job_id[:64]!r}"}, status_code=404)
+        job, answer = self._find_job(job_id, request)
+        if answer is not None:
+            return answer
         if job.state != JobState.done:
             return JSONResponse({"field": "id", "error": f"id: job is {job.state.value}, no video yet",
                                  "state": job.state.value}, status_code=409)
