@@ -134,6 +134,24 @@ def is_variable_rate(pts_s: np.ndarray, tick_s: float = 0.0) -> bool:
     return bool(np.max(np.abs(d - med)) > VFR_TOLERANCE * med + tick_s)
 
 
+def first_frame_geometry(container, path: Path) -> tuple[int, int, int]:
+    """(coded width, coded height, rotation in counter-clockwise degrees) from the first decoded
+    frame of ``container``'s first video stream (the container must have one).
+
+    Raises :class:`ProbeError` naming the file when no frame decodes or the rotation is not a
+    multiple of 90 degrees."""
+    try:
+        frame = next(container.decode(video=0))
+    except StopIteration:
+        raise ProbeError(f"{path}: the video stream has no decodable frame") from None
+    except Exception as exc:
+        raise ProbeError(f"{path}: first video frame cannot be decoded ({type(exc).__name__}: {exc})") from exc
+    rotation = int(round(getattr(frame, "rotation", 0) or 0)) % 360
+    if rotation % 90:
+        raise ProbeError(f"{path}: unsupported rotation {rotation} degrees (multiples of 90 only)")
+    return frame.width, frame.height, rotation
+
+
 def probe_video(path: str | Path) -> VideoProbe:
     """Probe one file. Raises :class:`ProbeError` naming the file and the problem."""
     path = Path(path)
@@ -143,21 +161,8 @@ def probe_video(path: str | Path) -> VideoProbe:
             raise ProbeError(f"{path}: no video stream")
         vs = container.streams.video[0]
         codec = vs.codec_context.name
-        coded_w, coded_h = vs.codec_context.width, vs.codec_context.height
         tick = float(vs.time_base) if vs.time_base else 0.0
-        rotation = 0
-        try:
-            frame = next(container.decode(vs))
-            rotation = int(round(getattr(frame, "rotation", 0) or 0)) % 360
-            coded_w, coded_h = frame.width, frame.height
-        except StopIteration:
-            raise ProbeError(f"{path}: the video stream has no decodable frame") from None
-        except ProbeError:
-            raise
-        except Exception as exc:
-            raise ProbeError(f"{path}: first video frame cannot be decoded ({type(exc).__name__}: {exc})") from exc
-        if rotation % 90:
-            raise ProbeError(f"{path}: unsupported rotation {rotation} degrees (multiples of 90 only)")
+        coded_w, coded_h, rotation = first_frame_geometry(container, path)
         audio = container.streams.audio[0] if container.streams.audio else None
         a_rate = a_ch = a_dur = None
         if audio is not None:

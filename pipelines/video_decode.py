@@ -33,7 +33,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from pipelines.probe import ProbeError, open_media, read_video_pts
+from pipelines.probe import ProbeError, first_frame_geometry, open_media, read_video_pts
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +151,9 @@ def _container_facts(path: Path) -> tuple[int, int, int]:
     try:
         if not container.streams.video:
             raise DecodeError(f"{path}: no video stream")
-        frame = next(container.decode(video=0))
-        return frame.width, frame.height, int(round(getattr(frame, "rotation", 0) or 0)) % 360
-    except StopIteration:
-        raise DecodeError(f"{path}: the video stream has no decodable frame") from None
-    except DecodeError:
-        raise
-    except Exception as exc:
-        raise DecodeError(f"{path}: first frame cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        return first_frame_geometry(container, path)
+    except ProbeError as exc:
+        raise DecodeError(str(exc)) from exc
     finally:
         container.close()
 
@@ -183,8 +178,6 @@ def iter_frames(path: str | Path, fps: float = 25.0, chunk_frames: int = 50,
     if plan is None:
         plan = plan_resample(path, fps)
     coded_w, coded_h, rotation = _container_facts(path)
-    if rotation % 90:
-        raise DecodeError(f"{path}: unsupported rotation {rotation} degrees")
     if rotation and "decord" in order:
         if backend == "decord":
             raise DecodeError(f"{path}: decord does not honour rotation ({rotation} degrees); use PyAV")
