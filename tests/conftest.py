@@ -46,3 +46,17 @@ def tiny_package(tiny_weights, tmp_path_factory):
     weights_cfg, _ = tiny_weights
     folder = tmp_path_factory.mktemp("tiny_package") / "package"
     return write_untrained_package(folder, overrides=[f"weights.tiny_dir={weights_cfg.tiny_dir}"])
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a test module (opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``). Tiny models run as fast on one
+    thread, and on a 2-core machine shared with other jobs OpenMP's spinning threads make them
+    about 10x slower; results do not depend on the thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

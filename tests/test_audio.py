@@ -57,13 +57,7 @@ TONE_HZ = 440.0
 DURATION_S = 1.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one thread is as fast and does not spin against other jobs on the 2 cores."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ffmpeg(*args: str) -> None:

@@ -11,14 +11,7 @@ B, F, M, H = 2, 4, 6, 8  # clips, clip frames, motion latents, latent side (tiny
 L, D, W = 2, 32, 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: one thread is fastest, and on a shared 2-core machine two OpenMP threads
-    spin against other processes (10x slower steps)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -42,14 +42,7 @@ def probe_streams(path: Path) -> dict:
     return {s["codec_type"]: s for s in json.loads(out)["streams"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a CPU shared with other jobs, OpenMP's spinning worker threads
-    make the tiny model ~10x slower; the results do not depend on the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
