@@ -63,6 +63,21 @@ def dlib_shape_predictor_path() -> Path:
     return path
 
 
+def _detect_each(frames: np.ndarray, detect_one) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``detect_one(frame [H, W, 3]) -> [68, 2] pixel points or None`` over ``frames``
+    [n, H, W, 3] RGB -> (landmarks float32 [n, 68, 2], NaN where no face; found bool [n])."""
+    frames = _check_frames(frames)
+    n = frames.shape[0]
+    landmarks = np.full((n, NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
+    found = np.zeros(n, dtype=bool)
+    for i in range(n):
+        points = detect_one(frames[i])
+        if points is not None:
+            landmarks[i] = points
+            found[i] = True
+    return landmarks, found
+
+
 class DlibDetector:
     """dlib HOG frontal face detector + 68-point shape predictor.
 
@@ -81,24 +96,20 @@ class DlibDetector:
         self._rect = dlib.rectangle
 
     def detect(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        frames = _check_frames(frames)
-        n = frames.shape[0]
-        landmarks = np.full((n, NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
-        found = np.zeros(n, dtype=bool)
-        for i in range(n):
-            frame = np.ascontiguousarray(frames[i])  # RGB, as dlib expects
-            small, scale = _downscale(frame, self.detect_max_side)
-            rects = self._detector(small, self.upsample)
-            if len(rects) == 0:
-                continue
-            r = max(rects, key=lambda q: q.width() * q.height())
-            inv = 1.0 / scale
-            full = self._rect(int(round(r.left() * inv)), int(round(r.top() * inv)),
-                              int(round(r.right() * inv)), int(round(r.bottom() * inv)))
-            shape = self._predictor(frame, full)
-            landmarks[i] = [(shape.part(j).x, shape.part(j).y) for j in range(NUM_LANDMARKS)]
-            found[i] = True
-        return landmarks, found
+        return _detect_each(frames, self._detect_one)
+
+    def _detect_one(self, frame: np.ndarray) -> Optional[list[tuple[int, int]]]:
+        frame = np.ascontiguousarray(frame)  # RGB, as dlib expects
+        small, scale = _downscale(frame, self.detect_max_side)
+        rects = self._detector(small, self.upsample)
+        if len(rects) == 0:
+            return None
+        r = max(rects, key=lambda q: q.width() * q.height())
+        inv = 1.0 / scale
+        full = self._rect(int(round(r.left() * inv)), int(round(r.top() * inv)),
+                          int(round(r.right() * inv)), int(round(r.bottom() * inv)))
+        shape = self._predictor(frame, full)
+        return [(shape.part(j).x, shape.part(j).y) for j in range(NUM_LANDMARKS)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +177,8 @@ class DWPoseDetector:
         providers = providers or ["CPUExecutionProvider"]
         self._det = ort.InferenceSession(str(det), providers=providers)
         self._pose = ort.InferenceSession(str(pose), providers=providers)
+        self._pose_input = self._pose.get_inputs()[0].name
+        self._pose_outputs = [o.name for o in self._pose.get_outputs()]
         self.min_score = min_score
 
     def _person_box(self, frame: np.ndarray) -> Optional[np.ndarray]:
@@ -197,31 +210,27 @@ class DWPoseDetector:
         return boxes[int(np.argmax(areas))]
 
     def detect(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return _detect_each(frames, self._detect_one)
+
+    def _detect_one(self, frame: np.ndarray) -> Optional[np.ndarray]:
         from PIL import Image
 
-        frames = _check_frames(frames)
-        n = frames.shape[0]
-        landmarks = np.full((n, NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
-        found = np.zeros(n, dtype=bool)
-        for i in range(n):
-            box = self._person_box(frames[i])
-            if box is None:
-                continue
-            centre, scale = box_to_pose_input(box)
-            x0, y0 = centre - scale / 2
-            region = (float(x0), float(y0), float(x0 + scale[0]), float(y0 + scale[1]))
-            crop = Image.fromarray(frames[i]).transform(
-                (_POSE_INPUT[1], _POSE_INPUT[0]), Image.Transform.EXTENT, region, Image.Resampling.BILINEAR)
-            blob = ((np.asarray(crop, dtype=np.float32) - _POSE_MEAN) / _POSE_STD).transpose(2, 0, 1)[None]
-            names = [o.name for o in self._pose.get_outputs()]
-            sx, sy = self._pose.run(names, {self._pose.get_inputs()[0].name: blob})[:2]
-            pts, scores = simcc_decode(sx, sy)
-            face = wholebody_to_face68(pts[0])
-            face_scores = wholebody_to_face68(scores[0][:, None])[:, 0]
-            if float(face_scores.mean()) >= self.min_score:
-                landmarks[i] = pose_input_to_image(face, centre, scale)
-                found[i] = True
-        return landmarks, found
+        box = self._person_box(frame)
+        if box is None:
+            return None
+        centre, scale = box_to_pose_input(box)
+        x0, y0 = centre - scale / 2
+        region = (float(x0), float(y0), float(x0 + scale[0]), float(y0 + scale[1]))
+        crop = Image.fromarray(frame).transform(
+            (_POSE_INPUT[1], _POSE_INPUT[0]), Image.Transform.EXTENT, region, Image.Resampling.BILINEAR)
+        blob = ((np.asarray(crop, dtype=np.float32) - _POSE_MEAN) / _POSE_STD).transpose(2, 0, 1)[None]
+        sx, sy = self._pose.run(self._pose_outputs, {self._pose_input: blob})[:2]
+        pts, scores = simcc_decode(sx, sy)
+        face = wholebody_to_face68(pts[0])
+        face_scores = wholebody_to_face68(scores[0][:, None])[:, 0]
+        if float(face_scores.mean()) < self.min_score:
+            return None
+        return pose_input_to_image(face, centre, scale)
 
 
 def make_detector(detector: str = "dlib", dwpose_dir: Optional[str] = None,
