@@ -67,7 +67,7 @@ serve: install
 	$(PY) -m serve.app serve.model=$(MODEL)
 
 demo: install sysdeps
-	$(PY) -m core.demo --work $(WORK)
+	$(PY) -m demo --work $(WORK)
 
 bench: install sysdeps
 	$(PY) -m benchmarks.run

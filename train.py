@@ -15,6 +15,9 @@ import argparse
 import logging
 import sys
 from typing import Optional, Sequence
+from core.config import add_config_arguments
+from core.config import ConfigError, load_platform_config
+from training.stages import TrainSetupError, prepare_job, run_job
 
 
 def parse_stages(args: argparse.Namespace) -> list[int]:
@@ -30,7 +33,6 @@ def parse_stages(args: argparse.Namespace) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from core.config import add_config_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,8 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from core.config import ConfigError, load_platform_config
-    from training.stages import TrainSetupError, prepare_job, run_job
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)

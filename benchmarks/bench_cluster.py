@@ -87,7 +87,7 @@ def loopy_train_tflops(stage: int) -> tuple[float, float, float]:
     from diffusers import UNet2DConditionModel
 
     import models.loopy  # noqa: F401  (loaded before the truth-value patch)
-    from models.config import ModelConfig
+    from core.sections import ModelConfig
     from models.loopy import LoopyModel, sd15_unet_config
 
     cfg = ModelConfig(preset="sd15", audio_layers=12, audio_dim=768)

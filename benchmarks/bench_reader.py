@@ -36,7 +36,7 @@ AUDIO = (12, 768)
 
 
 def _reader_cfg(**kw):
-    from pipelines.config import ReaderConfig
+    from core.sections import ReaderConfig
     return ReaderConfig(**kw)
 
 

@@ -74,7 +74,7 @@ def _clip_inputs(sampler, latent_hw: int, device):
 
 
 def _guidance_ratios(sampler, latent_hw: int, steps: int, repeats: int, device) -> dict:
-    from models.sampler import SampleOptions
+    from inference.sampler import SampleOptions
 
     ref, motion, mask, audio = _clip_inputs(sampler, latent_hw, device)
     opts = SampleOptions(steps=steps)
@@ -91,7 +91,7 @@ def _guidance_ratios(sampler, latent_hw: int, steps: int, repeats: int, device) 
 
 
 def _tiny_rows() -> list[dict]:
-    from models.sampler import LoopySampler, SampleOptions
+    from inference.sampler import LoopySampler, SampleOptions
     from models.untrained_package import write_untrained_package
 
     rows = []
@@ -110,7 +110,7 @@ def _tiny_rows() -> list[dict]:
         rows.append(_row("tiny CPU real-time factor, whole call", result.duration_s / total, "video s / compute s",
                          "", f"{result.num_frames} frames ({seconds:g} s audio), {STEPS} DDIM steps, 64 px; "
                              f"{total:.2f} s incl. crop, wav2vec2, VAE, mp4; {CPU_THREADS} torch thread(s)"))
-        ref = sampler.prepare_portrait(__import__("models.portrait", fromlist=["load_image"]).load_image(image))
+        ref = sampler.prepare_portrait(__import__("inference.portrait", fromlist=["load_image"]).load_image(image))
         _, feats = sampler.prepare_audio(audio, 25.0)
         t0 = time.perf_counter()
         sampler.generate_latents(ref, feats, opts)
@@ -134,7 +134,7 @@ def _sd15_gpu_rows() -> list[dict]:
                      "skipped: no CUDA device on this machine")]
     from core.config import PlatformConfig
     from models.loopy import LoopyModel, sd15_unet_config
-    from models.sampler import LoopySampler, SampleOptions
+    from inference.sampler import LoopySampler, SampleOptions
 
     device = torch.device("cuda")
     with torch.device("cuda"):

@@ -85,7 +85,7 @@ def _sd15_step_time() -> list[dict]:
     from diffusers.optimization import get_scheduler
 
     from models.loopy import LoopyModel, sd15_unet_config
-    from training.config import TrainConfig
+    from core.sections import TrainConfig
     from training.step import make_noise_scheduler, train_step
 
     dev = torch.device("cuda")

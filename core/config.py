@@ -19,10 +19,12 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
-T = TypeVar("T")
+from core.sections import PlatformConfig
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = PROJECT_ROOT / "configs"
+__all__ = ["ConfigError", "PlatformConfig", "add_config_arguments", "dump_yaml", "flatten", "load_config",
+           "load_platform_config", "parse_overrides", "read_yaml", "to_dict"]
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -191,30 +193,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config FILE`` plus trailing ``section.key=value`` overrides."""
     parser.add_argument("--config", default=None, help="YAML config file (default: embedded tiny preset)")
     parser.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides")
-
-
-# --- the platform config: one section per room ---------------------------------------------------
-
-from core.sections import RayConfig, TrackingConfig, WeightsConfig  # noqa: E402
-from pipelines.config import IngestConfig, ReaderConfig  # noqa: E402
-from models.config import ModelConfig, SamplerConfig  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from serve.config import ServeConfig  # noqa: E402
-
-
-@dataclasses.dataclass
-class PlatformConfig:
-    """Everything a job reads. Defaults = embedded laptop setting with the ``tiny`` preset."""
-
-    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
-    weights: WeightsConfig = dataclasses.field(default_factory=WeightsConfig)
-    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
-    ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
-    reader: ReaderConfig = dataclasses.field(default_factory=ReaderConfig)
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
-    serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
 
 
 def load_platform_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> PlatformConfig:

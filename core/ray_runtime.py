@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from core.config import PROJECT_ROOT
+from core.paths import PROJECT_ROOT
 from core.sections import RayConfig
 
 

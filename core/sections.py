@@ -1,9 +1,17 @@
-"""Config sections shared by every job: Ray, pretrained weights, MLflow tracking."""
+"""Every config section of the platform, in one place, and the :class:`PlatformConfig` that holds them.
+
+One section per concern: ``ray``, ``weights``, ``tracking`` (every job), ``ingest`` and ``reader``
+(data), ``model`` and ``sampler`` (networks and inference), ``train`` and ``serve``. Loading,
+overrides and validation live in :mod:`core.config`; this module only declares the fields, their
+types, defaults and units. Relative paths in any section are resolved against the project root by
+:func:`core.paths.project_path`.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+# --- shared by every job ------------------------------------------------------------------------
 
 @dataclass
 class RayConfig:
@@ -41,3 +49,180 @@ class TrackingConfig:
     artifact_root: str = "mlruns"
     experiment: str = "loopy"
     registered_model: str = "loopy"
+
+
+# --- data: ingest job and training reader ------------------------------------------------------
+
+@dataclass
+class IngestConfig:
+    """Raw videos -> per-frame Parquet. Units: frames at ``fps``, pixels, seconds, Hz."""
+
+    fps: float = 25.0  # output frame rate; resampling is by timestamp
+    crop_size: int = 64  # output portrait side in pixels (512 for sd15)
+    crop_margin: float = 0.6  # extra context around the landmark box, as a fraction of its side
+    sample_rate: int = 16000  # audio, Hz, mono
+    chunk_frames: int = 50  # frames decoded and processed per block: bounds peak memory
+    min_frames: int = 136  # 12 clip + 124 motion frames: shorter videos are rejected
+    write_jpeg: bool = False  # also store the JPEG of each crop
+    detector: Literal["dlib", "dwpose"] = "dlib"
+    detect_max_side: int = 480  # frames are downscaled to this longest side for detection
+    # quality filters (reasons are recorded in the manifest)
+    max_missing_face_ratio: float = 0.2
+    max_yaw_deg: float = 60.0
+    max_head_motion: float = 0.5  # std of the face centre over the video, in face widths
+    max_audio_video_offset_s: float = 0.5
+    test_fraction: float = 0.1  # deterministic split by hash of video_id
+    num_decode_workers: Optional[int] = None  # None = Ray decides
+    model_batch_size: int = 16  # frames per VAE call
+    use_gpu: bool = False  # put the VAE / wav2vec2 actors on GPUs
+    # ingest job (pipelines/ingest.py): splits, resume, Ray Data stage sizes
+    split_key: Literal["video", "folder"] = "video"  # folder: one person's folder never spans both splits
+    max_out_of_frame_ratio: float = 0.1  # share of frames whose face crop leaves the frame
+    retry_rejected: bool = False  # resume: also redo videos rejected by an earlier run
+    num_detect_actors: int = 1  # actor pool: probe + face detection + crop track + audio decode
+    num_audio_actors: int = 1  # actor pool: wav2vec2 features
+    num_vae_actors: int = 1  # actor pool: VAE latents
+    stage_num_cpus: float = 0.25  # logical CPUs reserved per task/actor of each stage
+    model_num_gpus: float = 1.0  # GPUs per wav2vec2 / VAE actor when use_gpu
+    max_task_retries: int = 1  # a video whose worker dies this often more is recorded as rejected
+    max_chunk_mb: int = 128  # full-resolution pass: fewer than chunk_frames frames per chunk for big sources
+    # decoders (pipelines.video_decode backends): decord's full-resolution get_batch grew to ~4.5 GB
+    # on a 1-minute 1080p file (PyAV: flat ~1 GB), so the full-resolution pass uses PyAV
+    detect_decode_backend: Literal["auto", "decord", "pyav"] = "auto"  # low-res detection pass
+    decode_backend: Literal["auto", "decord", "pyav"] = "pyav"  # full-resolution crop pass
+
+
+@dataclass
+class ReaderConfig:
+    """Ingested Parquet -> Loopy training samples. Units: frames at 25 fps."""
+
+    clip_frames: int = 12
+    motion_frames: int = 124
+    segment_stride: int = 4  # s: abstract frames per segment
+    segment_ratio: int = 2  # r: segment k spans s * r**k frames
+    abstraction: Literal["uniform", "mean"] = "uniform"
+    audio_window: int = 2  # frames each side: t-2..t+2
+    ref_min_distance: int = 12  # frames between the reference and the clip
+    samples_per_video: int = 8  # per epoch
+    early_start_prob: float = 0.2  # share of clip starts drawn with < motion_frames of history
+    p_drop_audio: float = 0.10
+    p_drop_motion_cond: float = 0.10
+    p_drop_ref: float = 0.15
+    p_drop_motion_frames: float = 0.40
+    seed: int = 0
+    stage: int = 2  # 1: one target frame + reference, no motion frames or audio
+    split: str = "train"
+
+
+# --- networks and inference -------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    """The Loopy networks. ``preset`` picks the U-Net size (tiny for CPU, sd15 for real)."""
+
+    preset: Literal["tiny", "sd15"] = "tiny"
+    audio_layers: int = 2  # wav2vec2 hidden layers kept (12 for base)
+    audio_dim: int = 32  # wav2vec2 hidden size (768 for base)
+    motion_latent_tokens: int = 8  # size of the audio-to-latents embedding bank
+    gradient_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class SamplerConfig:
+    """DDIM sampling with Loopy's three-way guidance."""
+
+    steps: int = 25
+    audio_ratio: float = 5.0
+    ref_ratio: float = 3.0
+    seed: int = 0
+    fps: float = 25.0
+    max_audio_s: Optional[float] = 60.0
+    device: str = "auto"  # auto | cpu | cuda
+
+
+# --- training ------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Ray Train DDP training of both stages (``train.*``). Steps are optimizer steps per stage."""
+
+    # --- Ray Train scaling (ScalingConfig) ---
+    num_workers: int = 2  # DDP workers (processes); CPU + gloo unless use_gpu
+    use_gpu: bool = False  # one NCCL worker per GPU
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 0.5  # leaves CPUs for the Ray Data read tasks on a 2-CPU laptop
+    # --- data ---
+    # "ray_data": the reader's Ray Dataset streamed into each worker (get_dataset_shard);
+    # "torch": the reader's torch Dataset sharded by rank (bit-exact resume: every rank always
+    # sees the same batches, Ray Data's streaming split assigns blocks to workers dynamically).
+    data_loader: Literal["ray_data", "torch"] = "ray_data"
+    batch_size: int = 2  # clips per worker per step
+    # --- optimisation ---
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 10  # linear warm-up, then constant (diffusers "constant_with_warmup")
+    max_grad_norm: float = 1.0  # gradient clipping; <= 0 disables
+    max_steps: int = 20  # per stage
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast on GPU only
+    ema_decay: Optional[float] = None  # e.g. 0.9999; None = no EMA
+    find_unused_parameters: bool = False  # DDP; only if the model leaves parameters unused
+    seed: int = 0
+    # --- noise schedule (diffusers DDPMScheduler, SD-1.5 settings) ---
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    # --- checkpoints, logging, evaluation ---
+    checkpoint_every: int = 10  # steps; the last step always checkpoints
+    checkpoints_to_keep: int = 2
+    log_every: int = 1  # steps between metric reports
+    eval_every: int = 10  # steps; the last step always evaluates; 0 = only at the end
+    eval_timesteps: list[int] = field(default_factory=lambda: [100, 500, 900])
+    eval_max_batches: int = 4  # test-split batches per evaluation
+    eval_sample_steps: int = 4  # DDIM steps of the sample video at evaluation (0 = no video)
+    max_failures: int = 1  # Ray Train FailureConfig: worker failures recovered from the last checkpoint
+    storage_path: str = "work/ray_results"  # relative paths are under the project root
+    # --- fault injection (tests / drills only), once per job: before step ``fault_at_step`` rank
+    # ``fault_rank`` exits ("exit": a killed worker) or gets a NaN batch ("nan": the NaN guard) ---
+    fault_at_step: Optional[int] = None
+    fault_rank: int = 1
+    fault_kind: Literal["exit", "nan"] = "exit"
+
+
+# --- serving -------------------------------------------------------------------------------------
+
+@dataclass
+class ServeConfig:
+    """The Ray Serve HTTP service (``serve.*``). Sizes in MB, durations in seconds."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: Optional[str] = None  # MLflow model URI (models:/loopy/1) or a local path
+    num_replicas: int = 1
+    gpus_per_replica: float = 0.0
+    max_queue: int = 8
+    max_upload_mb: int = 20
+    max_audio_s: float = 30.0
+    auth_token: Optional[str] = None
+    job_dir: str = "work/serve_jobs"
+    cpus_per_replica: float = 1.0  # CPUs reserved by each sampler worker replica
+    job_ttl_s: float = 3600.0  # finished jobs (and their files) are removed after this many seconds
+
+
+# --- the platform config --------------------------------------------------------------------------
+
+@dataclass
+class PlatformConfig:
+    """Everything a job reads. Defaults = embedded laptop setting with the ``tiny`` preset."""
+
+    ray: RayConfig = field(default_factory=RayConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)

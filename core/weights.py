@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from core.config import PROJECT_ROOT
+from core.paths import project_path
 from core.sections import WeightsConfig
 
 TINY_VERSION = 1  # bump when a tiny config below changes: forces a rebuild of the folder
@@ -85,8 +85,7 @@ def tiny_wav2vec2_config() -> dict:
 
 
 def _tiny_root(cfg: WeightsConfig) -> Path:
-    root = Path(cfg.tiny_dir)
-    return root if root.is_absolute() else PROJECT_ROOT / root
+    return project_path(cfg.tiny_dir)
 
 
 def materialize_tiny_weights(root: Path, seed: int = 0) -> Path:

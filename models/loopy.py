@@ -46,7 +46,8 @@ from models.audio_modules import A2L_KINDS, AudioCrossAttention, AudioProjection
 from models.reference_attention import (ContextAttnProcessor, LoopyCallContext, LoopySelfAttnProcessor,
                                         ReferenceFeatures, ReferenceWriteProcessor)
 from models.temporal_layers import TemporalLayers
-from models.temporal_segment import make_plan
+from core.temporal_segment import make_plan
+from core.weights import load_pretrained
 
 __all__ = ["LoopyModel", "ReferenceFeatures", "sd15_unet_config", "A2L_KINDS"]
 
@@ -227,7 +228,6 @@ class LoopyModel(ModelMixin, ConfigMixin):
 
         ``reader_cfg`` gives the audio window (2 * audio_window + 1 frames) and checks that the
         motion-frame plan is valid (M = ``make_plan(...).num_outputs``)."""
-        from core.weights import load_pretrained
 
         make_plan(reader_cfg.motion_frames, reader_cfg.segment_stride, reader_cfg.segment_ratio)
         unet = load_pretrained(UNet2DConditionModel, unet_location, local_files_only)

@@ -17,6 +17,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 from typing import Any, Optional
+from core.config import dump_yaml
+from core.config import load_platform_config
+from models.errors import ModelError
 
 PACKAGE_ARTIFACT = "model_package"
 MODEL_SUBDIR = "loopy"
@@ -24,7 +27,7 @@ CONFIG_FILE = "platform.yaml"
 STAGE_TAG = "stage"
 
 
-class ModelPackageError(FileNotFoundError):
+class ModelPackageError(ModelError, FileNotFoundError):
     """A model location that does not hold a readable model package."""
 
 
@@ -37,7 +40,6 @@ def write_model_package(folder: str | Path, model: Any, config: Any, weight_path
     is a folder written by ``save_pretrained``), ``platform.yaml`` from the
     dataclass ``config``, and for the tiny preset copies of ``weight_paths.vae`` / ``.wav2vec2``
     (local folders). Returns ``folder``."""
-    from core.config import dump_yaml
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -68,7 +70,6 @@ def check_package(folder: str | Path) -> Path:
 
 def read_package_config(folder: str | Path):
     """The :class:`core.config.PlatformConfig` a package was trained with."""
-    from core.config import load_platform_config
 
     return load_platform_config(check_package(folder) / CONFIG_FILE)
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Sequence
+from core.config import load_platform_config
+from core.weights import resolve_weights
+from models.loopy import LoopyModel
+from models.registry import CONFIG_FILE, MODEL_SUBDIR, write_model_package
 
 
 def write_untrained_package(folder: str | Path, config_path: Optional[str | Path] = None,
@@ -18,10 +22,6 @@ def write_untrained_package(folder: str | Path, config_path: Optional[str | Path
     Idempotent: an existing package at ``folder`` is returned as is."""
     import torch
 
-    from core.config import load_platform_config
-    from core.weights import resolve_weights
-    from models.loopy import LoopyModel
-    from models.registry import CONFIG_FILE, MODEL_SUBDIR, write_model_package
 
     folder = Path(folder)
     if (folder / CONFIG_FILE).is_file() and (folder / MODEL_SUBDIR / "config.json").is_file():

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pipelines.errors import PipelineError
 
 
-class AudioDecodeError(RuntimeError):
+class AudioDecodeError(PipelineError, RuntimeError):
     """The audio of a file cannot be decoded; the message names the file and the problem."""
 
 

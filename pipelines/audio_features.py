@@ -28,6 +28,8 @@ import math
 
 import numpy as np
 import torch
+from core.weights import load_pretrained
+from pipelines.errors import PipelineError
 
 
 def audio_window_indices(frame_indices: np.ndarray, num_frames: int, radius: int = 2) -> np.ndarray:
@@ -77,7 +79,7 @@ def audio_windows(features: np.ndarray, radius: int = 2, frame_indices: np.ndarr
 # ---------------------------------------------------------------------------------------------
 
 
-class AudioLengthError(ValueError):
+class AudioLengthError(PipelineError, ValueError):
     """The audio is shorter than the video by more than one frame."""
 
 
@@ -163,7 +165,6 @@ class AudioFeatureExtractor:
                  window_s: float = 20.0, context_s: float = 2.0, dtype: torch.dtype = torch.float32):
         from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-        from core.weights import load_pretrained
 
         if window_s <= 2 * context_s:
             raise ValueError(f"AudioFeatureExtractor: window_s ({window_s}) must exceed 2 * context_s ({context_s})")

@@ -18,9 +18,10 @@ from typing import Optional, Protocol, runtime_checkable
 import numpy as np
 
 from pipelines.landmarks import NUM_LANDMARKS, wholebody_to_face68
+from pipelines.errors import PipelineError
 
 
-class FaceDetectorError(RuntimeError):
+class FaceDetectorError(PipelineError, RuntimeError):
     """A detector that cannot be built (missing package, missing weights file)."""
 
 

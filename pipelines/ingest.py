@@ -53,15 +53,19 @@ import pyarrow as pa  # noqa: E402
 
 from core.config import ConfigError, PlatformConfig, add_config_arguments, load_platform_config  # noqa: E402
 from pipelines.ingest_stages import STAGE_TIMES_KEY  # noqa: E402
-from pipelines.manifest import (InputError, InputVideo, RecordStore, clean_partial_files,  # noqa: E402
+from pipelines.manifest import (IngestInputError, InputVideo, RecordStore, clean_partial_files,  # noqa: E402
                                 manifest_row, plan_inputs, write_manifest)
 from pipelines.schema import (FRAMES_DIR, META_NAME, SCHEMA_VERSION, FrameFileWriter, IngestFormatError,  # noqa: E402
                               IngestMeta, frame_schema, frames_path)
+from pipelines.ingest_stages import AudioFeatureStage, VaeStage, VideoAnalyzer, decode_and_crop
+from core.weights import resolve_weights
+from core.ray_runtime import init_ray
+from pipelines.errors import PipelineError
 
 log = logging.getLogger("loopy.ingest")
 
 
-class OutputError(OSError):
+class IngestOutputError(PipelineError, OSError):
     """``--output`` cannot be created or written."""
 
 
@@ -86,7 +90,7 @@ class IngestSummary:
 def check_output_dir(out_dir: str | Path, cfg: Optional[PlatformConfig] = None) -> Path:
     """Create ``out_dir`` and prove it is writable; with ``cfg``, also check that an earlier
     ingest there used the same frame rate, crop size and weights preset (a resumed directory must
-    hold one format). Raises :class:`OutputError` (one line)."""
+    hold one format). Raises :class:`IngestOutputError` (one line)."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -95,17 +99,17 @@ def check_output_dir(out_dir: str | Path, cfg: Optional[PlatformConfig] = None) 
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"--output {out_dir}: not writable ({exc.strerror or exc})") from None
+        raise IngestOutputError(f"--output {out_dir}: not writable ({exc.strerror or exc})") from None
     if cfg is not None and (out / META_NAME).is_file():
         try:
             old = IngestMeta.read(out)
         except (IngestFormatError, TypeError, ValueError) as exc:
-            raise OutputError(f"--output {out_dir}: holds an unreadable {META_NAME} ({exc}); use a new "
+            raise IngestOutputError(f"--output {out_dir}: holds an unreadable {META_NAME} ({exc}); use a new "
                               f"output directory") from None
         now = (cfg.ingest.fps, cfg.ingest.crop_size, cfg.weights.preset)
         was = (old.fps, old.crop_size, old.weights.get("preset"))
         if now != was:
-            raise OutputError(f"--output {out_dir}: holds an ingest with fps/crop_size/preset {was}, this "
+            raise IngestOutputError(f"--output {out_dir}: holds an ingest with fps/crop_size/preset {was}, this "
                               f"run has {now}; use a new output directory")
     return out
 
@@ -170,7 +174,6 @@ def build_dataset(rows: list[dict], cfg: PlatformConfig, vae: str, wav2vec2: str
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    from pipelines.ingest_stages import AudioFeatureStage, VaeStage, VideoAnalyzer, decode_and_crop
 
     ing = cfg.ingest
     device = "cuda" if ing.use_gpu else "cpu"
@@ -252,10 +255,9 @@ def run_ingest(input_path: str | Path, output_dir: str | Path, cfg: Optional[Pla
                echo: Callable[[str], None] = print) -> IngestSummary:
     """Run the whole job (see the module docstring). Joins a running Ray (``init_ray``).
 
-    Raises :class:`InputError` / :class:`OutputError` before any work for a bad ``--input`` /
+    Raises :class:`IngestInputError` / :class:`IngestOutputError` before any work for a bad ``--input`` /
     ``--output``; every per-video failure is recorded instead of raised.
     """
-    from core.weights import resolve_weights
 
     cfg = cfg or PlatformConfig()
     ing = cfg.ingest
@@ -323,7 +325,6 @@ def run_ingest(input_path: str | Path, output_dir: str | Path, cfg: Optional[Pla
 
 def _run_pipeline(todo: list[InputVideo], cfg: PlatformConfig, weights, out: Path, store: RecordStore,
                   records: dict, summary: IngestSummary, echo: Callable[[str], None]):
-    from core.ray_runtime import init_ray
 
     init_ray(cfg.ray)
     with _ray_data_settings(len(todo)):
@@ -477,7 +478,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_platform_config(args.config, args.overrides)
         plan_inputs(args.input, cfg.ingest.test_fraction, cfg.ingest.split_key)
         check_output_dir(args.output, cfg)
-    except (ConfigError, InputError, OutputError) as exc:
+    except (ConfigError, IngestInputError, IngestOutputError) as exc:
         print(f"ingest: error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -30,9 +30,18 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from pipelines.config import IngestConfig
+from core.sections import IngestConfig
 from pipelines.quality import (RejectedVideo, check_length, check_silence, check_streams, check_track,
                                frames_covered_by_audio)
+from pipelines.crop import crop_frames
+from pipelines.video_decode import iter_frames
+from pipelines.face_detect import make_detector
+from pipelines.audio_decode import AudioDecodeError, decode_audio, is_silent
+from pipelines.crop import landmarks_to_crop, plan_crop_track
+from pipelines.probe import ProbeError, probe_video
+from pipelines.video_decode import DecodeError, iter_frames
+from pipelines.audio_features import AudioFeatureExtractor
+from pipelines.latents import LatentCodec
 
 # --- row helpers ----------------------------------------------------------------------------------
 
@@ -122,7 +131,6 @@ class VideoAnalyzer:
     """
 
     def __init__(self, cfg: IngestConfig, dwpose_dir: Optional[str] = None):
-        from pipelines.face_detect import make_detector
 
         self.cfg = cfg
         self.detector = make_detector(cfg.detector, dwpose_dir, detect_max_side=cfg.detect_max_side)
@@ -143,10 +151,6 @@ class VideoAnalyzer:
         return out
 
     def _analyze(self, video_id: str, path: str, info: dict, times: dict) -> dict:
-        from pipelines.audio_decode import AudioDecodeError, decode_audio, is_silent
-        from pipelines.crop import landmarks_to_crop, plan_crop_track
-        from pipelines.probe import ProbeError, probe_video
-        from pipelines.video_decode import DecodeError, iter_frames
 
         cfg = self.cfg
         if not Path(path).is_file():
@@ -276,7 +280,6 @@ class AudioFeatureStage:
     every layer over the whole utterance, one vector per frame -> ``features`` f16 [N, L, D]."""
 
     def __init__(self, location: str, local_files_only: bool = True, device: str = "cpu", fps: float = 25.0):
-        from pipelines.audio_features import AudioFeatureExtractor
 
         self.extractor = AudioFeatureExtractor(location, local_files_only=local_files_only, device=device)
         self.fps = fps
@@ -333,8 +336,6 @@ def decode_and_crop(row: dict, cfg: IngestConfig) -> Iterator[dict]:
     (:func:`frames_per_chunk`), crop each frame with the planned track, and yield one ``chunk`` row
     per chunk followed by one ``end`` row. A failure yields a ``reject`` row (earlier chunks of the video are discarded by
     the writer). Memory: one chunk of source frames at a time."""
-    from pipelines.crop import crop_frames
-    from pipelines.video_decode import iter_frames
 
     empty_crops = np.zeros((0, 1, 1, 3), np.uint8)
     if row["kind"] != "video":
@@ -413,7 +414,6 @@ class VaeStage:
 
     def __init__(self, location: str, local_files_only: bool = True, device: str = "cpu",
                  batch_size: int = 16, write_jpeg: bool = False):
-        from pipelines.latents import LatentCodec
 
         self.codec = LatentCodec(location, local_files_only=local_files_only, device=device)
         self.batch_size = batch_size

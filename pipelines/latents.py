@@ -19,6 +19,7 @@ from typing import Union
 
 import numpy as np
 import torch
+from core.weights import load_pretrained
 
 
 class LatentCodec:
@@ -33,7 +34,6 @@ class LatentCodec:
                  dtype: torch.dtype = torch.float32):
         from diffusers import AutoencoderKL
 
-        from core.weights import load_pretrained
 
         self.location = str(location)
         self.device = torch.device(device)

@@ -18,12 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.schema import FRAMES_DIR, MANIFEST_NAME, MANIFEST_SCHEMA, frames_path
+from pipelines.errors import PipelineError
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm")
 RECORDS_DIR = "records"
 
 
-class InputError(ValueError):
+class IngestInputError(PipelineError, ValueError):
     """The ``--input`` argument names nothing usable (missing path, empty folder or list)."""
 
 
@@ -73,18 +74,18 @@ def expand_inputs(input_path: str | Path) -> list[tuple[str, Path]]:
       are relative to the list's folder); listed files that do not exist are kept (they end as a
       rejected manifest row);
     * any other file: that one file.
-    Raises :class:`InputError` when ``input_path`` does not exist or yields no file.
+    Raises :class:`IngestInputError` when ``input_path`` does not exist or yields no file.
     """
     given = Path(input_path)
     if not given.exists():
-        raise InputError(f"--input {input_path}: no such file or directory")
+        raise IngestInputError(f"--input {input_path}: no such file or directory")
     out: list[tuple[str, Path]] = []
     if given.is_dir():
         for p in sorted(given.rglob("*")):
             if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS:
                 out.append((str(p), p.resolve()))
         if not out:
-            raise InputError(f"--input {input_path}: folder holds no video files ({', '.join(VIDEO_EXTENSIONS)})")
+            raise IngestInputError(f"--input {input_path}: folder holds no video files ({', '.join(VIDEO_EXTENSIONS)})")
     elif given.suffix.lower() == ".txt":
         for line in given.read_text().splitlines():
             line = line.strip()
@@ -95,7 +96,7 @@ def expand_inputs(input_path: str | Path) -> list[tuple[str, Path]]:
                 p = given.parent / p
             out.append((line, p.resolve()))
         if not out:
-            raise InputError(f"--input {input_path}: the list names no files")
+            raise IngestInputError(f"--input {input_path}: the list names no files")
     else:
         out.append((str(given), given.resolve()))
     return out

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from pipelines.errors import PipelineError
 
 # A stream is called variable frame rate when its frame intervals spread by more than this
 # share of the median interval (ignoring container rounding of one time-base tick).
 VFR_TOLERANCE = 0.05
 
 
-class ProbeError(ValueError):
+class ProbeError(PipelineError, ValueError):
     """A file that cannot be used as a video; the message names the file and the problem."""
 
 

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from pipelines.config import IngestConfig
+from core.sections import IngestConfig
 
 
 @dataclass(frozen=True)

@@ -51,13 +51,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from models.temporal_segment import TemporalSegmentModule
+from core.temporal_segment import TemporalSegmentModule
 from pipelines.audio_features import audio_window_indices
-from pipelines.config import ReaderConfig
+from core.sections import ReaderConfig
 from pipelines.motion_stats import expression_var, head_motion_var
 from pipelines.sample_spec import (SampleSpec, VideoEntry, clip_length, epoch_plan, frames_needed,
                                    shard, validate_reader_config)
 from pipelines.schema import FrameStore, IngestFormatError, frames_path
+from core.config import ConfigError, add_config_arguments, load_platform_config
+from pipelines.errors import PipelineError
 
 #: dtype of every sample key (the contract with the train step and the model)
 SAMPLE_DTYPES: dict[str, np.dtype] = {
@@ -84,7 +86,7 @@ _MANIFEST_COLUMNS = ("video_id", "status", "num_frames", "split")
 log = logging.getLogger(__name__)
 
 
-class SampleReadError(RuntimeError):
+class SampleReadError(PipelineError, RuntimeError):
     """A sample whose frames could not be read (names the frames file and the frames)."""
 
 
@@ -350,7 +352,6 @@ def describe_sample(spec: SampleSpec, sample: dict[str, np.ndarray]) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from core.config import ConfigError, add_config_arguments, load_platform_config
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.reader",
                                      description="Print training samples of an ingest output as JSON lines.")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+from pipelines.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ SAMPLE_SPECS: tuple[SampleSpec, ...] = (
 )
 
 
-class SampleDataError(RuntimeError):
+class SampleDataError(PipelineError, RuntimeError):
     """A tool (ffmpeg, espeak-ng) failed while writing a sample; the message names the file."""
 
 

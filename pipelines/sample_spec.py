@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipelines.config import ReaderConfig
+from core.sections import ReaderConfig
 
 A2L_KINDS = ("audio", "landmarks", "head_motion_var", "expression_var")
 

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pipelines.errors import PipelineError
 
 SCHEMA_VERSION = 1
 ROW_GROUP_FRAMES = 25
@@ -37,7 +38,7 @@ META_NAME = "ingest_meta.json"
 FRAMES_DIR = "frames"
 
 
-class IngestFormatError(ValueError):
+class IngestFormatError(PipelineError, ValueError):
     """A directory or file that is not a readable ingest output of this schema version."""
 
 

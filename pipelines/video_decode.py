@@ -34,6 +34,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from pipelines.probe import ProbeError, first_frame_geometry, open_media, read_video_pts
+from pipelines.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ EPS_S = 1e-4  # seconds: tolerance of "pts <= t" for time-base rounding
 _TS_AGREE_S = 2e-3  # decord and container timestamps must agree within this (seconds)
 
 
-class DecodeError(RuntimeError):
+class DecodeError(PipelineError, RuntimeError):
     """A video that cannot be decoded; the message names the file and the frame position."""
 
 

@@ -8,7 +8,7 @@ Two deployments:
   worker is free and ``running`` while it is generated. Blocking work (decoding, face detection)
   runs in threads: the ingress stays responsive while videos are generated elsewhere.
 * ``LoopyWorker`` (``serve.num_replicas`` replicas, ``serve.gpus_per_replica`` GPUs each): one
-  :class:`models.sampler.LoopySampler` loaded from ``serve.model`` (an MLflow model URI or a
+  :class:`inference.sampler.LoopySampler` loaded from ``serve.model`` (an MLflow model URI or a
   package folder). Its ``generate`` streams progress events (one per 12-frame clip) and finally the
   mp4 bytes back to the ingress through Ray (no shared file system needed).
 
@@ -38,10 +38,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from ray import serve
 
-from core.config import PROJECT_ROOT, PlatformConfig, load_platform_config
+from core.config import PlatformConfig, load_platform_config
+from core.paths import project_path
 from serve.jobs import JobState, JobStore, QueueFullError
-from serve.validation import (InputError, check_audio, check_face, check_size, decode_image,
+from serve.errors import UploadError
+from serve.validation import (check_audio, check_face, check_size, decode_image,
                               optional_bearer_ok, parse_options)
+from core.ray_runtime import init_ray
+from core.config import add_config_arguments
+from inference.sampler import LoopySampler
+from inference.sampler import SampleOptions
+from serve.validation import decode_image as _decode
+from inference.portrait import PortraitCropper
 
 log = logging.getLogger("loopy.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -50,12 +58,7 @@ FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and option fields on top
 fastapi_app = FastAPI(title="Loopy", description="Audio-driven portrait video generation")
 
 
-def _under_root(path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else PROJECT_ROOT / p
-
-
-def _error(exc: InputError) -> JSONResponse:
+def _error(exc: UploadError) -> JSONResponse:
     return JSONResponse(exc.to_json(), status_code=exc.status)
 
 
@@ -64,13 +67,10 @@ class LoopyWorker:
     """One sampler per replica; ``generate`` streams ``{"progress": {...}}`` events then ``{"video": bytes}``."""
 
     def __init__(self, model: str, tracking_uri: Optional[str] = None, device: str = "auto"):
-        from models.sampler import LoopySampler
 
         self.sampler = LoopySampler.from_package(model, device=device, tracking_uri=tracking_uri)
 
     def _run(self, image: bytes, audio: bytes, options: dict, on_progress) -> bytes:
-        from models.sampler import SampleOptions
-        from serve.validation import decode_image as _decode
 
         opts = SampleOptions(**options)
         with tempfile.TemporaryDirectory(prefix="loopy_job_") as tmp:
@@ -110,13 +110,11 @@ class LoopyIngress:
     """HTTP API, web page, upload checks, the bounded job queue, and dispatch to the workers."""
 
     def __init__(self, worker, cfg: PlatformConfig):
-        from models.portrait import PortraitCropper
-        from models.sampler import SampleOptions
 
         self.worker = worker
         self.cfg = cfg
         sc = cfg.serve
-        self.store = JobStore(_under_root(sc.job_dir), max_pending=sc.max_queue, ttl_s=sc.job_ttl_s)
+        self.store = JobStore(project_path(sc.job_dir), max_pending=sc.max_queue, ttl_s=sc.job_ttl_s)
         self.max_upload_bytes = int(sc.max_upload_mb * 1024 * 1024)
         self.default_options = SampleOptions.from_config(cfg.sampler)
         self.cropper = PortraitCropper.from_config(cfg)  # face presence: the ingest detector
@@ -193,30 +191,30 @@ class LoopyIngress:
         if length is None:
             return JSONResponse({"field": "body", "error": "body: Content-Length is required"}, status_code=411)
         if not length.isdigit() or int(length) > limit:
-            return _error(InputError(413, "body", f"request is larger than the limit of "
+            return _error(UploadError(413, "body", f"request is larger than the limit of "
                                                   f"{limit // (1024 * 1024)} MB"))
         if self.store.pending() >= self.store.max_pending:  # cheap early refusal before parsing
             return self._queue_full(QueueFullError(self.store.pending(), 5))
         try:
             form = await request.form(max_files=2, max_fields=16)
         except Exception as exc:  # noqa: BLE001 - malformed multipart
-            return _error(InputError(400, "body", f"not a valid multipart form ({type(exc).__name__})"))
+            return _error(UploadError(400, "body", f"not a valid multipart form ({type(exc).__name__})"))
         try:
             files, fields = {}, {}
             for key, value in form.multi_items():
                 if hasattr(value, "read"):
                     if key not in ("image", "audio"):
-                        raise InputError(422, key, "unexpected file field; send 'image' and 'audio'")
+                        raise UploadError(422, key, "unexpected file field; send 'image' and 'audio'")
                     files[key] = value
                 else:
                     fields[key] = value
             options = parse_options(fields, self.default_options)
             for key in ("image", "audio"):
                 if key not in files:
-                    raise InputError(422, key, "missing file field")
+                    raise UploadError(422, key, "missing file field")
                 if files[key].size is not None:  # known from the parser; checked again after reading
                     check_size(files[key].size, key, self.max_upload_bytes)
-        except InputError as exc:
+        except UploadError as exc:
             await form.close()
             return _error(exc)
         try:
@@ -231,7 +229,7 @@ class LoopyIngress:
                 await asyncio.to_thread(job.file(key).write_bytes, data)
             await form.close()
             await asyncio.to_thread(self._validate_files, job)
-        except InputError as exc:
+        except UploadError as exc:
             self.store.discard(job.id)
             return _error(exc)
         except Exception:
@@ -284,7 +282,7 @@ def build_app(cfg: PlatformConfig):
                          "models:/loopy@stage2) or a model package folder")
     model = sc.model
     if not model.startswith(("models:/", "runs:/")):
-        model = str(_under_root(model))
+        model = str(project_path(model))
     device = "cuda" if sc.gpus_per_replica > 0 else "cpu"
     worker = LoopyWorker.options(
         num_replicas=sc.num_replicas,
@@ -298,7 +296,7 @@ def app(args: dict[str, Any]):
     file, relative paths under the project root) and ``overrides`` (list of ``section.key=value``)."""
     config = args.get("config")
     if config and not Path(config).is_absolute() and not Path(config).exists():
-        config = str(PROJECT_ROOT / config)
+        config = str(project_path(config))
     overrides = args.get("overrides") or []
     if isinstance(overrides, str):
         overrides = overrides.split()
@@ -308,7 +306,6 @@ def app(args: dict[str, Any]):
 def run_service(cfg: PlatformConfig, blocking: bool = True, name: str = "loopy") -> str:
     """Start Ray (``cfg.ray``), Serve's HTTP proxy on ``serve.host:serve.port`` and the app.
     Returns the base URL."""
-    from core.ray_runtime import init_ray
 
     init_ray(cfg.ray)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
@@ -339,7 +336,6 @@ def run_service(cfg: PlatformConfig, blocking: bool = True, name: str = "loopy")
 def main(argv=None) -> int:
     import argparse
 
-    from core.config import add_config_arguments
 
     parser = argparse.ArgumentParser(description="Run the Loopy HTTP service (Ray Serve)")
     add_config_arguments(parser)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
+from serve.errors import ServeError
 
 JOB_FILES = {"image": "portrait.img", "audio": "audio.bin", "video": "result.mp4"}
 """The only file names a job folder ever holds (server-chosen)."""
@@ -35,7 +36,7 @@ class JobState(str, Enum):
     failed = "failed"
 
 
-class QueueFullError(RuntimeError):
+class QueueFullError(ServeError, RuntimeError):
     """The job queue is at its bound; retry after ``retry_after_s`` seconds."""
 
     def __init__(self, pending: int, retry_after_s: int):

@@ -1,12 +1,12 @@
 """Checks of what a client sends, before a job is queued.
 
-Every check raises :class:`InputError` with the HTTP status and the name of the offending form
+Every check raises :class:`UploadError` with the HTTP status and the name of the offending form
 field, so the client gets e.g. ``422 {"field": "audio", "error": "audio is silent ..."}``.
 Content is checked by decoding it (never by file name or extension):
 
 * sizes: each upload at most ``max_upload_mb`` (413);
 * ``image``: decodes as an image (Pillow, decompression-bomb guard), and shows a face, found by the
-  same detector as ingest (:mod:`models.portrait`) (422);
+  same detector as ingest (:mod:`inference.portrait`) (422);
 * ``audio``: decodes with the ingest decoder (:func:`pipelines.audio_decode.decode_audio`), is not
   silent, and lasts at most ``max_audio_s`` seconds (422);
 * options: only the known names, each parsed and range-checked (422 naming the option).
@@ -20,20 +20,9 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from models.sampler import SampleOptions
-
-
-class InputError(ValueError):
-    """A request the service refuses: ``status`` (4xx), ``field`` (form field), ``message``."""
-
-    def __init__(self, status: int, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.status = status
-        self.field = field
-        self.message = message
-
-    def to_json(self) -> dict[str, str]:
-        return {"field": self.field, "error": f"{self.field}: {self.message}"}
+from inference.sampler import SampleOptions
+from pipelines.audio_decode import AudioDecodeError, decode_audio, is_silent
+from serve.errors import UploadError
 
 
 MAX_IMAGE_PIXELS = 40_000_000  # 40 MP; larger images are refused before decoding the pixels
@@ -42,9 +31,9 @@ MAX_IMAGE_PIXELS = 40_000_000  # 40 MP; larger images are refused before decodin
 def check_size(num_bytes: int, field: str, max_bytes: int) -> None:
     """413 when an upload is larger than ``max_bytes``; 422 when empty."""
     if num_bytes > max_bytes:
-        raise InputError(413, field, f"upload is larger than the limit of {max_bytes // (1024 * 1024)} MB")
+        raise UploadError(413, field, f"upload is larger than the limit of {max_bytes // (1024 * 1024)} MB")
     if num_bytes == 0:
-        raise InputError(422, field, "upload is empty")
+        raise UploadError(422, field, "upload is empty")
 
 
 def decode_image(data: bytes, field: str = "image") -> np.ndarray:
@@ -56,24 +45,24 @@ def decode_image(data: bytes, field: str = "image") -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             if width * height > MAX_IMAGE_PIXELS:
-                raise InputError(422, field, f"image of {width}x{height} pixels is larger than "
+                raise UploadError(422, field, f"image of {width}x{height} pixels is larger than "
                                              f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels")
             img.load()
             upright = ImageOps.exif_transpose(img)  # phone photos: apply the EXIF orientation
             rgb = np.asarray(upright.convert("RGB"), dtype=np.uint8)
-    except InputError:
+    except UploadError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(422, field, f"not a decodable image ({type(exc).__name__})") from exc
+        raise UploadError(422, field, f"not a decodable image ({type(exc).__name__})") from exc
     if rgb.ndim != 3 or min(rgb.shape[:2]) < 16:
-        raise InputError(422, field, f"image of shape {rgb.shape} is too small (at least 16x16 pixels)")
+        raise UploadError(422, field, f"image of shape {rgb.shape} is too small (at least 16x16 pixels)")
     return rgb
 
 
 def check_face(image: np.ndarray, has_face: Callable[[np.ndarray], bool], field: str = "image") -> None:
     """422 when the ingest face detector finds no face in ``image`` (uint8 [H, W, 3])."""
     if not has_face(image):
-        raise InputError(422, field, "no face found in the image (a frontal portrait is needed)")
+        raise UploadError(422, field, "no face found in the image (a frontal portrait is needed)")
 
 
 def check_audio(path: str | Path, max_audio_s: float, field: str = "audio",
@@ -81,19 +70,18 @@ def check_audio(path: str | Path, max_audio_s: float, field: str = "audio",
     """Decode ``path`` with the ingest decoder; 422 when not audio, silent, or longer than
     ``max_audio_s`` seconds. Returns the decoded :class:`pipelines.audio_decode.AudioTrack`
     (16 kHz mono). At most ``max_audio_s + 1`` seconds are decoded (bounded memory)."""
-    from pipelines.audio_decode import AudioDecodeError, decode_audio, is_silent
 
     try:
         track = decode_audio(path, sample_rate=16000, duration_s=max_audio_s + 1.0)
     except AudioDecodeError as exc:
         reason = str(exc).split(": ", 1)[-1]  # drop the server-side path from the message
-        raise InputError(422, field, f"not decodable audio ({reason})") from exc
+        raise UploadError(422, field, f"not decodable audio ({reason})") from exc
     if track.duration_s > max_audio_s:
-        raise InputError(422, field, f"audio is longer than the limit of {max_audio_s:g} s")
+        raise UploadError(422, field, f"audio is longer than the limit of {max_audio_s:g} s")
     if track.duration_s < 0.04:
-        raise InputError(422, field, f"audio of {track.duration_s:.3f} s is shorter than one frame (40 ms)")
+        raise UploadError(422, field, f"audio of {track.duration_s:.3f} s is shorter than one frame (40 ms)")
     if is_silent(track.samples, silence_dbfs):
-        raise InputError(422, field, f"audio is silent (RMS level below {silence_dbfs:g} dBFS)")
+        raise UploadError(422, field, f"audio is silent (RMS level below {silence_dbfs:g} dBFS)")
     return track
 
 
@@ -125,7 +113,7 @@ def parse_options(raw: Mapping[str, Any], defaults: SampleOptions) -> SampleOpti
     values: dict[str, Any] = {}
     for name, value in raw.items():
         if name not in OPTION_RULES:
-            raise InputError(422, name, f"unknown option; valid options: {', '.join(sorted(OPTION_RULES))}")
+            raise UploadError(422, name, f"unknown option; valid options: {', '.join(sorted(OPTION_RULES))}")
         rule = OPTION_RULES[name]
         if value is None or (isinstance(value, str) and value.strip() == ""):
             continue
@@ -137,12 +125,12 @@ def parse_options(raw: Mapping[str, Any], defaults: SampleOptions) -> SampleOpti
                 if parsed != parsed:  # NaN
                     raise ValueError("NaN")
         except ValueError:
-            raise InputError(422, name, f"expected {'an integer' if rule.kind is int else 'a number'}, "
+            raise UploadError(422, name, f"expected {'an integer' if rule.kind is int else 'a number'}, "
                                         f"got {str(value)[:40]!r}") from None
         if not rule.lo <= parsed <= rule.hi:
-            raise InputError(422, name, f"{parsed} is outside the allowed range [{rule.lo:g}, {rule.hi:g}]")
+            raise UploadError(422, name, f"{parsed} is outside the allowed range [{rule.lo:g}, {rule.hi:g}]")
         if name == "size" and parsed % 2:
-            raise InputError(422, name, f"size must be even (video encoders need it), got {parsed}")
+            raise UploadError(422, name, f"size must be even (video encoders need it), got {parsed}")
         values[name] = parsed
     return defaults.replace(**values)
 

@@ -20,7 +20,7 @@ def test_yaml_and_overrides(tmp_path):
 
 
 def test_sd15_config_loads():
-    from core.config import CONFIG_DIR
+    from core.paths import CONFIG_DIR
 
     cfg = load_platform_config(CONFIG_DIR / "sd15.yaml")
     assert cfg.weights.preset == "sd15" and cfg.ingest.crop_size == 512

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from core.config import load_platform_config
-from core.demo import (DemoPaths, DemoSettings, StepError, VideoClient, config_overrides,
+from demo import (DemoPaths, DemoSettings, StepError, VideoClient, config_overrides,
                        make_request_inputs, run_step, serve_command, step_commands, stop_process,
                        video_summary)
 
@@ -211,7 +211,7 @@ def test_client_reports_a_failed_job_and_a_dead_service(fake_service, tmp_path):
 
 
 def _closed_port() -> int:
-    from core.demo import free_port
+    from demo import free_port
 
     return free_port()
 
@@ -220,7 +220,7 @@ def test_ingest_check_needs_one_ok_video_and_lists_rejects(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from core.demo import check_ingest_output
+    from demo import check_ingest_output
 
     with pytest.raises(StepError, match="step 'ingest'.*no manifest"):
         check_ingest_output(tmp_path)
@@ -239,7 +239,7 @@ def test_register_step_reads_losses_and_the_stage2_version(tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
-    from core.demo import loss_summaries, stage2_model_uri
+    from demo import loss_summaries, stage2_model_uri
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.config import PlatformConfig
-from pipelines.config import IngestConfig
+from core.sections import IngestConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SECONDS = 6.0
@@ -268,7 +268,7 @@ def test_video_id_is_stable_and_changes_with_the_file(tmp_path):
 
 
 def test_expand_inputs_folder_list_and_split(tmp_path):
-    from pipelines.manifest import InputError, expand_inputs, plan_inputs, split_for
+    from pipelines.manifest import IngestInputError, expand_inputs, plan_inputs, split_for
 
     (tmp_path / "p1").mkdir()
     (tmp_path / "p1" / "x.MP4").write_bytes(b"a")
@@ -280,7 +280,7 @@ def test_expand_inputs_folder_list_and_split(tmp_path):
     listing.write_text("# comment\np1/x.MP4\n\ny.webm\np1/x.MP4\nmissing.mp4\n")
     planned = plan_inputs(listing, 0.5)
     assert [v.source for v in planned] == ["p1/x.MP4", "y.webm", "missing.mp4"]  # duplicate dropped
-    with pytest.raises(InputError):
+    with pytest.raises(IngestInputError):
         expand_inputs(tmp_path / "nothing_here")
     # splits: deterministic, and roughly test_fraction of many keys
     keys = [f"video:{i}" for i in range(2000)]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.config import ModelConfig
-from pipelines.config import ReaderConfig
+from core.sections import ModelConfig
+from core.sections import ReaderConfig
 
 B, F, M, H = 2, 4, 6, 8  # clips, clip frames, motion latents, latent side (tiny: 4x8x8)
 L, D, W = 2, 32, 5

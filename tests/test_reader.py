@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config import ReaderConfig
+from core.sections import ReaderConfig
 from pipelines.reader import (SAMPLE_DTYPES, LoopySampleSource, LoopyTorchDataset, SampleReadError,
                               build_ray_dataset, collate, load_spec_batch, main, ray_collate_fn)
 from pipelines.sample_spec import (A2L_KINDS, SampleSpec, VideoEntry, draw_video_specs, epoch_plan,

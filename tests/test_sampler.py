@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.guidance import (CONDITIONS, combine_guidance, combine_stacked, guidance_switches,
+from inference.guidance import (CONDITIONS, combine_guidance, combine_stacked, guidance_switches,
                              split_conditions, stack_conditions)
-from models.sampler import LoopySampler, SampleOptions, num_clips
+from inference.sampler import LoopySampler, SampleOptions, num_clips
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def test_generate_mp4_one_frame_per_40ms_with_audio(full_sampler, tmp_path, seco
 
 
 def test_portrait_without_face_is_refused(full_sampler, tmp_path):
-    from models.portrait import NoFaceError
+    from inference.portrait import NoFaceError
 
     noise = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
     with pytest.raises(NoFaceError):
@@ -236,12 +236,12 @@ def test_cli_writes_video(tiny_package, tmp_path):
     image = make_portrait(tmp_path / "p.jpg")
     audio = make_audio(tmp_path / "a.wav", 0.3)
     out = tmp_path / "cli.mp4"
-    proc = subprocess.run([sys.executable, "-m", "models.sample", "--image", str(image), "--audio", str(audio),
+    proc = subprocess.run([sys.executable, "-m", "inference.sample", "--image", str(image), "--audio", str(audio),
                            "--out", str(out), "--model", str(tiny_package), "--device", "cpu", "sampler.steps=2"],
                           capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int(probe_streams(out)["video"]["nb_read_frames"]) == 7
-    bad = subprocess.run([sys.executable, "-m", "models.sample", "--image", str(tmp_path / "missing.png"),
+    bad = subprocess.run([sys.executable, "-m", "inference.sample", "--image", str(tmp_path / "missing.png"),
                           "--audio", str(audio), "--out", str(out), "--model", str(tiny_package)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "missing.png" in bad.stderr

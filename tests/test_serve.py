@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from serve.jobs import JobStore, QueueFullError, parse_job_id
-from serve.validation import InputError, parse_options
-from models.sampler import SampleOptions
+from serve.errors import UploadError
+from serve.validation import parse_options
+from inference.sampler import SampleOptions
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -140,7 +141,7 @@ def test_options_unknown_and_out_of_range_name_the_field():
         steps=3, seed=7, audio_ratio=4.5)
     for raw, field in (({"stepz": "3"}, "stepz"), ({"steps": "0"}, "steps"), ({"steps": "abc"}, "steps"),
                        ({"ref_ratio": "nan"}, "ref_ratio"), ({"size": "63"}, "size"), ({"fps": "1000"}, "fps")):
-        with pytest.raises(InputError) as err:
+        with pytest.raises(UploadError) as err:
             parse_options(raw, base)
         assert err.value.status == 422 and err.value.field == field
 
@@ -240,7 +241,7 @@ def test_serve_config_file_builds_the_application(tiny_package):
     from ray.serve import Application
     from ray.serve.schema import ServeDeploySchema
 
-    from core.config import PROJECT_ROOT
+    from core.paths import PROJECT_ROOT
     from serve.app import app
 
     data = yaml.safe_load((PROJECT_ROOT / "serve" / "serve_config.yaml").read_text())

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.temporal_segment import TemporalSegmentModule, make_plan
+from core.temporal_segment import TemporalSegmentModule, make_plan
 
 
 def test_paper_plan_s4_r2():

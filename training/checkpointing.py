@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from training.step import trainable
 
 STATE_FILE = "state.json"
 MODEL_FILE = "model.pt"
@@ -93,7 +94,6 @@ def save_checkpoint(folder: str | Path, *, rank: int, state: TrainState, model: 
 
 def save_final_model(folder: Path, net: torch.nn.Module, ema=None) -> None:
     """``net.save_pretrained(folder)``, with the EMA weights swapped in when EMA is on."""
-    from training.step import trainable
 
     if ema is not None:
         ema.store(trainable(net))

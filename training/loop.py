@@ -36,6 +36,18 @@ import torch
 from training.checkpointing import TrainState, load_checkpoint, save_checkpoint, unwrap
 from training.step import NonFiniteLossError, make_noise_scheduler, train_step, trainable
 from training.tracking import RunLogger, gpu_memory_metrics
+from core.weights import resolve_weights
+from models.loopy import LoopyModel
+from pipelines.reader import LoopyTorchDataset, collate
+from pipelines.reader import to_torch_batch
+from models.registry import resolve_model_location
+from core.paths import resolve_tracking_uri
+from training.evaluation import load_test_batches
+from training.evaluation import plot_losses, validation_loss
+from models.registry import write_model_package
+from inference.video_io import write_video
+from training.evaluation import generate_sample, motion_statistics
+from pipelines.face_detect import make_detector
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +68,6 @@ class StageJob:
 def build_model(job: StageJob, device: torch.device):
     """Stage 1: ``LoopyModel.from_sd15`` on the configured U-Net; stage 2: ``from_stage1`` on the
     package ``job.init_from``. Seeded, so every rank builds the same weights."""
-    from core.weights import resolve_weights
-    from models.loopy import LoopyModel
 
     cfg = job.cfg
     torch.manual_seed(cfg.train.seed)
@@ -66,8 +76,6 @@ def build_model(job: StageJob, device: torch.device):
         model = LoopyModel.from_sd15(paths.unet, cfg.model, cfg.reader, stage=1,
                                      local_files_only=paths.local_files_only)
     else:
-        from models.registry import resolve_model_location
-        from training.tracking import resolve_tracking_uri
 
         dst = Path(tempfile.mkdtemp(prefix="stage1_", dir=job.work_dir or None))
         pkg = resolve_model_location(job.init_from, dst_dir=dst,
@@ -79,7 +87,6 @@ def build_model(job: StageJob, device: torch.device):
 
 def _torch_batches(job: StageJob, state: TrainState, rank: int, world: int) -> Iterator[dict]:
     """Batches of ``state.epoch`` for this rank, from ``state.batch_in_epoch`` on."""
-    from pipelines.reader import LoopyTorchDataset, collate
 
     cfg = job.cfg
     bs = cfg.train.batch_size
@@ -94,7 +101,6 @@ def _ray_batches(job: StageJob, skip: int) -> Iterator[dict]:
     """This worker's shard of the reader's Ray Dataset (all epochs), first ``skip`` batches skipped."""
     import ray.train
 
-    from pipelines.reader import to_torch_batch
 
     shard = ray.train.get_dataset_shard("train")
     it = shard.iter_torch_batches(batch_size=job.cfg.train.batch_size, collate_fn=to_torch_batch,
@@ -154,7 +160,6 @@ class _Evaluator:
     """Rank 0's evaluation: test batches loaded once, metrics + artifacts to MLflow."""
 
     def __init__(self, job: StageJob, noise_scheduler, device: torch.device):
-        from training.evaluation import load_test_batches
 
         self.job, self.noise_scheduler, self.device = job, noise_scheduler, device
         tc = job.cfg.train
@@ -163,7 +168,6 @@ class _Evaluator:
             log.warning("%s has no test-split samples: validation loss skipped", job.data_dir)
 
     def __call__(self, model: torch.nn.Module, ema, step: int) -> dict[str, float]:
-        from training.evaluation import plot_losses, validation_loss
 
         job, tc = self.job, self.job.cfg.train
         net = unwrap(model)
@@ -189,10 +193,6 @@ class _Evaluator:
 
     def _sample(self, net, tmp: Path, step: int) -> dict[str, float]:
         """Stage 2: sample video of the first test clip (MLflow artifact) and its Glo / Exp."""
-        from core.weights import resolve_weights
-        from models.registry import write_model_package
-        from models.video_io import write_video
-        from training.evaluation import generate_sample, motion_statistics
 
         tc = self.job.cfg.train
         if tc.eval_sample_steps <= 0 or not self.batches or self.job.stage != 2:
@@ -212,7 +212,6 @@ class _Evaluator:
 
     def _detector(self):
         if getattr(self, "_det", None) is None:
-            from pipelines.face_detect import make_detector
 
             ing = self.job.cfg.ingest
             self._det = make_detector(ing.detector, self.job.cfg.weights.dwpose_dir, ing.detect_max_side)

@@ -24,20 +24,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from core.config import PROJECT_ROOT, PlatformConfig
+from core.config import PlatformConfig
+from core.paths import project_path, resolve_tracking_uri
 from training.loop import StageJob, train_loop_per_worker
-from training.tracking import JobTracker, RunLogger, resolve_tracking_uri
+from training.tracking import JobTracker, RunLogger
+from pipelines.reader import LoopySampleSource
+from pipelines.schema import IngestFormatError
+from models.registry import ModelPackageError, resolve_model_location
+from core.weights import resolve_weights
+from pipelines.reader import build_ray_dataset
+from models.registry import log_model_package, write_model_package
+from training.checkpointing import FINAL_MODEL_DIR
+from core.ray_runtime import init_ray
+from models.registry import latest_version
+from training.errors import TrainingError
 
 log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
 LATEST_FILE = "latest_job"
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(TrainingError, ValueError):
     """A training job that cannot start: bad config value, dataset, or stage-1 model."""
 
 
-class TrainingStoppedError(RuntimeError):
+class TrainingStoppedError(TrainingError, RuntimeError):
     """A stage stopped on a non-finite loss (step and batch provenance in the message)."""
 
 
@@ -70,8 +81,7 @@ class JobRecord:
 
 
 def storage_root(cfg: PlatformConfig) -> Path:
-    path = Path(cfg.train.storage_path)
-    return (path if path.is_absolute() else PROJECT_ROOT / path).resolve()
+    return project_path(cfg.train.storage_path).resolve()
 
 
 def stage_config(cfg: PlatformConfig, stage: int) -> PlatformConfig:
@@ -101,8 +111,6 @@ def _check_train_config(cfg: PlatformConfig) -> None:
 def steps_per_epoch(cfg: PlatformConfig, data_dir: Path, stage: int) -> int:
     """Batches per rank per epoch of the train split (equal on every rank). Raises
     :class:`TrainSetupError` for a directory that is not an ingest output or has no samples."""
-    from pipelines.reader import LoopySampleSource
-    from pipelines.schema import IngestFormatError
 
     scfg = stage_config(cfg, stage)
     try:
@@ -121,7 +129,6 @@ def steps_per_epoch(cfg: PlatformConfig, data_dir: Path, stage: int) -> int:
 
 def check_stage1_package(location: str, cfg: PlatformConfig, dst: Path) -> None:
     """Fail unless ``location`` resolves to a package holding a stage-1 LoopyModel."""
-    from models.registry import ModelPackageError, resolve_model_location
 
     try:
         pkg = resolve_model_location(location, dst_dir=dst, tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri))
@@ -156,7 +163,6 @@ def prepare_job(cfg: PlatformConfig, data_dir: str | Path, stages: Sequence[int]
     per_epoch = {s: steps_per_epoch(cfg, data, s) for s in stages}
     # Tiny preset: materialise the weights here, never in a DDP worker (transformers'
     # save_pretrained writes nothing on a rank other than 0 once torch.distributed is up).
-    from core.weights import resolve_weights
 
     resolve_weights(cfg.weights)
     root = storage_root(cfg)
@@ -175,7 +181,6 @@ def prepare_job(cfg: PlatformConfig, data_dir: str | Path, stages: Sequence[int]
         done1 = record.stages.get("1")
         init_from = init_from or (done1.model_uri if done1 and done1.done else None)
         if init_from is None:
-            from models.registry import latest_version
 
             version = latest_version(cfg.tracking.registered_model, 1, resolve_tracking_uri(cfg.tracking.tracking_uri))
             if version is None:
@@ -200,7 +205,6 @@ def _scaling(cfg: PlatformConfig):
 
 def _ray_dataset(cfg: PlatformConfig, data_dir: Path, per_epoch: int):
     """The reader's Ray Dataset over as many epochs as ``max_steps`` needs (one pass)."""
-    from pipelines.reader import build_ray_dataset
 
     epochs = math.ceil(cfg.train.max_steps / per_epoch)
     parts = [build_ray_dataset(data_dir, cfg.reader, "train", epoch=e, batch_size=cfg.train.batch_size)
@@ -213,9 +217,6 @@ def run_stage(prep: PreparedJob, stage: int, tracker: JobTracker, parent: RunLog
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from core.weights import resolve_weights
-    from models.registry import log_model_package, write_model_package
-    from training.checkpointing import FINAL_MODEL_DIR
 
     cfg = stage_config(prep.cfg, stage)
     rec = prep.record.stages.setdefault(str(stage), StageRecord())
@@ -295,7 +296,6 @@ def run_stage(prep: PreparedJob, stage: int, tracker: JobTracker, parent: RunLog
 
 def run_job(prep: PreparedJob) -> JobRecord:
     """Run the job's stages in order (stages already done in a resumed job are skipped)."""
-    from core.ray_runtime import init_ray
 
     tracker = JobTracker(prep.cfg.tracking)
     parent = tracker.start_job(prep.record.name, prep.cfg, parent_run_id=prep.record.parent_run_id)

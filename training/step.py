@@ -19,12 +19,13 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from training.config import TrainConfig
+from core.sections import TrainConfig
+from training.errors import TrainingError
 
 PROVENANCE_KEYS = ("video_index", "clip_frame_indices", "ref_frame_index")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingError, RuntimeError):
     """A NaN / inf loss or gradient: carries the step and the batch provenance."""
 
     def __init__(self, step: int, what: str, provenance: Mapping[str, Any]):

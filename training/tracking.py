@@ -16,30 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from core.config import PROJECT_ROOT, flatten
+from core.config import flatten
+from core.paths import resolve_artifact_root, resolve_tracking_uri
 from core.sections import TrackingConfig
 
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "loopy.stage"
 JOB_TAG = "loopy.job"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
-
-
-def resolve_tracking_uri(uri: str) -> str:
-    """``sqlite:///rel.db`` -> ``sqlite:////<project>/rel.db``; other URIs unchanged."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(PROJECT_ROOT / uri[len(prefix):])
-    return uri
-
-
-def resolve_artifact_root(root: str) -> str:
-    """A relative folder -> a ``file://`` URI under the project root; URIs unchanged."""
-    if "://" in root:
-        return root
-    path = Path(root)
-    path = path if path.is_absolute() else PROJECT_ROOT / path
-    return path.resolve().as_uri()
 
 
 def client_for(cfg: TrackingConfig):

@@ -2,19 +2,19 @@
 
 Pipeline (all parts are the ingest / training code, loaded from one model package):
 
-1. portrait: face detection + square crop exactly as ingest (:mod:`models.portrait`), VAE encode
+1. portrait: face detection + square crop exactly as ingest (:mod:`inference.portrait`), VAE encode
    -> reference latent ``[1, 4, h, w]``;
 2. audio: decoded by the ingest decoder (16 kHz mono) and featurised by the ingest wav2vec2
    extractor: ``N = floor(duration_s * fps)`` frames -> ``[N, L, D]`` -> windows ``[N, 5, L, D]``;
 3. clip after clip of ``F = reader.clip_frames`` (12) frames: the motion frames of a clip are the
    latents already generated (never decoded and re-encoded), squeezed by the same
-   :class:`~models.temporal_segment.TemporalSegmentModule` as training; history before frame 0
+   :class:`~core.temporal_segment.TemporalSegmentModule` as training; history before frame 0
    is the reference latent with mask False (as in training). The reference net runs **once per
    clip** (:meth:`LoopyModel.compute_reference`), then DDIM (diffusers ``DDIMScheduler``,
    ``steps`` steps) with Loopy's three-way guidance computed as **one** batched forward of the
-   three conditions per step (batch ``3B``, see :mod:`models.guidance`);
+   three conditions per step (batch ``3B``, see :mod:`inference.guidance`);
 4. the latents are VAE-decoded in blocks and written with the original audio (exactly ``N``
-   frames, ``N / fps`` seconds, :mod:`models.video_io`). A progress callback fires after each clip.
+   frames, ``N / fps`` seconds, :mod:`inference.video_io`). A progress callback fires after each clip.
 
 Units: frames at ``fps`` (25), samples at 16 kHz, seconds.
 """
@@ -30,7 +30,21 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from models.guidance import combine_stacked, guidance_switches, stack_conditions
+from inference.guidance import combine_stacked, guidance_switches, stack_conditions
+from core.temporal_segment import TemporalSegmentModule
+from core.config import load_platform_config
+from core.weights import resolve_weights
+from models.loopy import LoopyModel
+from inference.portrait import PortraitCropper
+from models.registry import resolve_model_location
+from pipelines.audio_features import AudioFeatureExtractor
+from pipelines.latents import LatentCodec
+from pipelines.audio_decode import decode_audio
+from pipelines.audio_features import frame_count_for
+from pipelines.audio_features import audio_windows
+from inference.portrait import load_image
+from inference.video_io import write_video
+from core.paths import resolve_tracking_uri
 
 # SD-1.5's noise schedule (the one the denoising U-Net is trained with), DDIM as in its pipelines.
 SD15_SCHEDULER = dict(
@@ -110,7 +124,6 @@ class LoopySampler:
                  device: torch.device, scheduler_config: Optional[dict] = None):
         from diffusers import DDIMScheduler
 
-        from models.temporal_segment import TemporalSegmentModule
 
         self.model = model.to(device).eval()
         self.codec = codec
@@ -137,16 +150,8 @@ class LoopySampler:
         ``location``: a folder or an MLflow model URI (``models:/name/version``,
         ``models:/name@alias``, ``runs:/...``) fetched from ``tracking_uri``.
         ``platform_overrides``: ``section.key=value`` applied over the package's ``platform.yaml``."""
-        from core.config import load_platform_config
-        from core.weights import resolve_weights
-        from models.loopy import LoopyModel
-        from models.portrait import PortraitCropper
-        from models.registry import resolve_model_location
-        from pipelines.audio_features import AudioFeatureExtractor
-        from pipelines.latents import LatentCodec
 
         if tracking_uri is not None and str(location).startswith(("models:/", "runs:/")):
-            from training.tracking import resolve_tracking_uri
 
             tracking_uri = resolve_tracking_uri(tracking_uri)
         root = Path(resolve_model_location(str(location), tracking_uri=tracking_uri))
@@ -181,7 +186,7 @@ class LoopySampler:
     # --- inputs --------------------------------------------------------------------------------
     def prepare_portrait(self, image: np.ndarray) -> torch.Tensor:
         """uint8 RGB image [H, W, 3] (any size) -> reference latent [1, 4, h, w] on the device.
-        Raises :class:`models.portrait.NoFaceError` when no face is found."""
+        Raises :class:`inference.portrait.NoFaceError` when no face is found."""
         crop = self.portrait.crop(image)  # [S, S, 3]
         latent = self.codec.encode(crop[None])  # [1, 4, h, w]
         return torch.as_tensor(np.asarray(latent), dtype=torch.float32).to(self.device)
@@ -191,8 +196,6 @@ class LoopySampler:
         Returns (AudioTrack, features float32 [N, L, D]) with ``N = floor(duration_s * fps)``
         (the ingest rule, :func:`pipelines.audio_features.frame_count_for`); as in ingest the
         samples are cut to exactly ``N / fps`` seconds before featurising."""
-        from pipelines.audio_decode import decode_audio
-        from pipelines.audio_features import frame_count_for
 
         track = decode_audio(audio_path, sample_rate=self.cfg.ingest.sample_rate)
         n = frame_count_for(track.duration_s, fps)
@@ -300,7 +303,6 @@ class LoopySampler:
                          options: Optional[SampleOptions] = None,
                          progress: Optional[ProgressCallback] = None) -> torch.Tensor:
         """All frames' latents [N, 4, h, w] for audio features [N, L, D], clip after clip."""
-        from pipelines.audio_features import audio_windows
 
         options = options or self.default_options
         started = time.perf_counter()
@@ -336,8 +338,6 @@ class LoopySampler:
                  options: Optional[SampleOptions] = None,
                  progress: Optional[ProgressCallback] = None) -> SampleResult:
         """Portrait (uint8 [H, W, 3] or an image file) + audio file -> mp4 at ``out_path``."""
-        from models.portrait import load_image
-        from models.video_io import write_video
 
         options = options or self.default_options
         started = time.perf_counter()

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from pipelines.face_detect import make_detector
+from pipelines.crop import crop_frames, plan_crop_track
+from inference.errors import InferenceError
 
 
-class NoFaceError(ValueError):
+class NoFaceError(InferenceError, ValueError):
     """No face was found in the portrait image."""
 
 
@@ -57,7 +60,6 @@ class PortraitCropper:
     @classmethod
     def from_config(cls, platform_cfg) -> "PortraitCropper":
         """Built from a :class:`core.config.PlatformConfig` (its ``ingest`` and ``weights`` sections)."""
-        from pipelines.face_detect import make_detector
 
         ic = platform_cfg.ingest
         return cls(make_detector(ic.detector, platform_cfg.weights.dwpose_dir), ic.crop_size,
@@ -80,7 +82,6 @@ class PortraitCropper:
     def crop(self, image: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] -> face crop uint8 [S, S, 3] (S = ``ingest.crop_size``).
         Raises :class:`NoFaceError` when no face is found."""
-        from pipelines.crop import crop_frames, plan_crop_track
 
         lm = self.landmarks(image)
         if lm is None:

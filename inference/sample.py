@@ -1,6 +1,6 @@
 """CLI: generate a talking video from a portrait and an audio file.
 
-    python -m models.sample --image X --audio Y --out Z.mp4 [--model URI|PATH] [--config FILE]
+    python -m inference.sample --image X --audio Y --out Z.mp4 [--model URI|PATH] [--config FILE]
                             [--device cpu|cuda|auto] [section.key=value ...]
 
 ``--model``: an MLflow model URI (``models:/loopy/3``, ``models:/loopy@stage2``, ``runs:/...``)
@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from core.config import ConfigError, add_config_arguments, load_platform_config
+from inference.portrait import NoFaceError, load_image
+from inference.sampler import LoopySampler, SampleOptions
+from pipelines.audio_decode import AudioDecodeError
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m models.sample", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m inference.sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", required=True, help="portrait image (any size and common format)")
     parser.add_argument("--audio", required=True, help="audio file (any common container / codec / rate)")
     parser.add_argument("--out", required=True, help="output mp4")
@@ -49,9 +52,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {flag}: {path}: file not found", file=sys.stderr)
             return 2
 
-    from models.portrait import NoFaceError, load_image
-    from models.sampler import LoopySampler, SampleOptions
-    from pipelines.audio_decode import AudioDecodeError
 
     try:
         image = load_image(args.image)

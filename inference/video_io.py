@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from inference.errors import InferenceError
 
 
-class VideoWriteError(RuntimeError):
+class VideoWriteError(InferenceError, RuntimeError):
     """ffmpeg failed to write the output file."""
 
 

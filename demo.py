@@ -1,4 +1,4 @@
-"""The one-command demo (``make demo`` = ``python -m core.demo --work DIR``).
+"""The one-command demo (``make demo`` = ``python demo.py --work DIR``).
 
 Runs the whole platform on one machine, each step through the same command line a user or a
 cluster job would run, with the venv's Python:
@@ -34,7 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from core.config import PROJECT_ROOT
+from core.paths import PROJECT_ROOT, resolve_tracking_uri
+from models.registry import latest_version
+from core.config import load_platform_config
 
 STEPS = ("samples", "ingest", "train", "register", "serve", "generate")
 TERMINAL_STATES = {"done", "failed"}
@@ -275,7 +277,6 @@ def stage2_model_uri(tracking_uri: str, registered_name: str, since_ms: int) -> 
     version the ``stage2`` alias points at, checked to be newer than ``since_ms``)."""
     from mlflow import MlflowClient
 
-    from models.registry import latest_version
 
     version = latest_version(registered_name, 2, tracking_uri)
     if version is None:
@@ -424,7 +425,6 @@ def video_summary(path: Path) -> str:
 # --- the demo ------------------------------------------------------------------------------------
 
 def run_demo(work: Path, settings: DemoSettings) -> Path:
-    from core.config import load_platform_config
 
     t_start = time.monotonic()
     paths = DemoPaths(work.resolve())
@@ -491,16 +491,8 @@ def run_demo(work: Path, settings: DemoSettings) -> Path:
     return paths.video
 
 
-def resolve_tracking_uri(uri: str) -> str:
-    """Relative sqlite paths are under the project root (as the jobs resolve them)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(PROJECT_ROOT / uri[len(prefix):])
-    return uri
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m core.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python demo.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, type=Path, help="folder for everything the demo writes")
     parser.add_argument("--train-steps", type=int, default=DemoSettings.train_steps, help="optimizer steps per stage")
     parser.add_argument("--sample-steps", type=int, default=DemoSettings.sample_steps, help="DDIM steps of the video")

@@ -1,0 +1,24 @@
+"""The serving room's errors: what the HTTP service answers a client with a 4xx or 503.
+
+``UploadError`` is a request the service refuses because of what the client sent: ``status``
+(4xx), ``field`` (the form field) and a ``message`` that names the field and never a server path.
+``QueueFullError`` (in :mod:`serve.jobs`) is the job queue at its bound.
+"""
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    """Any error the service turns into an HTTP answer."""
+
+
+class UploadError(ServeError, ValueError):
+    """A request the service refuses: ``status`` (4xx), ``field`` (form field), ``message``."""
+
+    def __init__(self, status: int, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.status = status
+        self.field = field
+        self.message = message
+
+    def to_json(self) -> dict[str, str]:
+        return {"field": self.field, "error": f"{self.field}: {self.message}"}
