@@ -28,6 +28,7 @@ import math
 
 import numpy as np
 import torch
+
 from core.weights import load_pretrained
 from pipelines.errors import PipelineError
 
@@ -164,7 +165,6 @@ class AudioFeatureExtractor:
     def __init__(self, location: str, local_files_only: bool = True, device: str = "cpu",
                  window_s: float = 20.0, context_s: float = 2.0, dtype: torch.dtype = torch.float32):
         from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
-
 
         if window_s <= 2 * context_s:
             raise ValueError(f"AudioFeatureExtractor: window_s ({window_s}) must exceed 2 * context_s ({context_s})")

@@ -17,8 +17,8 @@ from typing import Optional, Protocol, runtime_checkable
 
 import numpy as np
 
-from pipelines.landmarks import NUM_LANDMARKS, wholebody_to_face68
 from pipelines.errors import PipelineError
+from pipelines.landmarks import NUM_LANDMARKS, wholebody_to_face68
 
 
 class FaceDetectorError(PipelineError, RuntimeError):

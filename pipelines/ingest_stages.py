@@ -1,4 +1,4 @@
-"""The Ray Data stages of the ingest job (``pipelines/ingest.py`` wires them together).
+"""The Ray Data stages of the ingest job (``pipelines/ingest_job.py`` wires them together).
 
 Every stage passes a failing video on as a ``reject`` row (stage + a reason naming the file)
 instead of raising, so one bad file never stops the batch (SEED_REVIEW defect 20).
@@ -8,8 +8,10 @@ Row kinds flowing through the pipeline (one Ray Data row each):
 * after :class:`VideoAnalyzer` (one row per video): ``kind`` = ``video`` or ``reject``;
   ``num_frames`` (frames at ``fps`` that will be written), per-frame arrays of the crop track
   ``boxes`` f32 [N, 4] (x0, y0, x1, y1 source pixels), ``landmarks`` f32 [N, 68, 2] (crop
-  coordinates / crop size), ``found`` bool [N], and the audio ``samples`` f32 [K] (16 kHz mono,
-  exactly ``N / fps`` seconds);
+  coordinates / crop size), ``found`` bool [N], the audio ``samples`` f32 [K] (16 kHz mono,
+  exactly ``N / fps`` seconds), and what the full-resolution decode needs from the probe so it
+  does not probe the file again: ``stream_pts_s`` f64 [n_src] (presentation time of every source
+  frame, seconds from the first) and ``info["decode_source"]`` (:data:`DECODE_SOURCE_KEY`);
 * after :class:`AudioFeatureStage`: ``samples`` replaced by ``features`` f16 [N, L, D];
 * after :func:`decode_and_crop` (many rows per video): ``chunk`` rows (``chunk_index``,
   ``start_index``, ``crops`` u8 [n, S, S, 3] and the chunk's slices of every per-frame array),
@@ -19,33 +21,48 @@ Row kinds flowing through the pipeline (one Ray Data row each):
 
 Every row carries every column (empty arrays of the right rank where unused) so Ray Data blocks
 of mixed kinds share one schema. ``info`` is a JSON string of the probe facts for the manifest.
+
+File opens per video (PyAV ``av.open`` / decord ``VideoReader``): :class:`VideoAnalyzer` opens
+it three times, once per pass that must read it: the probe (one demux pass: timestamps, stream
+start times, geometry incl. rotation), the low-resolution detection decode and the audio decode;
+:func:`decode_and_crop` opens it once (its decoder), taking timestamps and geometry from the row.
+No file handle is held across Ray tasks.
 """
 from __future__ import annotations
 
 import io
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
 
 from core.sections import IngestConfig
-from pipelines.quality import (RejectedVideo, check_length, check_silence, check_streams, check_track,
-                               frames_covered_by_audio)
-from pipelines.crop import crop_frames
-from pipelines.video_decode import iter_frames
-from pipelines.face_detect import make_detector
 from pipelines.audio_decode import AudioDecodeError, decode_audio, is_silent
-from pipelines.crop import landmarks_to_crop, plan_crop_track
-from pipelines.probe import ProbeError, probe_video
-from pipelines.video_decode import DecodeError, iter_frames
 from pipelines.audio_features import AudioFeatureExtractor
+from pipelines.crop import crop_frames, landmarks_to_crop, plan_crop_track
+from pipelines.face_detect import make_detector
 from pipelines.latents import LatentCodec
+from pipelines.probe import FrameGeometry, ProbeError, VideoProbe, VideoTimestamps, probe_video
+from pipelines.quality import (
+    RejectedVideo,
+    check_length,
+    check_silence,
+    check_streams,
+    check_track,
+    frames_covered_by_audio,
+)
+from pipelines.video_decode import DecodeError, iter_frames, plan_from_timestamps
 
 # --- row helpers ----------------------------------------------------------------------------------
 
 STAGE_TIMES_KEY = "stage_seconds"  # JSON dict {stage: seconds} carried for the benchmark
+# info key of the probe facts the full-resolution decode needs besides ``stream_pts_s``:
+# {coded_width, coded_height (pixels, as stored), rotation (ccw degrees), start_ticks (pts of the
+# first frame, stream time-base units), time_base (s per tick), last_duration_s (s)}
+DECODE_SOURCE_KEY = "decode_source"
 
 
 def _empty_video_arrays() -> dict[str, np.ndarray]:
@@ -55,6 +72,7 @@ def _empty_video_arrays() -> dict[str, np.ndarray]:
         "found": np.zeros((0,), bool),
         "time_s": np.zeros((0,), np.float64),
         "source_time_s": np.zeros((0,), np.float64),
+        "stream_pts_s": np.zeros((0,), np.float64),
     }
 
 
@@ -94,15 +112,23 @@ def _as_batch(row: dict) -> dict:
     return out
 
 
-def _video_start_s(path: str) -> float:
-    """Start time (s) of the first video stream in the container (0.0 when unknown)."""
-    import av
+def decode_source_fields(probe: VideoProbe) -> tuple[np.ndarray, dict]:
+    """What a later task needs to decode the probed file without probing it again:
+    (``stream_pts_s`` f64 [n_src] seconds, the :data:`DECODE_SOURCE_KEY` dict of scalars)."""
+    stamps = probe.timestamps
+    return np.asarray(stamps.pts_s, np.float64), {
+        "coded_width": probe.coded_width, "coded_height": probe.coded_height, "rotation": probe.rotation,
+        "start_ticks": int(stamps.start_ticks), "time_base": float(stamps.time_base),
+        "last_duration_s": float(stamps.last_duration_s),
+    }
 
-    with av.open(path) as container:
-        vs = container.streams.video[0]
-        if vs.start_time is None or not vs.time_base:
-            return 0.0
-        return float(vs.start_time * vs.time_base)
+
+def decode_source_of(stream_pts_s: np.ndarray, fields: dict) -> tuple[VideoTimestamps, FrameGeometry]:
+    """Inverse of :func:`decode_source_fields`: the probe's timestamps and geometry."""
+    stamps = VideoTimestamps(np.asarray(stream_pts_s, np.float64), float(fields["last_duration_s"]),
+                             int(fields["start_ticks"]), float(fields["time_base"]))
+    geometry = FrameGeometry(int(fields["coded_width"]), int(fields["coded_height"]), int(fields["rotation"]))
+    return stamps, geometry
 
 
 def interpolate_missing(landmarks: np.ndarray, found: np.ndarray) -> np.ndarray:
@@ -119,15 +145,56 @@ def interpolate_missing(landmarks: np.ndarray, found: np.ndarray) -> np.ndarray:
     return out
 
 
-# --- stage 1: probe, detection pass, crop track, audio, filters ------------------------------------
+# --- stage 1: probe, detection pass, audio, crop track, filters ------------------------------------
+
+
+@dataclass
+class Detections:
+    """The low-resolution detection pass over every output frame (N frames at ``fps``).
+
+    landmarks: f32 [N, 68, 2] iBUG-68 points in source (display) pixels; found: bool [N];
+    source_times_s: f64 [N] presentation time of the source frame each output frame shows (s).
+    """
+
+    landmarks: np.ndarray
+    found: np.ndarray
+    source_times_s: np.ndarray
+
+    @property
+    def num_frames(self) -> int:
+        return int(len(self.found))
+
+
+@dataclass
+class AlignedAudio:
+    """Audio cut to the frames it covers: ``samples`` f32 [K] mono at the ingest sample rate,
+    exactly ``num_frames / fps`` seconds; ``offset_s`` = audio duration - video duration (s)."""
+
+    samples: np.ndarray
+    num_frames: int
+    offset_s: float
+
+
+@dataclass
+class CropTrack:
+    """The face-centred crop of each of N frames: ``boxes`` f32 [N, 4] (x0, y0, x1, y1 source
+    pixels), ``landmarks`` f32 [N, 68, 2] (crop coordinates / crop size, missing frames
+    interpolated), ``found`` bool [N]."""
+
+    boxes: np.ndarray
+    landmarks: np.ndarray
+    found: np.ndarray
 
 
 class VideoAnalyzer:
     """Ray Data ``map`` UDF (callable class: the face detector is built once per actor).
 
-    In: ``{video_id, path}``. Out: a ``video`` row (crop track + audio samples) or a ``reject``
-    row. Decoding for detection is a low-resolution streaming pass (``detect_max_side``), so
-    memory does not grow with the video's length beyond the small per-frame arrays.
+    In: ``{video_id, path}``. Out: a ``video`` row (crop track + audio samples + the probe's
+    decode facts) or a ``reject`` row. The steps, each its own method: :meth:`_probe` (the only
+    probe of the file, passed on to every later step), :meth:`_detection_pass`, :meth:`_audio`,
+    :meth:`_length_filter`, :meth:`_crop_track`. Decoding for detection is a low-resolution
+    streaming pass (``detect_max_side``), so memory does not grow with the video's length beyond
+    the small per-frame arrays.
     """
 
     def __init__(self, cfg: IngestConfig, dwpose_dir: Optional[str] = None):
@@ -151,11 +218,35 @@ class VideoAnalyzer:
         return out
 
     def _analyze(self, video_id: str, path: str, info: dict, times: dict) -> dict:
-
-        cfg = self.cfg
+        """The steps in order; ``info`` collects the manifest facts (``_stage``: the step running,
+        for errors), ``times`` the seconds of each step. Raises :class:`RejectedVideo`."""
         if not Path(path).is_file():
             raise RejectedVideo("input", f"{path}: file not found")
+        probe = self._probe(path, info, times)
+        detections = self._detection_pass(path, probe, info, times)
+        audio = self._audio(path, probe, detections.num_frames, info, times)
+        self._length_filter(path, audio.num_frames, info)
+        track = self._crop_track(path, probe, detections, audio.num_frames, info, times)
+        info["num_frames"] = audio.num_frames
+        stream_pts_s, info[DECODE_SOURCE_KEY] = decode_source_fields(probe)
+        n = audio.num_frames
+        return {
+            "kind": "video", "video_id": video_id, "path": path, "stage": "", "reason": "",
+            "info": "", "chunk_index": -1, "start_index": 0, "num_frames": n, "num_chunks": 0,
+            "boxes": track.boxes,
+            "landmarks": track.landmarks,
+            "found": track.found,
+            "time_s": np.arange(n, dtype=np.float64) / self.cfg.fps,
+            "source_time_s": detections.source_times_s[:n],
+            "stream_pts_s": stream_pts_s,
+            "samples": np.ascontiguousarray(audio.samples, np.float32),
+        }
 
+    def _probe(self, path: str, info: dict, times: dict) -> VideoProbe:
+        """Open and probe the file (the only probe of it in the whole job); stream checks and a
+        cheap early length check from the container (the exact count is checked after
+        decoding)."""
+        cfg = self.cfg
         info["_stage"] = "probe"
         t0 = time.perf_counter()
         try:
@@ -167,22 +258,28 @@ class VideoAnalyzer:
         rej = check_streams(True, probe.has_audio)
         if rej:
             raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
-        # cheap early length check from the container (exact count is checked after decoding)
         est = int(np.floor(probe.duration_s * cfg.fps + 1e-6))
         rej = check_length(est, cfg)
         if rej:
             raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
         times["probe"] = time.perf_counter() - t0
+        return probe
 
-        # low-resolution streaming detection pass
+    def _detection_pass(self, path: str, probe: VideoProbe, info: dict, times: dict) -> Detections:
+        """Low-resolution streaming decode (``detect_max_side``, plan and geometry from the
+        probe: one open) and face detection on every output frame; landmarks scaled back to
+        source (display) pixels."""
+        cfg = self.cfg
         info["_stage"] = "decode"
         t_decode = t_detect = 0.0
         lms, found, src_t = [], [], []
         small_wh = None
+        plan = plan_from_timestamps(path, probe.timestamps, cfg.fps)
         t0 = time.perf_counter()
         try:
             for chunk in iter_frames(path, fps=cfg.fps, chunk_frames=cfg.chunk_frames,
-                                     max_side=cfg.detect_max_side, backend=cfg.detect_decode_backend):
+                                     max_side=cfg.detect_max_side, backend=cfg.detect_decode_backend,
+                                     plan=plan, geometry=probe.geometry):
                 t1 = time.perf_counter()
                 t_decode += t1 - t0
                 small_wh = (chunk.frames.shape[2], chunk.frames.shape[1])
@@ -202,27 +299,20 @@ class VideoAnalyzer:
             raise RejectedVideo("decode", f"{path}: no frames decoded")
         landmarks = np.concatenate(lms)
         found_all = np.concatenate(found)
-        video_frames = len(found_all)
-        info["video_frames"] = video_frames
+        info["video_frames"] = len(found_all)
         # detection ran on frames scaled to detect_max_side: back to source (display) pixels
         sx, sy = probe.width / small_wh[0], probe.height / small_wh[1]
-        landmarks = landmarks * np.array([sx, sy], np.float32)
+        return Detections(landmarks * np.array([sx, sy], np.float32), found_all, np.concatenate(src_t))
 
-        # audio: 16 kHz mono, aligned to the video stream's start, never padded
+    def _audio(self, path: str, probe: VideoProbe, video_frames: int, info: dict, times: dict
+               ) -> AlignedAudio:
+        """16 kHz mono aligned to the video stream's start (stream start times from the probe),
+        never padded: the frames it covers, the audio/video offset, the silence check."""
+        cfg = self.cfg
         info["_stage"] = "audio"
         t0 = time.perf_counter()
+        start_delta = probe.audio_start_s - probe.video_start_s  # > 0: audio begins after the first frame
         try:
-            start_delta = 0.0
-            try:
-                v_start = _video_start_s(path)
-                import av
-
-                with av.open(path) as c:
-                    a = c.streams.audio[0]
-                    a_start = float(a.start_time * a.time_base) if (a.start_time is not None and a.time_base) else 0.0
-                start_delta = a_start - v_start  # > 0: audio begins after the first video frame
-            except Exception:  # noqa: BLE001 - start times unknown: assume aligned
-                start_delta = 0.0
             audio = decode_audio(path, sample_rate=cfg.sample_rate, start_s=max(0.0, -start_delta))
         except AudioDecodeError as exc:
             raise RejectedVideo("audio", _error_text(path, exc)) from None
@@ -238,38 +328,35 @@ class VideoAnalyzer:
         if rej:
             raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
         times["audio_decode"] = time.perf_counter() - t0
+        return AlignedAudio(samples, num_frames, offset)
 
+    def _length_filter(self, path: str, num_frames: int, info: dict) -> None:
+        """The exact length check on the frames that will be written (``min_frames``)."""
         info["_stage"] = "filter"
-        rej = check_length(num_frames, cfg)
+        rej = check_length(num_frames, self.cfg)
         if rej:
             raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
 
-        # crop track and the quality filters on it
+    def _crop_track(self, path: str, probe: VideoProbe, detections: Detections, num_frames: int,
+                    info: dict, times: dict) -> CropTrack:
+        """The crop track over the first ``num_frames`` frames and the quality filters on it
+        (missing face, out of frame, yaw, head motion)."""
+        cfg = self.cfg
         info["_stage"] = "crop"
         t0 = time.perf_counter()
-        landmarks, found_all = landmarks[:num_frames], found_all[:num_frames]
-        if not found_all.any():
+        landmarks = detections.landmarks[:num_frames]
+        found = detections.found[:num_frames]
+        if not found.any():
             raise RejectedVideo("face", f"{path}: no face found in any frame")
-        track = plan_crop_track(landmarks, found_all, (probe.width, probe.height), cfg.crop_margin,
-                                fps=cfg.fps)
+        track = plan_crop_track(landmarks, found, (probe.width, probe.height), cfg.crop_margin, fps=cfg.fps)
         rej = check_track(track.missing_ratio, track.out_of_frame_ratio, track.max_abs_yaw_deg,
                           track.head_motion, cfg)
         if rej:
             raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
-        filled = interpolate_missing(landmarks, found_all)
+        filled = interpolate_missing(landmarks, found)
         lm_crop = np.asarray(landmarks_to_crop(filled, track.boxes), np.float32)
         times["crop_plan"] = time.perf_counter() - t0
-        info["num_frames"] = num_frames
-        return {
-            "kind": "video", "video_id": video_id, "path": path, "stage": "", "reason": "",
-            "info": "", "chunk_index": -1, "start_index": 0, "num_frames": num_frames, "num_chunks": 0,
-            "boxes": np.asarray(track.boxes, np.float32),
-            "landmarks": lm_crop,
-            "found": found_all.astype(bool),
-            "time_s": np.arange(num_frames, dtype=np.float64) / cfg.fps,
-            "source_time_s": np.concatenate(src_t)[:num_frames],
-            "samples": np.ascontiguousarray(samples, np.float32),
-        }
+        return CropTrack(np.asarray(track.boxes, np.float32), lm_crop, found.astype(bool))
 
 
 # --- stage 2: wav2vec2 features -----------------------------------------------------------------
@@ -280,7 +367,6 @@ class AudioFeatureStage:
     every layer over the whole utterance, one vector per frame -> ``features`` f16 [N, L, D]."""
 
     def __init__(self, location: str, local_files_only: bool = True, device: str = "cpu", fps: float = 25.0):
-
         self.extractor = AudioFeatureExtractor(location, local_files_only=local_files_only, device=device)
         self.fps = fps
 
@@ -334,8 +420,10 @@ def frames_per_chunk(cfg: IngestConfig, width: int, height: int) -> int:
 def decode_and_crop(row: dict, cfg: IngestConfig) -> Iterator[dict]:
     """Ray Data ``flat_map`` UDF: stream the video at full resolution in chunks
     (:func:`frames_per_chunk`), crop each frame with the planned track, and yield one ``chunk`` row
-    per chunk followed by one ``end`` row. A failure yields a ``reject`` row (earlier chunks of the video are discarded by
-    the writer). Memory: one chunk of source frames at a time."""
+    per chunk followed by one ``end`` row. A failure yields a ``reject`` row (earlier chunks of
+    the video are discarded by the writer). The resample plan and the geometry come from the
+    analyzer's probe (``stream_pts_s``, ``info["decode_source"]``): the file is opened once, by
+    the decoder. Memory: one chunk of source frames at a time."""
 
     empty_crops = np.zeros((0, 1, 1, 3), np.uint8)
     if row["kind"] != "video":
@@ -343,15 +431,18 @@ def decode_and_crop(row: dict, cfg: IngestConfig) -> Iterator[dict]:
         return
     path, n_total = str(row["path"]), int(row["num_frames"])
     info = json.loads(row["info"])
-    chunk_frames = frames_per_chunk(cfg, int(info.get("width", 0)), int(info.get("height", 0)))
     boxes, lms, found = row["boxes"], row["landmarks"], row["found"]
     feats = row["features"]
     written = 0
     chunk_index = 0
     t_decode = t_crop = 0.0
     try:
+        chunk_frames = frames_per_chunk(cfg, int(info["width"]), int(info["height"]))
+        stamps, geometry = decode_source_of(row["stream_pts_s"], info[DECODE_SOURCE_KEY])
+        plan = plan_from_timestamps(path, stamps, cfg.fps)
         t0 = time.perf_counter()
-        for chunk in iter_frames(path, fps=cfg.fps, chunk_frames=chunk_frames, backend=cfg.decode_backend):
+        for chunk in iter_frames(path, fps=cfg.fps, chunk_frames=chunk_frames, backend=cfg.decode_backend,
+                                 plan=plan, geometry=geometry):
             t1 = time.perf_counter()
             t_decode += t1 - t0
             start = int(chunk.start_index)
@@ -414,7 +505,6 @@ class VaeStage:
 
     def __init__(self, location: str, local_files_only: bool = True, device: str = "cpu",
                  batch_size: int = 16, write_jpeg: bool = False):
-
         self.codec = LatentCodec(location, local_files_only=local_files_only, device=device)
         self.batch_size = batch_size
         self.write_jpeg = write_jpeg

@@ -19,6 +19,7 @@ from typing import Union
 
 import numpy as np
 import torch
+
 from core.weights import load_pretrained
 
 
@@ -33,7 +34,6 @@ class LatentCodec:
     def __init__(self, location: str, local_files_only: bool = True, device: str = "cpu",
                  dtype: torch.dtype = torch.float32):
         from diffusers import AutoencoderKL
-
 
         self.location = str(location)
         self.device = torch.device(device)

@@ -1,27 +1,24 @@
 """Input discovery, stable video ids, deterministic splits and the manifest of an ingest run.
 
 The manifest is ``DIR/videos.parquet`` (``schema.MANIFEST_SCHEMA``), one row per input file.
-While a job runs, every finished video (ingested or rejected) is also recorded as one small JSON
-file under ``DIR/records/<video_id>.json`` (written atomically after its frame file is complete),
-so a crashed or interrupted job resumes from exactly the videos that were finished.
+The per-video records a running job keeps for resuming (``DIR/records/``) are
+``pipelines/resume.py``'s.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from typing import Iterable, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.schema import FRAMES_DIR, MANIFEST_NAME, MANIFEST_SCHEMA, frames_path
 from pipelines.errors import PipelineError
+from pipelines.schema import MANIFEST_NAME, MANIFEST_SCHEMA
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm")
-RECORDS_DIR = "records"
 
 
 class IngestInputError(PipelineError, ValueError):
@@ -126,55 +123,6 @@ def manifest_row(video: InputVideo, **fields) -> dict:
             raise KeyError(f"manifest has no column {key!r}")
         row[key] = value
     return row
-
-
-class RecordStore:
-    """Per-video records of finished videos under ``DIR/records`` (the resume state)."""
-
-    def __init__(self, out_dir: str | Path):
-        self.out_dir = Path(out_dir)
-        self.dir = self.out_dir / RECORDS_DIR
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict) -> None:
-        path = self.dir / f"{record['video_id']}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
-
-    def load(self) -> dict[str, dict]:
-        records = {}
-        for p in sorted(self.dir.glob("*.json")):
-            try:
-                rec = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue  # a damaged record: the video is simply redone
-            records[rec["video_id"]] = rec
-        return records
-
-    def is_finished(self, record: Optional[dict], retry_rejected: bool = False) -> bool:
-        """True when ``record`` needs no work: rejected (unless ``retry_rejected``), or ok with a
-        complete frame file holding exactly ``num_frames`` rows."""
-        if record is None:
-            return False
-        if record["status"] == "rejected":
-            return not retry_rejected
-        path = frames_path(self.out_dir, record["video_id"])
-        if not path.is_file():
-            return False
-        try:
-            return pq.ParquetFile(path).metadata.num_rows == record["num_frames"]
-        except Exception:  # unreadable file: redo it
-            return False
-
-
-def clean_partial_files(out_dir: str | Path) -> list[Path]:
-    """Remove ``*.tmp`` frame files a crashed run left behind; returns what was removed."""
-    removed = []
-    for p in (Path(out_dir) / FRAMES_DIR).glob("*.tmp"):
-        p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
 
 
 def write_manifest(out_dir: str | Path, rows: Iterable[dict]) -> Path:

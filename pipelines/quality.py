@@ -3,7 +3,7 @@ a reason a person can act on, or ``None`` when the video passes.
 
 Stages named in reasons: ``probe`` (container/streams), ``audio`` (audio track), ``face``
 (detection), ``filter`` (quality thresholds: length, framing, rotation, head motion).
-Thresholds come from :class:`pipelines.config.IngestConfig`.
+Thresholds come from :class:`core.sections.IngestConfig`.
 """
 from __future__ import annotations
 

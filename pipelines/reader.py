@@ -51,15 +51,22 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from core.config import ConfigError, add_config_arguments, load_platform_config
+from core.sections import ReaderConfig
 from core.temporal_segment import TemporalSegmentModule
 from pipelines.audio_features import audio_window_indices
-from core.sections import ReaderConfig
-from pipelines.motion_stats import expression_var, head_motion_var
-from pipelines.sample_spec import (SampleSpec, VideoEntry, clip_length, epoch_plan, frames_needed,
-                                   shard, validate_reader_config)
-from pipelines.schema import FrameStore, IngestFormatError, frames_path
-from core.config import ConfigError, add_config_arguments, load_platform_config
 from pipelines.errors import PipelineError
+from pipelines.motion_stats import expression_var, head_motion_var
+from pipelines.sample_spec import (
+    SampleSpec,
+    VideoEntry,
+    clip_length,
+    epoch_plan,
+    frames_needed,
+    shard,
+    validate_reader_config,
+)
+from pipelines.schema import FrameStore, IngestFormatError, frames_path
 
 #: dtype of every sample key (the contract with the train step and the model)
 SAMPLE_DTYPES: dict[str, np.dtype] = {
@@ -352,7 +359,6 @@ def describe_sample(spec: SampleSpec, sample: dict[str, np.ndarray]) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-
     parser = argparse.ArgumentParser(prog="python -m pipelines.reader",
                                      description="Print training samples of an ingest output as JSON lines.")
     parser.add_argument("data_dir", help="ingest output directory")

@@ -23,6 +23,12 @@ issues dmlc/decord#157, #208) and it was slower; it cannot read rotated videos e
 ignores the display matrix and returns a wrongly shaped buffer), so those use PyAV only.
 decord's timestamps are checked against the container's before use. Rotation metadata is
 honoured: frames come out in display orientation.
+
+Opens per ``iter_frames`` call: one for the decoding itself, plus one to read the timestamps
+(``plan``) and one to read the first frame's geometry (``geometry``) unless the caller passes
+them; the ingest passes both from its one :func:`pipelines.probe.probe_video` of the file
+(:func:`plan_from_timestamps`, ``VideoProbe.geometry``), so each of its decode passes opens the
+file once.
 """
 from __future__ import annotations
 
@@ -33,8 +39,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from pipelines.probe import ProbeError, first_frame_geometry, open_media, read_video_pts
 from pipelines.errors import PipelineError
+from pipelines.probe import FrameGeometry, ProbeError, VideoTimestamps, first_frame_geometry, open_media, read_video_pts
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +129,18 @@ def plan_resample(path: str | Path, fps: float = 25.0) -> ResamplePlan:
         stamps = read_video_pts(path)
     except ProbeError as exc:
         raise DecodeError(str(exc)) from exc
+    return plan_from_timestamps(path, stamps, fps)
+
+
+def plan_from_timestamps(path: str | Path, stamps: VideoTimestamps, fps: float = 25.0) -> ResamplePlan:
+    """The :class:`ResamplePlan` of already-read timestamps (e.g. ``VideoProbe.timestamps``):
+    no file access. ``stamps.pts_s`` float64 [n] seconds from the first frame; ``fps`` output
+    frames per second."""
     duration = stamps.duration_s
     idx = resample_indices(stamps.pts_s, fps, duration)
     times = np.arange(len(idx), dtype=np.float64) / fps
-    return ResamplePlan(str(path), float(fps), stamps.pts_s, idx, times, duration,
-                        stamps.start_ticks)
+    return ResamplePlan(str(path), float(fps), np.asarray(stamps.pts_s, np.float64), idx, times, duration,
+                        int(stamps.start_ticks))
 
 
 def _display_size(coded_w: int, coded_h: int, rotation: int, max_side: Optional[int]) -> tuple[int, int]:
@@ -146,13 +159,13 @@ def _rotate(frames: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(frames, k=k, axes=(-3, -2)))
 
 
-def _container_facts(path: Path) -> tuple[int, int, int]:
-    """(coded_w, coded_h, rotation ccw degrees) from the first decoded frame."""
+def _container_facts(path: Path) -> FrameGeometry:
+    """Coded size and rotation (ccw degrees) from the first decoded frame (opens the file)."""
     container = open_media(path)
     try:
         if not container.streams.video:
             raise DecodeError(f"{path}: no video stream")
-        return first_frame_geometry(container, path)
+        return FrameGeometry(*first_frame_geometry(container, path))
     except ProbeError as exc:
         raise DecodeError(str(exc)) from exc
     finally:
@@ -161,14 +174,17 @@ def _container_facts(path: Path) -> tuple[int, int, int]:
 
 def iter_frames(path: str | Path, fps: float = 25.0, chunk_frames: int = 50,
                 max_side: Optional[int] = None, backend: str = "auto",
-                plan: Optional[ResamplePlan] = None) -> Iterator[FrameChunk]:
+                plan: Optional[ResamplePlan] = None,
+                geometry: Optional[FrameGeometry] = None) -> Iterator[FrameChunk]:
     """Decode ``path`` resampled to ``fps`` by timestamp, in chunks of ``chunk_frames`` frames.
 
     Yields :class:`FrameChunk` (uint8 RGB [n, H, W, 3], display orientation); ``max_side``
     downsizes so that the longest side is at most that many pixels (aspect kept). ``backend``:
     ``"auto"`` (PyAV, then decord from the failing frame on if PyAV fails), ``"pyav"`` or
-    ``"decord"`` (alone). ``plan`` reuses a :func:`plan_resample` result. Raises
-    :class:`DecodeError` naming the file and the output frame where decoding failed.
+    ``"decord"`` (alone). ``plan`` reuses a :func:`plan_resample` / :func:`plan_from_timestamps`
+    result and ``geometry`` a probe's :class:`~pipelines.probe.FrameGeometry` (coded size and
+    rotation); each one given saves an open of the file. Raises :class:`DecodeError` naming the
+    file and the output frame where decoding failed.
     """
     path = Path(path)
     if chunk_frames < 1:
@@ -178,7 +194,9 @@ def iter_frames(path: str | Path, fps: float = 25.0, chunk_frames: int = 50,
         raise ValueError(f"backend must be auto, decord or pyav, got {backend!r}")
     if plan is None:
         plan = plan_resample(path, fps)
-    coded_w, coded_h, rotation = _container_facts(path)
+    if geometry is None:
+        geometry = _container_facts(path)
+    coded_w, coded_h, rotation = geometry.coded_width, geometry.coded_height, geometry.rotation
     if rotation and "decord" in order:
         if backend == "decord":
             raise DecodeError(f"{path}: decord does not honour rotation ({rotation} degrees); use PyAV")

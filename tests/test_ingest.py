@@ -186,7 +186,7 @@ def test_resume_skips_finished_redoes_deleted_and_survives_a_worker_crash(ingest
     finishes normally."""
     import os
 
-    import pipelines.ingest as ingest
+    import pipelines.ingest_job as ingest_job
     from pipelines.schema import FrameStore
 
     out_src, _, cfg = ingested
@@ -195,7 +195,7 @@ def test_resume_skips_finished_redoes_deleted_and_survives_a_worker_crash(ingest
     before = _manifest(out)
     inputs = good_videos[0].parent.parent
 
-    again = ingest.run_ingest(inputs, out, cfg, echo=lambda s: None)
+    again = ingest_job.run_ingest(inputs, out, cfg, echo=lambda s: None)
     assert again.processed == 0 and again.skipped == len(before)
     after = _manifest(out)
     assert len(after) == len(before)
@@ -209,7 +209,7 @@ def test_resume_skips_finished_redoes_deleted_and_survives_a_worker_crash(ingest
     shutil.copyfile(good_videos[0], crasher)
     listing = tmp_path / "inputs.txt"
     listing.write_text("\n".join([r["source"] for r in before] + [str(crasher)]) + "\n")
-    real_build = ingest.build_dataset
+    real_build = ingest_job.build_dataset
 
     def build_with_a_crash(*args, **kwargs):
         def die_on_crasher(batch):
@@ -219,8 +219,8 @@ def test_resume_skips_finished_redoes_deleted_and_survives_a_worker_crash(ingest
 
         return real_build(*args, **kwargs).map_batches(die_on_crasher, batch_size=1, max_retries=1)
 
-    monkeypatch.setattr(ingest, "build_dataset", build_with_a_crash)
-    third = ingest.run_ingest(listing, out, cfg, echo=lambda s: None)
+    monkeypatch.setattr(ingest_job, "build_dataset", build_with_a_crash)
+    third = ingest_job.run_ingest(listing, out, cfg, echo=lambda s: None)
     assert third.processed == 2 and third.skipped == len(before) - 1
     final = _manifest(out)
     assert len(final) == len(before) + 1
@@ -235,8 +235,8 @@ def test_resume_skips_finished_redoes_deleted_and_survives_a_worker_crash(ingest
 
 
 def test_cli_runs_as_a_file_without_ray_for_a_list_of_missing_files(tmp_path):
-    """The script runs as a file (project root put on sys.path by itself); a list naming a missing
-    file gives a rejected row (stage ``input``), exit 0, and needs no Ray."""
+    """The script runs as a file (the project is importable as installed: no sys.path edit); a
+    list naming a missing file gives a rejected row (stage ``input``), exit 0, and needs no Ray."""
     listing = tmp_path / "videos.txt"
     listing.write_text("# one missing file\nnot_there.mp4\n")
     out = tmp_path / "out"
@@ -248,6 +248,95 @@ def test_cli_runs_as_a_file_without_ray_for_a_list_of_missing_files(tmp_path):
     assert rows[0]["status"] == "rejected" and rows[0]["stage"] == "input"
     assert "not_there.mp4" in rows[0]["reason"]
     assert (out / "ingest_meta.json").is_file()
+
+
+def test_cli_runs_as_a_module_and_main_returns_the_exit_status(tmp_path, capsys):
+    """``python -m pipelines.ingest`` works like the file; ``main(argv)`` (the console-script entry
+    point) returns 2 with one line for a bad ``--input``."""
+    from pipelines.ingest import main
+
+    listing = tmp_path / "videos.txt"
+    listing.write_text("not_there.mp4\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.ingest", "--input", str(listing), "--output", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["stage"] for r in _manifest(out)] == ["input"]
+    assert main(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--input" in err[0]
+
+
+# --- the model facts of ingest_meta.json: an error naming the file/field, or a stated rule ---------
+
+
+def _write_config(folder: Path, **fields) -> Path:
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(fields))
+    return folder
+
+
+def test_vae_scaling_factor_is_read_or_the_stated_diffusers_default(tmp_path, caplog):
+    import inspect
+    import logging
+
+    from diffusers import AutoencoderKL
+
+    from pipelines.ingest_meta import DIFFUSERS_VAE_SCALING_FACTOR, ModelConfigError, vae_scaling_factor
+
+    assert vae_scaling_factor(str(_write_config(tmp_path / "a", scaling_factor=0.13025)), True) == 0.13025
+    # the rule: no field -> the value diffusers loads the VAE with (so the one the latents used), logged
+    assert DIFFUSERS_VAE_SCALING_FACTOR == inspect.signature(AutoencoderKL.__init__).parameters["scaling_factor"].default
+    with caplog.at_level(logging.WARNING, logger="pipelines.ingest_meta"):
+        assert vae_scaling_factor(str(_write_config(tmp_path / "b", latent_channels=4)), True) == 0.18215
+    assert any("no scaling_factor" in r.getMessage() and "b/config.json" in r.getMessage() for r in caplog.records)
+    # no silent 0.18215 any more: unreadable config, bad field, unknown location are errors naming them
+    bad_json = tmp_path / "c"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{not json")
+    with pytest.raises(ModelConfigError, match=r"c/config.json: cannot be read"):
+        vae_scaling_factor(str(bad_json), True)
+    with pytest.raises(ModelConfigError, match=r"d/config.json: field scaling_factor is 'x'"):
+        vae_scaling_factor(str(_write_config(tmp_path / "d", scaling_factor="x")), True)
+    (tmp_path / "e").mkdir()  # a folder without config.json
+    with pytest.raises(ModelConfigError, match=r"e/config.json: cannot be read"):
+        vae_scaling_factor(str(tmp_path / "e"), True)
+    with pytest.raises(ModelConfigError, match=r"no-such-org/no-such-vae"):
+        vae_scaling_factor("no-such-org/no-such-vae", True)
+
+
+def test_audio_shape_of_an_empty_ingest_comes_from_the_wav2vec2_config_never_0_0(tmp_path, tiny_weights):
+    """With nothing ingested the meta's audio shape is the wav2vec2 config's [layers, width]; a
+    config without those fields is an error naming the file and field (once ``[0, 0]``)."""
+    from pipelines.ingest_meta import ModelConfigError, read_model_facts, wav2vec2_feature_shape, write_ingest_meta
+
+    weights_cfg, weights = tiny_weights
+    assert wav2vec2_feature_shape(weights.wav2vec2, True) == [2, 32]
+    with pytest.raises(ModelConfigError, match=r"w/config.json: field hidden_size is None"):
+        wav2vec2_feature_shape(str(_write_config(tmp_path / "w", num_hidden_layers=12)), True)
+    cfg = ingest_config(weights_cfg)
+    facts = read_model_facts(cfg, weights)
+    meta = write_ingest_meta(tmp_path, cfg, weights, facts, None, None, rows=[])
+    side = cfg.ingest.crop_size // 8
+    assert meta.audio_shape == [2, 32] and meta.latent_shape == [4, side, side]
+    assert meta.vae_scaling_factor == pytest.approx(0.18215)
+
+
+def test_cli_refuses_an_unreadable_model_config_before_any_work(tmp_path):
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text("{broken")
+    listing = tmp_path / "videos.txt"
+    listing.write_text("not_there.mp4\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "ingest.py"), "--input", str(listing),
+                           "--output", str(tmp_path / "out"), "weights.preset=sd15", f"weights.vae={vae}"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(vae / "config.json") in lines[0], proc.stderr
+    assert not (tmp_path / "out" / "videos.parquet").exists()
 
 
 # --- fast unit tests of the driver's helpers (no Ray) ----------------------------------------------
@@ -307,14 +396,14 @@ def test_chunk_rows_become_frame_rows_in_order_with_jpeg(tmp_path):
 
     from PIL import Image
 
-    from pipelines.ingest import _VideoAssembly
+    from pipelines.frame_writer import VideoAssembly
     from pipelines.ingest_stages import encode_jpegs
     from pipelines.schema import FrameStore, IngestMeta, frame_schema
 
     rng = np.random.default_rng(0)
     n_chunks, per = 3, 10
     schema = frame_schema([4, 2, 2], [2, 3], with_jpeg=True)
-    asm = _VideoAssembly(tmp_path, "vid", schema)
+    asm = VideoAssembly(tmp_path, "vid", schema)
     crops_all = []
     rows = []
     for c in range(n_chunks):

@@ -25,8 +25,8 @@ EXPECTED_STAGE = {
 
 @pytest.fixture(scope="session")
 def bad_run(ray_local, tiny_weights, tmp_path_factory):
-    """The shared ingest of good and bad inputs (see ``test_ingest.shared_ingest_run``)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    """The shared ingest of good and bad inputs (see ``test_ingest.shared_ingest_run``; pytest puts
+    this folder on the import path, the tests having no package)."""
     from test_ingest import shared_ingest_run
 
     run = shared_ingest_run(tmp_path_factory, tiny_weights)
