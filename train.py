@@ -15,8 +15,8 @@ import argparse
 import logging
 import sys
 from typing import Optional, Sequence
-from core.config import add_config_arguments
-from core.config import ConfigError, load_platform_config
+
+from core.config import ConfigError, add_config_arguments, load_platform_config
 from training.stages import TrainSetupError, prepare_job, run_job
 
 
@@ -33,7 +33,6 @@ def parse_stages(args: argparse.Namespace) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="ingest output directory (pipelines/ingest.py)")
@@ -49,7 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:

@@ -74,10 +74,10 @@ def _clip_inputs(sampler, latent_hw: int, device):
 
 
 def _guidance_ratios(sampler, latent_hw: int, steps: int, repeats: int, device) -> dict:
-    from inference.sampler import SampleOptions
+    from core.sections import SamplerConfig
 
     ref, motion, mask, audio = _clip_inputs(sampler, latent_hw, device)
-    opts = SampleOptions(steps=steps)
+    opts = SamplerConfig(steps=steps)
 
     def clip(**kw):
         return lambda: sampler.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0), **kw)
@@ -91,7 +91,8 @@ def _guidance_ratios(sampler, latent_hw: int, steps: int, repeats: int, device) 
 
 
 def _tiny_rows() -> list[dict]:
-    from inference.sampler import LoopySampler, SampleOptions
+    from core.sections import SamplerConfig
+    from inference.sampler import LoopySampler
     from models.untrained_package import write_untrained_package
 
     rows = []
@@ -102,7 +103,7 @@ def _tiny_rows() -> list[dict]:
         sampler = LoopySampler.from_package(package, device="cpu")
         seconds = 1.0 if QUICK else 2.0
         image, audio = _inputs(tmp, seconds)
-        opts = SampleOptions(steps=STEPS)
+        opts = SamplerConfig(steps=STEPS)
         sampler.generate(image, audio, tmp / "warm.mp4", opts.replace(steps=1))  # warm-up
         t0 = time.perf_counter()
         result = sampler.generate(image, audio, tmp / "out.mp4", opts)
@@ -134,7 +135,8 @@ def _sd15_gpu_rows() -> list[dict]:
                      "skipped: no CUDA device on this machine")]
     from core.config import PlatformConfig
     from models.loopy import LoopyModel, sd15_unet_config
-    from inference.sampler import LoopySampler, SampleOptions
+    from core.sections import SamplerConfig
+    from inference.sampler import LoopySampler
 
     device = torch.device("cuda")
     with torch.device("cuda"):
@@ -146,7 +148,7 @@ def _sd15_gpu_rows() -> list[dict]:
     g = torch.Generator().manual_seed(0)
     ref = torch.randn((1, 4, 64, 64), generator=g).to(device)
     feats = torch.randn((frames, 12, 768), generator=g).to(device)
-    opts = SampleOptions(steps=STEPS)
+    opts = SamplerConfig(steps=STEPS)
     torch.cuda.reset_peak_memory_stats()
     sampler.generate_latents(ref, feats[:12], opts.replace(steps=1))  # warm-up
     torch.cuda.synchronize()

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # --- assumptions (not measured here) ---------------------------------------------------------------
 FPS = 25.0

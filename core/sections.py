@@ -130,14 +130,17 @@ class ModelConfig:
 
 @dataclass
 class SamplerConfig:
-    """DDIM sampling with Loopy's three-way guidance."""
+    """DDIM sampling with Loopy's three-way guidance. The same dataclass carries one request's
+    options: the service and the CLI start from the configured section and replace the fields a
+    client sets (``dataclasses.replace``), so defaults are declared once, here."""
 
-    steps: int = 25
-    audio_ratio: float = 5.0
-    ref_ratio: float = 3.0
-    seed: int = 0
-    fps: float = 25.0
-    max_audio_s: Optional[float] = 60.0
+    steps: int = 25  # DDIM steps
+    audio_ratio: float = 5.0  # e_final = audio_ratio * (e_audio - e_ref) + ...
+    ref_ratio: float = 3.0  # ... + ref_ratio * (e_ref - e_base) + e_base
+    seed: int = 0  # initial noise of every clip is drawn from one generator seeded with this
+    fps: float = 25.0  # output frame rate; audio features are computed for this rate
+    size: Optional[int] = None  # output side in pixels; None = the model's crop size
+    max_audio_s: Optional[float] = 60.0  # CLI / evaluation limit on the audio length
     device: str = "auto"  # auto | cpu | cuda
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from pipelines.face_detect import make_detector
-from pipelines.crop import crop_frames, plan_crop_track
+
 from inference.errors import InferenceError
+from pipelines.crop import crop_frames, plan_crop_track
+from pipelines.face_detect import make_detector
 
 
 class NoFaceError(InferenceError, ValueError):

@@ -6,13 +6,14 @@
 ``--model``: an MLflow model URI (``models:/loopy/3``, ``models:/loopy@stage2``, ``runs:/...``)
 or a model package folder; default ``serve.model`` of the config. Sampling options come from the
 ``sampler`` section (``sampler.steps=25 sampler.audio_ratio=5 sampler.ref_ratio=3 sampler.seed=0
-sampler.fps=25``); the model itself is read from the package with the ``platform.yaml`` it was
+sampler.fps=25 sampler.size=N``); the model itself is read from the package with the ``platform.yaml`` it was
 trained with. Progress is printed per 12-frame clip. Exit status 2 for bad input (the message
 names the file), 1 for other failures.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Optional, Sequence
 
 from core.config import ConfigError, add_config_arguments, load_platform_config
 from inference.portrait import NoFaceError, load_image
-from inference.sampler import LoopySampler, SampleOptions
+from inference.sampler import LoopySampler
 from pipelines.audio_decode import AudioDecodeError
 
 
@@ -52,7 +53,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {flag}: {path}: file not found", file=sys.stderr)
             return 2
 
-
     try:
         image = load_image(args.image)
     except ValueError as exc:
@@ -61,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     sampler = LoopySampler.from_package(model, device=args.device or cfg.sampler.device,
                                         tracking_uri=cfg.tracking.tracking_uri)
-    options = SampleOptions.from_config(cfg.sampler).replace(size=args.size)
+    options = cfg.sampler if args.size is None else dataclasses.replace(cfg.sampler, size=args.size)
     print(f"model {model} loaded in {time.perf_counter() - started:.1f} s on {sampler.device}", flush=True)
 
     def report(p) -> None:

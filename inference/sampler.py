@@ -20,62 +20,32 @@ Units: frames at ``fps`` (25), samples at 16 kHz, seconds.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler
 
-from inference.guidance import combine_stacked, guidance_switches, stack_conditions
+from core.sections import SamplerConfig
 from core.temporal_segment import TemporalSegmentModule
-from core.config import load_platform_config
-from core.weights import resolve_weights
-from models.loopy import LoopyModel
-from inference.portrait import PortraitCropper
-from models.registry import resolve_model_location
-from pipelines.audio_features import AudioFeatureExtractor
-from pipelines.latents import LatentCodec
-from pipelines.audio_decode import decode_audio
-from pipelines.audio_features import frame_count_for
-from pipelines.audio_features import audio_windows
+from inference.guidance import combine_stacked, guidance_switches, stack_conditions
+from inference.loading import LoadedPackage, load_package
 from inference.portrait import load_image
 from inference.video_io import write_video
-from core.paths import resolve_tracking_uri
+from pipelines.audio_decode import decode_audio
+from pipelines.audio_features import audio_windows, frame_count_for
+
+__all__ = ["SD15_SCHEDULER", "ClipProgress", "LoopySampler", "ProgressCallback", "SampleResult", "num_clips"]
 
 # SD-1.5's noise schedule (the one the denoising U-Net is trained with), DDIM as in its pipelines.
 SD15_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
 )
-
-
-@dataclass(frozen=True)
-class SampleOptions:
-    """Per-request sampling options. ``size``: output side in pixels (None = the model's crop size;
-    other values resize the decoded frames)."""
-
-    steps: int = 25
-    audio_ratio: float = 5.0
-    ref_ratio: float = 3.0
-    seed: int = 0
-    fps: float = 25.0
-    size: Optional[int] = None
-
-    @classmethod
-    def from_config(cls, cfg) -> "SampleOptions":
-        """From a :class:`models.config.SamplerConfig`."""
-        return cls(steps=cfg.steps, audio_ratio=cfg.audio_ratio, ref_ratio=cfg.ref_ratio,
-                   seed=cfg.seed, fps=cfg.fps)
-
-    def replace(self, **changes) -> "SampleOptions":
-        return dataclasses.replace(self, **changes)
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -102,12 +72,6 @@ class SampleResult:
     compute_s: float  # wall time of the whole call
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def num_clips(num_frames: int, clip_frames: int) -> int:
     """Clips of ``clip_frames`` needed for ``num_frames`` frames (the last one may be cut)."""
     return math.ceil(num_frames / clip_frames)
@@ -116,15 +80,14 @@ def num_clips(num_frames: int, clip_frames: int) -> int:
 class LoopySampler:
     """Generates talking videos with a :class:`models.loopy.LoopyModel` and the ingest code.
 
-    Build with :meth:`from_package` (a trained model package or MLflow model URI). Thread-unsafe:
-    use one sampler per thread / actor.
+    Build with :meth:`from_package` (a trained model package or MLflow model URI). Sampling
+    options are a :class:`core.sections.SamplerConfig` (the package's ``sampler`` section by
+    default; per request, ``dataclasses.replace`` of it). Thread-unsafe: use one sampler per
+    thread / actor.
     """
 
     def __init__(self, model, codec, audio_extractor, portrait_cropper, platform_cfg,
                  device: torch.device, scheduler_config: Optional[dict] = None):
-        from diffusers import DDIMScheduler
-
-
         self.model = model.to(device).eval()
         self.codec = codec
         self.audio_extractor = audio_extractor
@@ -137,51 +100,20 @@ class LoopySampler:
         self.segment = TemporalSegmentModule(rc.motion_frames, rc.segment_stride, rc.segment_ratio,
                                              rc.abstraction).to(device)
         self.scheduler_config = dict(scheduler_config or SD15_SCHEDULER)
-        self._scheduler_cls = DDIMScheduler
         self.dtype = next(self.model.parameters()).dtype
-        self.default_options = SampleOptions.from_config(platform_cfg.sampler)
+        self.default_options: SamplerConfig = platform_cfg.sampler
 
-    # --- loading -------------------------------------------------------------------------------
     @classmethod
-    def from_package(cls, location: str | Path, device: str = "auto", platform_overrides=(),
+    def from_loaded(cls, package: LoadedPackage) -> "LoopySampler":
+        return cls(package.model, package.codec, package.audio_extractor, package.portrait, package.cfg,
+                   package.device, package.scheduler_config)
+
+    @classmethod
+    def from_package(cls, location: str | Path, device: str = "auto", platform_overrides: Sequence[str] = (),
                      tracking_uri: Optional[str] = None) -> "LoopySampler":
-        """Load a model package: ``loopy/`` (LoopyModel), ``platform.yaml``, and ``vae/`` +
-        ``wav2vec2/`` when present (tiny preset; otherwise the locations in ``platform.yaml``).
-        ``location``: a folder or an MLflow model URI (``models:/name/version``,
-        ``models:/name@alias``, ``runs:/...``) fetched from ``tracking_uri``.
-        ``platform_overrides``: ``section.key=value`` applied over the package's ``platform.yaml``."""
-
-        if tracking_uri is not None and str(location).startswith(("models:/", "runs:/")):
-
-            tracking_uri = resolve_tracking_uri(tracking_uri)
-        root = Path(resolve_model_location(str(location), tracking_uri=tracking_uri))
-        cfg_file = root / "platform.yaml"
-        if not (root / "loopy").is_dir() or not cfg_file.is_file():
-            raise FileNotFoundError(f"{root}: not a Loopy model package (needs loopy/ and platform.yaml)")
-        cfg = load_platform_config(cfg_file, platform_overrides)
-        dev = resolve_device(cfg.sampler.device if device == "auto" else device)
-        model = LoopyModel.from_pretrained(str(root / "loopy"))
-        if dev.type == "cuda" and cfg.model.dtype != "float32":
-            model = model.to(getattr(torch, cfg.model.dtype))
-        weights = None
-        vae = root / "vae"
-        w2v = root / "wav2vec2"
-        if not vae.is_dir() or not w2v.is_dir():
-            weights = resolve_weights(cfg.weights)
-        vae_loc = str(vae) if vae.is_dir() else weights.vae
-        w2v_loc = str(w2v) if w2v.is_dir() else weights.wav2vec2
-        local_only = True if weights is None else weights.local_files_only
-        codec = LatentCodec(vae_loc, local_files_only=local_only, device=str(dev))
-        extractor = AudioFeatureExtractor(w2v_loc, local_files_only=local_only, device=str(dev))
-        cropper = PortraitCropper.from_config(cfg)
-        sched_dir = root / "scheduler"
-        sched_cfg = None
-        if (sched_dir / "scheduler_config.json").is_file():
-            import json
-
-            sched_cfg = {k: v for k, v in json.loads((sched_dir / "scheduler_config.json").read_text()).items()
-                         if not k.startswith("_")}
-        return cls(model, codec, extractor, cropper, cfg, dev, sched_cfg)
+        """A sampler for a model package folder or MLflow model URI (see
+        :func:`inference.loading.load_package`, which does the loading)."""
+        return cls.from_loaded(load_package(location, device, platform_overrides, tracking_uri))
 
     # --- inputs --------------------------------------------------------------------------------
     def prepare_portrait(self, image: np.ndarray) -> torch.Tensor:
@@ -207,7 +139,7 @@ class LoopySampler:
 
     # --- the denoising loop --------------------------------------------------------------------
     def make_scheduler(self, steps: int):
-        scheduler = self._scheduler_cls(**self.scheduler_config)
+        scheduler = DDIMScheduler(**self.scheduler_config)
         scheduler.set_timesteps(steps, device=self.device)
         return scheduler
 
@@ -240,7 +172,7 @@ class LoopySampler:
 
     @torch.no_grad()
     def denoise_clip(self, ref_latent: torch.Tensor, motion: torch.Tensor, motion_mask: torch.Tensor,
-                     audio: torch.Tensor, options: SampleOptions, generator: torch.Generator,
+                     audio: torch.Tensor, options: SamplerConfig, generator: torch.Generator,
                      batched: bool = True, cache_reference: bool = True) -> torch.Tensor:
         """DDIM for one clip with three-way guidance -> latents [B, F, 4, h, w].
 
@@ -300,7 +232,7 @@ class LoopySampler:
 
     @torch.no_grad()
     def generate_latents(self, ref_latent: torch.Tensor, features: np.ndarray | torch.Tensor,
-                         options: Optional[SampleOptions] = None,
+                         options: Optional[SamplerConfig] = None,
                          progress: Optional[ProgressCallback] = None) -> torch.Tensor:
         """All frames' latents [N, 4, h, w] for audio features [N, L, D], clip after clip."""
 
@@ -335,7 +267,7 @@ class LoopySampler:
             yield frames
 
     def generate(self, image: np.ndarray | str | Path, audio_path: str | Path, out_path: str | Path,
-                 options: Optional[SampleOptions] = None,
+                 options: Optional[SamplerConfig] = None,
                  progress: Optional[ProgressCallback] = None) -> SampleResult:
         """Portrait (uint8 [H, W, 3] or an image file) + audio file -> mp4 at ``out_path``."""
 

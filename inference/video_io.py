@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
 from inference.errors import InferenceError
 
 

@@ -15,7 +15,6 @@ layers, D wav2vec2 width (tiny 2 x 32, base 12 x 768).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn

@@ -42,12 +42,17 @@ from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
-from models.audio_modules import A2L_KINDS, AudioCrossAttention, AudioProjection, AudioToLatents
-from models.reference_attention import (ContextAttnProcessor, LoopyCallContext, LoopySelfAttnProcessor,
-                                        ReferenceFeatures, ReferenceWriteProcessor)
-from models.temporal_layers import TemporalLayers
 from core.temporal_segment import make_plan
 from core.weights import load_pretrained
+from models.audio_modules import A2L_KINDS, AudioCrossAttention, AudioProjection, AudioToLatents
+from models.reference_attention import (
+    ContextAttnProcessor,
+    LoopyCallContext,
+    LoopySelfAttnProcessor,
+    ReferenceFeatures,
+    ReferenceWriteProcessor,
+)
+from models.temporal_layers import TemporalLayers
 
 __all__ = ["LoopyModel", "ReferenceFeatures", "sd15_unet_config", "A2L_KINDS"]
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 from typing import Any, Optional
-from core.config import dump_yaml
-from core.config import load_platform_config
+
+from core.config import dump_yaml, load_platform_config
 from models.errors import ModelError
 
 PACKAGE_ARTIFACT = "model_package"

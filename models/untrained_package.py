@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Sequence
+
 from core.config import load_platform_config
 from core.weights import resolve_weights
 from models.loopy import LoopyModel
@@ -21,7 +22,6 @@ def write_untrained_package(folder: str | Path, config_path: Optional[str | Path
     config (``config_path`` + ``overrides``) and write it as a package at ``folder``.
     Idempotent: an existing package at ``folder`` is returned as is."""
     import torch
-
 
     folder = Path(folder)
     if (folder / CONFIG_FILE).is_file() and (folder / MODEL_SUBDIR / "config.json").is_file():

@@ -25,31 +25,40 @@ Entry points: ``serve run serve/serve_config.yaml`` (application builder :func:`
 ``config`` and ``overrides``), or ``python -m serve.app [--config FILE] [overrides]``.
 """
 
+import argparse
 import asyncio
+import dataclasses
 import logging
 import os
+import signal
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from ray import serve
 
-from core.config import PlatformConfig, load_platform_config
+from core.config import PlatformConfig, add_config_arguments, load_platform_config
 from core.paths import project_path
-from serve.jobs import JobState, JobStore, QueueFullError
-from serve.errors import UploadError
-from serve.validation import (check_audio, check_face, check_size, decode_image,
-                              optional_bearer_ok, parse_options)
 from core.ray_runtime import init_ray
-from core.config import add_config_arguments
-from inference.sampler import LoopySampler
-from inference.sampler import SampleOptions
-from serve.validation import decode_image as _decode
 from inference.portrait import PortraitCropper
+from inference.sampler import LoopySampler
+from serve.errors import UploadError
+from serve.jobs import JobState, JobStore, QueueFullError
+from serve.validation import (
+    check_audio,
+    check_content_length,
+    check_face,
+    check_size,
+    decode_image,
+    optional_bearer_ok,
+    options_to_json,
+    parse_form,
+)
 
 log = logging.getLogger("loopy.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -67,17 +76,15 @@ class LoopyWorker:
     """One sampler per replica; ``generate`` streams ``{"progress": {...}}`` events then ``{"video": bytes}``."""
 
     def __init__(self, model: str, tracking_uri: Optional[str] = None, device: str = "auto"):
-
         self.sampler = LoopySampler.from_package(model, device=device, tracking_uri=tracking_uri)
 
     def _run(self, image: bytes, audio: bytes, options: dict, on_progress) -> bytes:
-
-        opts = SampleOptions(**options)
+        opts = dataclasses.replace(self.sampler.default_options, **options)
         with tempfile.TemporaryDirectory(prefix="loopy_job_") as tmp:
             audio_path = Path(tmp) / "audio.bin"
             audio_path.write_bytes(audio)
             out = Path(tmp) / "result.mp4"
-            self.sampler.generate(_decode(image), audio_path, out, opts, on_progress)
+            self.sampler.generate(decode_image(image, "image"), audio_path, out, opts, on_progress)
             return out.read_bytes()
 
     async def generate(self, image: bytes, audio: bytes, options: dict):
@@ -110,13 +117,12 @@ class LoopyIngress:
     """HTTP API, web page, upload checks, the bounded job queue, and dispatch to the workers."""
 
     def __init__(self, worker, cfg: PlatformConfig):
-
         self.worker = worker
         self.cfg = cfg
         sc = cfg.serve
         self.store = JobStore(project_path(sc.job_dir), max_pending=sc.max_queue, ttl_s=sc.job_ttl_s)
         self.max_upload_bytes = int(sc.max_upload_mb * 1024 * 1024)
-        self.default_options = SampleOptions.from_config(cfg.sampler)
+        self.default_options = cfg.sampler
         self.cropper = PortraitCropper.from_config(cfg)  # face presence: the ingest detector
         self._detect_lock = threading.Lock()
         self.num_dispatchers = max(1, sc.num_replicas)
@@ -186,13 +192,11 @@ class LoopyIngress:
         denied = self._auth(request)
         if denied:
             return denied
-        limit = 2 * self.max_upload_bytes + FORM_OVERHEAD_BYTES
-        length = request.headers.get("content-length")
-        if length is None:
-            return JSONResponse({"field": "body", "error": "body: Content-Length is required"}, status_code=411)
-        if not length.isdigit() or int(length) > limit:
-            return _error(UploadError(413, "body", f"request is larger than the limit of "
-                                                  f"{limit // (1024 * 1024)} MB"))
+        try:
+            check_content_length(request.headers.get("content-length"),
+                                 2 * self.max_upload_bytes + FORM_OVERHEAD_BYTES)
+        except UploadError as exc:
+            return _error(exc)
         if self.store.pending() >= self.store.max_pending:  # cheap early refusal before parsing
             return self._queue_full(QueueFullError(self.store.pending(), 5))
         try:
@@ -200,25 +204,13 @@ class LoopyIngress:
         except Exception as exc:  # noqa: BLE001 - malformed multipart
             return _error(UploadError(400, "body", f"not a valid multipart form ({type(exc).__name__})"))
         try:
-            files, fields = {}, {}
-            for key, value in form.multi_items():
-                if hasattr(value, "read"):
-                    if key not in ("image", "audio"):
-                        raise UploadError(422, key, "unexpected file field; send 'image' and 'audio'")
-                    files[key] = value
-                else:
-                    fields[key] = value
-            options = parse_options(fields, self.default_options)
-            for key in ("image", "audio"):
-                if key not in files:
-                    raise UploadError(422, key, "missing file field")
-                if files[key].size is not None:  # known from the parser; checked again after reading
-                    check_size(files[key].size, key, self.max_upload_bytes)
+            parsed = parse_form(form.multi_items(), self.default_options, self.max_upload_bytes)
         except UploadError as exc:
             await form.close()
             return _error(exc)
+        files = parsed.files
         try:
-            job = self.store.create(options.to_json())
+            job = self.store.create(options_to_json(parsed.options))
         except QueueFullError as exc:
             await form.close()
             return self._queue_full(exc)
@@ -312,9 +304,6 @@ def run_service(cfg: PlatformConfig, blocking: bool = True, name: str = "loopy")
     serve.run(build_app(cfg), name=name, route_prefix="/", blocking=False)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     if blocking:
-        import ray
-        import signal
-
         def stop(signum, frame):  # SIGINT / SIGTERM: shut Serve and Ray down cleanly
             raise KeyboardInterrupt
 
@@ -334,9 +323,6 @@ def run_service(cfg: PlatformConfig, blocking: bool = True, name: str = "loopy")
 
 
 def main(argv=None) -> int:
-    import argparse
-
-
     parser = argparse.ArgumentParser(description="Run the Loopy HTTP service (Ray Serve)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)

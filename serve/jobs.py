@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
+
 from serve.errors import ServeError
 
 JOB_FILES = {"image": "portrait.img", "audio": "audio.bin", "video": "result.mp4"}

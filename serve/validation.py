@@ -9,21 +9,24 @@ Content is checked by decoding it (never by file name or extension):
   same detector as ingest (:mod:`inference.portrait`) (422);
 * ``audio``: decodes with the ingest decoder (:func:`pipelines.audio_decode.decode_audio`), is not
   silent, and lasts at most ``max_audio_s`` seconds (422);
-* options: only the known names, each parsed and range-checked (422 naming the option).
+* options: only the known names, each parsed and range-checked (422 naming the option);
+* the form itself: exactly the file fields ``image`` and ``audio`` plus option fields
+  (:func:`parse_form`), and a ``Content-Length`` within the limit (:func:`check_content_length`).
 """
 from __future__ import annotations
 
+import dataclasses
+import hmac
 import io
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
-from inference.sampler import SampleOptions
+from core.sections import SamplerConfig
 from pipelines.audio_decode import AudioDecodeError, decode_audio, is_silent
 from serve.errors import UploadError
-
 
 MAX_IMAGE_PIXELS = 40_000_000  # 40 MP; larger images are refused before decoding the pixels
 
@@ -102,13 +105,13 @@ OPTION_RULES: dict[str, OptionRule] = {
     "fps": OptionRule(float, 1.0, 60.0),
     "size": OptionRule(int, 16, 1024),
 }
-"""Options a client may set (names of :class:`SampleOptions` fields) and their closed ranges."""
+"""Options a client may set (names of :class:`core.sections.SamplerConfig` fields) and their closed ranges."""
 
 
-def parse_options(raw: Mapping[str, Any], defaults: SampleOptions) -> SampleOptions:
-    """Build :class:`SampleOptions` from form values (strings) over ``defaults``.
+def parse_options(raw: Mapping[str, Any], defaults: SamplerConfig) -> SamplerConfig:
+    """Build the request's :class:`SamplerConfig` from form values (strings) over ``defaults``.
     422 naming the option for an unknown name, a value of the wrong type, or one out of range."""
-    known = {f.name for f in fields(SampleOptions)}
+    known = {f.name for f in fields(SamplerConfig)}
     assert set(OPTION_RULES) <= known
     values: dict[str, Any] = {}
     for name, value in raw.items():
@@ -132,19 +135,59 @@ def parse_options(raw: Mapping[str, Any], defaults: SampleOptions) -> SampleOpti
         if name == "size" and parsed % 2:
             raise UploadError(422, name, f"size must be even (video encoders need it), got {parsed}")
         values[name] = parsed
-    return defaults.replace(**values)
+    return dataclasses.replace(defaults, **values)
 
 
-def options_from_form(form_items: Mapping[str, Any], file_fields: tuple[str, ...] = ("image", "audio")
-                      ) -> dict[str, Any]:
-    """The non-file form fields (the options) of a multipart form."""
-    return {k: v for k, v in form_items.items() if k not in file_fields}
+def options_to_json(options: SamplerConfig) -> dict[str, Any]:
+    """The client-settable fields of a request's options (what a job records and a worker reads)."""
+    return {name: getattr(options, name) for name in OPTION_RULES}
+
+
+FILE_FIELDS = ("image", "audio")
+
+
+@dataclass
+class ParsedForm:
+    """A multipart form split into its two uploads (``files["image"]``, ``files["audio"]``: the
+    parser's upload objects, not read yet) and the request's sampling options."""
+
+    files: dict[str, Any]
+    options: SamplerConfig
+
+
+def check_content_length(header: Optional[str], limit_bytes: int) -> None:
+    """411 without a ``Content-Length``; 413 when it is not a number or above ``limit_bytes``."""
+    if header is None:
+        raise UploadError(411, "body", "Content-Length is required")
+    if not header.isdigit() or int(header) > limit_bytes:
+        raise UploadError(413, "body", f"request is larger than the limit of {limit_bytes // (1024 * 1024)} MB")
+
+
+def parse_form(items: Iterable[tuple[str, Any]], defaults: SamplerConfig, max_upload_bytes: int) -> ParsedForm:
+    """``items``: the form's ``(name, value)`` pairs (``FormData.multi_items()``); an upload has a
+    ``read`` method and a ``size`` (bytes, or None when the parser does not know it).
+    422 for a file field other than ``image`` / ``audio``, a missing one, or a bad option; 413 for
+    an upload whose known size is above ``max_upload_bytes`` (checked again after reading)."""
+    files: dict[str, Any] = {}
+    raw_options: dict[str, Any] = {}
+    for key, value in items:
+        if hasattr(value, "read"):
+            if key not in FILE_FIELDS:
+                raise UploadError(422, key, "unexpected file field; send 'image' and 'audio'")
+            files[key] = value
+        else:
+            raw_options[key] = value
+    options = parse_options(raw_options, defaults)
+    for key in FILE_FIELDS:
+        if key not in files:
+            raise UploadError(422, key, "missing file field")
+        if files[key].size is not None:
+            check_size(files[key].size, key, max_upload_bytes)
+    return ParsedForm(files, options)
 
 
 def optional_bearer_ok(header: Optional[str], token: Optional[str]) -> bool:
     """True when no token is configured, or ``header`` is ``Bearer <token>`` (constant-time compare)."""
-    import hmac
-
     if not token:
         return True
     if not header or not header.startswith("Bearer "):

@@ -12,10 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from inference.guidance import (CONDITIONS, combine_guidance, combine_stacked, guidance_switches,
-                             split_conditions, stack_conditions)
-from inference.sampler import LoopySampler, SampleOptions, num_clips
-
+from core.sections import SamplerConfig
+from inference.guidance import (
+    CONDITIONS,
+    combine_guidance,
+    combine_stacked,
+    guidance_switches,
+    split_conditions,
+    stack_conditions,
+)
+from inference.sampler import LoopySampler, num_clips
 
 # --- helpers ----------------------------------------------------------------------------------------
 
@@ -144,7 +150,7 @@ def test_reference_net_runs_once_per_clip_and_history_is_carried(core_sampler, m
 
     monkeypatch.setattr(s.model, "compute_reference", recording)
     progress = []
-    out = s.generate_latents(ref, feats, SampleOptions(steps=3, seed=5), progress.append)
+    out = s.generate_latents(ref, feats, SamplerConfig(steps=3, seed=5), progress.append)
     assert out.shape == (n, 4, 8, 8)
     assert len(calls) == num_clips(n, s.clip_frames) == 3  # once per clip, not per step
     assert [p.clips_done for p in progress] == [1, 2, 3]
@@ -170,13 +176,13 @@ def test_output_length_for_several_lengths_and_determinism(core_sampler):
     s = core_sampler
     for n in (1, 13):
         ref, feats = random_inputs(s, n, seed=n)
-        out = s.generate_latents(ref, feats, SampleOptions(steps=2, seed=3))
+        out = s.generate_latents(ref, feats, SamplerConfig(steps=2, seed=3))
         assert out.shape == (n, 4, 8, 8)
         assert torch.isfinite(out).all()
     ref, feats = random_inputs(s, 12, seed=9)
-    a = s.generate_latents(ref, feats, SampleOptions(steps=2, seed=3))
-    b = s.generate_latents(ref, feats, SampleOptions(steps=2, seed=3))
-    c = s.generate_latents(ref, feats, SampleOptions(steps=2, seed=4))
+    a = s.generate_latents(ref, feats, SamplerConfig(steps=2, seed=3))
+    b = s.generate_latents(ref, feats, SamplerConfig(steps=2, seed=3))
+    c = s.generate_latents(ref, feats, SamplerConfig(steps=2, seed=4))
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
@@ -187,7 +193,7 @@ def test_cached_reference_equals_recomputed_reference(core_sampler):
 
     audio = s.clip_audio(audio_windows(feats, radius=s.audio_radius), 0)
     motion, mask = s.motion_history(torch.zeros(12, 4, 8, 8), 0, ref)
-    opts = SampleOptions(steps=2, seed=1)
+    opts = SamplerConfig(steps=2, seed=1)
     cached = s.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0))
     again = s.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0), cache_reference=False)
     three = s.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0), batched=False)
@@ -211,7 +217,7 @@ def test_generate_mp4_one_frame_per_40ms_with_audio(full_sampler, tmp_path, seco
     decoded_s = decode_audio(audio).duration_s
     assert decoded_s == pytest.approx(seconds, abs=0.03)
     progress = []
-    result = full_sampler.generate(image, audio, tmp_path / "out.mp4", SampleOptions(steps=2), progress.append)
+    result = full_sampler.generate(image, audio, tmp_path / "out.mp4", SamplerConfig(steps=2), progress.append)
     expected = int(np.floor(decoded_s * 25 + 1e-6))  # one frame per whole 40 ms of audio
     assert result.num_frames == expected
     assert [p.clips_done for p in progress] == list(range(1, num_clips(expected, 12) + 1))

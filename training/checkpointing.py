@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+
 from training.step import trainable
 
 STATE_FILE = "state.json"

@@ -17,6 +17,7 @@ loss plot, and a short sample video of the current model.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,10 +25,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from training.step import diffusion_loss, to_device
-from pipelines.reader import LoopySampleSource, collate
 from inference.sampler import LoopySampler
 from pipelines.motion_stats import clip_motion_stats, motion_stats_ratio
+from pipelines.reader import LoopySampleSource, collate
+from training.step import diffusion_loss, to_device
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def generate_sample(package_dir: str | Path, batch: dict[str, torch.Tensor], ste
     sampler = LoopySampler.from_package(str(package_dir), device="cpu")
     window = batch["audio"].shape[2]
     features = batch["audio"][0, :, window // 2].float().numpy()  # [F, L, D]: each frame's own features
-    options = sampler.default_options.replace(steps=int(steps), seed=int(seed))
+    options = dataclasses.replace(sampler.default_options, steps=int(steps), seed=int(seed))
     latents = sampler.generate_latents(batch["ref_latent"][:1].float(), features, options)
     return np.concatenate(list(sampler.decode_frames(latents)), axis=0)
 

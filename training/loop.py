@@ -33,21 +33,17 @@ from typing import Iterator, Optional
 
 import torch
 
+from core.paths import resolve_tracking_uri
+from core.weights import resolve_weights
+from inference.video_io import write_video
+from models.loopy import LoopyModel
+from models.registry import resolve_model_location, write_model_package
+from pipelines.face_detect import make_detector
+from pipelines.reader import LoopyTorchDataset, collate, to_torch_batch
 from training.checkpointing import TrainState, load_checkpoint, save_checkpoint, unwrap
+from training.evaluation import generate_sample, load_test_batches, motion_statistics, plot_losses, validation_loss
 from training.step import NonFiniteLossError, make_noise_scheduler, train_step, trainable
 from training.tracking import RunLogger, gpu_memory_metrics
-from core.weights import resolve_weights
-from models.loopy import LoopyModel
-from pipelines.reader import LoopyTorchDataset, collate
-from pipelines.reader import to_torch_batch
-from models.registry import resolve_model_location
-from core.paths import resolve_tracking_uri
-from training.evaluation import load_test_batches
-from training.evaluation import plot_losses, validation_loss
-from models.registry import write_model_package
-from inference.video_io import write_video
-from training.evaluation import generate_sample, motion_statistics
-from pipelines.face_detect import make_detector
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +72,6 @@ def build_model(job: StageJob, device: torch.device):
         model = LoopyModel.from_sd15(paths.unet, cfg.model, cfg.reader, stage=1,
                                      local_files_only=paths.local_files_only)
     else:
-
         dst = Path(tempfile.mkdtemp(prefix="stage1_", dir=job.work_dir or None))
         pkg = resolve_model_location(job.init_from, dst_dir=dst,
                                      tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri))
@@ -100,7 +95,6 @@ def _torch_batches(job: StageJob, state: TrainState, rank: int, world: int) -> I
 def _ray_batches(job: StageJob, skip: int) -> Iterator[dict]:
     """This worker's shard of the reader's Ray Dataset (all epochs), first ``skip`` batches skipped."""
     import ray.train
-
 
     shard = ray.train.get_dataset_shard("train")
     it = shard.iter_torch_batches(batch_size=job.cfg.train.batch_size, collate_fn=to_torch_batch,
@@ -160,7 +154,6 @@ class _Evaluator:
     """Rank 0's evaluation: test batches loaded once, metrics + artifacts to MLflow."""
 
     def __init__(self, job: StageJob, noise_scheduler, device: torch.device):
-
         self.job, self.noise_scheduler, self.device = job, noise_scheduler, device
         tc = job.cfg.train
         self.batches = load_test_batches(job.data_dir, job.cfg.reader, tc.batch_size, tc.eval_max_batches)
@@ -168,7 +161,6 @@ class _Evaluator:
             log.warning("%s has no test-split samples: validation loss skipped", job.data_dir)
 
     def __call__(self, model: torch.nn.Module, ema, step: int) -> dict[str, float]:
-
         job, tc = self.job, self.job.cfg.train
         net = unwrap(model)
         if ema is not None:
@@ -212,7 +204,6 @@ class _Evaluator:
 
     def _detector(self):
         if getattr(self, "_det", None) is None:
-
             ing = self.job.cfg.ingest
             self._det = make_detector(ing.detector, self.job.cfg.weights.dwpose_dir, ing.detect_max_side)
         return self._det
@@ -226,7 +217,7 @@ def train_loop_per_worker(config: dict) -> None:
     from diffusers.training_utils import EMAModel
 
     job: StageJob = config["job"]
-    cfg, tc = job.cfg, job.cfg.train
+    tc = job.cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

@@ -26,18 +26,21 @@ from typing import Optional, Sequence
 
 from core.config import PlatformConfig
 from core.paths import project_path, resolve_tracking_uri
+from core.ray_runtime import init_ray
+from core.weights import resolve_weights
+from models.registry import (
+    ModelPackageError,
+    latest_version,
+    log_model_package,
+    resolve_model_location,
+    write_model_package,
+)
+from pipelines.reader import LoopySampleSource, build_ray_dataset
+from pipelines.schema import IngestFormatError
+from training.checkpointing import FINAL_MODEL_DIR
+from training.errors import TrainingError
 from training.loop import StageJob, train_loop_per_worker
 from training.tracking import JobTracker, RunLogger
-from pipelines.reader import LoopySampleSource
-from pipelines.schema import IngestFormatError
-from models.registry import ModelPackageError, resolve_model_location
-from core.weights import resolve_weights
-from pipelines.reader import build_ray_dataset
-from models.registry import log_model_package, write_model_package
-from training.checkpointing import FINAL_MODEL_DIR
-from core.ray_runtime import init_ray
-from models.registry import latest_version
-from training.errors import TrainingError
 
 log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
@@ -181,7 +184,6 @@ def prepare_job(cfg: PlatformConfig, data_dir: str | Path, stages: Sequence[int]
         done1 = record.stages.get("1")
         init_from = init_from or (done1.model_uri if done1 and done1.done else None)
         if init_from is None:
-
             version = latest_version(cfg.tracking.registered_model, 1, resolve_tracking_uri(cfg.tracking.tracking_uri))
             if version is None:
                 raise TrainSetupError(
@@ -216,7 +218,6 @@ def run_stage(prep: PreparedJob, stage: int, tracker: JobTracker, parent: RunLog
     """One Ray Train run for ``stage``, then its package logged and registered in MLflow."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
-
 
     cfg = stage_config(prep.cfg, stage)
     rec = prep.record.stages.setdefault(str(stage), StageRecord())

@@ -1,0 +1,162 @@
+"""The import graph follows the layers of docs/CONTRACTS.md, read from the source with ``ast``.
+
+Layers, each importing only the ones below it (and its own room):
+
+1. ``core``                         configs, paths, weights, Ray start-up, the temporal segment rule
+2. ``pipelines`` | ``models``       data | networks (two rooms of one layer: neither imports the other)
+3. ``inference``                    the sampler
+4. ``training`` | ``serve``         jobs and the service (neither imports the other)
+5. entry points                     ``train.py``, ``demo.py``, ``pipelines/ingest.py``
+
+Also checked: the project's own modules are imported at the top of a file (never inside a
+function), and no module edits ``sys.path``. ``tests/`` and ``benchmarks/`` may import anything.
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from core.paths import PROJECT_ROOT
+
+LAYERS = {"core": 1, "pipelines": 2, "models": 2, "inference": 3, "training": 4, "serve": 4}
+ENTRY_POINTS = {"train": 5, "demo": 5, "pipelines.ingest": 5}
+OWN_TOP = set(LAYERS) | {"train", "demo"}
+CHECKED_DIRS = tuple(LAYERS)
+CHECKED_FILES = ("train.py", "demo.py")
+
+
+@dataclass(frozen=True)
+class Edge:
+    src: str  # importing module, dotted
+    dst: str  # imported module, dotted (the longest project module the import names)
+    line: int
+    top_level: bool
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PROJECT_ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def layer_of(module: str) -> tuple[str, int]:
+    """(room, layer) of a project module; entry points are layer 5 in their own 'room'."""
+    if module in ENTRY_POINTS:
+        return module, ENTRY_POINTS[module]
+    room = module.split(".")[0]
+    return room, LAYERS[room]
+
+
+def edges_of(source: str, module: str) -> list[Edge]:
+    tree = ast.parse(source)
+    top = {id(node) for node in tree.body}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # ``from pipelines import ingest`` names pipelines.ingest
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] in OWN_TOP:
+                out.append(Edge(module, name, node.lineno, id(node) in top))
+    return out
+
+
+def violation(edge: Edge) -> str | None:
+    """Why ``edge`` breaks the layering, or None."""
+    if edge.dst in ENTRY_POINTS:
+        return None if edge.src == edge.dst else f"{edge.src}:{edge.line} imports the entry point {edge.dst}"
+    src_room, src_layer = layer_of(edge.src)
+    dst_room, dst_layer = layer_of(edge.dst.split(".")[0])
+    if src_room == dst_room or dst_layer < src_layer:
+        return None
+    return f"{edge.src}:{edge.line} (layer {src_layer}, {src_room}) imports {edge.dst} (layer {dst_layer}, {dst_room})"
+
+
+def project_sources() -> list[Path]:
+    files = [PROJECT_ROOT / name for name in CHECKED_FILES]
+    for folder in CHECKED_DIRS:
+        files += sorted((PROJECT_ROOT / folder).rglob("*.py"))
+    return [f for f in files if f.is_file()]
+
+
+def all_edges() -> list[Edge]:
+    edges = []
+    for path in project_sources():
+        edges += edges_of(path.read_text(), module_name(path))
+    return edges
+
+
+def test_the_checker_sees_upward_cross_and_entry_point_edges():
+    """The rule itself, on constructed sources (so the real check below can fail)."""
+    bad = {
+        "models.sampler": "from training.tracking import x\n",  # 2 -> 4
+        "pipelines.reader": "from models.temporal_segment import T\n",  # sideways in layer 2
+        "core.config": "import serve.config\n",  # 1 -> 4
+        "serve.app": "from pipelines import ingest\n",  # an entry point
+    }
+    for module, source in bad.items():
+        found = [violation(e) for e in edges_of(source, module)]
+        assert any(found), (module, source)
+    good = {"inference.sampler": "from pipelines.audio_decode import f\nfrom core.paths import p\n",
+            "pipelines.ingest": "from pipelines.manifest import m\nfrom core.config import c\n",
+            "train": "from training.stages import s\n"}
+    for module, source in good.items():
+        assert not any(violation(e) for e in edges_of(source, module)), (module, source)
+    lazy = edges_of("def f():\n    from core.paths import p\n", "models.loopy")
+    assert lazy and not lazy[0].top_level
+
+
+def test_no_import_runs_upward_or_sideways():
+    edges = all_edges()
+    assert len(edges) > 100  # the walk found the project
+    problems = sorted({v for v in map(violation, edges) if v})
+    assert not problems, "layering violations:\n" + "\n".join(problems)
+
+
+def test_no_two_rooms_import_each_other():
+    rooms = set()
+    for e in all_edges():
+        a, b = layer_of(e.src)[0], layer_of(e.dst.split(".")[0])[0]
+        if a != b:
+            rooms.add((a, b))
+    both = sorted({tuple(sorted(pair)) for pair in rooms if (pair[1], pair[0]) in rooms})
+    assert not both, f"rooms importing each other: {both}"
+
+
+def test_project_imports_are_at_the_top_of_files():
+    lazy = sorted(f"{e.src}:{e.line} imports {e.dst} inside a function" for e in all_edges() if not e.top_level)
+    assert not lazy, "\n".join(lazy)
+
+
+@pytest.mark.parametrize("path", project_sources() + sorted((PROJECT_ROOT / "cluster").glob("*.py")),
+                         ids=lambda p: str(p.relative_to(PROJECT_ROOT)))
+def test_no_module_edits_sys_path(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) \
+                and node.value.id == "sys":
+            pytest.fail(f"{path.name}:{node.lineno} touches sys.path")
+
+
+def test_console_scripts_resolve_to_main_functions():
+    """Every ``[project.scripts]`` entry names an importable ``main(argv=None) -> int``."""
+    import importlib
+    import inspect
+    import tomllib
+
+    scripts = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"loopy-ingest", "loopy-train", "loopy-sample", "loopy-serve", "loopy-demo"} <= set(scripts)
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        fn = getattr(importlib.import_module(module), func)
+        params = inspect.signature(fn).parameters
+        assert "argv" in params and params["argv"].default is None, f"{name}: {target} takes no argv=None"
