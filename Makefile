@@ -67,7 +67,7 @@ serve: install
 	$(PY) -m serve.app serve.model=$(MODEL)
 
 demo: install sysdeps
-	$(PY) -m demo --work $(WORK)
+	$(PY) demo.py --work $(WORK)
 
 bench: install sysdeps
 	$(PY) -m benchmarks.run

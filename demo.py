@@ -10,18 +10,24 @@ cluster job would run, with the venv's Python:
 4. ``register`` - look the registered version up in MLflow and print each stage's loss curve
 5. ``serve``    - start the Serve app on 127.0.0.1 (a free port), wait for ``/healthz``
 6. ``generate`` - POST /v1/videos (the first frame and a few seconds of audio of a sample video),
-   poll GET /v1/videos/{id}, download GET /v1/videos/{id}/file
-7. stop the service; print where the video, the MLflow UI and the service are.
+   poll GET /v1/videos/{id}, download GET /v1/videos/{id}/file (:class:`serve.client.VideoClient`)
+7. stop the service; print where the video, the MLflow UI, the logs and the service are.
 
-Progress is printed as it goes (each child's output, prefixed with its step); a failing step
-stops the demo with ``demo failed at step '<step>'`` and the tail of its log
-(``WORK/logs/<step>.log``). The last line printed is exactly ``video: PATH``.
-Everything stays on 127.0.0.1; nothing is downloaded (tiny random weights).
+The console shows one line per step (what it made, how long it took), a progress bar for the
+ingested videos, the training steps of each stage (with the loss) and the generated clips, and
+each stage's loss at its start and end. On a terminal a bar is one updating line (tqdm); when
+stdout is not a terminal (piped, CI) it is a plain line at every 10 %. Nothing else of the
+children's output reaches the console: all of it is in ``WORK/logs/<step>.log``. A failing step
+stops the demo with ``demo failed at step '<step>'`` and the tail of its log. The last line
+printed is exactly ``video: PATH``. Everything stays on 127.0.0.1; nothing is downloaded (tiny
+random weights).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,16 +36,18 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Iterator, Optional, Sequence, TextIO
 
+from core.config import load_platform_config
 from core.paths import PROJECT_ROOT, resolve_tracking_uri
 from models.registry import latest_version
-from core.config import load_platform_config
+from serve.client import ClientError, VideoClient
 
 STEPS = ("samples", "ingest", "train", "register", "serve", "generate")
-TERMINAL_STATES = {"done", "failed"}
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".webm", ".avi"}
+TAIL_LINES = 15  # of a failing step's log, in its error message
 
 
 class StepError(RuntimeError):
@@ -50,6 +58,16 @@ class StepError(RuntimeError):
         self.step = step
         self.detail = message
         self.log = log
+
+
+@contextlib.contextmanager
+def as_step(step: str, log: Optional[Path] = None) -> Iterator[None]:
+    """Turn a :class:`serve.client.ClientError` raised inside into a :class:`StepError` of ``step``
+    (pointing at ``log``, the service's log, where the server side of the error is)."""
+    try:
+        yield
+    except ClientError as exc:
+        raise StepError(step, str(exc), log) from exc
 
 
 @dataclass(frozen=True)
@@ -97,13 +115,14 @@ class DemoSettings:
 
     train_steps: int = 100  # optimizer steps per stage
     train_lr: float = 2e-4  # the tiny random model learns visibly in 100 steps (the paper's 1e-5 is for SD-1.5)
+    stages: tuple[int, ...] = (1, 2)  # training stages, in order
     num_cpus: int = 2
     sample_steps: int = 10  # DDIM steps of the generated video
-    audio_seconds: float = 3.0  # length of the request's audio
+    audio_seconds: float = 3.0  # length of the request's audio, seconds
     port: Optional[int] = None  # Serve HTTP port; None = a free one
-    step_timeout_s: float = 600.0  # each step but training
-    train_timeout_s: float = 1500.0  # both stages
-    generate_timeout_s: float = 420.0
+    step_timeout_s: float = 600.0  # each step but training, seconds
+    train_timeout_s: float = 1500.0  # both stages, seconds
+    generate_timeout_s: float = 420.0  # the video job, seconds
 
 
 # --- argument building ---------------------------------------------------------------------------
@@ -127,7 +146,8 @@ def step_commands(paths: DemoPaths, settings: DemoSettings, python: str = sys.ex
         "samples": [python, "-m", "pipelines.sample_data", "--output", str(paths.samples)],
         "ingest": [python, str(PROJECT_ROOT / "pipelines" / "ingest.py"), "--input", str(paths.samples),
                    "--output", str(paths.ingested), *common],
-        "train": [python, str(PROJECT_ROOT / "train.py"), "--data", str(paths.ingested), "--stages", "1,2",
+        "train": [python, str(PROJECT_ROOT / "train.py"), "--data", str(paths.ingested),
+                  "--stages", ",".join(map(str, settings.stages)),
                   *common, f"train.max_steps={settings.train_steps}", f"train.lr={settings.train_lr:g}",
                   f"train.checkpoint_every={settings.train_steps}",
                   f"train.eval_every={settings.train_steps}"],
@@ -142,6 +162,7 @@ def serve_command(paths: DemoPaths, settings: DemoSettings, model_uri: str, port
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -159,42 +180,310 @@ def child_env() -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         # the children's output is piped and prefixed: Ray Data's redrawn progress bars are noise there
         "RAY_DATA_DISABLE_PROGRESS_BARS": env.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1"),
+        # every progress line of a job reaches its log as printed (Ray would batch repeated
+        # patterns for up to 5 s and print a count instead of the lines)
+        "RAY_DEDUP_LOGS": "0",
     })
     env.pop("RAY_ADDRESS", None)  # the demo never joins a cluster
     Path(env["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
     return env
 
 
+# --- the console ---------------------------------------------------------------------------------
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain(line: str) -> str:
+    """``line`` without terminal colour codes (Ray colours its ``(Actor pid=N)`` prefixes)."""
+    return ANSI_ESCAPE.sub("", line).rstrip()
+
+
+class Console:
+    """What the user sees: ``[demo]`` lines and at most one progress bar at a time.
+
+    ``stream``: where it goes (stdout); ``tty``: draw bars as one updating line (tqdm) instead of
+    plain lines at every ``every`` fraction (default: whether ``stream`` is a terminal).
+    """
+
+    def __init__(self, stream: Optional[TextIO] = None, tty: Optional[bool] = None, every: float = 0.1):
+        self.stream = stream if stream is not None else sys.stdout
+        if tty is None:
+            isatty = getattr(self.stream, "isatty", None)
+            tty = bool(isatty and isatty()) and os.environ.get("TERM") != "dumb"
+        self.tty = tty
+        self.every = every
+        self.bar: Optional[ProgressBar] = None
+        self._lock = threading.Lock()
+
+    def say(self, message: str) -> None:
+        """One ``[demo] message`` line (above the bar, if one is drawn)."""
+        line = f"[demo] {message}"
+        with self._lock:
+            if self.bar is not None and self.bar.tqdm is not None:
+                self.bar.tqdm.write(line, file=self.stream)
+            else:
+                print(line, file=self.stream, flush=True)
+
+    def progress(self, label: str, total: int, unit: str) -> "ProgressBar":
+        """A new bar of ``total`` ``unit`` (the previous one, if any, is closed)."""
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = ProgressBar(self, label, total, unit)
+        return self.bar
+
+
+class ProgressBar:
+    """``label: n/total unit``: tqdm on a terminal; otherwise one plain line each time another
+    ``console.every`` of the total is reached (never a carriage return)."""
+
+    def __init__(self, console: Console, label: str, total: int, unit: str):
+        self.console, self.label, self.total, self.unit = console, label, max(1, int(total)), unit
+        self.n = 0
+        self.postfix = ""
+        self.closed = False
+        self._shown_mark = 0  # plain mode: the last multiple of `every` printed
+        self.tqdm = None
+        if console.tty:
+            from tqdm import tqdm
+
+            self.tqdm = tqdm(total=self.total, desc=f"[demo] {label}", unit=f" {unit}", file=console.stream,
+                             leave=False, dynamic_ncols=True, mininterval=0.5,
+                             bar_format="{desc}: {n_fmt}/{total_fmt}{unit} |{bar}| {percentage:3.0f}% "
+                                        "[{elapsed}<{remaining}]{postfix}")
+
+    def update_to(self, n: int, postfix: str = "") -> None:
+        """Move the bar to ``n`` done (it never moves back); ``postfix`` is shown after it."""
+        if self.closed:
+            return
+        n = min(max(int(n), self.n), self.total)
+        if n == self.n and postfix == self.postfix:
+            return
+        self.n, self.postfix = n, postfix
+        if self.tqdm is not None:
+            self.tqdm.n = n
+            self.tqdm.set_postfix_str(postfix, refresh=False)
+            self.tqdm.refresh()
+            return
+        mark = int(n / self.total / self.console.every + 1e-9)
+        if mark > self._shown_mark:
+            self._shown_mark = mark
+            extra = f", {postfix}" if postfix else ""
+            self.console.say(f"  {self.label}: {n}/{self.total} {self.unit} ({round(100 * n / self.total)}%){extra}")
+
+    def close(self) -> None:
+        """Remove the bar (a terminal line is cleared; the caller prints the step's result)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.tqdm is not None:
+            self.tqdm.close()
+        if self.console.bar is self:
+            self.console.bar = None
+
+
+# --- what each step's output shows ---------------------------------------------------------------
+
+class StepOutput:
+    """Gets every line a step's child prints (already in its log) and decides what the console
+    shows of it. This base shows nothing: Ray's warnings and the libraries' progress bars stay
+    in the log."""
+
+    def __init__(self, console: Optional[Console] = None):
+        self.console = console
+
+    def feed(self, line: str) -> None:
+        """One line of the child's output, with or without its newline."""
+
+    def close(self) -> None:
+        """The child has exited."""
+
+
+class IngestOutput(StepOutput):
+    """The ingest job's own ``[ingest]`` lines (pipelines/ingest.py): ``N videos to process``
+    starts a bar, ``k/N done (r rejected): SOURCE: ...`` moves it, and every rejected video is
+    shown with its reason."""
+
+    TODO = re.compile(r"^\[ingest\] (\d+) videos to process")
+    DONE = re.compile(r"^\[ingest\] (\d+)/(\d+) done \((\d+) rejected\)")
+    REJECTED = re.compile(r"^\[ingest\]\s+rejected (.+)$")
+    RESUMED = re.compile(r"^\[ingest\] resume: (.+)$")
+
+    def __init__(self, console: Optional[Console] = None):
+        super().__init__(console)
+        self.bar: Optional[ProgressBar] = None
+        self.done = self.total = self.rejected = 0
+
+    def feed(self, line: str) -> None:
+        line = plain(line)
+        if m := self.DONE.match(line):
+            self.done, self.total, self.rejected = int(m[1]), int(m[2]), int(m[3])
+            if self.bar is None and self.console is not None:
+                self.bar = self.console.progress("ingest", self.total, "videos")
+            if self.bar is not None:
+                self.bar.update_to(self.done, f"{self.rejected} rejected" if self.rejected else "")
+        elif m := self.TODO.match(line):
+            self.total = int(m[1])
+            if self.console is not None:
+                self.bar = self.console.progress("ingest", self.total, "videos")
+        elif (m := self.REJECTED.match(line) or self.RESUMED.match(line)) and self.console is not None:
+            self.console.say(f"  ingest: {'rejected ' if 'rejected' in line else ''}{m[1]}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class StageProgress:
+    """What the output told about one training stage: steps (1..total) and their losses."""
+
+    stage: int
+    total: int
+    step: int = 0
+    first: Optional[tuple[int, float]] = None  # (step, loss) of the earliest step seen
+    last: Optional[tuple[int, float]] = None  # (step, loss) of the latest step seen
+    started_s: float = field(default_factory=time.monotonic)
+    done: bool = False
+
+    def add(self, step: int, loss: Optional[float]) -> None:
+        self.step = max(self.step, step)
+        if loss is not None:
+            if self.first is None or step < self.first[0]:
+                self.first = (step, loss)
+            if self.last is None or step >= self.last[0]:
+                self.last = (step, loss)
+
+    def summary(self, count: int) -> str:
+        line = f"train stage {self.stage}/{count}: {self.step}/{self.total} steps in {time.monotonic() - self.started_s:.0f} s"
+        if self.first and self.last:
+            line += f", loss {self.first[1]:.4f} (step {self.first[0]}) -> {self.last[1]:.4f} (step {self.last[0]})"
+        return line
+
+
+class TrainOutput(StepOutput):
+    """Training steps from train.py's output: a bar per stage, with the loss, and one line per
+    stage at its end (steps, time, loss at the first and last step seen).
+
+    A step is the line rank 0 of every training job prints (``training/loop.py``,
+    ``PROGRESS_PREFIX``): ``[train] stage S step N/T loss L``, behind Ray's ``(RayTrainWorker
+    pid=P)`` prefix. Nothing else of the child's output is read (Ray's own log lines change
+    between versions).
+    """
+
+    EXPLICIT = re.compile(r"\[train\] stage (\d+) step (\d+)/(\d+) loss (\S+)")
+
+    def __init__(self, console: Optional[Console] = None, stages: Sequence[int] = (1, 2), steps: int = 100):
+        super().__init__(console)
+        self.stages = list(stages)
+        self.steps = steps
+        self.progress = {s: StageProgress(s, steps) for s in self.stages}
+        self.index = 0  # position of the current stage in `stages`
+        self.bar: Optional[ProgressBar] = None
+        self.lines: list[str] = []  # one per finished stage, as shown
+
+    @property
+    def current(self) -> Optional[StageProgress]:
+        return self.progress[self.stages[self.index]] if self.index < len(self.stages) else None
+
+    def start(self) -> None:
+        """Show the first stage's bar (at 0 while Ray starts its workers)."""
+        self._open_bar()
+
+    def _open_bar(self) -> None:
+        cur = self.current
+        if cur is None or self.console is None:
+            return
+        cur.started_s = time.monotonic()
+        self.bar = self.console.progress(f"train stage {cur.stage}/{len(self.stages)}", cur.total, "steps")
+
+    def _finish_current(self) -> None:
+        cur = self.current
+        if cur is None:
+            return
+        cur.done = True
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        line = cur.summary(len(self.stages))
+        self.lines.append(line)
+        if self.console is not None:
+            self.console.say(line)
+        self.index += 1
+
+    def feed(self, line: str) -> None:
+        if m := self.EXPLICIT.search(plain(line)):
+            self._record(int(m[1]), int(m[2]), _float(m[4]), total=int(m[3]))
+
+    def _record(self, stage: int, step: int, loss: Optional[float], total: Optional[int] = None) -> None:
+        if stage not in self.progress:
+            return
+        prog = self.progress[stage]
+        if prog.done:
+            return  # a late line of a finished stage (another worker's copy of its last step)
+        if total:
+            prog.total = total
+        while self.current is not None and self.current.stage != stage:  # a later stage began
+            self._finish_current()
+            self._open_bar()
+        if self.bar is None:
+            self._open_bar()
+        prog.add(step, loss)
+        if self.bar is not None:
+            self.bar.update_to(prog.step, f"loss {loss:.4f}" if loss is not None else "")
+        if prog.step >= prog.total:
+            self._finish_current()
+            self._open_bar()
+
+    def close(self) -> None:
+        if self.current is not None and self.current.step > 0:
+            self._finish_current()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _float(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 # --- running steps -------------------------------------------------------------------------------
 
-def say(message: str) -> None:
-    print(f"[demo] {message}", flush=True)
-
-
-def _pump(stream, log, prefix: str, tail: deque) -> None:
+def _pump(stream, log, tail: deque, output: StepOutput) -> None:
     for line in iter(stream.readline, ""):
         log.write(line)
         log.flush()
-        tail.append(line.rstrip("\n"))
-        print(f"  {prefix}| {line.rstrip()}", flush=True)
+        tail.append(plain(line))
+        try:
+            output.feed(line)
+        except Exception as exc:  # noqa: BLE001 - a display problem must not stop the step
+            log.write(f"[demo] could not show this line: {type(exc).__name__}: {exc}\n")
     stream.close()
 
 
 def run_step(step: str, cmd: Sequence[str], log_path: Path, timeout_s: float,
-             env: Optional[dict] = None) -> None:
-    """Run one step's command, echoing its output with a prefix and keeping it in ``log_path``.
-    Raises :class:`StepError` naming the step on a non-zero exit, a timeout or a missing program."""
+             env: Optional[dict] = None, output: Optional[StepOutput] = None) -> float:
+    """Run one step's command with all its output in ``log_path``; ``output`` (default: show
+    nothing) gets each line to show progress. Returns the seconds it took. Raises
+    :class:`StepError` naming the step on a non-zero exit, a timeout (``timeout_s``, seconds) or a
+    missing program; its message ends with the last lines of the log."""
+    output = output or StepOutput()
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    say(f"step {step}: {' '.join(cmd)}")
-    tail: deque[str] = deque(maxlen=15)
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
     t0 = time.monotonic()
     with log_path.open("w") as log:
+        log.write(f"[demo] step {step}: {' '.join(cmd)}\n")
+        log.flush()
         try:
             proc = subprocess.Popen(list(cmd), cwd=PROJECT_ROOT, env=env or child_env(), text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
+            output.close()
             raise StepError(step, f"cannot start {cmd[0]}: {exc}", log_path) from exc
-        pump = threading.Thread(target=_pump, args=(proc.stdout, log, step, tail), daemon=True)
+        pump = threading.Thread(target=_pump, args=(proc.stdout, log, tail, output), daemon=True)
         pump.start()
         try:
             code = proc.wait(timeout=timeout_s)
@@ -204,15 +493,18 @@ def run_step(step: str, cmd: Sequence[str], log_path: Path, timeout_s: float,
         except KeyboardInterrupt:
             stop_process(proc)
             raise
-        pump.join(timeout=10)
+        finally:
+            pump.join(timeout=10)
+            output.close()
     if code != 0:
         last = "\n    ".join(tail)
         raise StepError(step, f"exit status {code}; last lines:\n    {last}", log_path)
-    say(f"step {step} done in {time.monotonic() - t0:.0f} s")
+    return time.monotonic() - t0
 
 
 def stop_process(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """Stop a child started in its own session: SIGINT to its group, then SIGKILL."""
+    """Stop a child started in its own session: SIGINT to its group, then SIGTERM, then SIGKILL
+    (``grace_s`` seconds for the SIGINT)."""
     if proc.poll() is not None:
         return
     for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
@@ -277,7 +569,6 @@ def stage2_model_uri(tracking_uri: str, registered_name: str, since_ms: int) -> 
     version the ``stage2`` alias points at, checked to be newer than ``since_ms``)."""
     from mlflow import MlflowClient
 
-
     version = latest_version(registered_name, 2, tracking_uri)
     if version is None:
         raise StepError("register", f"no stage-2 version of registered model '{registered_name}' in {tracking_uri}")
@@ -315,101 +606,6 @@ def loss_summaries(tracking_uri: str, experiment: str, since_ms: int) -> list[st
     return lines
 
 
-# --- the HTTP client -----------------------------------------------------------------------------
-
-class VideoClient:
-    """Client of the video service: ``submit`` -> job id, ``wait`` (poll), ``download``."""
-
-    def __init__(self, base_url: str, timeout_s: float = 60.0, token: Optional[str] = None):
-        import httpx
-
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=base_url, timeout=timeout_s, headers=headers, trust_env=False)
-
-    def close(self) -> None:
-        self.http.close()
-
-    def healthy(self) -> bool:
-        import httpx
-
-        try:
-            return self.http.get("/healthz").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def wait_healthy(self, timeout_s: float, alive: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.healthy():
-                return
-            if not alive():
-                raise StepError("serve", "the service exited before it answered /healthz")
-            time.sleep(poll_s)
-        raise StepError("serve", f"/healthz did not answer 200 within {timeout_s:.0f} s")
-
-    def submit(self, image: Path, audio: Path, options: Optional[dict] = None) -> str:
-        with image.open("rb") as img, audio.open("rb") as aud:
-            files = {"image": (image.name, img, "application/octet-stream"),
-                     "audio": (audio.name, aud, "application/octet-stream")}
-            resp = self.http.post("/v1/videos", files=files, data={k: str(v) for k, v in (options or {}).items()})
-        if resp.status_code not in (200, 201, 202):
-            raise StepError("generate", f"POST /v1/videos answered {resp.status_code}: {resp.text[:500]}")
-        body = resp.json()
-        job_id = body.get("id") or body.get("job_id")
-        if not job_id:
-            raise StepError("generate", f"POST /v1/videos gave no job id: {body}")
-        return str(job_id)
-
-    def wait(self, job_id: str, timeout_s: float, poll_s: float = 2.0,
-             on_update: Callable[[dict], None] = lambda status: None) -> dict:
-        """Poll ``GET /v1/videos/{id}`` until the job is done (returns its status) or failed (raises)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            resp = self.http.get(f"/v1/videos/{job_id}")
-            if resp.status_code != 200:
-                raise StepError("generate", f"GET /v1/videos/{job_id} answered {resp.status_code}: {resp.text[:500]}")
-            status = resp.json()
-            on_update(status)
-            state = status.get("state") or status.get("status")
-            if state == "done":
-                return status
-            if state == "failed":
-                raise StepError("generate", f"job {job_id} failed: {status.get('error', status)}")
-            if state not in {"queued", "running"}:
-                raise StepError("generate", f"job {job_id}: unknown state {state!r} in {status}")
-            if time.monotonic() > deadline:
-                raise StepError("generate", f"job {job_id} not done after {timeout_s:.0f} s (last: {status})")
-            time.sleep(poll_s)
-
-    def download(self, job_id: str, dest: Path) -> Path:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with self.http.stream("GET", f"/v1/videos/{job_id}/file") as resp:
-            if resp.status_code != 200:
-                resp.read()
-                raise StepError("generate", f"GET /v1/videos/{job_id}/file answered {resp.status_code}: {resp.text[:500]}")
-            with dest.open("wb") as fh:
-                for chunk in resp.iter_bytes():
-                    fh.write(chunk)
-        if dest.stat().st_size == 0:
-            raise StepError("generate", f"the downloaded video {dest} is empty")
-        return dest
-
-
-def progress_printer() -> Callable[[dict], None]:
-    """Print a job's status only when it changes."""
-    last: list = [None]
-
-    def show(status: dict) -> None:
-        state = status.get("state") or status.get("status")
-        key = (state, status.get("clips_done"), status.get("clips_total"))
-        if key != last[0]:
-            last[0] = key
-            extra = f" clip {key[1]}/{key[2]}" if key[2] else ""
-            say(f"job {status.get('id', '')}: {state}{extra}")
-
-    return show
-
-
 def video_summary(path: Path) -> str:
     """``frames x WxH, seconds`` of a video file (ffprobe), for the final printout."""
     result = subprocess.run(
@@ -422,10 +618,39 @@ def video_summary(path: Path) -> str:
     return f"{info.get('nb_read_frames', '?')} frames, {info.get('width')}x{info.get('height')}, {float(info.get('duration', 0)):.2f} s"
 
 
+class JobProgress:
+    """``on_update`` of :meth:`serve.client.VideoClient.wait`: a bar of the job's clips."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.bar: Optional[ProgressBar] = None
+
+    def __call__(self, status: dict) -> None:
+        total = status.get("clips_total") or 0
+        if total and self.bar is None:
+            self.bar = self.console.progress("generate", int(total), "clips")
+        if self.bar is not None:
+            self.bar.update_to(int(status.get("clips_done") or 0))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _short(path: Path) -> str:
+    """``path`` relative to the current folder when it is below it (shorter console lines)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 # --- the demo ------------------------------------------------------------------------------------
 
-def run_demo(work: Path, settings: DemoSettings) -> Path:
-
+def run_demo(work: Path, settings: DemoSettings, console: Optional[Console] = None) -> Path:
+    """Run every step (module docstring); returns the downloaded video. Raises :class:`StepError`."""
+    console = console or Console()
+    say = console.say
     t_start = time.monotonic()
     paths = DemoPaths(work.resolve())
     paths.work.mkdir(parents=True, exist_ok=True)
@@ -433,71 +658,93 @@ def run_demo(work: Path, settings: DemoSettings) -> Path:
     cfg = load_platform_config(None, config_overrides(paths, settings))
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     commands = step_commands(paths, settings)
+    say(f"working in {_short(paths.work)}; the full output of each step goes to {_short(paths.logs)}/<step>.log")
 
-    for step in ("samples", "ingest", "train"):
-        if step == "train":
-            since_ms = int(time.time() * 1000)
-        timeout = settings.train_timeout_s if step == "train" else settings.step_timeout_s
-        run_step(step, commands[step], paths.logs / f"{step}.log", timeout, env)
-        if step == "ingest":
-            say(check_ingest_output(paths.ingested))
+    seconds = run_step("samples", commands["samples"], paths.logs / "samples.log", settings.step_timeout_s, env)
+    videos = sorted(p for p in paths.samples.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+    say(f"samples: {len(videos)} synthetic talking-head videos in {_short(paths.samples)} ({seconds:.0f} s)")
 
-    say("step register: the model package in the MLflow registry")
+    seconds = run_step("ingest", commands["ingest"], paths.logs / "ingest.log", settings.step_timeout_s, env,
+                       IngestOutput(console))
+    say(f"ingest: {check_ingest_output(paths.ingested)} -> {_short(paths.ingested)} ({seconds:.0f} s)")
+
+    since_ms = int(time.time() * 1000)
+    train_output = TrainOutput(console, settings.stages, settings.train_steps)
+    train_output.start()
+    seconds = run_step("train", commands["train"], paths.logs / "train.log", settings.train_timeout_s, env,
+                       train_output)
+    say(f"train: {len(settings.stages)} stages with Ray Train in {seconds:.0f} s")
+
     try:
         model_uri = stage2_model_uri(tracking_uri, cfg.tracking.registered_model, since_ms)
-        for line in loss_summaries(tracking_uri, cfg.tracking.experiment, since_ms):
-            say(line)
+        losses = loss_summaries(tracking_uri, cfg.tracking.experiment, since_ms)
     except StepError:
         raise
     except Exception as exc:  # MLflow errors: name the step and the store
         raise StepError("register", f"{type(exc).__name__}: {exc} (tracking store {tracking_uri})") from exc
-    say(f"registered model: {model_uri}")
+    say(f"register: {model_uri} in the MLflow registry ({tracking_uri})")
+    for line in losses:
+        say(f"  {line}")
 
     port = settings.port or free_port()
     base_url = f"http://127.0.0.1:{port}"
     cmd = serve_command(paths, settings, model_uri, port)
-    say(f"step serve: {' '.join(cmd)}")
     serve_log = paths.logs / "serve.log"
     serve_log.parent.mkdir(parents=True, exist_ok=True)
     log = serve_log.open("w")
+    log.write(f"[demo] step serve: {' '.join(cmd)}\n")
+    log.flush()
+    t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     client = VideoClient(base_url, token=cfg.serve.auth_token)
+    job = JobProgress(console)
     try:
-        client.wait_healthy(settings.step_timeout_s, alive=lambda: proc.poll() is None)
-        say(f"service up at {base_url} (log {serve_log})")
-        say("step generate: POST /v1/videos, poll, download")
-        image, audio = make_request_inputs(pick_request_video(paths.samples), paths.request, settings.audio_seconds)
-        job_id = client.submit(image, audio, {"steps": settings.sample_steps})
-        say(f"job {job_id} queued")
-        client.wait(job_id, settings.generate_timeout_s, on_update=progress_printer())
-        video = client.download(job_id, paths.video)
-        say(f"video downloaded: {video} ({video_summary(video)})")
+        with as_step("serve", serve_log):
+            client.wait_healthy(settings.step_timeout_s, alive=lambda: proc.poll() is None, poll_s=1.0)
+        say(f"serve: the service is up at {base_url}/ ({time.monotonic() - t0:.0f} s)")
+        t0 = time.monotonic()
+        request_video = pick_request_video(paths.samples)
+        image, audio = make_request_inputs(request_video, paths.request, settings.audio_seconds)
+        with as_step("generate", serve_log):
+            job_id = client.submit(image, audio, {"steps": settings.sample_steps})
+            client.wait(job_id, settings.generate_timeout_s, on_update=job)
+            job.close()
+            video = client.download(job_id, paths.video)
+        say(f"generate: {_short(video)} ({video_summary(video)}; {settings.sample_steps} DDIM steps, portrait and "
+            f"{settings.audio_seconds:g} s of audio from {request_video.name}) in {time.monotonic() - t0:.0f} s")
     except StepError as exc:
         if exc.log is None:  # point at the service's log, where the server side of the error is
             raise StepError(exc.step, exc.detail, serve_log) from exc
         raise
     finally:
+        job.close()
         client.close()
-        say("stopping the service")
         stop_process(proc)
         log.close()
 
+    mlflow_ui = (f"make mlflow-ui, or {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
+                 f"{tracking_uri} --host 127.0.0.1 --port 5000; then http://127.0.0.1:5000")
     say(f"done in {(time.monotonic() - t_start) / 60:.1f} min")
-    say(f"service: ran at {base_url} (stopped); start it again with: {' '.join(cmd)}")
-    say(f"MLflow UI: make mlflow-ui  (or {Path(sys.executable).parent / 'mlflow'} ui "
-        f"--backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000), model {model_uri}")
-    say(f"ingested data: {paths.ingested}; logs: {paths.logs}")
+    say(f"  MLflow UI: {mlflow_ui}")
+    say(f"  logs:      {paths.logs}")
+    say(f"  service:   ran at {base_url}/ (stopped); start it again with: {' '.join(cmd)}")
     return paths.video
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python demo.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, type=Path, help="folder for everything the demo writes")
     parser.add_argument("--train-steps", type=int, default=DemoSettings.train_steps, help="optimizer steps per stage")
     parser.add_argument("--sample-steps", type=int, default=DemoSettings.sample_steps, help="DDIM steps of the video")
     parser.add_argument("--port", type=int, default=None, help="HTTP port of the service (default: a free one)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python demo.py`` / ``loopy-demo``: 0 with ``video: PATH`` as the last line, 1 when a step
+    failed, 2 without ffmpeg, 130 when interrupted."""
+    args = build_parser().parse_args(argv)
     for tool in ("ffmpeg", "ffprobe"):
         if shutil.which(tool) is None:
             print(f"demo failed at step 'setup': {tool} not found (make sysdeps installs it)", file=sys.stderr)
@@ -506,6 +753,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         video = run_demo(args.work, settings)
     except StepError as exc:
+        sys.stdout.flush()
         print(str(exc), file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

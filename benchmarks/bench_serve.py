@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from serve.client import ClientError, RequestRejected, VideoClient
+
 QUICK = os.environ.get("LOOPY_BENCH_QUICK", "0") not in ("0", "", "false")
 CLIENTS = 8 if QUICK else 20
 MAX_QUEUE = 6
@@ -37,7 +39,6 @@ def _free_port() -> int:
 
 
 def run() -> list[dict]:
-    import httpx
     from PIL import Image
     from ray import serve
     from skimage import data
@@ -65,65 +66,57 @@ def run() -> list[dict]:
         serve.run(build_app(cfg), name="loopy_bench", route_prefix="/", blocking=False)
         base = f"http://127.0.0.1:{port}"
         try:
-            with httpx.Client(base_url=base, timeout=120) as probe:
-                deadline = time.monotonic() + 180
-                while True:
-                    try:
-                        if probe.get("/healthz").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("service did not come up")
-                    time.sleep(0.5)
+            with VideoClient(base) as probe:
+                probe.wait_healthy(180)
             return _load(base, image, audio)
         finally:
             serve.shutdown()
 
 
 def _load(base: str, image: bytes, audio: bytes) -> list[dict]:
-    import httpx
-
     results: list[dict] = [dict() for _ in range(CLIENTS)]
     post_latency: list[float] = []
     stop = threading.Event()
     max_pending = [0]
 
     def poller() -> None:
-        with httpx.Client(base_url=base, timeout=30) as c:
+        with VideoClient(base, timeout_s=30) as c:
             while not stop.is_set():
                 try:
-                    jobs = c.get("/healthz").json()["jobs"]
+                    jobs = c.health()["jobs"]
                     max_pending[0] = max(max_pending[0], jobs["queued"] + jobs["running"])
-                except (httpx.HTTPError, KeyError, ValueError):
+                except (ClientError, KeyError):
                     pass
                 time.sleep(0.1)
 
     def client(i: int) -> None:
         r = results[i]
         r.update(answered=False, done=False, rejected=0)
-        with httpx.Client(base_url=base, timeout=300) as c:
+        with VideoClient(base, timeout_s=300) as c, tempfile.TemporaryDirectory(prefix="bench_client_") as tmp:
             deadline = time.monotonic() + 900
             while time.monotonic() < deadline:
                 t0 = time.perf_counter()
-                resp = c.post("/v1/videos", files={"image": ("p.jpg", image), "audio": ("a.wav", audio)},
-                              data={"seed": str(i)})
+                try:
+                    job = c.submit(image, audio, {"seed": i})
+                except RequestRejected as exc:
+                    post_latency.append(time.perf_counter() - t0)
+                    r["answered"] = True
+                    if exc.status == 429:
+                        r["rejected"] += 1
+                        time.sleep(1.0 if exc.retry_after_s is None else exc.retry_after_s)
+                        continue
+                    r["error"] = str(exc)[:200]
+                    return
+                except ClientError as exc:
+                    r["error"] = str(exc)[:200]
+                    return
                 post_latency.append(time.perf_counter() - t0)
                 r["answered"] = True
-                if resp.status_code == 429:
-                    r["rejected"] += 1
-                    time.sleep(float(resp.headers.get("retry-after", "1")))
-                    continue
-                if resp.status_code != 202:
-                    r["error"] = f"{resp.status_code} {resp.text[:200]}"
-                    return
-                job = resp.json()["id"]
-                while time.monotonic() < deadline:
-                    state = c.get(f"/v1/videos/{job}").json()["state"]
-                    if state in ("done", "failed"):
-                        r["done"] = state == "done" and c.get(f"/v1/videos/{job}/file").status_code == 200
-                        return
-                    time.sleep(0.3)
+                try:
+                    c.wait(job, timeout_s=max(0.0, deadline - time.monotonic()), poll_s=0.3)
+                    r["done"] = c.download(job, Path(tmp) / "video.mp4").stat().st_size > 0
+                except ClientError as exc:  # JobFailed, JobTimeout, a refused download ...
+                    r["error"] = str(exc)[:200]
                 return
 
     poll = threading.Thread(target=poller, daemon=True)

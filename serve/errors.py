@@ -1,14 +1,16 @@
-"""The serving room's errors: what the HTTP service answers a client with a 4xx or 503.
+"""The serving room's errors, on both sides of the HTTP API.
 
-``UploadError`` is a request the service refuses because of what the client sent: ``status``
-(4xx), ``field`` (the form field) and a ``message`` that names the field and never a server path.
-``QueueFullError`` (in :mod:`serve.jobs`) is the job queue at its bound.
+Service side: ``UploadError`` is a request the service refuses because of what the client sent:
+``status`` (4xx), ``field`` (the form field) and a ``message`` that names the field and never a
+server path; ``QueueFullError`` (in :mod:`serve.jobs`) is the job queue at its bound.
+Client side: ``ClientError`` and its kinds (in :mod:`serve.client`) are failed requests or jobs.
 """
 from __future__ import annotations
 
 
 class ServeError(Exception):
-    """Any error the service turns into an HTTP answer."""
+    """Any error of the serving room: one the service turns into an HTTP answer, or one the
+    client raises for an answer it got (or did not get)."""
 
 
 class UploadError(ServeError, ValueError):

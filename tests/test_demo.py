@@ -1,8 +1,11 @@
 """The demo's orchestration helpers (the whole demo, ``make demo``, is not run in the test suite):
-argument building, step running and failure messages, cutting the request with ffmpeg, and the
-HTTP client's submit / poll / download loop against a fake service on 127.0.0.1."""
+argument building, step running and failure messages, what the console shows of the children's
+output (canned logs, no Ray), cutting the request with ffmpeg, and the HTTP client
+(:class:`serve.client.VideoClient`) submit / poll / download loop against a fake service on
+127.0.0.1, its errors named by the demo's step."""
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -15,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from core.config import load_platform_config
-from demo import (DemoPaths, DemoSettings, StepError, VideoClient, config_overrides,
-                       make_request_inputs, run_step, serve_command, step_commands, stop_process,
-                       video_summary)
+from demo import (Console, DemoPaths, DemoSettings, IngestOutput, StepError, TrainOutput, as_step,
+                  check_ingest_output, config_overrides, free_port, main, make_request_inputs, run_step,
+                  serve_command, step_commands, stop_process, video_summary)
+from serve.client import JobFailed, RequestRejected, ServiceUnavailable, VideoClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,8 +62,8 @@ def test_step_commands_run_the_makefile_clis(tmp_path):
 def test_run_step_logs_output_and_names_the_failing_step(tmp_path, capsys):
     ok_log = tmp_path / "ok.log"
     run_step("hello", [sys.executable, "-c", "print('line one'); print('line two')"], ok_log, 30)
-    assert ok_log.read_text().splitlines() == ["line one", "line two"]
-    assert "hello| line two" in capsys.readouterr().out
+    assert ok_log.read_text().splitlines()[1:] == ["line one", "line two"]  # after the command line
+    assert "line two" not in capsys.readouterr().out  # the child's output stays in its log
     with pytest.raises(StepError) as info:
         run_step("ingest", [sys.executable, "-c", "import sys; print('bad video x.mp4'); sys.exit(3)"],
                  tmp_path / "bad.log", 30)
@@ -81,6 +85,187 @@ def test_stop_process_ends_a_server_child():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     stop_process(proc, grace_s=5)
     assert proc.poll() is not None
+
+
+# --- the console: canned child output (excerpts of a real run's work/logs/*.log), no Ray -------------
+
+ESC = "\x1b"
+RAY_NOISE = [  # what the children print besides their own lines; none of it may reach the console
+    "2026-12-01 09:22:09,360\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled for "
+    "this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.",
+    "2026-12-01 09:22:15,017\tINFO worker.py:2038 -- Started a local Ray instance.",
+    f"{ESC}[36m(PlacementGroupCleaner pid=15100){ESC}[0m Failed to query Ray Train Controller actor state. "
+    "State API may be temporarily unavailable. Continuing to monitor.",
+    f"{ESC}[36m(RayTrainWorker pid=15147){ESC}[0m /work/main/.venv/lib/python3.11/site-packages/ray/data/"
+    "iterator.py:577: RayDeprecationWarning: Passing a function to `iter_torch_batches(collate_fn)` is deprecated",
+    f"{ESC}[36m(SplitCoordinator pid=15482){ESC}[0m Progress bars disabled. To enable, set "
+    "`ray.data.DataContext.get_current().enable_progress_bars = True`.",
+    "Downloading artifacts:  62%|██████▎   | 5/8 [00:00<00:00, 11329.83it/s]",
+    "Downloading artifacts: 100%|██████████| 8/8 [00:00<00:00, 6467.70it/s]",
+    f"{ESC}[36m(PlacementGroupCleaner pid=16147){ESC}[0m Traceback (most recent call last):",
+    "ConnectionError: Found multiple active Ray instances: {'192.0.2.2:41647', '192.0.2.2:41329'}.",
+]
+NOISE_MARKERS = ("WARNING", "INFO", "Failed to query", "Deprecat", "Downloading artifacts", "Traceback",
+                 "pid=", "Ray instance", "Progress bars disabled", ESC)
+
+
+def ingest_lines(total: int = 7, rejected_at: int = 3) -> list[str]:
+    lines = [RAY_NOISE[0], RAY_NOISE[1], f"[ingest] {total} videos to process -> /w/ingested", RAY_NOISE[4]]
+    rejected = 0
+    for k in range(1, total + 1):
+        if k == rejected_at:
+            rejected += 1
+            lines.append(f"[ingest] {k}/{total} done ({rejected} rejected): /w/samples/v{k}.mp4: rejected "
+                         f"(probe: no audio stream)")
+        else:
+            lines.append(f"[ingest] {k}/{total} done ({rejected} rejected): /w/samples/v{k}.mp4: ok, 175 frames")
+        lines.append(RAY_NOISE[5])
+    lines += [f"[ingest] finished in 60.4s: {total - rejected} ok, {rejected} rejected, 0 skipped (already "
+              f"done), 1050 frames -> /w/ingested",
+              f"[ingest]   rejected /w/samples/v{rejected_at}.mp4: probe: no audio stream",
+              '{"output_dir": "/w/ingested", "inputs": 7, "ok": 6, "rejected": 1}']
+    return lines
+
+
+def report_line(pid: int, step: int, loss: float, rank: int, stage: int, last: bool, repeated: bool = False) -> str:
+    checkpoint = (f"Checkpoint(filesystem=local, path=/w/ray_results/loopy-1/stage{stage}/checkpoint_2026-12-01_"
+                  f"09-24-28.424090)" if last else "None")
+    tail = f"{ESC}[32m [repeated 5x across cluster] (Ray deduplicates logs by default.){ESC}[0m" if repeated else ""
+    return (f"{ESC}[36m(RayTrainWorker pid={pid}){ESC}[0m Reporting training result {step}: TrainingReport("
+            f"checkpoint={checkpoint}, metrics={{'step': {step}, 'epoch': 0, 'loss': {loss}, 'lr': 4e-05, "
+            f"'grad_norm': 2.5, 'samples_per_s': 10.0, 'step_time_s': 0.39}}, validation=False) from rank {rank}{tail}")
+
+
+def progress_line(pid: int, stage: int, step: int, total: int, loss: float) -> str:
+    """The line rank 0 of a training job prints per logged step (``training/loop.py``), as Ray
+    forwards it from the worker."""
+    return f"{ESC}[36m(RayTrainWorker pid={pid}){ESC}[0m [train] stage {stage} step {step}/{total} loss {loss:.6f}"
+
+
+def train_lines(steps: int = 20) -> list[str]:
+    """Two stages of ``steps`` steps as a training job's output shows them: rank 0's progress line
+    per step among Ray's own output (two workers, new processes per stage, Ray Train's report
+    lines, the second worker's copy of stage 1's last report arriving after stage 2 began)."""
+    lines = list(RAY_NOISE)
+    late = ""
+    for stage, pids, first_loss in ((1, (15147, 15167), 1.1), (2, (16213, 16178), 0.3)):
+        def loss(s: int) -> float:
+            return round(first_loss * (1 - 0.5 * s / steps), 4)
+
+        for s in range(1, steps + 1):
+            lines.append(progress_line(pids[0], stage, s, steps, loss(s)))
+            if s == 1 or s % 3 == 0 or s == steps:
+                lines.append(report_line(pids[s % 2], s, loss(s), s % 2, stage, s == steps, repeated=1 < s < steps))
+                if stage == 2 and s == 1:
+                    lines.append(late)  # stage 1's other worker, late
+            lines.append(RAY_NOISE[2])
+        if stage == 1:
+            late = report_line(pids[1], steps, loss(steps), 1, stage, True)
+            lines += RAY_NOISE[5:7]
+    lines += ["stage 1: models:/loopy/1  (package /w/stage1_package, MLflow run abc)",
+              "stage 2: models:/loopy/2  (package /w/stage2_package, MLflow run def)"]
+    return lines
+
+
+def assert_clean(console_text: str) -> None:
+    for marker in NOISE_MARKERS:
+        assert marker not in console_text, f"{marker!r} reached the console:\n{console_text}"
+    for noise in RAY_NOISE:
+        assert noise not in console_text
+
+
+def test_console_shows_progress_and_losses_but_no_ray_output():
+    out = io.StringIO()
+    console = Console(out, tty=False)
+    ingest = IngestOutput(console)
+    for line in ingest_lines():
+        ingest.feed(line + "\n")
+    ingest.close()
+    train = TrainOutput(console, stages=(1, 2), steps=20)
+    train.start()
+    for line in train_lines(20):
+        train.feed(line + "\n")
+    train.close()
+    text = out.getvalue()
+    assert_clean(text)
+    assert "\r" not in text  # not a terminal: plain lines, no carriage-return redraws
+    lines = text.splitlines()
+    assert all(line.startswith("[demo] ") for line in lines)
+    ingest_progress = [line for line in lines if re.match(r"\[demo\]   ingest: \d+/7 videos", line)]
+    assert ingest_progress[-1] == "[demo]   ingest: 7/7 videos (100%), 1 rejected"
+    assert "[demo]   ingest: rejected /w/samples/v3.mp4: probe: no audio stream" in lines
+    # one plain line per 10% at most, for each stage's bar
+    for stage in (1, 2):
+        shown = [line for line in lines if line.startswith(f"[demo]   train stage {stage}/2: ")]
+        assert 3 <= len(shown) <= 10 and shown[-1].startswith(f"[demo]   train stage {stage}/2: 20/20 steps (100%)")
+    summaries = [line for line in lines if re.match(r"\[demo\] train stage \d/2: 20/20 steps in \d+ s", line)]
+    assert len(summaries) == 2, text
+    assert summaries[0].endswith("loss 1.0725 (step 1) -> 0.5500 (step 20)")
+    assert summaries[1].endswith("loss 0.2925 (step 1) -> 0.1500 (step 20)")
+    assert train.lines == [s[len("[demo] "):] for s in summaries]
+
+
+def test_console_bar_on_a_terminal_is_one_updating_line():
+    out = io.StringIO()
+    console = Console(out, tty=True)
+    train = TrainOutput(console, stages=(1, 2), steps=20)
+    train.start()
+    for line in train_lines(20):
+        train.feed(line)
+    train.close()
+    text = out.getvalue()
+    assert_clean(text.replace(f"{ESC}[A", ""))  # tqdm's own cursor moves are not child output
+    assert "\r" in text and "train stage 2/2: 20/20 steps" in text
+    finished = [line for line in re.split(r"[\r\n]", text) if " steps in " in line]
+    assert len(finished) == 2 and all("loss" in line for line in finished)
+
+
+def test_run_step_keeps_child_output_in_the_log_and_off_the_console(tmp_path, capsys):
+    canned = tmp_path / "child_output.txt"
+    canned.write_text("\n".join(ingest_lines() + RAY_NOISE) + "\n")
+    log = tmp_path / "logs" / "ingest.log"
+    script = f"import sys; sys.stdout.write(open({str(canned)!r}).read())"
+    run_step("ingest", [sys.executable, "-c", script], log, 30, output=IngestOutput(Console()))
+    console = capsys.readouterr()
+    assert_clean(console.out + console.err)
+    assert "[demo]   ingest: 7/7 videos (100%), 1 rejected" in console.out
+    logged = log.read_text()
+    assert all(noise in logged for noise in RAY_NOISE)  # the full child output stays in the log
+    # a failure still names the step and shows the log's tail (colour codes removed)
+    script_fail = script + "; sys.exit(4)"
+    with pytest.raises(StepError) as info:
+        run_step("train", [sys.executable, "-c", script_fail], tmp_path / "logs" / "train.log", 30,
+                 output=TrainOutput(Console()))
+    message = str(info.value)
+    assert message.startswith("demo failed at step 'train': exit status 4; last lines:")
+    assert "Found multiple active Ray instances" in message and ESC not in message
+    assert message.endswith(f"(log: {tmp_path / 'logs' / 'train.log'})")
+
+
+def test_only_the_jobs_progress_line_moves_the_training_bar():
+    """Ray Train's own report lines (their format changes between Ray versions) are never read."""
+    out = io.StringIO()
+    train = TrainOutput(Console(out, tty=False), stages=(1, 2), steps=4)
+    train.start()
+    for step in range(1, 5):
+        train.feed(report_line(7, step, 9.9, 0, 1, step == 4))
+    assert train.lines == [] and train.progress[1].step == 0
+    for stage in (1, 2):
+        for step in range(1, 5):
+            train.feed(progress_line(7, stage, step, 4, 1.0 / step))
+    train.close()
+    assert train.lines[0].endswith("loss 1.0000 (step 1) -> 0.2500 (step 4)")
+    assert train.lines[1].startswith("train stage 2/2: 4/4 steps")
+    assert_clean(out.getvalue())
+
+
+def test_demo_help_runs_as_a_script_and_main_returns_codes(capsys):
+    result = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--help"], capture_output=True, text=True,
+                            cwd="/", timeout=60)
+    assert result.returncode == 0 and "--train-steps" in result.stdout and "--work" in result.stdout
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
 
 
 def test_request_inputs_cut_from_a_video(tmp_path):
@@ -108,7 +293,9 @@ class FakeService(BaseHTTPRequestHandler):
 
     jobs: dict = {}
     uploads: list = []
+    auth: list = []
     fail = False
+    full = False
 
     def log_message(self, *args):  # keep pytest output clean
         pass
@@ -123,9 +310,18 @@ class FakeService(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).auth.append(self.headers.get("Authorization"))
         if self.path != "/v1/videos":
             return self._json(404, {"error": "not found"})
         type(self).uploads.append(body)
+        if self.full:
+            self.send_response(429)
+            data = json.dumps({"field": "queue", "error": "queue: full"}).encode()
+            self.send_header("Retry-After", "7")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         job_id = f"job{len(self.jobs)}"
         self.jobs[job_id] = 0
         return self._json(202, {"id": job_id, "state": "queued"})
@@ -157,7 +353,7 @@ class FakeService(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def fake_service():
-    handler = type("Handler", (FakeService,), {"jobs": {}, "uploads": [], "fail": False})
+    handler = type("Handler", (FakeService,), {"jobs": {}, "uploads": [], "auth": [], "fail": False, "full": False})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -173,7 +369,7 @@ def test_client_submits_polls_and_downloads(fake_service, tmp_path):
     audio.write_bytes(b"WAVDATA")
     client = VideoClient(url)
     try:
-        client.wait_healthy(5)
+        assert client.wait_healthy(5) == {"ok": True}
         job_id = client.submit(image, audio, {"steps": 4})
         assert b"PNGDATA" in handler.uploads[0] and b"WAVDATA" in handler.uploads[0]
         assert b'name="steps"' in handler.uploads[0]
@@ -182,8 +378,11 @@ def test_client_submits_polls_and_downloads(fake_service, tmp_path):
         assert status["state"] == "done" and seen == ["queued", "running", "done"]
         out = client.download(job_id, tmp_path / "out" / "v.mp4")
         assert out.read_bytes().startswith(b"\x00\x00\x00\x18ftyp")
-        with pytest.raises(StepError, match="step 'generate'.*404"):
+        with pytest.raises(StepError, match="step 'generate'.*404"), as_step("generate"):
             client.wait("nosuchjob", timeout_s=1, poll_s=0.01)
+        with pytest.raises(RequestRejected) as info:
+            client.download("nosuchjob", tmp_path / "none.mp4")
+        assert info.value.status == 404 and "no such job" in str(info.value)
     finally:
         client.close()
 
@@ -196,31 +395,41 @@ def test_client_reports_a_failed_job_and_a_dead_service(fake_service, tmp_path):
     client = VideoClient(url)
     try:
         job_id = client.submit(tmp_path / "p.png", tmp_path / "a.wav")
-        with pytest.raises(StepError, match="failed: sampler out of memory"):
+        with pytest.raises(StepError, match="failed: sampler out of memory"), as_step("generate"):
             client.wait(job_id, timeout_s=10, poll_s=0.01)
+        with pytest.raises(JobFailed) as info:
+            client.wait(client.submit(b"x", b"y"), timeout_s=10, poll_s=0.01)
+        assert info.value.status["error"] == "sampler out of memory"
     finally:
         client.close()
-    dead = VideoClient(f"http://127.0.0.1:{_closed_port()}")
-    try:
-        with pytest.raises(StepError, match="step 'serve'.*exited"):
+    with VideoClient(f"http://127.0.0.1:{free_port()}") as dead:  # nothing listens there
+        assert not dead.is_healthy()
+        with pytest.raises(StepError, match="step 'serve'.*exited"), as_step("serve"):
             dead.wait_healthy(5, alive=lambda: False, poll_s=0.01)
-        with pytest.raises(StepError, match="within 0 s"):
+        with pytest.raises(StepError, match="within 0 s"), as_step("serve"):
             dead.wait_healthy(0.2, poll_s=0.05)
-    finally:
-        dead.close()
+        with pytest.raises(ServiceUnavailable, match="ConnectError"):
+            dead.health()
 
 
-def _closed_port() -> int:
-    from demo import free_port
-
-    return free_port()
+def test_client_sends_the_bearer_token(fake_service, tmp_path):
+    handler, url = fake_service
+    with VideoClient(url, token="s3cret") as client:
+        client.submit(b"img", b"snd")
+    assert handler.auth[-1] == "Bearer s3cret"
+    with VideoClient(url) as client:
+        client.submit(b"img", b"snd")
+        assert handler.auth[-1] is None
+        handler.full = True
+        with pytest.raises(RequestRejected) as info:
+            client.submit(b"img", b"snd")
+    assert (info.value.status, info.value.field, info.value.retry_after_s) == (429, "queue", 7.0)
+    assert "POST /v1/videos answered 429" in str(info.value)
 
 
 def test_ingest_check_needs_one_ok_video_and_lists_rejects(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from demo import check_ingest_output
 
     with pytest.raises(StepError, match="step 'ingest'.*no manifest"):
         check_ingest_output(tmp_path)

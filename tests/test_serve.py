@@ -1,6 +1,7 @@
 """The Ray Serve service end to end over HTTP (tiny untrained model), and every bad request."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import socket
 import subprocess
@@ -11,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from serve.client import VideoClient
 from serve.jobs import JobStore, QueueFullError, parse_job_id
 from serve.errors import UploadError
 from serve.validation import parse_options
-from inference.sampler import SampleOptions
+from core.sections import SamplerConfig
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -64,8 +66,9 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(ray_local, tiny_package, tiny_weights, tmp_path_factory):
-    """The Serve app on 127.0.0.1 at a free port: bearer token, queue bound 2, 1 MB uploads, 3 s audio."""
-    import httpx
+    """The Serve app on 127.0.0.1 at a free port: bearer token, queue bound 2, 1 MB uploads, 3 s audio.
+    Yields the raw ``httpx.Client`` of a :class:`VideoClient` without token (the tests send their own
+    headers) and the job folder."""
     from ray import serve
 
     from core.config import load_platform_config
@@ -80,18 +83,10 @@ def service(ray_local, tiny_package, tiny_weights, tmp_path_factory):
     ])
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="loopy_test", route_prefix="/", blocking=False)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if client.get("/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "service did not come up"
-        time.sleep(0.5)
-    yield client, job_dir
-    client.close()
+    api = VideoClient(f"http://127.0.0.1:{port}")  # no token: the tests send their own headers
+    api.wait_healthy(120)
+    yield api.http, job_dir
+    api.close()
     serve.shutdown()
 
 
@@ -101,16 +96,12 @@ def post(client, image: bytes, audio: bytes, headers=AUTH, **options):
 
 
 def wait_done(client, job_id: str, timeout_s: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    seen = []
-    while time.monotonic() < deadline:
-        body = client.get(f"/v1/videos/{job_id}", headers=AUTH).json()
-        seen.append(body)
-        if body["state"] in ("done", "failed"):
-            body["history"] = seen
-            return body
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} not finished: {seen[-1]}")
+    """Poll the job (``VideoClient.wait``) until done; its status with ``history``: every status polled."""
+    seen: list[dict] = []
+    with VideoClient(str(client.base_url), token=TOKEN) as api:
+        body = api.wait(job_id, timeout_s, poll_s=0.2, on_update=seen.append)
+    body["history"] = seen
+    return body
 
 
 # --- unit: job store and options -----------------------------------------------------------------------
@@ -136,9 +127,9 @@ def test_job_store_bounds_ids_and_files(tmp_path):
 
 
 def test_options_unknown_and_out_of_range_name_the_field():
-    base = SampleOptions()
-    assert parse_options({"steps": "3", "seed": "7", "audio_ratio": "4.5"}, base) == base.replace(
-        steps=3, seed=7, audio_ratio=4.5)
+    base = SamplerConfig()
+    assert parse_options({"steps": "3", "seed": "7", "audio_ratio": "4.5"}, base) == dataclasses.replace(
+        base, steps=3, seed=7, audio_ratio=4.5)
     for raw, field in (({"stepz": "3"}, "stepz"), ({"steps": "0"}, "steps"), ({"steps": "abc"}, "steps"),
                        ({"ref_ratio": "nan"}, "ref_ratio"), ({"size": "63"}, "size"), ({"fps": "1000"}, "fps")):
         with pytest.raises(UploadError) as err:

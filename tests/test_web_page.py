@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from serve.client import VideoClient
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = [
     pytest.mark.slow,
@@ -61,7 +63,6 @@ class DevTools:
 
 @pytest.fixture(scope="module")
 def page_service(ray_local, tiny_package, tiny_weights, tmp_path_factory):
-    import httpx
     from ray import serve
 
     from core.config import load_platform_config
@@ -75,15 +76,8 @@ def page_service(ray_local, tiny_package, tiny_weights, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="loopy_page", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "service did not come up"
-        time.sleep(0.5)
+    with VideoClient(url) as api:
+        api.wait_healthy(120)
     yield url
     serve.shutdown()
 

@@ -12,7 +12,7 @@ step until ``train.max_steps``:
 * every ``checkpoint_every`` steps (and the last): ``ray.train.report(metrics, checkpoint)``;
 * every ``log_every`` steps: metrics to Ray Train and (rank 0) to the stage's MLflow run:
   ``loss`` (mean over ranks), ``lr``, ``grad_norm``, ``samples_per_s``, ``data_wait_share``,
-  GPU memory when present;
+  GPU memory when present; rank 0 also prints ``[train] stage S step N/T loss L``;
 * every ``eval_every`` steps (and the last), rank 0: validation loss on the test split, the loss
   plot and a sample video as MLflow artifacts (``training/evaluation.py``);
 * a non-finite loss: every rank stops at that step (see ``training/step.py``) and returns
@@ -46,6 +46,10 @@ from training.step import NonFiniteLossError, make_noise_scheduler, train_step, 
 from training.tracking import RunLogger, gpu_memory_metrics
 
 log = logging.getLogger(__name__)
+
+# Rank 0 prints ``[train] stage S step N/T loss L`` every ``log_every`` steps (and the last): a
+# stable line for consoles and log readers (``demo.py``), independent of Ray's own log format.
+PROGRESS_PREFIX = "[train]"
 
 
 @dataclass
@@ -283,8 +287,13 @@ def train_loop_per_worker(config: dict) -> None:
             last = state.step >= tc.max_steps
             if rank == 0 and (last or (tc.eval_every > 0 and state.step % tc.eval_every == 0)):
                 metrics.update(evaluator(model, ema, state.step))
-            if rank == 0 and job.run is not None and (last or state.step % tc.log_every == 0):
-                job.run.log_metrics(metrics, state.step)
+            if rank == 0 and (last or state.step % tc.log_every == 0):
+                # one stable progress line per logged step (read by the demo's console; the
+                # metrics themselves go to MLflow)
+                print(f"{PROGRESS_PREFIX} stage {job.stage} step {state.step}/{tc.max_steps} "
+                      f"loss {metrics['loss']:.6f}", flush=True)
+                if job.run is not None:
+                    job.run.log_metrics(metrics, state.step)
             if last or state.step % tc.checkpoint_every == 0:
                 with tempfile.TemporaryDirectory(dir=job.work_dir or None) as tmp:
                     save_checkpoint(tmp, rank=rank, state=state, model=model, optimizer=optimizer,
