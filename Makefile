@@ -40,8 +40,10 @@ browser:
 # torch is pinned here, in the same pip command, so pip never drags a CUDA build.
 $(STAMP): pyproject.toml | sysdeps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0 -e '.[dev]'
+	@echo "installing the project into $(VENV) (pip output: $(VENV)/install.log)"
+	@$(PY) -m pip install -q --upgrade pip > $(VENV)/install.log 2>&1 \
+	  && $(PY) -m pip install -q torch==2.13.0 -e '.[dev]' >> $(VENV)/install.log 2>&1 \
+	  || { tail -n 40 $(VENV)/install.log; echo "install failed: see $(VENV)/install.log"; exit 1; }
 	@mkdir -p $(RAY_TMPDIR)
 	@touch $(STAMP)
 
