@@ -178,7 +178,7 @@ def child_env() -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
-        # the children's output is piped and prefixed: Ray Data's redrawn progress bars are noise there
+        # the children's output goes to log files: Ray Data's redrawn progress bars are noise there
         "RAY_DATA_DISABLE_PROGRESS_BARS": env.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1"),
         # every progress line of a job reaches its log as printed (Ray would batch repeated
         # patterns for up to 5 s and print a count instead of the lines)
@@ -523,7 +523,7 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 
 def pick_request_video(samples: Path) -> Path:
     """The sample video the request is cut from (the first in name order)."""
-    videos = sorted(p for p in samples.rglob("*") if p.suffix.lower() in {".mp4", ".mkv", ".mov", ".webm", ".avi"})
+    videos = sorted(p for p in samples.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
     if not videos:
         raise StepError("generate", f"no sample video found under {samples}")
     return videos[0]

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -104,7 +105,7 @@ def _tiny_rows() -> list[dict]:
         seconds = 1.0 if QUICK else 2.0
         image, audio = _inputs(tmp, seconds)
         opts = SamplerConfig(steps=STEPS)
-        sampler.generate(image, audio, tmp / "warm.mp4", opts.replace(steps=1))  # warm-up
+        sampler.generate(image, audio, tmp / "warm.mp4", dataclasses.replace(opts, steps=1))  # warm-up
         t0 = time.perf_counter()
         result = sampler.generate(image, audio, tmp / "out.mp4", opts)
         total = time.perf_counter() - t0
@@ -150,7 +151,7 @@ def _sd15_gpu_rows() -> list[dict]:
     feats = torch.randn((frames, 12, 768), generator=g).to(device)
     opts = SamplerConfig(steps=STEPS)
     torch.cuda.reset_peak_memory_stats()
-    sampler.generate_latents(ref, feats[:12], opts.replace(steps=1))  # warm-up
+    sampler.generate_latents(ref, feats[:12], dataclasses.replace(opts, steps=1))  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     sampler.generate_latents(ref, feats, opts)

@@ -1,1 +1,1 @@
-"""Shared foundation: typed configs, weight presets, Ray start-up."""
+"""Foundation: typed configs, paths, weight presets, Ray start-up and the temporal segment rule."""

@@ -28,7 +28,8 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit the dataclass schema."""
+    """The foundation's error: a config file or override that does not fit the dataclass schema,
+    or values that cannot work together (e.g. a motion history the segment rule cannot cut)."""
 
 
 def _field_types(cls: type) -> dict[str, Any]:

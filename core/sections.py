@@ -140,7 +140,7 @@ class SamplerConfig:
     seed: int = 0  # initial noise of every clip is drawn from one generator seeded with this
     fps: float = 25.0  # output frame rate; audio features are computed for this rate
     size: Optional[int] = None  # output side in pixels; None = the model's crop size
-    max_audio_s: Optional[float] = 60.0  # CLI / evaluation limit on the audio length
+    max_audio_s: Optional[float] = 60.0  # longer audio is refused by the sampler (None: no limit)
     device: str = "auto"  # auto | cpu | cuda
 
 

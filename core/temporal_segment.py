@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.config import ConfigError
+
 Abstraction = Literal["uniform", "mean"]
 
 
@@ -64,7 +66,7 @@ class SegmentPlan:
 def make_plan(history_frames: int = 124, stride: int = 4, ratio: int = 2) -> SegmentPlan:
     """Build the plan; ``history_frames`` must equal ``sum_k stride * ratio**k`` for some K."""
     if stride < 1 or ratio < 1:
-        raise ValueError(f"segment stride and ratio must be >= 1, got s={stride}, r={ratio}")
+        raise ConfigError(f"segment stride and ratio must be >= 1, got s={stride}, r={ratio}")
     spans, total = [], 0
     while total < history_frames:
         span = stride * ratio ** len(spans)
@@ -78,7 +80,7 @@ def make_plan(history_frames: int = 124, stride: int = 4, ratio: int = 2) -> Seg
         for k in range(8):
             t += stride * ratio**k
             valid.append(t)
-        raise ValueError(
+        raise ConfigError(
             f"motion history of {history_frames} frames cannot be cut into segments of "
             f"{stride}*{ratio}**k frames; valid lengths for s={stride}, r={ratio}: {valid}"
         )
@@ -106,7 +108,7 @@ class TemporalSegmentModule(nn.Module):
                  abstraction: Abstraction = "uniform"):
         super().__init__()
         if abstraction not in ("uniform", "mean"):
-            raise ValueError(f"abstraction must be 'uniform' or 'mean', got {abstraction!r}")
+            raise ConfigError(f"abstraction must be 'uniform' or 'mean', got {abstraction!r}")
         self.plan = make_plan(history_frames, stride, ratio)
         self.abstraction = abstraction
         offsets = self.plan.source_offsets(abstraction)

@@ -1,6 +1,6 @@
 """Loopy's three-way classifier-free guidance, as one batched forward.
 
-The paper (PAPER.md, "Inference") makes three noise predictions per DDIM step:
+The paper (docs/METHOD.md, "Inference") makes three noise predictions per DDIM step:
 
 * ``e_audio``: every condition (reference, audio, motion frames, audio-to-latents output);
 * ``e_ref``: as ``e_audio`` with the audio condition zeroed;

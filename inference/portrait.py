@@ -14,12 +14,12 @@ from typing import Optional
 
 import numpy as np
 
-from inference.errors import InferenceError
+from inference.errors import BadInputError
 from pipelines.crop import crop_frames, plan_crop_track
 from pipelines.face_detect import make_detector
 
 
-class NoFaceError(InferenceError, ValueError):
+class NoFaceError(BadInputError):
     """No face was found in the portrait image."""
 
 
@@ -32,7 +32,7 @@ def load_image(path: str | Path) -> np.ndarray:
             img = ImageOps.exif_transpose(img)
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a decodable image ({type(exc).__name__}: {exc})") from exc
+        raise BadInputError(f"{path}: not a decodable image ({type(exc).__name__}: {exc})") from exc
 
 
 def downscale(image: np.ndarray, max_side: Optional[int]) -> np.ndarray:
@@ -61,7 +61,6 @@ class PortraitCropper:
     @classmethod
     def from_config(cls, platform_cfg) -> "PortraitCropper":
         """Built from a :class:`core.config.PlatformConfig` (its ``ingest`` and ``weights`` sections)."""
-
         ic = platform_cfg.ingest
         return cls(make_detector(ic.detector, platform_cfg.weights.dwpose_dir), ic.crop_size,
                    ic.crop_margin, ic.detect_max_side, ic.fps)
@@ -83,7 +82,6 @@ class PortraitCropper:
     def crop(self, image: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] -> face crop uint8 [S, S, 3] (S = ``ingest.crop_size``).
         Raises :class:`NoFaceError` when no face is found."""
-
         lm = self.landmarks(image)
         if lm is None:
             raise NoFaceError("no face found in the portrait image")

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from core.config import ConfigError, add_config_arguments, load_platform_config
+from inference.errors import BadInputError
 from inference.portrait import NoFaceError, load_image
 from inference.sampler import LoopySampler
-from pipelines.audio_decode import AudioDecodeError
+from pipelines.errors import PipelineError
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -55,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         image = load_image(args.image)
-    except ValueError as exc:
+    except BadInputError as exc:
         print(f"error: --image: {exc}", file=sys.stderr)
         return 2
     started = time.perf_counter()
@@ -73,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NoFaceError as exc:
         print(f"error: --image {args.image}: {exc}", file=sys.stderr)
         return 2
-    except AudioDecodeError as exc:
+    except (BadInputError, PipelineError) as exc:  # audio: undecodable, too short, too long
         print(f"error: --audio: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {result.path}: {result.num_frames} frames at {result.fps:g} fps ({result.duration_s:.2f} s) "

@@ -32,6 +32,7 @@ from diffusers import DDIMScheduler
 
 from core.sections import SamplerConfig
 from core.temporal_segment import TemporalSegmentModule
+from inference.errors import BadInputError
 from inference.guidance import combine_stacked, guidance_switches, stack_conditions
 from inference.loading import LoadedPackage, load_package
 from inference.portrait import load_image
@@ -123,16 +124,21 @@ class LoopySampler:
         latent = self.codec.encode(crop[None])  # [1, 4, h, w]
         return torch.as_tensor(np.asarray(latent), dtype=torch.float32).to(self.device)
 
-    def prepare_audio(self, audio_path: str | Path, fps: float):
+    def prepare_audio(self, audio_path: str | Path, fps: float, max_audio_s: Optional[float] = None):
         """Decode (ingest decoder, 16 kHz mono) and featurise (ingest wav2vec2 extractor).
         Returns (AudioTrack, features float32 [N, L, D]) with ``N = floor(duration_s * fps)``
         (the ingest rule, :func:`pipelines.audio_features.frame_count_for`); as in ingest the
-        samples are cut to exactly ``N / fps`` seconds before featurising."""
-
-        track = decode_audio(audio_path, sample_rate=self.cfg.ingest.sample_rate)
+        samples are cut to exactly ``N / fps`` seconds before featurising. Audio longer than
+        ``max_audio_s`` seconds (None: no limit) is refused with :class:`BadInputError` after
+        decoding at most ``max_audio_s + 1`` seconds of it."""
+        limit = None if max_audio_s is None else float(max_audio_s) + 1.0
+        track = decode_audio(audio_path, sample_rate=self.cfg.ingest.sample_rate, duration_s=limit)
+        if max_audio_s is not None and track.duration_s > max_audio_s:
+            raise BadInputError(f"{audio_path}: audio is longer than the limit of {max_audio_s:g} s "
+                                f"(sampler.max_audio_s)")
         n = frame_count_for(track.duration_s, fps)
         if n < 1:
-            raise ValueError(f"{audio_path}: audio of {track.duration_s:.3f} s is shorter than one frame")
+            raise BadInputError(f"{audio_path}: audio of {track.duration_s:.3f} s is shorter than one frame")
         samples = track.samples[: int(round(n / fps * track.sample_rate))]
         feats = self.audio_extractor(samples, n, fps=fps)
         return track, np.asarray(feats, dtype=np.float32)
@@ -235,7 +241,6 @@ class LoopySampler:
                          options: Optional[SamplerConfig] = None,
                          progress: Optional[ProgressCallback] = None) -> torch.Tensor:
         """All frames' latents [N, 4, h, w] for audio features [N, L, D], clip after clip."""
-
         options = options or self.default_options
         started = time.perf_counter()
         feats = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=self.device)
@@ -270,13 +275,12 @@ class LoopySampler:
                  options: Optional[SamplerConfig] = None,
                  progress: Optional[ProgressCallback] = None) -> SampleResult:
         """Portrait (uint8 [H, W, 3] or an image file) + audio file -> mp4 at ``out_path``."""
-
         options = options or self.default_options
         started = time.perf_counter()
         if not isinstance(image, np.ndarray):
             image = load_image(image)
         ref_latent = self.prepare_portrait(image)
-        _, feats = self.prepare_audio(audio_path, options.fps)
+        _, feats = self.prepare_audio(audio_path, options.fps, options.max_audio_s)
         latents = self.generate_latents(ref_latent, feats, options, progress)
         n = latents.shape[0]
         path = write_video(self.decode_frames(latents, options.size), out_path, options.fps, audio_path,

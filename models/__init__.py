@@ -1,1 +1,1 @@
-"""Model room: the Loopy networks on diffusers and the sampler."""
+"""Model room: the Loopy networks on diffusers (LoopyModel and its modules) and model packages in the MLflow registry."""

@@ -45,6 +45,7 @@ from torch import nn
 from core.temporal_segment import make_plan
 from core.weights import load_pretrained
 from models.audio_modules import A2L_KINDS, AudioCrossAttention, AudioProjection, AudioToLatents
+from models.errors import IncompatibleWeightsError
 from models.reference_attention import (
     ContextAttnProcessor,
     LoopyCallContext,
@@ -87,7 +88,7 @@ def _reference_tail(unet: UNet2DConditionModel) -> list[nn.Module]:
     """Modules of the reference net that run after the input of its last self-attention."""
     last_up = unet.up_blocks[-1]
     if not getattr(last_up, "attentions", None):
-        raise ValueError("the reference net's last up block has no attention: not an SD-1.5 layout")
+        raise IncompatibleWeightsError("the reference net's last up block has no attention: not an SD-1.5 layout")
     last_tf = last_up.attentions[-1]
     block = last_tf.transformer_blocks[-1]
     tail = [m for name, m in block.named_children() if name != "norm1"]
@@ -220,7 +221,7 @@ class LoopyModel(ModelMixin, ConfigMixin):
         missing, unexpected = model.denoise_unet.load_state_dict(state, strict=False)
         bad = [k for k in missing if ".processor." not in k]
         if bad or unexpected:
-            raise RuntimeError(f"U-Net weights do not fit the denoising U-Net: missing {bad[:5]}, "
+            raise IncompatibleWeightsError(f"U-Net weights do not fit the denoising U-Net: missing {bad[:5]}, "
                                f"unexpected {unexpected[:5]}")
         if model_cfg is not None:
             model._apply_model_cfg(model_cfg)
@@ -233,7 +234,6 @@ class LoopyModel(ModelMixin, ConfigMixin):
 
         ``reader_cfg`` gives the audio window (2 * audio_window + 1 frames) and checks that the
         motion-frame plan is valid (M = ``make_plan(...).num_outputs``)."""
-
         make_plan(reader_cfg.motion_frames, reader_cfg.segment_stride, reader_cfg.segment_ratio)
         unet = load_pretrained(UNet2DConditionModel, unet_location, local_files_only)
         return cls.from_unet(unet, stage, model_cfg, audio_window=2 * reader_cfg.audio_window + 1)
@@ -257,7 +257,7 @@ class LoopyModel(ModelMixin, ConfigMixin):
         new_prefixes = ("audio_projection.", "audio_to_latents.", "resnet_temporal.")
         bad = [k for k in missing if not (k.startswith(new_prefixes) or ".processor." in k)]
         if bad or unexpected:
-            raise RuntimeError(f"stage-1 weights do not fit stage 2: missing {bad[:5]}, unexpected {unexpected[:5]}")
+            raise IncompatibleWeightsError(f"stage-1 weights do not fit stage 2: missing {bad[:5]}, unexpected {unexpected[:5]}")
         if stage1.dtype != model.dtype or stage1.device != model.device:
             model.to(device=stage1.device, dtype=stage1.dtype)
         if model_cfg is not None:

@@ -40,7 +40,6 @@ def write_model_package(folder: str | Path, model: Any, config: Any, weight_path
     is a folder written by ``save_pretrained``), ``platform.yaml`` from the
     dataclass ``config``, and for the tiny preset copies of ``weight_paths.vae`` / ``.wav2vec2``
     (local folders). Returns ``folder``."""
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(model, (str, Path)):
@@ -70,7 +69,6 @@ def check_package(folder: str | Path) -> Path:
 
 def read_package_config(folder: str | Path):
     """The :class:`core.config.PlatformConfig` a package was trained with."""
-
     return load_platform_config(check_package(folder) / CONFIG_FILE)
 
 

@@ -17,7 +17,8 @@ prints the summary as one JSON line and exits 0. The job itself (stages, resume,
 is :func:`pipelines.ingest_job.run_ingest`; the module layout is:
 
 * ``pipelines/ingest_job.py``: ``run_ingest``, the Ray Data graph, the driver's stream loop;
-* ``pipelines/ingest_stages.py``: the Ray Data stages (analysis, audio features, decode + crop, VAE);
+* ``pipelines/ingest_stages.py``: the CPU stages (analysis, decode + crop), no torch;
+* ``pipelines/ingest_model_stages.py``: the model stages (wav2vec2 features, VAE latents);
 * ``pipelines/frame_writer.py``: per-chunk rows -> ``frames/<video_id>.parquet`` in frame order;
 * ``pipelines/resume.py``: output-directory checks and the per-video records of finished videos;
 * ``pipelines/ingest_meta.py``: ``ingest_meta.json`` and the model-config facts it records;

@@ -43,7 +43,8 @@ from core.sections import PlatformConfig
 from core.weights import WeightPaths, resolve_weights
 from pipelines.frame_writer import FinishedVideo, FrameAssembler, FrameWriteError
 from pipelines.ingest_meta import read_model_facts, write_ingest_meta
-from pipelines.ingest_stages import STAGE_TIMES_KEY, AudioFeatureStage, VaeStage, VideoAnalyzer, decode_and_crop
+from pipelines.ingest_model_stages import AudioFeatureStage, VaeStage
+from pipelines.ingest_stages import STAGE_TIMES_KEY, VideoAnalyzer, decode_and_crop
 from pipelines.manifest import InputVideo, manifest_row, plan_inputs, write_manifest
 from pipelines.resume import RecordStore, check_output_dir, earlier_records, plan_resume
 from pipelines.schema import FRAMES_DIR

@@ -1,7 +1,9 @@
-"""The Ray Data stages of the ingest job (``pipelines/ingest_job.py`` wires them together).
+"""The CPU stages of the ingest job: analysis and full-resolution decode + crop (the two model
+stages, wav2vec2 and VAE, are :mod:`pipelines.ingest_model_stages`, so these workers never import
+torch); ``pipelines/ingest_job.py`` wires them together.
 
 Every stage passes a failing video on as a ``reject`` row (stage + a reason naming the file)
-instead of raising, so one bad file never stops the batch (SEED_REVIEW defect 20).
+instead of raising, so one bad file never stops the batch (docs/SEED_DEFECTS.md, defect 20).
 
 Row kinds flowing through the pipeline (one Ray Data row each):
 
@@ -12,11 +14,11 @@ Row kinds flowing through the pipeline (one Ray Data row each):
   exactly ``N / fps`` seconds), and what the full-resolution decode needs from the probe so it
   does not probe the file again: ``stream_pts_s`` f64 [n_src] (presentation time of every source
   frame, seconds from the first) and ``info["decode_source"]`` (:data:`DECODE_SOURCE_KEY`);
-* after :class:`AudioFeatureStage`: ``samples`` replaced by ``features`` f16 [N, L, D];
+* after ``AudioFeatureStage`` (:mod:`pipelines.ingest_model_stages`): ``samples`` replaced by ``features`` f16 [N, L, D];
 * after :func:`decode_and_crop` (many rows per video): ``chunk`` rows (``chunk_index``,
   ``start_index``, ``crops`` u8 [n, S, S, 3] and the chunk's slices of every per-frame array),
   then one ``end`` row (``num_chunks``, ``num_frames``), or a ``reject`` row;
-* after :class:`VaeStage`: ``crops`` replaced by ``latent`` f16 [n, 4, S/8, S/8] (and JPEGs when
+* after ``VaeStage`` (:mod:`pipelines.ingest_model_stages`): ``crops`` replaced by ``latent`` f16 [n, 4, S/8, S/8] (and JPEGs when
   asked: ``jpeg`` u8 [bytes] concatenated, ``jpeg_sizes`` i64 [n]).
 
 Every row carries every column (empty arrays of the right rank where unused) so Ray Data blocks
@@ -30,7 +32,6 @@ No file handle is held across Ray tasks.
 """
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -41,10 +42,8 @@ import numpy as np
 
 from core.sections import IngestConfig
 from pipelines.audio_decode import AudioDecodeError, decode_audio, is_silent
-from pipelines.audio_features import AudioFeatureExtractor
 from pipelines.crop import crop_frames, landmarks_to_crop, plan_crop_track
 from pipelines.face_detect import make_detector
-from pipelines.latents import LatentCodec
 from pipelines.probe import FrameGeometry, ProbeError, VideoProbe, VideoTimestamps, probe_video
 from pipelines.quality import (
     RejectedVideo,
@@ -87,7 +86,7 @@ def reject_row(video_id: str, path: str, stage: str, why: str, info: Optional[di
     }
 
 
-def _error_text(path: str, exc: BaseException) -> str:
+def error_text(path: str, exc: BaseException) -> str:
     """One line naming the file and the error (the file name is prefixed when missing)."""
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if path not in msg:
@@ -95,13 +94,13 @@ def _error_text(path: str, exc: BaseException) -> str:
     return msg
 
 
-def _first(batch: dict, key: str) -> Any:
+def first_value(batch: dict, key: str) -> Any:
     """Row 0 of a ``batch_size=1`` numpy batch (object arrays of ragged tensors unwrapped)."""
     value = batch[key][0]
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _as_batch(row: dict) -> dict:
+def as_batch(row: dict) -> dict:
     """A row dict -> a one-row numpy batch."""
     out = {}
     for k, v in row.items():
@@ -212,7 +211,7 @@ class VideoAnalyzer:
             return reject_row(video_id, path, rej.rejection.stage, rej.rejection.why, info)
         except Exception as exc:  # noqa: BLE001 - recorded as this video's rejection
             stage = info.get("_stage", "analyze")
-            return reject_row(video_id, path, stage, _error_text(path, exc), info)
+            return reject_row(video_id, path, stage, error_text(path, exc), info)
         info[STAGE_TIMES_KEY] = times
         out["info"] = json.dumps({k: v for k, v in info.items() if not k.startswith("_")})
         return out
@@ -252,7 +251,7 @@ class VideoAnalyzer:
         try:
             probe = probe_video(path)
         except ProbeError as exc:
-            raise RejectedVideo("probe", _error_text(path, exc)) from None
+            raise RejectedVideo("probe", error_text(path, exc)) from None
         info.update(fps_in=probe.fps, duration_s=probe.duration_s, width=probe.width,
                     height=probe.height, rotation=probe.rotation)
         rej = check_streams(True, probe.has_audio)
@@ -292,7 +291,7 @@ class VideoAnalyzer:
                 t0 = time.perf_counter()
                 t_detect += t0 - t1
         except DecodeError as exc:
-            raise RejectedVideo("decode", _error_text(path, exc)) from None
+            raise RejectedVideo("decode", error_text(path, exc)) from None
         times["decode_detect_pass"] = t_decode
         times["detect"] = t_detect
         if not lms:
@@ -315,7 +314,7 @@ class VideoAnalyzer:
         try:
             audio = decode_audio(path, sample_rate=cfg.sample_rate, start_s=max(0.0, -start_delta))
         except AudioDecodeError as exc:
-            raise RejectedVideo("audio", _error_text(path, exc)) from None
+            raise RejectedVideo("audio", error_text(path, exc)) from None
         if start_delta > cfg.max_audio_video_offset_s:
             raise RejectedVideo("audio", f"{path}: audio starts {start_delta:.3f} s after the video "
                                          f"(max_audio_video_offset_s {cfg.max_audio_video_offset_s:g})")
@@ -359,44 +358,10 @@ class VideoAnalyzer:
         return CropTrack(np.asarray(track.boxes, np.float32), lm_crop, found.astype(bool))
 
 
-# --- stage 2: wav2vec2 features -----------------------------------------------------------------
-
-
-class AudioFeatureStage:
-    """Ray Data ``map_batches`` UDF (actor pool, ``batch_size=1``): wav2vec2 hidden states of
-    every layer over the whole utterance, one vector per frame -> ``features`` f16 [N, L, D]."""
-
-    def __init__(self, location: str, local_files_only: bool = True, device: str = "cpu", fps: float = 25.0):
-        self.extractor = AudioFeatureExtractor(location, local_files_only=local_files_only, device=device)
-        self.fps = fps
-
-    def __call__(self, batch: dict) -> dict:
-        row = {k: _first(batch, k) for k in batch}
-        samples = row.pop("samples")
-        row["features"] = np.zeros((0, 1, 1), np.float16)
-        if row["kind"] != "video":
-            return _as_batch(row)
-        path = str(row["path"])
-        try:
-            t0 = time.perf_counter()
-            feats = self.extractor(np.asarray(samples, np.float32), int(row["num_frames"]), fps=self.fps)
-            row["features"] = np.asarray(feats, np.float16)
-            info = json.loads(row["info"])
-            info.setdefault(STAGE_TIMES_KEY, {})["audio_features"] = time.perf_counter() - t0
-            row["info"] = json.dumps(info)
-        except Exception as exc:  # noqa: BLE001
-            bad = reject_row(row["video_id"], path, "features", _error_text(path, exc),
-                             json.loads(row["info"] or "{}"))
-            bad.pop("samples")
-            bad["features"] = row["features"]
-            return _as_batch(bad)
-        return _as_batch(row)
-
-
 # --- stage 3: full-resolution decode and crop, one row per chunk ---------------------------------
 
 
-def _chunk_row(row: dict, kind: str, **extra) -> dict:
+def chunk_row(row: dict, kind: str, **extra) -> dict:
     base = {
         "kind": kind, "video_id": row["video_id"], "path": row["path"], "stage": "", "reason": "",
         "info": row["info"], "chunk_index": -1, "start_index": 0, "num_frames": 0, "num_chunks": 0,
@@ -424,10 +389,9 @@ def decode_and_crop(row: dict, cfg: IngestConfig) -> Iterator[dict]:
     the video are discarded by the writer). The resample plan and the geometry come from the
     analyzer's probe (``stream_pts_s``, ``info["decode_source"]``): the file is opened once, by
     the decoder. Memory: one chunk of source frames at a time."""
-
     empty_crops = np.zeros((0, 1, 1, 3), np.uint8)
     if row["kind"] != "video":
-        yield _chunk_row(row, "reject", stage=row["stage"], reason=row["reason"], crops=empty_crops)
+        yield chunk_row(row, "reject", stage=row["stage"], reason=row["reason"], crops=empty_crops)
         return
     path, n_total = str(row["path"]), int(row["num_frames"])
     info = json.loads(row["info"])
@@ -455,7 +419,7 @@ def decode_and_crop(row: dict, cfg: IngestConfig) -> Iterator[dict]:
             crops = crop_frames(frames, boxes[start:stop], cfg.crop_size)
             t0 = time.perf_counter()
             t_crop += t0 - t1
-            yield _chunk_row(
+            yield chunk_row(
                 row, "chunk", chunk_index=chunk_index, start_index=start, num_frames=stop - start,
                 boxes=np.asarray(boxes[start:stop], np.float32),
                 landmarks=np.asarray(lms[start:stop], np.float32),
@@ -471,63 +435,15 @@ def decode_and_crop(row: dict, cfg: IngestConfig) -> Iterator[dict]:
                 break
             t0 = time.perf_counter()
     except Exception as exc:  # noqa: BLE001
-        yield _chunk_row(row, "reject", stage="decode", reason=f"decode: {_error_text(path, exc)}")
+        yield chunk_row(row, "reject", stage="decode", reason=f"decode: {error_text(path, exc)}")
         return
     if written != n_total:
-        yield _chunk_row(row, "reject", stage="decode",
+        yield chunk_row(row, "reject", stage="decode",
                          reason=f"decode: {path}: full-resolution decode gave {written} frames, the "
                                 f"detection pass {n_total}")
         return
     info.setdefault(STAGE_TIMES_KEY, {}).update(decode_full=t_decode, crop=t_crop)
-    yield _chunk_row(row, "end", num_frames=written, num_chunks=chunk_index, info=json.dumps(info))
+    yield chunk_row(row, "end", num_frames=written, num_chunks=chunk_index, info=json.dumps(info))
 
 
 # --- stage 4: VAE latents --------------------------------------------------------------------------
-
-
-def encode_jpegs(crops: np.ndarray, quality: int = 90) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [n, S, S, 3] -> (concatenated JPEG bytes as uint8 [total], sizes int64 [n])."""
-    from PIL import Image
-
-    blobs = []
-    for frame in crops:
-        buf = io.BytesIO()
-        Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
-        blobs.append(buf.getvalue())
-    sizes = np.array([len(b) for b in blobs], np.int64)
-    return np.frombuffer(b"".join(blobs), np.uint8).copy(), sizes
-
-
-class VaeStage:
-    """Ray Data ``map_batches`` UDF (actor pool, ``batch_size=1`` chunk): crops -> ``latent`` f16
-    [n, 4, S/8, S/8] (AutoencoderKL posterior mean x scaling factor). Crop pixels are dropped
-    (kept only as JPEG bytes when ``write_jpeg``). Other row kinds pass through."""
-
-    def __init__(self, location: str, local_files_only: bool = True, device: str = "cpu",
-                 batch_size: int = 16, write_jpeg: bool = False):
-        self.codec = LatentCodec(location, local_files_only=local_files_only, device=device)
-        self.batch_size = batch_size
-        self.write_jpeg = write_jpeg
-
-    def __call__(self, batch: dict) -> dict:
-        row = {k: _first(batch, k) for k in batch}
-        crops = np.asarray(row.pop("crops"))
-        row["latent"] = np.zeros((0, 1, 1, 1), np.float16)
-        row["jpeg"] = np.zeros((0,), np.uint8)
-        row["jpeg_sizes"] = np.zeros((0,), np.int64)
-        row["vae_s"] = 0.0  # seconds spent in the VAE for this chunk (benchmark)
-        if row["kind"] != "chunk":
-            return _as_batch(row)
-        try:
-            t0 = time.perf_counter()
-            row["latent"] = np.asarray(self.codec.encode(crops, batch_size=self.batch_size), np.float16)
-            row["vae_s"] = time.perf_counter() - t0
-            if self.write_jpeg:
-                row["jpeg"], row["jpeg_sizes"] = encode_jpegs(crops)
-        except Exception as exc:  # noqa: BLE001
-            path = str(row["path"])
-            bad = _chunk_row(row, "reject", stage="vae", reason=f"vae: {_error_text(path, exc)}")
-            bad.pop("crops")
-            bad.update(latent=row["latent"], jpeg=row["jpeg"], jpeg_sizes=row["jpeg_sizes"], vae_s=0.0)
-            return _as_batch(bad)
-        return _as_batch(row)

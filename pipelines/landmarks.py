@@ -4,7 +4,7 @@ The same order is DWPose's face block: COCO-WholeBody keypoints 23..90 (0-based)
 ``wholebody[:, DWPOSE_FACE_SLICE]`` is a [n, 68, 2] array in this layout.
 
 Index groups (0-based): 0-16 jaw (8 = chin), 17-26 brows, 27-35 nose (30 = nose tip),
-36-47 eyes, 48-67 mouth. ``UPPER_FACE`` (37 points, PAPER.md) = brows, nose and eyes (17-47)
+36-47 eyes, 48-67 mouth. ``UPPER_FACE`` (37 points, docs/METHOD.md) = brows, nose and eyes (17-47)
 plus the upper jaw points near the ears and temples (0-2, 14-16); mouth and chin excluded.
 """
 from __future__ import annotations

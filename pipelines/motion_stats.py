@@ -10,7 +10,7 @@ axis; "total variance" of a 2-D point is var(x) + var(y) (units: squared crop fr
   the point's displacement relative to the nose tip (head translation removed, so this measures
   expression, not head motion).
 
-Upper face (PAPER.md, our choice since the paper lists no indices): brows 17-26, nose 27-35,
+Upper face (docs/METHOD.md, our choice since the paper lists no indices): brows 17-26, nose 27-35,
 eyes 36-47 (31 points) plus the six upper jaw points near the ears / temples, 0-2 and 14-16, which
 move with the head but not with the mouth: 37 points, mouth (48-67) and lower jaw / chin (3-13)
 excluded so speech (a wide-open mouth) does not register as expression. The nose tip itself is one
@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 # The 68-point layout (NOSE_TIP = 30, UPPER_FACE = the 37 points above) has one definition, in
-# pipelines/landmarks.py; tests/test_motion_stats.py checks it against PAPER.md.
+# pipelines/landmarks.py; tests/test_motion_stats.py checks it against docs/METHOD.md.
 from pipelines.landmarks import NOSE_TIP, NUM_LANDMARKS, UPPER_FACE  # noqa: E402,F401
 
 

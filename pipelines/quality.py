@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from core.sections import IngestConfig
+from pipelines.errors import PipelineError
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Rejection:
         return f"{self.stage}: {self.why}"
 
 
-class RejectedVideo(Exception):
+class RejectedVideo(PipelineError):
     """Raised inside a stage to end one video's processing with a recorded rejection."""
 
     def __init__(self, stage: str, why: str):

@@ -297,6 +297,7 @@ def _write_noise_video(out: Path, seconds: float, rng: np.random.Generator, work
 
 def make_bad_inputs(out_dir: Path, seed: int = 0, seconds: float = 6.0) -> dict[str, Path]:
     """Inputs every stage must reject with a recorded reason (never a crash). Keys:
+
     ``empty`` (0-byte .mp4), ``not_video`` (a text file named .mp4), ``truncated`` (the first
     half of a good mp4: the index at the end is missing), ``no_audio`` (talking head without an
     audio track), ``no_face`` (moving gradient and noise, with speech), ``too_short`` (2 s

@@ -4,7 +4,7 @@ training sample gets, drawn from a seeded generator (no data is read here).
 Units are frames at the ingest frame rate (25 fps). For a video of ``N`` frames, a clip of ``F``
 frames (``reader.clip_frames``; 1 in stage 1) starting at ``s`` covers frames ``s .. s+F-1``.
 
-Rules (SEED_REVIEW defects 11, 12, 14):
+Rules (docs/SEED_DEFECTS.md, defects 11, 12, 14):
 
 * **Clip starts** are drawn anywhere in the video. With probability ``early_start_prob`` the start
   is drawn among the starts with fewer than ``motion_frames`` (T = 124) frames of history
@@ -35,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
+from core.config import ConfigError
 from core.sections import ReaderConfig
 
 A2L_KINDS = ("audio", "landmarks", "head_motion_var", "expression_var")
@@ -87,19 +88,19 @@ def clip_length(cfg: ReaderConfig) -> int:
 def validate_reader_config(cfg: ReaderConfig) -> None:
     """Raise ValueError naming the ``reader.*`` field that cannot work."""
     if cfg.stage not in (1, 2):
-        raise ValueError(f"reader.stage must be 1 or 2, got {cfg.stage}")
+        raise ConfigError(f"reader.stage must be 1 or 2, got {cfg.stage}")
     if cfg.clip_frames < 1:
-        raise ValueError(f"reader.clip_frames must be >= 1, got {cfg.clip_frames}")
+        raise ConfigError(f"reader.clip_frames must be >= 1, got {cfg.clip_frames}")
     if cfg.ref_min_distance < 1:
-        raise ValueError(f"reader.ref_min_distance must be >= 1 (the reference may never be a clip "
+        raise ConfigError(f"reader.ref_min_distance must be >= 1 (the reference may never be a clip "
                          f"frame), got {cfg.ref_min_distance}")
     if cfg.samples_per_video < 1:
-        raise ValueError(f"reader.samples_per_video must be >= 1, got {cfg.samples_per_video}")
+        raise ConfigError(f"reader.samples_per_video must be >= 1, got {cfg.samples_per_video}")
     for name in ("early_start_prob", "p_drop_audio", "p_drop_motion_cond", "p_drop_ref",
                  "p_drop_motion_frames"):
         p = getattr(cfg, name)
         if not 0.0 <= p <= 1.0:
-            raise ValueError(f"reader.{name} must be a probability in [0, 1], got {p}")
+            raise ConfigError(f"reader.{name} must be a probability in [0, 1], got {p}")
 
 
 def valid_clip_starts(num_frames: int, clip_frames: int, ref_min_distance: int) -> np.ndarray:

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from pipelines.errors import PipelineError
 
 SCHEMA_VERSION = 1

@@ -25,8 +25,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.motion_stats import NOSE_TIP, UPPER_FACE
-from pipelines.schema import (MANIFEST_NAME, MANIFEST_SCHEMA, SCHEMA_VERSION, FrameFileWriter,
-                              IngestMeta, frame_schema, frames_path)
+from pipelines.schema import (
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA,
+    SCHEMA_VERSION,
+    FrameFileWriter,
+    IngestMeta,
+    frame_schema,
+    frames_path,
+)
 
 FPS = 25.0
 _MOUTH = np.arange(48, 68)

@@ -47,7 +47,7 @@ from core.paths import project_path
 from core.ray_runtime import init_ray
 from inference.portrait import PortraitCropper
 from inference.sampler import LoopySampler
-from serve.errors import UploadError
+from serve.errors import ServeConfigError, UploadError
 from serve.jobs import JobState, JobStore, QueueFullError
 from serve.validation import (
     check_audio,
@@ -270,7 +270,7 @@ def build_app(cfg: PlatformConfig):
     """The Serve application for ``cfg`` (replicas, GPUs and CPUs from ``cfg.serve``)."""
     sc = cfg.serve
     if not sc.model:
-        raise ValueError("serve.model is not set: give an MLflow model URI (models:/loopy/1, "
+        raise ServeConfigError("serve.model is not set: give an MLflow model URI (models:/loopy/1, "
                          "models:/loopy@stage2) or a model package folder")
     model = sc.model
     if not model.startswith(("models:/", "runs:/")):
@@ -298,7 +298,6 @@ def app(args: dict[str, Any]):
 def run_service(cfg: PlatformConfig, blocking: bool = True, name: str = "loopy") -> str:
     """Start Ray (``cfg.ray``), Serve's HTTP proxy on ``serve.host:serve.port`` and the app.
     Returns the base URL."""
-
     init_ray(cfg.ray)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(cfg), name=name, route_prefix="/", blocking=False)

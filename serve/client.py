@@ -33,7 +33,6 @@ from serve.errors import ServeError
 
 ACCEPTED = (200, 201, 202)
 ACTIVE_STATES = frozenset({"queued", "running"})
-TERMINAL_STATES = frozenset({"done", "failed"})
 MAX_BODY_CHARS = 500  # of an error answer quoted in a message
 
 

@@ -13,6 +13,10 @@ class ServeError(Exception):
     client raises for an answer it got (or did not get)."""
 
 
+class ServeConfigError(ServeError, ValueError):
+    """A ``serve.*`` setting the service cannot start with (no model, a queue bound below 1)."""
+
+
 class UploadError(ServeError, ValueError):
     """A request the service refuses: ``status`` (4xx), ``field`` (form field), ``message``."""
 

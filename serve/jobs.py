@@ -24,7 +24,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
-from serve.errors import ServeError
+from serve.errors import ServeConfigError, ServeError
 
 JOB_FILES = {"image": "portrait.img", "audio": "audio.bin", "video": "result.mp4"}
 """The only file names a job folder ever holds (server-chosen)."""
@@ -107,7 +107,7 @@ class JobStore:
 
     def __init__(self, root: str | Path, max_pending: int, ttl_s: float = 3600.0):
         if max_pending < 1:
-            raise ValueError(f"serve.max_queue must be >= 1, got {max_pending}")
+            raise ServeConfigError(f"serve.max_queue must be >= 1, got {max_pending}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_pending = max_pending

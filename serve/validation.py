@@ -73,7 +73,6 @@ def check_audio(path: str | Path, max_audio_s: float, field: str = "audio",
     """Decode ``path`` with the ingest decoder; 422 when not audio, silent, or longer than
     ``max_audio_s`` seconds. Returns the decoded :class:`pipelines.audio_decode.AudioTrack`
     (16 kHz mono). At most ``max_audio_s + 1`` seconds are decoded (bounded memory)."""
-
     try:
         track = decode_audio(path, sample_rate=16000, duration_s=max_audio_s + 1.0)
     except AudioDecodeError as exc:

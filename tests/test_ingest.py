@@ -397,7 +397,7 @@ def test_chunk_rows_become_frame_rows_in_order_with_jpeg(tmp_path):
     from PIL import Image
 
     from pipelines.frame_writer import VideoAssembly
-    from pipelines.ingest_stages import encode_jpegs
+    from pipelines.ingest_model_stages import encode_jpegs
     from pipelines.schema import FrameStore, IngestMeta, frame_schema
 
     rng = np.random.default_rng(0)
@@ -432,3 +432,16 @@ def test_chunk_rows_become_frame_rows_in_order_with_jpeg(tmp_path):
     img = np.asarray(Image.open(io.BytesIO(jpegs[0])))
     assert img.shape == (16, 16, 3)
     assert np.abs(img.astype(int) - crops_all[1][3].astype(int)).mean() < 60  # lossy, same picture
+
+
+def test_the_cpu_stages_never_import_torch():
+    """The analysis / decode workers (hundreds on a cluster) stay light: only the wav2vec2 and VAE
+    actors (pipelines/ingest_model_stages.py) load torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipelines.ingest_stages; "
+            "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

@@ -8,7 +8,7 @@ from pipelines.motion_stats import (NOSE_TIP, UPPER_FACE, MotionStats, clip_moti
 
 
 def test_layout_matches_paper_definition():
-    # PAPER.md: brows, nose and eyes 17-47 plus jaw points 0-2 and 14-16; 30 = nose tip
+    # docs/METHOD.md: brows, nose and eyes 17-47 plus jaw points 0-2 and 14-16; 30 = nose tip
     assert NOSE_TIP == 30
     assert len(UPPER_FACE) == 37 == len(set(UPPER_FACE))
     assert set(UPPER_FACE) == set(range(17, 48)) | {0, 1, 2, 14, 15, 16}

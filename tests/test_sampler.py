@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -236,6 +235,20 @@ def test_portrait_without_face_is_refused(full_sampler, tmp_path):
         full_sampler.prepare_portrait(noise)
 
 
+def test_audio_too_short_or_too_long_is_bad_input_naming_the_file(full_sampler, tmp_path):
+    from inference.errors import BadInputError, InferenceError
+
+    short = make_audio(tmp_path / "short.wav", 0.02)  # half a frame at 25 fps
+    with pytest.raises(BadInputError, match="short.wav.*shorter than one frame"):
+        full_sampler.prepare_audio(short, 25.0)
+    long = make_audio(tmp_path / "long.wav", 2.0)
+    with pytest.raises(BadInputError, match=r"long.wav.*longer than the limit of 1\.5 s") as err:
+        full_sampler.prepare_audio(long, 25.0, max_audio_s=1.5)
+    assert isinstance(err.value, InferenceError) and isinstance(err.value, ValueError)
+    _, feats = full_sampler.prepare_audio(long, 25.0, max_audio_s=3.0)
+    assert feats.shape[0] == 50
+
+
 def test_cli_writes_video(tiny_package, tmp_path):
     import sys
 
@@ -251,6 +264,11 @@ def test_cli_writes_video(tiny_package, tmp_path):
                           "--audio", str(audio), "--out", str(out), "--model", str(tiny_package)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "missing.png" in bad.stderr
+    too_short = subprocess.run([sys.executable, "-m", "inference.sample", "--image", str(image),
+                                "--audio", str(make_audio(tmp_path / "tiny.wav", 0.02)), "--out", str(out),
+                                "--model", str(tiny_package), "--device", "cpu"],
+                               capture_output=True, text=True, timeout=180)
+    assert too_short.returncode == 2 and "tiny.wav" in too_short.stderr and "Traceback" not in too_short.stderr
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from training.errors import CheckpointError
 from training.step import trainable
 
 STATE_FILE = "state.json"
@@ -95,7 +96,6 @@ def save_checkpoint(folder: str | Path, *, rank: int, state: TrainState, model: 
 
 def save_final_model(folder: Path, net: torch.nn.Module, ema=None) -> None:
     """``net.save_pretrained(folder)``, with the EMA weights swapped in when EMA is on."""
-
     if ema is not None:
         ema.store(trainable(net))
         ema.copy_to(trainable(net))
@@ -109,7 +109,7 @@ def save_final_model(folder: Path, net: torch.nn.Module, ema=None) -> None:
 def read_state(folder: str | Path) -> TrainState:
     path = Path(folder) / STATE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a training checkpoint: {STATE_FILE} is missing")
+        raise CheckpointError(f"{folder} is not a training checkpoint: {STATE_FILE} is missing")
     return TrainState(**json.loads(path.read_text()))
 
 

@@ -1,5 +1,14 @@
-"""The training room's error: a job that cannot start or a stage that had to stop."""
+"""The training room's errors: a job that cannot start, a stage that had to stop, a bad checkpoint."""
 
 
 class TrainingError(Exception):
-    """A training job that cannot start (config, data, stage-1 model) or stopped (non-finite loss)."""
+    """A training job that cannot start (config, data, stage-1 model) or stopped (non-finite loss,
+    no usable result), or a checkpoint that cannot be read."""
+
+
+class StageResultError(TrainingError, RuntimeError):
+    """Ray Train finished a stage without a usable result (no checkpoint, no final model in it)."""
+
+
+class CheckpointError(TrainingError, FileNotFoundError):
+    """A folder that is not a readable training checkpoint; the message names it."""

@@ -10,7 +10,7 @@ loss plot, and a short sample video of the current model.
   :class:`inference.sampler.LoopySampler` (``train.eval_sample_steps`` DDIM steps) from a package
   of the current weights, decoded by the package's VAE, written as mp4 (no audio track: the
   ingest output stores features, not waveforms).
-* Glo / Exp (PAPER.md, evaluation): variance of the nose tip and of the upper-face points over
+* Glo / Exp (docs/METHOD.md, evaluation): variance of the nose tip and of the upper-face points over
   the generated clip (landmarks from the ingest's detector) vs. the ground-truth clip's. A tiny
   random model generates no detectable face: then ``face_found_share`` is 0 and the generated
   statistics are NaN (not logged).
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 def load_test_batches(data_dir: str | Path, reader_cfg, batch_size: int, max_batches: int
                       ) -> list[dict[str, torch.Tensor]]:
     """Up to ``max_batches`` batches of the test split (epoch 0, switches off); [] without test videos."""
-
     source = LoopySampleSource(data_dir, reader_cfg, split="test")
     specs = source.epoch_specs(0)[: batch_size * max_batches]
     return [collate([source.load(s) for s in specs[i:i + batch_size]]) for i in range(0, len(specs), batch_size)]
@@ -115,7 +114,6 @@ def motion_statistics(frames: np.ndarray, gt_landmarks: np.ndarray, detector) ->
     clip's landmarks [F, 68, 2]. Keys: ``glo_gen``, ``exp_gen``, ``glo_gt``, ``exp_gt``,
     ``glo_ratio``, ``exp_ratio`` (generated / ground truth) and ``face_found_share`` (generated
     frames with a detected face; the statistics need 2 or more, else they are NaN)."""
-
     pixels, found = detector.detect(frames)
     size = float(frames.shape[1])
     gen = clip_motion_stats(np.where(found[:, None, None], pixels / size, 0.0).astype(np.float32), valid=found)

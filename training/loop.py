@@ -68,7 +68,6 @@ class StageJob:
 def build_model(job: StageJob, device: torch.device):
     """Stage 1: ``LoopyModel.from_sd15`` on the configured U-Net; stage 2: ``from_stage1`` on the
     package ``job.init_from``. Seeded, so every rank builds the same weights."""
-
     cfg = job.cfg
     torch.manual_seed(cfg.train.seed)
     if job.stage == 1:
@@ -86,7 +85,6 @@ def build_model(job: StageJob, device: torch.device):
 
 def _torch_batches(job: StageJob, state: TrainState, rank: int, world: int) -> Iterator[dict]:
     """Batches of ``state.epoch`` for this rank, from ``state.batch_in_epoch`` on."""
-
     cfg = job.cfg
     bs = cfg.train.batch_size
     ds = LoopyTorchDataset(job.data_dir, cfg.reader, "train", state.epoch, rank, world)
@@ -189,7 +187,6 @@ class _Evaluator:
 
     def _sample(self, net, tmp: Path, step: int) -> dict[str, float]:
         """Stage 2: sample video of the first test clip (MLflow artifact) and its Glo / Exp."""
-
         tc = self.job.cfg.train
         if tc.eval_sample_steps <= 0 or not self.batches or self.job.stage != 2:
             return {}

@@ -38,7 +38,7 @@ from models.registry import (
 from pipelines.reader import LoopySampleSource, build_ray_dataset
 from pipelines.schema import IngestFormatError
 from training.checkpointing import FINAL_MODEL_DIR
-from training.errors import TrainingError
+from training.errors import StageResultError, TrainingError
 from training.loop import StageJob, train_loop_per_worker
 from training.tracking import JobTracker, RunLogger
 
@@ -114,7 +114,6 @@ def _check_train_config(cfg: PlatformConfig) -> None:
 def steps_per_epoch(cfg: PlatformConfig, data_dir: Path, stage: int) -> int:
     """Batches per rank per epoch of the train split (equal on every rank). Raises
     :class:`TrainSetupError` for a directory that is not an ingest output or has no samples."""
-
     scfg = stage_config(cfg, stage)
     try:
         source = LoopySampleSource(data_dir, scfg.reader, "train")
@@ -132,7 +131,6 @@ def steps_per_epoch(cfg: PlatformConfig, data_dir: Path, stage: int) -> int:
 
 def check_stage1_package(location: str, cfg: PlatformConfig, dst: Path) -> None:
     """Fail unless ``location`` resolves to a package holding a stage-1 LoopyModel."""
-
     try:
         pkg = resolve_model_location(location, dst_dir=dst, tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri))
     except ModelPackageError as exc:
@@ -207,7 +205,6 @@ def _scaling(cfg: PlatformConfig):
 
 def _ray_dataset(cfg: PlatformConfig, data_dir: Path, per_epoch: int):
     """The reader's Ray Dataset over as many epochs as ``max_steps`` needs (one pass)."""
-
     epochs = math.ceil(cfg.train.max_steps / per_epoch)
     parts = [build_ray_dataset(data_dir, cfg.reader, "train", epoch=e, batch_size=cfg.train.batch_size)
              for e in range(epochs)]
@@ -274,13 +271,13 @@ def run_stage(prep: PreparedJob, stage: int, tracker: JobTracker, parent: RunLog
                                    f"{tags.get('loopy.nan', 'see nan_report_rank*.json in MLflow run ' + run.run_id)}")
     if result.checkpoint is None:
         run.end("FAILED")
-        raise RuntimeError(f"stage {stage}: Ray Train returned no checkpoint")
+        raise StageResultError(f"stage {stage}: Ray Train returned no checkpoint")
     package = prep.job_dir / f"stage{stage}_package"
     with result.checkpoint.as_directory() as folder:
         final = Path(folder) / FINAL_MODEL_DIR
         if not final.is_dir():
             run.end("FAILED")
-            raise RuntimeError(f"stage {stage}: the last checkpoint {folder} holds no final model ({FINAL_MODEL_DIR}/)")
+            raise StageResultError(f"stage {stage}: the last checkpoint {folder} holds no final model ({FINAL_MODEL_DIR}/)")
         write_model_package(package, final, cfg, resolve_weights(cfg.weights))
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     version = log_model_package(package, cfg.tracking.registered_model, stage, run_id=run.run_id, tracking_uri=uri,
@@ -297,7 +294,6 @@ def run_stage(prep: PreparedJob, stage: int, tracker: JobTracker, parent: RunLog
 
 def run_job(prep: PreparedJob) -> JobRecord:
     """Run the job's stages in order (stages already done in a resumed job are skipped)."""
-
     tracker = JobTracker(prep.cfg.tracking)
     parent = tracker.start_job(prep.record.name, prep.cfg, parent_run_id=prep.record.parent_run_id)
     prep.record.parent_run_id = parent.run_id
