@@ -33,12 +33,11 @@ from dataclasses import asdict
 from typing import Optional
 
 from core.config import ConfigError, add_config_arguments, load_platform_config
-from core.weights import resolve_weights
 from pipelines.errors import PipelineError
-from pipelines.ingest_job import IngestSummary, run_ingest
-from pipelines.ingest_meta import ModelConfigError, read_model_facts
-from pipelines.manifest import IngestInputError, plan_inputs
-from pipelines.resume import IngestOutputError, check_output_dir
+from pipelines.ingest_job import IngestSummary, prepare_ingest, run_ingest, run_prepared
+from pipelines.ingest_meta import ModelConfigError
+from pipelines.manifest import IngestInputError
+from pipelines.resume import IngestOutputError
 
 __all__ = ["IngestInputError", "IngestOutputError", "IngestSummary", "ModelConfigError", "main", "run_ingest"]
 
@@ -60,14 +59,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = load_platform_config(args.config, args.overrides)
-        plan_inputs(args.input, cfg.ingest.test_fraction, cfg.ingest.split_key)
-        check_output_dir(args.output, cfg)
-        read_model_facts(cfg, resolve_weights(cfg.weights))
+        prepared = prepare_ingest(args.input, args.output, cfg)
     except (ConfigError, PipelineError) as exc:
         print(f"ingest: error: {exc}", file=sys.stderr)
         return 2
     try:
-        summary = run_ingest(args.input, args.output, cfg, echo=lambda s: print(s, flush=True))
+        summary = run_prepared(prepared, echo=lambda s: print(s, flush=True))
     finally:
         if "ray" in sys.modules:
             import ray

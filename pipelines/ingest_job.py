@@ -137,22 +137,47 @@ def ray_data_settings(num_videos: int):
         logger.setLevel(level)
 
 
-def run_ingest(input_path: str | Path, output_dir: str | Path, cfg: Optional[PlatformConfig] = None,
-               echo: Callable[[str], None] = print) -> IngestSummary:
-    """Run the whole job (see the module docstring). Joins a running Ray (``init_ray``).
+@dataclass
+class PreparedIngest:
+    """A job whose inputs, output directory and model configs were checked (no Ray, no video
+    read yet): the videos to consider, the output folder, the resolved weights and the model facts
+    ``ingest_meta.json`` records. ``started_s``: ``time.perf_counter()`` when the checks began."""
 
-    Raises :class:`~pipelines.manifest.IngestInputError` /
-    :class:`~pipelines.resume.IngestOutputError` / :class:`~pipelines.ingest_meta.ModelConfigError`
-    before any work for a bad ``--input`` / ``--output`` / weights config; every per-video
-    failure is recorded instead of raised.
-    """
+    cfg: PlatformConfig
+    videos: list[InputVideo]
+    out: Path
+    weights: WeightPaths
+    facts: dict
+    started_s: float
+
+
+def prepare_ingest(input_path: str | Path, output_dir: str | Path,
+                   cfg: Optional[PlatformConfig] = None) -> PreparedIngest:
+    """Every check that needs no Ray and reads no video. Raises
+    :class:`~pipelines.manifest.IngestInputError` / :class:`~pipelines.resume.IngestOutputError` /
+    :class:`~pipelines.ingest_meta.ModelConfigError` for a bad ``--input`` / ``--output`` / weights
+    config (the CLI turns them into one line and exit status 2)."""
+    started = time.perf_counter()
     cfg = cfg or PlatformConfig()
-    ing = cfg.ingest
-    t_start = time.perf_counter()
-    videos = plan_inputs(input_path, ing.test_fraction, ing.split_key)
+    videos = plan_inputs(input_path, cfg.ingest.test_fraction, cfg.ingest.split_key)
     out = check_output_dir(output_dir, cfg)
     weights = resolve_weights(cfg.weights)
-    facts = read_model_facts(cfg, weights)
+    return PreparedIngest(cfg, videos, out, weights, read_model_facts(cfg, weights), started)
+
+
+def run_ingest(input_path: str | Path, output_dir: str | Path, cfg: Optional[PlatformConfig] = None,
+               echo: Callable[[str], None] = print) -> IngestSummary:
+    """Run the whole job (see the module docstring): :func:`prepare_ingest` (raises before any
+    work for a bad ``--input`` / ``--output`` / weights config), then :func:`run_prepared`; every
+    per-video failure is recorded instead of raised."""
+    return run_prepared(prepare_ingest(input_path, output_dir, cfg), echo)
+
+
+def run_prepared(prep: PreparedIngest, echo: Callable[[str], None] = print) -> IngestSummary:
+    """Run a checked job. Joins a running Ray (``init_ray``) when there is a video to process."""
+    cfg, videos, out, weights, facts = prep.cfg, prep.videos, prep.out, prep.weights, prep.facts
+    ing = cfg.ingest
+    t_start = prep.started_s
     summary = IngestSummary(output_dir=str(out), inputs=len(videos))
 
     store = RecordStore(out)
