@@ -15,6 +15,13 @@ Rows:
   the 2-CPU run and divided by their frames (tiny models: the VAE / wav2vec2 numbers are not the
   sd15 ones).
 
+* ``videos_per_min_1080p`` / ``videos_per_min_1080x1920``: the whole job (2 CPUs) on 6 s
+  talking heads scaled to 1920x1080 landscape and 1080x1920 portrait (issue 11).
+* ``hostile_refused_s``: the hostile frozen file (two frames half an hour apart, an hour of
+  audio) through the whole job: wall seconds until the job finished with it rejected
+  (``limits``), Ray start excluded; and ``hostile_probe_limits_s``, the probe + limits alone.
+  Target < 10 s.
+
 Generated media are cached under ``work/bench_media``.
 """
 from __future__ import annotations
@@ -73,6 +80,59 @@ def long_1080p_video(minutes: int) -> Path:
     subprocess.run(cmd, check=True)
     tmp.replace(out)
     return out
+
+
+def scaled_samples(width: int, height: int) -> Path:
+    """The sample set scaled (aspect kept) and padded to ``width`` x ``height``, cached."""
+    folder = MEDIA / f"samples_{width}x{height}"
+    src = sample_videos()
+    want = sorted(src.glob("*.mp4"))
+    if all((folder / p.name).is_file() for p in want):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in want:
+        tmp = folder / f"{p.stem}.tmp.mp4"
+        vf = (f"scale={width}:{height}:force_original_aspect_ratio=decrease:flags=bicubic,"
+              f"pad={width}:{height}:(ow-iw)/2:(oh-ih)/2")
+        subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(p), "-vf", vf, "-c:v", "libx264",
+                        "-preset", "ultrafast", "-crf", "26", "-pix_fmt", "yuv420p", "-c:a", "copy", str(tmp)],
+                       check=True)
+        tmp.replace(folder / p.name)
+    return folder
+
+
+def hostile_video() -> Path:
+    """Two video frames half an hour apart and an hour of silent 8 kbit/s mono audio, cached."""
+    out = MEDIA / "hostile_frozen.mp4"
+    if not out.is_file():
+        tmp = out.with_suffix(".tmp.mp4")
+        subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                        "color=c=gray:size=320x240:rate=1/1800", "-f", "lavfi", "-i", "anullsrc=r=8000:cl=mono",
+                        "-t", "3600", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac",
+                        "-b:a", "8k", str(tmp)], check=True)
+        tmp.replace(out)
+    return out
+
+
+def hostile_rows() -> list[dict]:
+    from core.sections import IngestConfig
+    from pipelines.ingest_stages import VideoAnalyzer
+
+    video = hostile_video()
+    analyzer = VideoAnalyzer(IngestConfig(max_duration_s=1e6))  # the frozen-frames check, not the duration
+    t0 = time.perf_counter()
+    rej = analyzer.begin({"video_id": "hostile", "path": str(video)})
+    probe_s = time.perf_counter() - t0
+    res, _ = run_job(video, _cpu_overrides(2))
+    refused = res["rejected"] == 1 and res["ok"] == 0
+    return [
+        {"benchmark": "ingest_limits", "metric": "hostile_probe_limits_s", "value": probe_s, "unit": "s",
+         "target": "< 10", "note": f"probe + limits alone: {rej['stage']}: {rej['reason'].split(': ', 2)[-1][:80]}"},
+        {"benchmark": "ingest_limits", "metric": "hostile_refused_s", "value": res["wall_s"], "unit": "s",
+         "target": "< 10",
+         "note": (f"whole job (actor start with its analysis process included, Ray start excluded): "
+                  f"{next(iter(res['rejections'].values()), '')[-90:]}" if refused else f"NOT refused: {res}")},
+    ]
 
 
 # --- process-tree memory sampling ------------------------------------------------------------------
@@ -196,7 +256,7 @@ def run_job(input_path: Path, overrides: list[str], cores: int | None = None) ->
             stdout, stderr = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"ingest run failed ({proc.returncode}): {stderr[-2000:]}")
-        line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
+        line = next(ln for ln in stdout.splitlines() if ln.startswith("RESULT "))
         return json.loads(line[len("RESULT "):]), sampler
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -233,6 +293,16 @@ def run() -> list[dict]:
         rows.append({"benchmark": "ingest_stage", "metric": f"{stage}_s_per_frame", "value": secs / frames,
                      "unit": "s/frame", "target": "",
                      "note": f"summed over {frames} frames of the 2-CPU run (tiny models, 320px sources)"})
+
+    for width, height in ((1920, 1080), (1080, 1920)):
+        folder = scaled_samples(width, height)
+        res, _ = run_job(folder, _cpu_overrides(2))
+        rows.append({"benchmark": "ingest_job", "metric": f"videos_per_min_{width}x{height}",
+                     "value": res["ok"] / res["wall_s"] * 60.0, "unit": "videos/min", "target": "",
+                     "note": f"{res['ok']}/{n_videos} ok ({SAMPLE_SECONDS:g} s talking heads scaled to {width}x{height}), "
+                             f"2 CPUs, wall {res['wall_s']:.1f}s; rejected: "
+                             f"{sorted(set(r.split(': ')[0] for r in res['rejections'].values()))}"})
+    rows += hostile_rows()
 
     minutes = [1, 5, 10] if FULL else ([] if QUICK else [1])
     peaks = {}

@@ -1,23 +1,40 @@
-"""68-point face landmarks per frame (largest face), dlib by default, DWPose (onnxruntime) when
-its weights are given.
+"""Face detection with 68-point landmarks: dlib HOG (default), dlib's CNN (MMOD) detector, or
+DWPose (onnxruntime) when its weights are given; and the choice of the detection scale.
 
-Every detector implements :class:`FaceLandmarkDetector`::
+Every detector implements :class:`FaceLandmarkDetector` (the largest face of each frame; used by
+single-image inference)::
 
     detect(frames: uint8 [n, H, W, 3] RGB) -> (landmarks float32 [n, 68, 2], found bool [n])
 
-``landmarks`` are pixel (x, y) in the coordinates of the given frames, iBUG-300W order
-(``pipelines.landmarks``); rows where ``found`` is False are NaN. Detector objects (dlib models,
-onnxruntime sessions) are built once per instance, never per frame; frames are fed as RGB.
+and :class:`FaceCandidateDetector` (every face of each frame, with scores; used by the ingest
+tracker, ``pipelines.face_tracks``)::
+
+    detect_candidates(frames: uint8 [n, H, W, 3], scale: float = 1.0) -> FaceCandidates
+
+``landmarks`` / boxes are pixel (x, y) in the coordinates of the given frames, iBUG-300W order
+(``pipelines.landmarks``); rows where ``found`` is False are NaN. ``scale`` resizes the frames
+for the box search only (> 1 finds smaller faces); the 68 points are fitted on the given frames.
+Detector objects (dlib models, onnxruntime sessions) are built once per instance, never per
+frame; frames are fed as RGB.
+
+Detection scale (:func:`search_face_scale`, :func:`pass_scale`): dlib's detectors scan an
+image pyramid downwards from the given size, so one call finds every face from its minimum
+window (``min_face_px``, about 64-80 px) up to the image size; faces below it vanish. The
+ingest searches a few sampled frames at coarse-to-fine scales (faces >= 25 %, 10 %, 5 % of the
+short side), then runs the whole pass at the scale that shows the faces found at
+``target_face_px`` (~100 px), within a pixel budget.
 """
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol, runtime_checkable
 
 import numpy as np
 
 from pipelines.errors import PipelineError
+from pipelines.face_tracks import FaceCandidates, TrackParams, box_iou, link_tracks, summarize_tracks
 from pipelines.landmarks import NUM_LANDMARKS, wholebody_to_face68
 
 
@@ -29,6 +46,16 @@ class FaceDetectorError(PipelineError, RuntimeError):
 class FaceLandmarkDetector(Protocol):
     def detect(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [n, H, W, 3] RGB -> (float32 [n, 68, 2] pixel x, y (NaN if none), bool [n])."""
+        ...
+
+
+@runtime_checkable
+class FaceCandidateDetector(Protocol):
+    min_face_px: float  # smallest box width (detection-image pixels) found reliably
+
+    def detect_candidates(self, frames: np.ndarray, scale: float = 1.0) -> FaceCandidates:
+        """uint8 [n, H, W, 3] RGB -> every face of every frame (frame = index in ``frames``),
+        boxes / landmarks in pixels of ``frames``; ``scale`` resizes for the box search only."""
         ...
 
 
@@ -52,16 +79,58 @@ def _downscale(frame: np.ndarray, max_side: Optional[int]) -> tuple[np.ndarray, 
     return small, size[0] / w
 
 
-def dlib_shape_predictor_path() -> Path:
-    """``face_recognition_models``' 68-point predictor file, located without importing the
-    package (its ``__init__`` imports ``pkg_resources``)."""
+def _resize(frame: np.ndarray, scale: float) -> np.ndarray:
+    """Frame resized by ``scale`` (bilinear, antialiased when shrinking); scale 1 -> itself."""
+    if abs(scale - 1.0) < 1e-3:
+        return frame
+    from PIL import Image
+
+    h, w = frame.shape[:2]
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    return np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
+
+
+def _face_model_path(name: str, what: str) -> Path:
+    """A model file of ``face_recognition_models``, located without importing the package (its
+    ``__init__`` imports ``pkg_resources``)."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise FaceDetectorError("face_recognition_models is not installed (pip install face_recognition_models)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "shape_predictor_68_face_landmarks.dat"
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / name
     if not path.is_file():
-        raise FaceDetectorError(f"dlib 68-point model missing: {path}")
+        raise FaceDetectorError(f"dlib {what} missing: {path}")
     return path
+
+
+def dlib_shape_predictor_path() -> Path:
+    """``face_recognition_models``' 68-point predictor file."""
+    return _face_model_path("shape_predictor_68_face_landmarks.dat", "68-point model")
+
+
+def dlib_cnn_detector_path() -> Path:
+    """``face_recognition_models``' MMOD CNN face detector file."""
+    return _face_model_path("mmod_human_face_detector.dat", "CNN face detector model")
+
+
+def _candidates_each(frames: np.ndarray, scale: float, boxes_of, fit) -> FaceCandidates:
+    """Run ``boxes_of(image) -> (boxes [k, 4] image px, scores [k])`` on each frame resized by
+    ``scale`` and ``fit(frame, box [4] frame px) -> [68, 2]`` on the original frame."""
+    frames = _check_frames(frames)
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    rows_f, rows_b, rows_s, rows_l = [], [], [], []
+    for i in range(frames.shape[0]):
+        frame = np.ascontiguousarray(frames[i])
+        boxes, scores = boxes_of(_resize(frame, scale))
+        for box, score in zip(np.asarray(boxes, np.float64) / scale, scores):
+            rows_f.append(i)
+            rows_b.append(box)
+            rows_s.append(float(score))
+            rows_l.append(np.asarray(fit(frame, box), np.float32))
+    if not rows_f:
+        return FaceCandidates.empty()
+    return FaceCandidates(np.asarray(rows_f, np.int64), np.asarray(rows_b, np.float32),
+                          np.asarray(rows_s, np.float32), np.stack(rows_l).astype(np.float32))
 
 
 def _detect_each(frames: np.ndarray, detect_one) -> tuple[np.ndarray, np.ndarray]:
@@ -82,22 +151,42 @@ def _detect_each(frames: np.ndarray, detect_one) -> tuple[np.ndarray, np.ndarray
 class DlibDetector:
     """dlib HOG frontal face detector + 68-point shape predictor.
 
-    The face box is found on a copy downscaled to ``detect_max_side`` (longest side, pixels;
-    None = full size) and rescaled; the 68 points are then fitted on the full-size frame.
-    ``upsample`` is dlib's pyramid upsampling count (1 finds faces down to ~40 px at 2x cost).
+    :meth:`detect`: the face box is found on a copy downscaled to ``detect_max_side`` (longest
+    side, pixels; None = full size) and rescaled; the 68 points are then fitted on the
+    full-size frame. ``upsample`` is dlib's pyramid upsampling count (1 finds faces down to
+    ~40 px at ~4x cost). :meth:`detect_candidates`: every box with a HOG score >= ``min_score``
+    (dlib's ``adjust_threshold``; its scores run about 0..3), with landmarks.
     """
 
-    def __init__(self, detect_max_side: Optional[int] = 480, upsample: int = 0):
+    min_face_px = 64.0  # smallest HOG box found at upsample 0 (measured on the astronaut: ~63-73 px)
+
+    def __init__(self, detect_max_side: Optional[int] = 480, upsample: int = 0, min_score: float = 0.0):
         import dlib
 
         self.detect_max_side = detect_max_side
         self.upsample = int(upsample)
+        self.min_score = float(min_score)
+        self.min_face_px = type(self).min_face_px / 2 ** self.upsample  # each upsampling halves it
         self._detector = dlib.get_frontal_face_detector()
         self._predictor = dlib.shape_predictor(str(dlib_shape_predictor_path()))
         self._rect = dlib.rectangle
 
     def detect(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return _detect_each(frames, self._detect_one)
+
+    def _boxes(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rects, scores, _ = self._detector.run(image, self.upsample, self.min_score)
+        boxes = np.array([[r.left(), r.top(), r.right(), r.bottom()] for r in rects], np.float64).reshape(-1, 4)
+        return boxes, np.asarray(scores, np.float32)
+
+    def fit(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """68 points [68, 2] fitted in ``box`` (x0, y0, x1, y1 pixels of ``frame``)."""
+        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+        shape = self._predictor(frame, self._rect(x0, y0, x1, y1))
+        return np.array([(shape.part(j).x, shape.part(j).y) for j in range(NUM_LANDMARKS)], np.float32)
+
+    def detect_candidates(self, frames: np.ndarray, scale: float = 1.0) -> FaceCandidates:
+        return _candidates_each(frames, scale, self._boxes, self.fit)
 
     def _detect_one(self, frame: np.ndarray) -> Optional[list[tuple[int, int]]]:
         frame = np.ascontiguousarray(frame)  # RGB, as dlib expects
@@ -111,6 +200,36 @@ class DlibDetector:
                           int(round(r.right() * inv)), int(round(r.bottom() * inv)))
         shape = self._predictor(frame, full)
         return [(shape.part(j).x, shape.part(j).y) for j in range(NUM_LANDMARKS)]
+
+
+class DlibCnnDetector(DlibDetector):
+    """dlib's MMOD CNN face detector (``mmod_human_face_detector.dat`` from
+    ``face_recognition_models``) + the same 68-point shape predictor. More robust to pose and
+    lighting than HOG, but about 10-50x slower on CPU (benchmarks/bench_detectors.py); scores are
+    the CNN confidences (kept >= ``min_score``)."""
+
+    min_face_px = 80.0  # smallest MMOD box found at upsample 0 (measured: faces of ~60 px are missed)
+
+    def __init__(self, detect_max_side: Optional[int] = 480, upsample: int = 0, min_score: float = 0.0):
+        import dlib
+
+        super().__init__(detect_max_side, upsample, min_score)
+        self._cnn = dlib.cnn_face_detection_model_v1(str(dlib_cnn_detector_path()))
+
+    def _boxes(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        found = [d for d in self._cnn(image, self.upsample) if d.confidence >= self.min_score]
+        boxes = np.array([[d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()] for d in found],
+                         np.float64).reshape(-1, 4)
+        return boxes, np.array([d.confidence for d in found], np.float32)
+
+    def _detect_one(self, frame: np.ndarray) -> Optional[list[tuple[int, int]]]:
+        frame = np.ascontiguousarray(frame)
+        small, scale = _downscale(frame, self.detect_max_side)
+        boxes, _ = self._boxes(small)
+        if len(boxes) == 0:
+            return None
+        box = boxes[int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))] / scale
+        return self.fit(frame, box)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,14 +295,30 @@ class DWPoseDetector:
                 "DWPose needs onnxruntime: pip install onnxruntime (or set weights.dwpose_dir: null for dlib)"
             ) from exc
         providers = providers or ["CPUExecutionProvider"]
-        self._det = ort.InferenceSession(str(det), providers=providers)
-        self._pose = ort.InferenceSession(str(pose), providers=providers)
+        sessions = []
+        for model in (det, pose):
+            try:
+                sessions.append(ort.InferenceSession(str(model), providers=providers))
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+                raise FaceDetectorError(f"{model}: not a loadable ONNX model ({type(exc).__name__})") from None
+        self._det, self._pose = sessions
         self._pose_input = self._pose.get_inputs()[0].name
         self._pose_outputs = [o.name for o in self._pose.get_outputs()]
         self.min_score = min_score
 
+    min_face_px = 24.0  # the pose model sees each person at 288x384 px whatever the frame size
+
     def _person_box(self, frame: np.ndarray) -> Optional[np.ndarray]:
         """Largest person box (x0, y0, x1, y1) in frame pixels from YOLOX, or None."""
+        boxes = self._person_boxes(frame)
+        if len(boxes) == 0:
+            return None
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        return boxes[int(np.argmax(areas))]
+
+    def _person_boxes(self, frame: np.ndarray, max_people: int = 4) -> np.ndarray:
+        """Person boxes [k, 4] (x0, y0, x1, y1 frame pixels) from YOLOX, largest first, at most
+        ``max_people``, after a simple non-maximum suppression (IoU 0.45)."""
         from PIL import Image
 
         h, w = frame.shape[:2]
@@ -205,20 +340,52 @@ class DWPoseDetector:
         score = out[:, 4] * out[:, 5]  # objectness x person class
         keep = score > 0.3
         if not keep.any():
-            return None
+            return np.zeros((0, 4), np.float32)
         boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)[keep] / ratio
+        score = score[keep]
+        kept: list[int] = []
+        for i in np.argsort(-score):  # greedy NMS: YOLOX's raw output has many boxes per person
+            if all(box_iou(boxes[i:i + 1], boxes[j:j + 1])[0, 0] < 0.45 for j in kept):
+                kept.append(int(i))
+        boxes = boxes[kept]
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        return boxes[int(np.argmax(areas))]
+        return boxes[np.argsort(-areas)[:max_people]].astype(np.float32)
 
     def detect(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return _detect_each(frames, self._detect_one)
 
-    def _detect_one(self, frame: np.ndarray) -> Optional[np.ndarray]:
-        from PIL import Image
+    def detect_candidates(self, frames: np.ndarray, scale: float = 1.0) -> FaceCandidates:
+        """One candidate per person whose face points score >= ``min_score``: box = the face
+        points' bounding box, score = their mean score (``scale`` is not needed: the pose model
+        sees each person box at its own input size)."""
+        frames = _check_frames(frames)
+        rows_f, rows_b, rows_s, rows_l = [], [], [], []
+        for i in range(frames.shape[0]):
+            frame = np.ascontiguousarray(frames[i])
+            for box in self._person_boxes(frame):
+                face, mean_score = self._face_points(frame, box)
+                if mean_score < self.min_score:
+                    continue
+                rows_f.append(i)
+                rows_b.append([*face.min(axis=0), *face.max(axis=0)])
+                rows_s.append(mean_score)
+                rows_l.append(face)
+        if not rows_f:
+            return FaceCandidates.empty()
+        return FaceCandidates(np.asarray(rows_f, np.int64), np.asarray(rows_b, np.float32),
+                              np.asarray(rows_s, np.float32), np.stack(rows_l).astype(np.float32))
 
+    def _detect_one(self, frame: np.ndarray) -> Optional[np.ndarray]:
         box = self._person_box(frame)
         if box is None:
             return None
+        face, mean_score = self._face_points(frame, box)
+        return face if mean_score >= self.min_score else None
+
+    def _face_points(self, frame: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, float]:
+        """The 68 face points [68, 2] (frame pixels) of the person in ``box`` and their mean score."""
+        from PIL import Image
+
         centre, scale = box_to_pose_input(box)
         x0, y0 = centre - scale / 2
         region = (float(x0), float(y0), float(x0 + scale[0]), float(y0 + scale[1]))
@@ -229,18 +396,101 @@ class DWPoseDetector:
         pts, scores = simcc_decode(sx, sy)
         face = wholebody_to_face68(pts[0])
         face_scores = wholebody_to_face68(scores[0][:, None])[:, 0]
-        if float(face_scores.mean()) < self.min_score:
-            return None
-        return pose_input_to_image(face, centre, scale)
+        return pose_input_to_image(face, centre, scale).astype(np.float32), float(face_scores.mean())
 
 
 def make_detector(detector: str = "dlib", dwpose_dir: Optional[str] = None,
-                  detect_max_side: Optional[int] = 480) -> FaceLandmarkDetector:
-    """``"dlib"`` (offline default) or ``"dwpose"``; a given ``dwpose_dir`` selects DWPose."""
+                  detect_max_side: Optional[int] = 480):
+    """``"dlib"`` (HOG, offline default), ``"dlib_cnn"`` (MMOD CNN) or ``"dwpose"``; a given
+    ``dwpose_dir`` selects DWPose. The result implements both :class:`FaceLandmarkDetector`
+    and :class:`FaceCandidateDetector`."""
     if dwpose_dir or detector == "dwpose":
         if not dwpose_dir:
             raise FaceDetectorError("detector 'dwpose' needs weights.dwpose_dir (yolox_l.onnx + dw-ll_ucoco_384.onnx)")
         return DWPoseDetector(dwpose_dir)
+    if detector == "dlib_cnn":
+        return DlibCnnDetector(detect_max_side=detect_max_side)
     if detector != "dlib":
-        raise FaceDetectorError(f"unknown detector {detector!r}: use 'dlib' or 'dwpose'")
+        raise FaceDetectorError(f"unknown detector {detector!r}: use 'dlib', 'dlib_cnn' or 'dwpose'")
     return DlibDetector(detect_max_side=detect_max_side)
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection scale
+
+SEARCH_FACE_FRACTIONS = (0.25, 0.10, 0.05)  # smallest face (x short side) each search level finds
+
+
+@dataclass(frozen=True)
+class ScaleSearch:
+    """Outcome of :func:`search_face_scale`: ``face_px`` the width (display pixels) of the
+    smallest face that matters (None: no persistent face in the samples), ``level`` the search
+    level that found it (index into ``SEARCH_FACE_FRACTIONS``, -1 none), ``searched`` the
+    scales tried (detection image / display frame)."""
+
+    face_px: Optional[float]
+    level: int
+    searched: tuple[float, ...]
+
+
+def max_detection_scale(display_wh: tuple[int, int], max_pixels: int, max_upscale: float) -> float:
+    """Largest scale (detection image / display frame) within ``max_pixels`` and ``max_upscale``."""
+    w, h = display_wh
+    return float(min(max_upscale, np.sqrt(max_pixels / max(w * h, 1))))
+
+
+def search_levels(display_wh: tuple[int, int], min_face_px: float, max_pixels: int,
+                  max_upscale: float = 2.0) -> list[float]:
+    """Scales, coarse to fine, at which a detector with window ``min_face_px`` finds faces of
+    ``SEARCH_FACE_FRACTIONS`` x the short side (capped by :func:`max_detection_scale`)."""
+    short = min(display_wh)
+    cap = max_detection_scale(display_wh, max_pixels, max_upscale)
+    levels: list[float] = []
+    for frac in SEARCH_FACE_FRACTIONS:
+        s = min(cap, min_face_px / (frac * short))
+        if not levels or s > levels[-1] * 1.05:
+            levels.append(float(s))
+    return levels
+
+
+def search_face_scale(detector: FaceCandidateDetector, frames: np.ndarray, display_wh: tuple[int, int],
+                      max_pixels: int, max_upscale: float = 2.0,
+                      similar_size_ratio: float = TrackParams.similar_size_ratio) -> ScaleSearch:
+    """Find the face size on a few sampled frames uint8 [k, h, w, 3] (any size; ``display_wh``
+    is the display frame size they were scaled from), coarse to fine (:func:`search_levels`),
+    stopping at the first level with a persistent face (one found in at least half the samples,
+    linked with :func:`pipelines.face_tracks.link_tracks`). ``face_px`` is the smallest width
+    among the persistent faces at least ``similar_size_ratio`` x the largest (the faces that
+    decide the subject), in display pixels."""
+    frames = _check_frames(frames)
+    k, h, w = frames.shape[:3]
+    to_display = display_wh[0] / w
+    levels = search_levels(display_wh, detector.min_face_px, max_pixels, max_upscale)
+    params = TrackParams(max_gap=k, max_centre_dist=1.0, gap_dist_per_frame=0.0, max_size_ratio=1.6)
+    for level, s in enumerate(levels):
+        cands = detector.detect_candidates(frames, scale=s * to_display)
+        if len(cands) == 0:
+            continue
+        tracks = summarize_tracks(link_tracks(cands.frame, cands.boxes, params, cands.scores), cands, k)
+        widths = [t.width for t in tracks if len(t.members) >= max(1, k / 2)]
+        if widths:
+            big = max(widths)
+            face = min(wd for wd in widths if wd >= similar_size_ratio * big)
+            return ScaleSearch(float(face * to_display), level, tuple(levels[:level + 1]))
+    return ScaleSearch(None, -1, tuple(levels))
+
+
+def pass_scale(search: ScaleSearch, display_wh: tuple[int, int], target_face_px: float,
+               max_pixels: int, max_upscale: float = 2.0, min_side: int = 96,
+               fallback_fraction: float = 0.10, min_face_px: float = 64.0) -> float:
+    """Scale (detection image / display frame) of the whole detection pass: the searched face at
+    ``target_face_px``, or (no face in the samples) the scale that finds faces of
+    ``fallback_fraction`` x the short side; capped by :func:`max_detection_scale`, and at
+    least so large that the short side keeps ``min_side`` pixels."""
+    short = min(display_wh)
+    if search.face_px is None:
+        s = min_face_px / (fallback_fraction * short)
+    else:
+        s = target_face_px / search.face_px
+    s = max(s, min(1.0, min_side / short))
+    return float(min(s, max_detection_scale(display_wh, max_pixels, max_upscale)))

@@ -1,25 +1,37 @@
-"""Driver-side assembly of the ingest's per-chunk rows into ``frames/<video_id>.parquet``.
+"""Frame files of the ingest, written by the workers: chunk rows -> ``frames/<video_id>.parquet``.
 
-The Ray Data stream delivers each video as ``chunk`` rows (``n`` frames each, possibly out of
-order and interleaved with other videos) and one ``end`` row (``num_chunks``, ``num_frames``;
-see ``pipelines/ingest_stages.py``). :class:`FrameAssembler` appends every video's chunks to its
-frame file in frame order (chunks that arrive early wait in a small per-video buffer) through
-:class:`pipelines.schema.FrameFileWriter` (a ``.tmp`` file renamed when complete) and reports the
-video finished once its last chunk is written and the row count is the one announced. Only the
-driver writes: workers need no shared filesystem.
+The driver never receives frame data (issue 14): the Ray Data stream's last stage,
+:func:`write_chunk_parts` (a ``map_batches`` task on any worker), writes each ``chunk`` row
+(``n`` frames: latents, audio features, landmarks, boxes, JPEGs) as one Parquet file
+``frames/<video_id>.parts/<chunk_index>.parquet`` (temp file + rename, so a retried task just
+rewrites it) and passes on a small row: ids, counts and shapes only (:data:`SMALL_COLUMNS`). When
+the driver has seen every chunk and the ``end`` row of a video, a Ray task on a worker,
+:func:`assemble_frame_file`, concatenates the parts in frame order into the video's frame file
+(:class:`pipelines.schema.FrameFileWriter`: row groups of 25 frames, a ``.tmp`` file renamed
+when complete, the layout the reader expects), checks the row count and removes the parts.
+Workers and driver share the output directory (a local disk, or a shared volume on a cluster).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipelines.errors import PipelineError
-from pipelines.schema import FrameFileWriter, frame_schema
+from pipelines.schema import FRAMES_DIR, FrameFileWriter, frame_schema, frames_path
+
+PARTS_SUFFIX = ".parts"  # frames/<video_id>.parts/ (pipelines/resume.py cleans leftovers)
+
+# the columns of the rows that reach the driver (scalars and short strings only)
+SMALL_COLUMNS = ("kind", "video_id", "path", "stage", "reason", "info", "chunk_index", "start_index",
+                 "num_frames", "num_chunks", "latent_shape", "audio_shape", "vae_s")
 
 
 class FrameWriteError(PipelineError, RuntimeError):
@@ -97,59 +109,121 @@ class FinishedVideo:
     end_info: str
 
 
-class FrameAssembler:
-    """Every video's :class:`VideoAssembly` of one job, and the per-frame shapes they share.
+def part_path(out_dir: Path, video_id: str, chunk_index: int) -> Path:
+    return Path(out_dir) / FRAMES_DIR / f"{video_id}{PARTS_SUFFIX}" / f"{int(chunk_index):06d}.parquet"
 
-    ``latent_shape`` [4, h, w] / ``audio_shape`` [L, D]: those of the first chunk seen (None
-    before); a later chunk with other shapes raises ``ValueError``. :meth:`add_chunk` and
-    :meth:`add_end` return the :class:`FinishedVideo` when that row completed its video, raise
-    :class:`FrameWriteError` when the finished file has the wrong row count (the file is
-    removed) and any other error when writing failed; the caller then calls :meth:`abort`.
-    """
 
-    def __init__(self, out_dir: Path, write_jpeg: bool):
-        self.out_dir = Path(out_dir)
-        self.write_jpeg = write_jpeg
+def small_row(row: dict, **extra) -> dict:
+    """The :data:`SMALL_COLUMNS` of ``row`` (shapes as JSON strings), updated with ``extra``."""
+    out = {k: row.get(k, "") for k in SMALL_COLUMNS}
+    out.update(latent_shape="", audio_shape="", vae_s=float(row.get("vae_s", 0.0) or 0.0))
+    out.update(extra)
+    for k in ("chunk_index", "start_index", "num_frames", "num_chunks"):
+        out[k] = int(out[k] or 0)
+    for k in ("kind", "video_id", "path", "stage", "reason", "info"):
+        out[k] = str(out[k] or "")
+    return out
+
+
+def write_chunk_part(out_dir: Path, row: dict, write_jpeg: bool) -> dict:
+    """Write one ``chunk`` row as its part file (temp + rename); the small row for the driver."""
+    lat, aud = list(row["latent"].shape[1:]), list(row["features"].shape[1:])
+    schema = frame_schema(lat, aud, write_jpeg)
+    path = part_path(out_dir, row["video_id"], row["chunk_index"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(chunk_table(row, schema), tmp, compression="zstd")
+    os.replace(tmp, path)
+    return small_row(row, latent_shape=json.dumps(lat), audio_shape=json.dumps(aud))
+
+
+def write_chunk_parts(batch: dict, out_dir: str, write_jpeg: bool) -> dict:
+    """Ray Data ``map_batches`` UDF (``batch_size=1``): a ``chunk`` row is written as its part
+    file; every row leaves as a small row (:data:`SMALL_COLUMNS`). A failed write becomes a
+    ``failed`` row (disk full, volume gone: not the file's fault)."""
+    row = {k: (v[0].item() if isinstance(v[0], np.generic) else v[0]) for k, v in batch.items()}
+    if row["kind"] != "chunk":
+        out = small_row(row)
+    else:
+        try:
+            out = write_chunk_part(Path(out_dir), row, write_jpeg)
+        except Exception as exc:  # noqa: BLE001 - recorded as this video's failure
+            out = small_row(row, kind="failed", stage="write",
+                            reason=f"failed: write: {row['path']}: {type(exc).__name__}: {exc}")
+    return {k: np.array([v]) for k, v in out.items()}
+
+
+def assemble_frame_file(out_dir: str, video_id: str, num_chunks: int, num_frames: int) -> dict:
+    """Concatenate a video's ``num_chunks`` part files in order into ``frames/<video_id>.parquet``
+    (runs as a Ray task on a worker). Returns ``{"video_id", "num_frames"}``; raises
+    :class:`FrameWriteError` when the rows are not ``num_frames`` (the file is removed). The
+    parts folder is removed once the file is complete."""
+    out = Path(out_dir)
+    parts = [part_path(out, video_id, i) for i in range(num_chunks)]
+    writer = None
+    try:
+        for p in parts:
+            table = pq.read_table(p)
+            if writer is None:
+                writer = FrameFileWriter(out, video_id, table.schema)
+            writer.write(table)
+        if writer is None:
+            raise FrameWriteError(f"{frames_path(out, video_id)}: no chunk files")
+        path = writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer.num_rows != num_frames:
+        path.unlink(missing_ok=True)
+        raise FrameWriteError(f"{path} holds {writer.num_rows} frames, expected {num_frames}")
+    shutil.rmtree(parts[0].parent, ignore_errors=True)
+    return {"video_id": video_id, "num_frames": int(writer.num_rows)}
+
+
+@dataclass
+class VideoProgress:
+    """What the driver knows of one video's chunks: the indices written, the ``end`` row."""
+
+    chunks: set = field(default_factory=set)
+    end: Optional[dict] = None
+
+    @property
+    def complete(self) -> bool:
+        return self.end is not None and len(self.chunks) == int(self.end["num_chunks"])
+
+
+class PartsTracker:
+    """Driver side, no frame data: which chunks of each video the workers wrote, and the
+    per-frame shapes of this run (``latent_shape`` [4, h, w] / ``audio_shape`` [L, D], those of
+    the first chunk; a later chunk with other shapes raises ``ValueError``). :meth:`add` returns
+    the video's ``end`` facts when that small row completed it."""
+
+    def __init__(self):
         self.latent_shape: Optional[list[int]] = None
         self.audio_shape: Optional[list[int]] = None
-        self._videos: dict[str, VideoAssembly] = {}
+        self._videos: dict[str, VideoProgress] = {}
 
-    def add_chunk(self, row: dict) -> Optional[FinishedVideo]:
+    def add(self, row: dict) -> Optional[dict]:
         vid = row["video_id"]
-        lat, aud = list(row["latent"].shape[1:]), list(row["features"].shape[1:])
-        if self.latent_shape is None:
-            self.latent_shape, self.audio_shape = lat, aud
-        if [lat, aud] != [self.latent_shape, self.audio_shape]:
-            raise ValueError(f"latent {lat} / audio {aud} shapes differ from the first "
-                             f"video's {self.latent_shape} / {self.audio_shape}")
-        if vid not in self._videos:
-            self._videos[vid] = VideoAssembly(self.out_dir, vid, frame_schema(lat, aud, self.write_jpeg))
-        self._videos[vid].add(row)
-        return self._finish_if_complete(vid)
+        prog = self._videos.setdefault(vid, VideoProgress())
+        if row["kind"] == "chunk":
+            lat, aud = json.loads(row["latent_shape"]), json.loads(row["audio_shape"])
+            if self.latent_shape is None:
+                self.latent_shape, self.audio_shape = lat, aud
+            if [lat, aud] != [self.latent_shape, self.audio_shape]:
+                raise ValueError(f"latent {lat} / audio {aud} shapes differ from the first "
+                                 f"video's {self.latent_shape} / {self.audio_shape}")
+            prog.chunks.add(int(row["chunk_index"]))
+        elif row["kind"] == "end":
+            if int(row["num_chunks"]) == 0:
+                raise ValueError("no frames arrived")
+            prog.end = {"num_chunks": int(row["num_chunks"]), "num_frames": int(row["num_frames"]),
+                        "info": row["info"]}
+        if prog.complete:
+            del self._videos[vid]
+            return prog.end
+        return None
 
-    def add_end(self, row: dict) -> Optional[FinishedVideo]:
-        vid = row["video_id"]
-        if vid not in self._videos:  # zero-chunk video cannot pass the length filter
-            raise ValueError("no frames arrived")
-        self._videos[vid].end = {"num_chunks": row["num_chunks"], "num_frames": row["num_frames"],
-                                 "info": row["info"]}
-        return self._finish_if_complete(vid)
-
-    def abort(self, video_id: str) -> None:
-        """Drop a video's partial frame file (no-op when none is open)."""
-        asm = self._videos.pop(video_id, None)
-        if asm is not None:
-            asm.writer.abort()
-
-    def _finish_if_complete(self, video_id: str) -> Optional[FinishedVideo]:
-        asm = self._videos[video_id]
-        if not asm.complete:
-            return None
-        del self._videos[video_id]
-        path = asm.writer.close()
-        end = asm.end
-        if asm.writer.num_rows != int(end["num_frames"]):
-            path.unlink(missing_ok=True)
-            raise FrameWriteError(f"{path} holds {asm.writer.num_rows} frames, expected {end['num_frames']}",
-                                  json.loads(end["info"] or "{}"))
-        return FinishedVideo(video_id, path, int(end["num_frames"]), end["info"])
+    def drop(self, video_id: str) -> None:
+        self._videos.pop(video_id, None)

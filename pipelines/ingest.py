@@ -22,24 +22,96 @@ is :func:`pipelines.ingest_job.run_ingest`; the module layout is:
 * ``pipelines/frame_writer.py``: per-chunk rows -> ``frames/<video_id>.parquet`` in frame order;
 * ``pipelines/resume.py``: output-directory checks and the per-video records of finished videos;
 * ``pipelines/ingest_meta.py``: ``ingest_meta.json`` and the model-config facts it records;
-* ``pipelines/manifest.py``: inputs, video ids, splits, ``videos.parquet``.
+* ``pipelines/manifest.py``: inputs, video ids, splits, ``videos.parquet``;
+* ``pipelines/watchdog.py``: the per-video deadline (analysis in a killable child process).
+
+Tracking: each run of :func:`main` is an MLflow run (``tracking.*``; tag ``loopy.job=ingest``):
+params = the ``ingest``, ``weights`` and ``ray`` sections and the output fingerprint; metrics =
+counts by status, stage and reason, hours kept and offered, wall time; artifacts = the manifest,
+``ingest_meta.json``, the fingerprint and the summary. ``DIR/ingest_run.json`` (``run_id``,
+``tracking_uri``, ``experiment``, ``fingerprint``) is written when the run starts, atomically, so
+training can log the dataset as an input of its runs. This lives in the entry point because the
+MLflow helpers are ``training/tracking.py``'s (layer 4), which ``pipelines/`` may not import.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import tempfile
 from dataclasses import asdict
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
-from core.config import ConfigError, add_config_arguments, load_platform_config
+from core.config import ConfigError, add_config_arguments, flatten, load_platform_config
+from core.paths import resolve_tracking_uri
 from pipelines.errors import PipelineError
-from pipelines.ingest_job import IngestSummary, prepare_ingest, run_ingest, run_prepared
+from pipelines.ingest_job import IngestSummary, PreparedIngest, prepare_ingest, run_ingest, run_prepared
 from pipelines.ingest_meta import ModelConfigError
 from pipelines.manifest import IngestInputError
-from pipelines.resume import IngestOutputError
+from pipelines.resume import FINGERPRINT_NAME, IngestOutputError, write_json_atomic
+from pipelines.schema import MANIFEST_NAME, META_NAME
+from training.tracking import JOB_TAG, RunLogger, ensure_experiment
 
-__all__ = ["IngestInputError", "IngestOutputError", "IngestSummary", "ModelConfigError", "main", "run_ingest"]
+__all__ = ["IngestInputError", "IngestOutputError", "IngestSummary", "ModelConfigError", "main", "run_ingest",
+           "run_tracked"]
+
+RUN_FILE = "ingest_run.json"  # DIR/ingest_run.json: the MLflow run that wrote DIR last
+
+
+def _metric_key(prefix: str, name: str) -> str:
+    """An MLflow metric name (letters, digits, ``_-. /`` only) for a count of ``name``."""
+    clean = re.sub(r"[^0-9A-Za-z_\-. /]+", "_", str(name)).strip("_ ")
+    return f"{prefix}.{clean[:200]}"
+
+
+def run_tracked(prepared: PreparedIngest, echo: Callable[[str], None] = print) -> IngestSummary:
+    """:func:`run_prepared` as one MLflow run (see the module docstring). The run ends FINISHED,
+    FAILED when the job raised, KILLED on Ctrl-C / SystemExit."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, out = prepared.cfg, prepared.out
+    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.create_run(ensure_experiment(cfg.tracking), run_name=f"ingest-{out.name}",
+                            tags={JOB_TAG: "ingest", "loopy.output_dir": str(out)})
+    logger = RunLogger(cfg.tracking, run.info.run_id)
+    fingerprint = prepared.fingerprint.get("fingerprint", "")
+    write_json_atomic(out / RUN_FILE, {"run_id": run.info.run_id, "tracking_uri": tracking_uri,
+                                       "experiment": cfg.tracking.experiment, "fingerprint": fingerprint})
+    params = flatten({"ingest": asdict(cfg.ingest), "weights": asdict(cfg.weights), "ray": asdict(cfg.ray)})
+    params.update({"output_dir": str(out), "inputs": len(prepared.videos), "fingerprint": fingerprint})
+    logger.log_params(params)
+    status = "FAILED"
+    try:
+        summary = run_prepared(prepared, echo)
+        metrics = {"inputs": summary.inputs, "ok": summary.ok, "rejected": summary.rejected,
+                   "failed": summary.failed, "duplicates": summary.duplicates, "skipped": summary.skipped,
+                   "processed": summary.processed, "frames_written": summary.frames_written,
+                   "hours_kept": summary.hours_kept, "hours_input": summary.hours_input, "wall_s": summary.wall_s,
+                   "driver_bytes": summary.driver_bytes}
+        for prefix, counts in (("status", summary.by_status), ("stage", summary.by_stage),
+                               ("reason", summary.by_reason)):
+            for name, n in counts.items():
+                metrics[_metric_key(prefix, name)] = n
+        logger.log_metrics(metrics, step=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "ingest_summary.json"
+            report.write_text(json.dumps(asdict(summary), indent=2, default=str))
+            logger.log_artifact(report)
+        for name in (MANIFEST_NAME, META_NAME, FINGERPRINT_NAME):
+            if (out / name).is_file():
+                logger.log_artifact(out / name)
+        status = "FINISHED"
+        return summary
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        logger.end(status)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +136,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"ingest: error: {exc}", file=sys.stderr)
         return 2
     try:
-        summary = run_prepared(prepared, echo=lambda s: print(s, flush=True))
+        summary = run_tracked(prepared, echo=lambda s: print(s, flush=True))
     finally:
         if "ray" in sys.modules:
             import ray

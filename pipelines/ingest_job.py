@@ -1,15 +1,20 @@
 """The ingest job: raw talking-head videos -> training-ready Parquet, on Ray Data.
 
-:func:`run_ingest` is the job (``pipelines/ingest.py`` is its command line). Pipeline (Ray Data,
-streaming; each video is its own input block):
+:func:`run_ingest` is the job (``pipelines/ingest.py`` is its command line and its MLflow run).
+Pipeline (Ray Data, streaming; each video is its own input block):
 
-1. driver: expand the input, stable ``video_id`` (hash of path + size + mtime), deterministic
-   split (``ingest.split_key``: ``video`` or ``folder``) (``pipelines/manifest.py``); read the
-   model configs (``pipelines/ingest_meta.py``); skip videos finished by an earlier run
-   (``pipelines/resume.py``);
-2. ``map(VideoAnalyzer)`` actor pool (``ingest.num_detect_actors``): probe (the file's only
-   probe), low-resolution detection pass, 16 kHz audio checked against the video, crop track,
-   quality filters;
+1. driver: expand the input, content ``video_id`` (hash of size + first and last MBs: a copy in
+   another folder is recorded as ``duplicate`` and never ingested twice), deterministic split
+   (``ingest.split_key``: ``video`` or ``folder``) (``pipelines/manifest.py``); read the model
+   configs (``pipelines/ingest_meta.py``); refuse an output directory written with another
+   configuration and claim a new one with the run's fingerprint, before any work; skip videos
+   finished by an earlier run (``pipelines/resume.py``);
+2. ``map(AnalyzerStage)`` actor pool (``ingest.num_detect_actors``): in a watched child process
+   per actor (``pipelines/watchdog.py``; per-video deadline ``deadline_base_s + deadline_per_s x
+   duration``, past it: stage ``timeout``): probe (the file's only probe), the limits (pixels
+   from the stream header, duration, frozen/sparse frames, audio length from the headers) before
+   anything is decoded, then the low-resolution detection pass, 16 kHz audio checked against the
+   video, crop track, quality filters;
 3. ``map_batches(AudioFeatureStage)`` actor pool (``ingest.num_audio_actors``): wav2vec2
    features of every layer, one vector per 25 fps frame;
 4. ``flat_map(decode_and_crop)`` CPU tasks: full-resolution streaming decode in
@@ -17,15 +22,18 @@ streaming; each video is its own input block):
    one row per chunk;
 5. ``map_batches(VaeStage)`` actor pool (``ingest.num_vae_actors``, GPUs when ``ingest.use_gpu``):
    VAE latents (fp16), crop pixels dropped;
-6. driver: consumes the small per-chunk rows (``iter_rows``) and appends them in frame order to
-   ``frames/<video_id>.parquet`` (``pipelines/frame_writer.py``), then records the video
-   (``DIR/records``). At the end ``videos.parquet`` (one row per input file) and
+6. ``map_batches(write_chunk_parts)`` tasks: each chunk written by the worker as a part file
+   (``pipelines/frame_writer.py``); only small rows (ids, counts, shapes) go on;
+7. driver: consumes the small rows (``iter_rows``: no frame data); when a video's chunks are all
+   written, a Ray task on a worker assembles ``frames/<video_id>.parquet``; the driver records
+   the video (``DIR/records``). At the end ``videos.parquet`` (one row per input file) and
    ``ingest_meta.json``.
 
-Only the driver writes into ``DIR``: workers need no shared filesystem. Any failure of a video in
-any stage becomes that video's rejected manifest row (stage + reason naming the file); the job
-finishes the rest. A wrong input / output / weights config raises before any work and before Ray
-starts.
+Workers write into ``DIR`` (on a cluster: a volume every node mounts at the same path). Status of
+each input: ``ok``; ``rejected`` (the file is bad: stage + reason naming the file; the job
+finishes the rest); ``failed`` (a worker killed by the OOM killer, a lost node, a failed write:
+not the file's fault; the next run retries it); ``duplicate``. A wrong input / output / weights
+config raises before any work and before Ray starts.
 """
 from __future__ import annotations
 
@@ -41,12 +49,20 @@ from typing import Callable, Optional
 from core.ray_runtime import init_ray
 from core.sections import PlatformConfig
 from core.weights import WeightPaths, resolve_weights
-from pipelines.frame_writer import FinishedVideo, FrameAssembler, FrameWriteError
+from pipelines.frame_writer import FrameWriteError, PartsTracker, assemble_frame_file, write_chunk_parts
 from pipelines.ingest_meta import read_model_facts, write_ingest_meta
 from pipelines.ingest_model_stages import AudioFeatureStage, VaeStage
-from pipelines.ingest_stages import STAGE_TIMES_KEY, VideoAnalyzer, decode_and_crop
-from pipelines.manifest import InputVideo, manifest_row, plan_inputs, write_manifest
-from pipelines.resume import RecordStore, check_output_dir, earlier_records, plan_resume
+from pipelines.ingest_stages import STAGE_TIMES_KEY, AnalyzerStage, decode_and_crop
+from pipelines.manifest import InputVideo, duplicate_row, manifest_row, plan_inputs, write_manifest
+from pipelines.resume import (
+    RecordStore,
+    check_output_dir,
+    claim_output_dir,
+    earlier_records,
+    ingest_fingerprint,
+    plan_resume,
+    remove_video_files,
+)
 from pipelines.schema import FRAMES_DIR
 
 
@@ -59,11 +75,21 @@ class IngestSummary:
     inputs: int = 0
     ok: int = 0
     rejected: int = 0
+    failed: int = 0  # infrastructure failures (retried by the next run)
+    duplicates: int = 0  # copies of another input (not ingested again)
     skipped: int = 0  # finished by an earlier run (resume)
     processed: int = 0  # videos sent through the pipeline in this run
     frames_written: int = 0
     frames_processed: int = 0  # frames of the videos ingested in this run
+    hours_kept: float = 0.0  # video kept: ok frames / fps, hours
+    hours_input: float = 0.0  # video offered: probed durations of the non-duplicate inputs, hours
     wall_s: float = 0.0
+    fingerprint: str = ""  # of the output-affecting settings (DIR/ingest_fingerprint.json)
+    by_status: dict = field(default_factory=dict)  # status -> count (every row of the manifest)
+    by_stage: dict = field(default_factory=dict)  # stage -> count (rejected and failed rows)
+    by_reason: dict = field(default_factory=dict)  # reason_key -> count (rejected and failed rows)
+    driver_bytes: int = 0  # bytes of the rows the driver received from the stream (no frame data)
+    driver_columns: list = field(default_factory=list)  # the columns of those rows
     stage_seconds: dict = field(default_factory=dict)
     rejections: dict = field(default_factory=dict)  # source -> reason (this run and earlier)
 
@@ -75,27 +101,32 @@ def _manifest_facts(info: dict) -> dict:
 
 
 def build_dataset(rows: list[dict], cfg: PlatformConfig, vae: str, wav2vec2: str,
-                  local_files_only: bool, dwpose_dir: Optional[str]):
-    """The Ray Data pipeline over ``rows`` = [{video_id, path}] (one block per video)."""
+                  local_files_only: bool, dwpose_dir: Optional[str], out_dir: str):
+    """The Ray Data pipeline over ``rows`` = [{video_id, path}] (one block per video); its rows
+    are the small rows of ``pipelines/frame_writer.py`` (``SMALL_COLUMNS``)."""
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     ing = cfg.ingest
     device = "cuda" if ing.use_gpu else "cpu"
     # Ray Data retries actor tasks forever by default: a file that crashes its worker (a decoder
-    # segfault) would loop; after max_task_retries the block fails and max_errored_blocks skips it.
-    # Ray 2.60 has no named parameter for these retry limits, only the (deprecated) remote args.
+    # segfault) would loop; after max_task_retries the block fails and max_errored_blocks skips it
+    # (the driver records the video as failed). Ray 2.60 has no named parameter for these retry
+    # limits, only the (deprecated) remote args.
     actor_args = {"max_task_retries": ing.max_task_retries, "max_restarts": -1}
     gpus = {"num_gpus": ing.model_num_gpus} if ing.use_gpu else {}
 
-    def pool(size: int) -> ActorPoolStrategy:
-        return ActorPoolStrategy(min_size=1, max_size=max(1, size))
+    def pool(size: int, in_flight: Optional[int] = None) -> ActorPoolStrategy:
+        return ActorPoolStrategy(min_size=1, max_size=max(1, size), max_tasks_in_flight_per_actor=in_flight)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-        ds = ds.map(VideoAnalyzer, fn_constructor_kwargs={"cfg": ing, "dwpose_dir": dwpose_dir},
-                    compute=pool(ing.num_detect_actors), num_cpus=ing.stage_num_cpus, **actor_args)
+        ds = ds.map(AnalyzerStage, fn_constructor_kwargs={"cfg": ing, "dwpose_dir": dwpose_dir},
+                    # one video at a time per actor: a killed actor (OOM, lost node) takes only the
+                    # video it was working on, not the videos queued behind it
+                    compute=pool(ing.num_detect_actors, in_flight=1), num_cpus=ing.stage_num_cpus,
+                    **actor_args)
         ds = ds.map_batches(AudioFeatureStage, batch_size=1,
                             fn_constructor_kwargs={"location": wav2vec2, "local_files_only": local_files_only,
                                                    "device": device, "fps": ing.fps},
@@ -110,17 +141,43 @@ def build_dataset(rows: list[dict], cfg: PlatformConfig, vae: str, wav2vec2: str
                                                    "write_jpeg": ing.write_jpeg},
                             compute=pool(ing.num_vae_actors), num_cpus=ing.stage_num_cpus, **gpus,
                             **actor_args)
+        ds = ds.map_batches(write_chunk_parts, batch_size=1,
+                            fn_kwargs={"out_dir": str(out_dir), "write_jpeg": ing.write_jpeg},
+                            num_cpus=ing.stage_num_cpus, max_retries=ing.max_task_retries)
     return ds
+
+
+class RayDataErrors(logging.Handler):
+    """Collects the errors Ray Data logs for the blocks it skips (``max_errored_blocks``): a
+    lost worker or node; the driver names them in the ``failed`` rows of the videos with no
+    result."""
+
+    def __init__(self):
+        super().__init__(level=logging.ERROR)
+        self.errors: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text = str(exc).strip().splitlines()
+            self.errors.append(f"{type(exc).__name__}: {text[0] if text else ''}"[:300])
+
+    def summary(self) -> str:
+        if not self.errors:
+            return "no error reported by Ray"
+        kinds = sorted(set(self.errors))
+        return "; ".join(kinds[:3]) + (f" (+{len(kinds) - 3} more)" if len(kinds) > 3 else "")
 
 
 @contextlib.contextmanager
 def ray_data_settings(num_videos: int):
-    """Ray Data settings of this job, restored afterwards (other jobs in the process keep theirs)."""
+    """Ray Data settings of this job, restored afterwards (other jobs in the process keep theirs).
+    Yields the :class:`RayDataErrors` handler collecting the errors of skipped blocks."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    # a worker that dies on one video (e.g. a decoder crash) loses only that video's block: the
-    # video ends as a rejected row ("pipeline: ...") and the rest continues
+    # a worker that dies on one video (OOM killer, decoder crash, lost node) loses only that
+    # video's block: the video ends as a failed row ("failed: pipeline: ...") and the rest continues
     wanted = {"enable_progress_bars": False, "print_on_execution_start": False,
               "max_errored_blocks": max(1, num_videos)}
     saved = {k: getattr(ctx, k) for k in wanted if hasattr(ctx, k)}
@@ -129,12 +186,15 @@ def ray_data_settings(num_videos: int):
     logger = logging.getLogger("ray.data")
     level = logger.level
     logger.setLevel(logging.WARNING)
+    errors = RayDataErrors()
+    logger.addHandler(errors)
     try:
-        yield
+        yield errors
     finally:
         for k, v in saved.items():
             setattr(ctx, k, v)
         logger.setLevel(level)
+        logger.removeHandler(errors)
 
 
 @dataclass
@@ -149,6 +209,7 @@ class PreparedIngest:
     weights: WeightPaths
     facts: dict
     started_s: float
+    fingerprint: dict = field(default_factory=dict)  # resume.ingest_fingerprint, written to DIR
 
 
 def prepare_ingest(input_path: str | Path, output_dir: str | Path,
@@ -162,7 +223,10 @@ def prepare_ingest(input_path: str | Path, output_dir: str | Path,
     videos = plan_inputs(input_path, cfg.ingest.test_fraction, cfg.ingest.split_key)
     out = check_output_dir(output_dir, cfg)
     weights = resolve_weights(cfg.weights)
-    return PreparedIngest(cfg, videos, out, weights, read_model_facts(cfg, weights), started)
+    facts = read_model_facts(cfg, weights)
+    fingerprint = ingest_fingerprint(cfg, weights)
+    claim_output_dir(out, fingerprint)  # refuses another configuration's directory; claims a new one
+    return PreparedIngest(cfg, videos, out, weights, facts, started, fingerprint)
 
 
 def run_ingest(input_path: str | Path, output_dir: str | Path, cfg: Optional[PlatformConfig] = None,
@@ -178,51 +242,94 @@ def run_prepared(prep: PreparedIngest, echo: Callable[[str], None] = print) -> I
     cfg, videos, out, weights, facts = prep.cfg, prep.videos, prep.out, prep.weights, prep.facts
     ing = cfg.ingest
     t_start = prep.started_s
-    summary = IngestSummary(output_dir=str(out), inputs=len(videos))
+    summary = IngestSummary(output_dir=str(out), inputs=len(videos),
+                            fingerprint=prep.fingerprint.get("fingerprint", ""))
 
     store = RecordStore(out)
     plan = plan_resume(videos, store, ing.retry_rejected)
     records = dict(plan.records)
+    duplicates = [duplicate_row(v) for v in videos if v.duplicate_of is not None]
     summary.skipped = plan.skipped
     if summary.skipped:
         echo(f"[ingest] resume: {summary.skipped} of {len(videos)} videos already finished in {out}")
+    if duplicates:
+        echo(f"[ingest] {len(duplicates)} inputs are copies of another input (recorded as duplicates)")
 
     latent_shape = audio_shape = None
     if plan.todo:
         init_ray(cfg.ray)
-        with ray_data_settings(len(plan.todo)):
-            latent_shape, audio_shape = _stream(plan.todo, cfg, weights, out, store, records, summary, echo)
+        with ray_data_settings(len(plan.todo)) as ray_errors:
+            latent_shape, audio_shape = _stream(plan.todo, cfg, weights, out, store, records, summary, echo,
+                                                ray_errors)
 
     # the manifest: this run's inputs plus earlier inputs of the same output directory
     for rec in earlier_records(plan, records, videos, store):
         records[rec["video_id"]] = rec
-    rows = list(records.values())
+    rows = list(records.values()) + duplicates
     write_manifest(out, rows)
     write_ingest_meta(out, cfg, weights, facts, latent_shape, audio_shape, rows)
-
-    summary.ok = sum(r["status"] == "ok" for r in rows)
-    summary.rejected = sum(r["status"] == "rejected" for r in rows)
-    summary.frames_written = sum(int(r["num_frames"] or 0) for r in rows if r["status"] == "ok")
-    summary.rejections = {r["source"]: r["reason"] for r in rows if r["status"] == "rejected"}
+    fill_yield(summary, rows, ing.fps)
     summary.wall_s = time.perf_counter() - t_start
     echo(f"[ingest] finished in {summary.wall_s:.1f}s: {summary.ok} ok, {summary.rejected} rejected, "
-         f"{summary.skipped} skipped (already done), {summary.frames_written} frames -> {out}")
+         f"{summary.failed} failed (retried by the next run), {summary.duplicates} duplicates, "
+         f"{summary.skipped} skipped (already done), {summary.frames_written} frames; kept "
+         f"{summary.hours_kept:.3f} h of {summary.hours_input:.3f} h of video -> {out}")
     for source, reason in sorted(summary.rejections.items()):
         echo(f"[ingest]   rejected {source}: {reason}")
     return summary
 
 
+def fill_yield(summary: IngestSummary, rows: list[dict], fps: float) -> None:
+    """The yield report of ``summary`` from the manifest ``rows``: counts by status, by stage and
+    by reason (``reason_key``), frames and hours kept, hours offered."""
+    def count(key) -> dict:
+        out: dict = {}
+        for r in rows:
+            k = key(r)
+            if k is not None:
+                out[k] = out.get(k, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+
+    bad = ("rejected", "failed")
+    summary.by_status = count(lambda r: r["status"])
+    summary.by_stage = count(lambda r: r["stage"] if r["status"] in bad else None)
+    summary.by_reason = count(lambda r: r.get("reason_key") if r["status"] in bad else None)
+    summary.ok = summary.by_status.get("ok", 0)
+    summary.rejected = summary.by_status.get("rejected", 0)
+    summary.failed = summary.by_status.get("failed", 0)
+    summary.duplicates = summary.by_status.get("duplicate", 0)
+    summary.frames_written = sum(int(r["num_frames"] or 0) for r in rows if r["status"] == "ok")
+    summary.hours_kept = summary.frames_written / fps / 3600.0
+    summary.hours_input = sum(float(r.get("duration_s") or 0.0) for r in rows if r["status"] != "duplicate") / 3600.0
+    summary.rejections = {r["source"]: r["reason"] for r in rows if r["status"] in bad}
+
+
+def _row_bytes(row) -> int:
+    """Approximate size of one row the driver received (array bytes + string lengths)."""
+    total = 0
+    for v in row.values():
+        total += getattr(v, "nbytes", None) or (len(v) if isinstance(v, (str, bytes)) else 8)
+    return int(total)
+
+
 def _stream(todo: list[InputVideo], cfg: PlatformConfig, weights: WeightPaths, out: Path, store: RecordStore,
-            records: dict, summary: IngestSummary, echo: Callable[[str], None]
-            ) -> tuple[Optional[list[int]], Optional[list[int]]]:
-    """Build the dataset, consume its rows into the frame files and record every video of
-    ``todo`` (ok or rejected) in ``records`` and ``store``. Returns the (latent, audio) per-frame
-    shapes of this run's frames (None, None when none were written)."""
+            records: dict, summary: IngestSummary, echo: Callable[[str], None],
+            ray_errors: Optional[RayDataErrors] = None) -> tuple[Optional[list[int]], Optional[list[int]]]:
+    """Build the dataset, consume its small rows, have every complete video's frame file
+    assembled on a worker, and record every video of ``todo`` (ok, rejected or failed) in
+    ``records`` and ``store``. Returns the (latent, audio) per-frame shapes of this run's frames
+    (None, None when none were written)."""
+    import ray
+
+    ing = cfg.ingest
     by_id = {v.video_id: v for v in todo}
     ds = build_dataset([{"video_id": v.video_id, "path": str(v.path)} for v in todo], cfg,
-                       weights.vae, weights.wav2vec2, weights.local_files_only, weights.dwpose_dir)
-    frames = FrameAssembler(out, cfg.ingest.write_jpeg)
+                       weights.vae, weights.wav2vec2, weights.local_files_only, weights.dwpose_dir, str(out))
+    tracker = PartsTracker()
+    assemble = ray.remote(num_cpus=ing.stage_num_cpus, max_retries=3)(assemble_frame_file)
+    assembling: dict = {}  # ObjectRef -> (video_id, end facts)
     stage_s: dict[str, float] = {}
+    columns: set[str] = set()
     done = 0
 
     def finish(video_id: str, rec: dict) -> None:
@@ -230,59 +337,91 @@ def _stream(todo: list[InputVideo], cfg: PlatformConfig, weights: WeightPaths, o
         store.write(rec)
         records[video_id] = rec
         done += 1
-        what = f"ok, {rec['num_frames']} frames" if rec["status"] == "ok" else f"rejected ({rec['reason']})"
-        n_rej = sum(1 for r in records.values() if r["status"] == "rejected" and r["video_id"] in by_id)
+        if rec["status"] == "ok":
+            what = f"ok, {rec['num_frames']} frames"
+        else:
+            what = f"{rec['status']} ({rec['reason']})"
+        n_rej = sum(1 for r in records.values() if r["status"] != "ok" and r["video_id"] in by_id)
         echo(f"[ingest] {done}/{len(todo)} done ({n_rej} rejected): {by_id[video_id].source}: {what}")
 
-    def reject(video_id: str, stage: str, reason: str, info: dict) -> None:
-        frames.abort(video_id)
-        finish(video_id, manifest_row(by_id[video_id], status="rejected", stage=stage, reason=reason,
+    def reject(video_id: str, stage: str, reason: str, info: dict, status: str = "rejected") -> None:
+        tracker.drop(video_id)
+        remove_video_files(out, video_id)
+        finish(video_id, manifest_row(by_id[video_id], status=status, stage=stage, reason=reason,
                                       num_frames=0, **_manifest_facts(info)))
 
-    def accept(video: FinishedVideo) -> None:
-        info = json.loads(video.end_info or "{}")
+    def fail(video_id: str, stage: str, reason: str, info: Optional[dict] = None) -> None:
+        reject(video_id, stage, reason, info or {}, status="failed")
+
+    def accept(video_id: str, num_frames: int, end: dict) -> None:
+        info = json.loads(end["info"] or "{}")
         for k, v in info.get(STAGE_TIMES_KEY, {}).items():
             stage_s[k] = stage_s.get(k, 0.0) + float(v)
-        summary.frames_processed += video.num_frames
-        finish(video.video_id, manifest_row(by_id[video.video_id], status="ok", stage=None, reason=None,
-                                            num_frames=video.num_frames,
-                                            frames_file=f"{FRAMES_DIR}/{video.path.name}",
-                                            **_manifest_facts(info)))
+        summary.frames_processed += num_frames
+        finish(video_id, manifest_row(by_id[video_id], status="ok", stage=None, reason=None, num_frames=num_frames,
+                                      frames_file=f"{FRAMES_DIR}/{video_id}.parquet", **_manifest_facts(info)))
+
+    def collect(wait: bool) -> None:
+        if not assembling:
+            return
+        ready, _ = ray.wait(list(assembling), num_returns=len(assembling), timeout=None if wait else 0)
+        for ref in ready:
+            vid, end = assembling.pop(ref)
+            path = by_id[vid].path
+            try:
+                result = ray.get(ref)
+            except FrameWriteError as exc:  # the assembled file is wrong: a bad result for this file
+                reject(vid, "write", f"write: {path}: {str(exc).splitlines()[-1]}", json.loads(end["info"] or "{}"))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a lost worker / disk: retryable
+                msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+                fail(vid, "write", f"failed: write: {path}: assembling the frame file failed "
+                                   f"({type(exc).__name__}: {msg[:300]})", json.loads(end["info"] or "{}"))
+                continue
+            accept(vid, int(result["num_frames"]), end)
 
     echo(f"[ingest] {len(todo)} videos to process -> {out}")
     try:
         for row in ds.iter_rows():
+            summary.driver_bytes += _row_bytes(row)
+            columns.update(row.keys())
             vid = row["video_id"]
-            if vid in records:  # already rejected (e.g. a late chunk after a reject)
+            if vid in records:  # already finished (e.g. a late chunk after a reject)
                 continue
             kind = row["kind"]
             try:
-                finished = None
                 if kind == "reject":
                     reject(vid, row["stage"] or "pipeline", row["reason"], json.loads(row["info"] or "{}"))
-                elif kind == "chunk":
-                    stage_s["vae"] = stage_s.get("vae", 0.0) + float(row.get("vae_s", 0.0))
-                    finished = frames.add_chunk(row)
-                elif kind == "end":
-                    finished = frames.add_end(row)
-                if finished is not None:
-                    accept(finished)
-            except FrameWriteError as exc:  # the finished file is wrong: recorded with its facts
-                reject(vid, "write", f"write: {exc}", exc.info)
-            except Exception as exc:  # noqa: BLE001 - writing one video failed: record it
+                elif kind == "failed":
+                    fail(vid, row["stage"] or "pipeline", row["reason"], json.loads(row["info"] or "{}"))
+                elif kind in ("chunk", "end"):
+                    if kind == "chunk":
+                        stage_s["vae"] = stage_s.get("vae", 0.0) + float(row.get("vae_s", 0.0))
+                    end = tracker.add(row)
+                    if end is not None:
+                        ref = assemble.remote(str(out), vid, end["num_chunks"], end["num_frames"])
+                        assembling[ref] = (vid, end)
+            except Exception as exc:  # noqa: BLE001 - this video's rows do not fit: record it
                 reject(vid, "write", f"write: {by_id[vid].path}: {type(exc).__name__}: {exc}", {})
-    except Exception as exc:  # noqa: BLE001 - the stream itself failed: record what is left
+            collect(wait=False)
+    except Exception as exc:  # noqa: BLE001 - the stream itself failed: what is left is retryable
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         echo(f"[ingest] Ray Data stream failed: {type(exc).__name__}: {msg}")
         for vid in by_id:
-            if vid not in records:
-                reject(vid, "pipeline", f"pipeline: {by_id[vid].path}: not finished, the stream failed "
-                                        f"({type(exc).__name__}: {msg})", {})
-    for vid in by_id:  # a block lost to a dead worker (max_errored_blocks): no rows came back
+            if vid not in records and vid not in {v for v, _ in assembling.values()}:
+                fail(vid, "pipeline", f"failed: pipeline: {by_id[vid].path}: not finished, the stream failed "
+                                      f"({type(exc).__name__}: {msg})")
+    collect(wait=True)
+    errors = ray_errors.summary() if ray_errors is not None else "no error reported by Ray"
+    for vid in by_id:  # a block lost to a dead worker or node (max_errored_blocks): no rows came back
         if vid not in records:
-            reject(vid, "pipeline", f"pipeline: {by_id[vid].path}: a worker failed on this video "
-                                    f"(no result came back)", {})
+            fail(vid, "pipeline", f"failed: pipeline: {by_id[vid].path}: no result came back: a worker or node "
+                                  f"was lost on this video (Ray: {errors})")
+    for vid in by_id:  # chunks a late writer task left for videos that did not end ok
+        if records[vid]["status"] != "ok":
+            remove_video_files(out, vid)
     summary.processed += len(todo)
+    summary.driver_columns = sorted(columns | set(summary.driver_columns))
     for k, v in stage_s.items():
         summary.stage_seconds[k] = summary.stage_seconds.get(k, 0.0) + v
-    return frames.latent_shape, frames.audio_shape
+    return tracker.latent_shape, tracker.audio_shape

@@ -33,8 +33,10 @@ No file handle is held across Ray tasks.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -43,17 +45,21 @@ import numpy as np
 from core.sections import IngestConfig
 from pipelines.audio_decode import AudioDecodeError, decode_audio, is_silent
 from pipelines.crop import crop_frames, landmarks_to_crop, plan_crop_track
-from pipelines.face_detect import make_detector
-from pipelines.probe import FrameGeometry, ProbeError, VideoProbe, VideoTimestamps, probe_video
+from pipelines.face_detect import make_detector, max_detection_scale, pass_scale, search_face_scale
+from pipelines.face_tracks import FaceCandidates, TrackParams, subject_track, track_landmarks
+from pipelines.probe import FrameGeometry, ProbeError, ProbeLimitError, VideoProbe, VideoTimestamps, probe_video
 from pipelines.quality import (
     RejectedVideo,
     check_length,
+    check_limits,
     check_silence,
     check_streams,
+    check_subject,
     check_track,
     frames_covered_by_audio,
 )
-from pipelines.video_decode import DecodeError, iter_frames, plan_from_timestamps
+from pipelines.video_decode import DecodeError, ResamplePlan, iter_frames, plan_from_timestamps
+from pipelines.watchdog import DeadlineExceeded, RemoteError, WatchedWorker, WorkerDied
 
 # --- row helpers ----------------------------------------------------------------------------------
 
@@ -84,6 +90,15 @@ def reject_row(video_id: str, path: str, stage: str, why: str, info: Optional[di
         **_empty_video_arrays(),
         "samples": np.zeros((0,), np.float32),
     }
+
+
+def failed_row(video_id: str, path: str, stage: str, why: str) -> dict:
+    """A ``failed`` row: the video could not be processed for a reason that is not the file's
+    (a worker killed, a node lost). Recorded with status ``failed``; a rerun retries it."""
+    row = reject_row(video_id, path, stage, why)
+    row["kind"] = "failed"
+    row["reason"] = f"failed: {stage}: {why}"
+    return row
 
 
 def error_text(path: str, exc: BaseException) -> str:
@@ -149,19 +164,18 @@ def interpolate_missing(landmarks: np.ndarray, found: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Detections:
-    """The low-resolution detection pass over every output frame (N frames at ``fps``).
+    """The detection pass over every output frame (N frames at ``fps``).
 
-    landmarks: f32 [N, 68, 2] iBUG-68 points in source (display) pixels; found: bool [N];
-    source_times_s: f64 [N] presentation time of the source frame each output frame shows (s).
+    candidates: every face candidate of every frame (:class:`pipelines.face_tracks.FaceCandidates`:
+    frame index, box, score, iBUG-68 landmarks), in source (display) pixels; num_frames: N;
+    source_times_s: f64 [N] presentation time of the source frame each output frame shows (s);
+    scale: detection image / display frame of the pass.
     """
 
-    landmarks: np.ndarray
-    found: np.ndarray
+    candidates: FaceCandidates
+    num_frames: int
     source_times_s: np.ndarray
-
-    @property
-    def num_frames(self) -> int:
-        return int(len(self.found))
+    scale: float = 1.0
 
 
 @dataclass
@@ -191,9 +205,9 @@ class VideoAnalyzer:
     In: ``{video_id, path}``. Out: a ``video`` row (crop track + audio samples + the probe's
     decode facts) or a ``reject`` row. The steps, each its own method: :meth:`_probe` (the only
     probe of the file, passed on to every later step), :meth:`_detection_pass`, :meth:`_audio`,
-    :meth:`_length_filter`, :meth:`_crop_track`. Decoding for detection is a low-resolution
-    streaming pass (``detect_max_side``), so memory does not grow with the video's length beyond
-    the small per-frame arrays.
+    :meth:`_length_filter`, :meth:`_crop_track`. Decoding for detection is a streaming pass at
+    the scale that shows the face at ``detect_face_px`` (a scale search on a few frames first),
+    so memory does not grow with the video's length beyond the small per-frame arrays.
     """
 
     def __init__(self, cfg: IngestConfig, dwpose_dir: Optional[str] = None):
@@ -202,26 +216,64 @@ class VideoAnalyzer:
         self.detector = make_detector(cfg.detector, dwpose_dir, detect_max_side=cfg.detect_max_side)
 
     def __call__(self, row: dict) -> dict:
+        """The whole analysis of one video in this process (no deadline): :meth:`begin` then
+        :meth:`finish`. The job runs it through :class:`AnalyzerStage` instead (deadline)."""
+        first = self.begin(row)
+        return first if first["kind"] != "probed" else self.finish(row)
+
+    def begin(self, row: dict) -> dict:
+        """Step 1 (cheap, before any decoding): the probe and the limits. Returns a ``probed``
+        row ``{kind, video_id, duration_s}`` (the probe is kept for :meth:`finish`) or a
+        ``reject`` row."""
         video_id, path = str(row["video_id"]), str(row["path"])
+        self._pending = None
         info: dict = {}
         times: dict[str, float] = {}
+
+        def work() -> dict:
+            if not Path(path).is_file():
+                raise RejectedVideo("input", f"{path}: file not found")
+            probe = self._probe(path, info, times)
+            self._pending = (video_id, probe, info, times)
+            return {"kind": "probed", "video_id": video_id, "duration_s": float(probe.duration_s)}
+
+        return self._guarded(video_id, path, info, work)
+
+    def finish(self, row: dict) -> dict:
+        """Step 2: detection pass, audio, crop track and filters on the probe of :meth:`begin`.
+        Returns a ``video`` or ``reject`` row."""
+        video_id, path = str(row["video_id"]), str(row["path"])
+        if self._pending is None or self._pending[0] != video_id:
+            raise RuntimeError(f"{path}: finish() without begin() for this video")
+        _, probe, info, times = self._pending
+        self._pending = None
+
+        def work() -> dict:
+            out = self._analyze(video_id, path, probe, info, times)
+            info[STAGE_TIMES_KEY] = times
+            out["info"] = json.dumps({k: v for k, v in info.items() if not k.startswith("_")})
+            return out
+
+        return self._guarded(video_id, path, info, work)
+
+    @staticmethod
+    def _guarded(video_id: str, path: str, info: dict, work) -> dict:
+        """``work()``, with a rejection or any error turned into this video's ``reject`` row."""
         try:
-            out = self._analyze(video_id, path, info, times)
+            return work()
         except RejectedVideo as rej:
             return reject_row(video_id, path, rej.rejection.stage, rej.rejection.why, info)
         except Exception as exc:  # noqa: BLE001 - recorded as this video's rejection
             stage = info.get("_stage", "analyze")
             return reject_row(video_id, path, stage, error_text(path, exc), info)
-        info[STAGE_TIMES_KEY] = times
-        out["info"] = json.dumps({k: v for k, v in info.items() if not k.startswith("_")})
-        return out
 
-    def _analyze(self, video_id: str, path: str, info: dict, times: dict) -> dict:
-        """The steps in order; ``info`` collects the manifest facts (``_stage``: the step running,
-        for errors), ``times`` the seconds of each step. Raises :class:`RejectedVideo`."""
-        if not Path(path).is_file():
-            raise RejectedVideo("input", f"{path}: file not found")
-        probe = self._probe(path, info, times)
+    def _analyze(self, video_id: str, path: str, probe: VideoProbe, info: dict, times: dict) -> dict:
+        """The steps after the probe, in order; ``info`` collects the manifest facts (``_stage``:
+        the step running, for errors), ``times`` the seconds of each step. Raises
+        :class:`RejectedVideo`."""
+        if self.cfg.fault_hang_match and self.cfg.fault_hang_match in Path(path).name:
+            info["_stage"] = "decode"
+            time.sleep(24 * 3600)  # fault injection: a decoder that never returns
         detections = self._detection_pass(path, probe, info, times)
         audio = self._audio(path, probe, detections.num_frames, info, times)
         self._length_filter(path, audio.num_frames, info)
@@ -249,7 +301,9 @@ class VideoAnalyzer:
         info["_stage"] = "probe"
         t0 = time.perf_counter()
         try:
-            probe = probe_video(path)
+            probe = probe_video(path, max_pixels=cfg.max_pixels)
+        except ProbeLimitError as exc:
+            raise RejectedVideo("limits", error_text(path, exc)) from None
         except ProbeError as exc:
             raise RejectedVideo("probe", error_text(path, exc)) from None
         info.update(fps_in=probe.fps, duration_s=probe.duration_s, width=probe.width,
@@ -261,32 +315,49 @@ class VideoAnalyzer:
         rej = check_length(est, cfg)
         if rej:
             raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+        # limits before work: duration, frozen / sparse frames, audio length from the headers
+        rej = check_limits(probe.duration_s, probe.timestamps.pts_s, self._header_audio_s(probe), cfg)
+        if rej:
+            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
         times["probe"] = time.perf_counter() - t0
         return probe
 
+    @staticmethod
+    def _header_audio_s(probe: VideoProbe) -> Optional[float]:
+        """The audio duration the stream header gives, measured from the video's first frame
+        (None when the container records none)."""
+        if probe.audio_duration_s is None:
+            return None
+        return float(probe.audio_duration_s) - max(0.0, probe.video_start_s - probe.audio_start_s)
+
     def _detection_pass(self, path: str, probe: VideoProbe, info: dict, times: dict) -> Detections:
-        """Low-resolution streaming decode (``detect_max_side``, plan and geometry from the
-        probe: one open) and face detection on every output frame; landmarks scaled back to
-        source (display) pixels."""
+        """Detection at the right scale on every output frame: :meth:`_detection_scale` picks the
+        scale, then one streaming decode at that scale (plan and geometry from the probe) gives
+        every face candidate of every frame (boxes, scores, 68 points), scaled back to source
+        (display) pixels. The subject track is chosen later, on the frames the audio covers."""
         cfg = self.cfg
+        plan = plan_from_timestamps(path, probe.timestamps, cfg.fps)
+        scale = self._detection_scale(path, probe, plan, info, times)
         info["_stage"] = "decode"
         t_decode = t_detect = 0.0
-        lms, found, src_t = [], [], []
+        parts, src_t = [], []
         small_wh = None
-        plan = plan_from_timestamps(path, probe.timestamps, cfg.fps)
+        display_long = max(probe.width, probe.height)
+        decode_side = int(round(display_long * scale)) if scale < 1.0 else None
         t0 = time.perf_counter()
         try:
             for chunk in iter_frames(path, fps=cfg.fps, chunk_frames=cfg.chunk_frames,
-                                     max_side=cfg.detect_max_side, backend=cfg.detect_decode_backend,
+                                     max_side=decode_side, backend=cfg.detect_decode_backend,
                                      plan=plan, geometry=probe.geometry):
                 t1 = time.perf_counter()
                 t_decode += t1 - t0
                 small_wh = (chunk.frames.shape[2], chunk.frames.shape[1])
+                # what the decoder's whole-pixel size left of the scale (> 1: upsampling)
+                rest = scale * probe.width / small_wh[0]
                 info["_stage"] = "face"
-                lm, ok = self.detector.detect(chunk.frames)
+                found = self.detector.detect_candidates(chunk.frames, scale=1.0 if abs(rest - 1) < 0.02 else rest)
                 info["_stage"] = "decode"
-                lms.append(np.asarray(lm, np.float32))
-                found.append(np.asarray(ok, bool))
+                parts.append(found.shifted(chunk.start_index))
                 src_t.append(np.asarray(chunk.source_times_s, np.float64))
                 t0 = time.perf_counter()
                 t_detect += t0 - t1
@@ -294,14 +365,47 @@ class VideoAnalyzer:
             raise RejectedVideo("decode", error_text(path, exc)) from None
         times["decode_detect_pass"] = t_decode
         times["detect"] = t_detect
-        if not lms:
+        if not src_t:
             raise RejectedVideo("decode", f"{path}: no frames decoded")
-        landmarks = np.concatenate(lms)
-        found_all = np.concatenate(found)
-        info["video_frames"] = len(found_all)
-        # detection ran on frames scaled to detect_max_side: back to source (display) pixels
-        sx, sy = probe.width / small_wh[0], probe.height / small_wh[1]
-        return Detections(landmarks * np.array([sx, sy], np.float32), found_all, np.concatenate(src_t))
+        source_times = np.concatenate(src_t)
+        info["video_frames"] = len(source_times)
+        # detection ran on frames of small_wh: back to source (display) pixels
+        cands = FaceCandidates.concat(parts).scaled(probe.width / small_wh[0], probe.height / small_wh[1])
+        return Detections(cands, len(source_times), source_times, scale)
+
+    def _detection_scale(self, path: str, probe: VideoProbe, plan: ResamplePlan, info: dict, times: dict
+                         ) -> float:
+        """The detection pass's scale (detection image / display frame): ``scale_search_frames``
+        frames spread over the first ``scale_search_s`` seconds are decoded (at most at the
+        ``detect_max_pixels`` budget) and searched coarse to fine
+        (:func:`pipelines.face_detect.search_face_scale`); :func:`pipelines.face_detect.pass_scale`
+        turns the face size found into the scale that shows it at ``detect_face_px``."""
+        cfg = self.cfg
+        info["_stage"] = "decode"
+        t0 = time.perf_counter()
+        display = (probe.width, probe.height)
+        if plan.num_frames == 0:
+            raise RejectedVideo("decode", f"{path}: no frames to decode")
+        n_window = min(plan.num_frames, max(1, int(round(cfg.scale_search_s * cfg.fps))))
+        sel = np.unique(np.linspace(0, n_window - 1, max(1, cfg.scale_search_frames)).round().astype(np.int64))
+        sub = replace(plan, source_indices=plan.source_indices[sel], times_s=plan.times_s[sel])
+        cap = min(1.0, max_detection_scale(display, cfg.detect_max_pixels, cfg.detect_max_upscale))
+        side = int(round(max(display) * cap)) if cap < 1.0 else None
+        try:
+            frames = np.concatenate([c.frames for c in iter_frames(
+                path, fps=cfg.fps, chunk_frames=len(sel), max_side=side, backend=cfg.detect_decode_backend,
+                plan=sub, geometry=probe.geometry)])
+        except DecodeError as exc:
+            raise RejectedVideo("decode", error_text(path, exc)) from None
+        info["_stage"] = "face"
+        search = search_face_scale(self.detector, frames, display, cfg.detect_max_pixels,
+                                   cfg.detect_max_upscale, cfg.similar_face_ratio)
+        scale = pass_scale(search, display, cfg.detect_face_px, cfg.detect_max_pixels,
+                           cfg.detect_max_upscale, min_face_px=self.detector.min_face_px)
+        info.update(detect_scale=round(scale, 4),
+                    search_face_px=None if search.face_px is None else round(search.face_px, 1))
+        times["scale_search"] = time.perf_counter() - t0
+        return scale
 
     def _audio(self, path: str, probe: VideoProbe, video_frames: int, info: dict, times: dict
                ) -> AlignedAudio:
@@ -338,15 +442,25 @@ class VideoAnalyzer:
 
     def _crop_track(self, path: str, probe: VideoProbe, detections: Detections, num_frames: int,
                     info: dict, times: dict) -> CropTrack:
-        """The crop track over the first ``num_frames`` frames and the quality filters on it
-        (missing face, out of frame, yaw, head motion)."""
+        """The subject's face track over the first ``num_frames`` frames
+        (:func:`pipelines.face_tracks.subject_track`: candidates linked across frames, the most
+        persistent x largest track; several persistent faces of similar size are rejected), its
+        crop track and the quality filters on it (missing face, out of frame, yaw, head motion:
+        all on the chosen track only)."""
         cfg = self.cfg
         info["_stage"] = "crop"
         t0 = time.perf_counter()
-        landmarks = detections.landmarks[:num_frames]
-        found = detections.found[:num_frames]
-        if not found.any():
-            raise RejectedVideo("face", f"{path}: no face found in any frame")
+        cands = detections.candidates.before(num_frames)
+        params = TrackParams(max_gap=max(1, int(round(cfg.track_max_gap_s * cfg.fps))),
+                             min_coverage=cfg.min_track_coverage, similar_size_ratio=cfg.similar_face_ratio)
+        choice = subject_track(cands, num_frames, params)
+        subject = choice.tracks[choice.subject] if choice.subject is not None else None
+        info.update(face_tracks=len(choice.tracks), persistent_face_tracks=choice.persistent)
+        rej = check_subject(None if subject is None else subject.width,
+                            [choice.tracks[i].width for i in choice.rivals], cfg)
+        if rej:
+            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+        landmarks, found = track_landmarks(cands, subject, num_frames)
         track = plan_crop_track(landmarks, found, (probe.width, probe.height), cfg.crop_margin, fps=cfg.fps)
         rej = check_track(track.missing_ratio, track.out_of_frame_ratio, track.max_abs_yaw_deg,
                           track.head_motion, cfg)
@@ -356,6 +470,50 @@ class VideoAnalyzer:
         lm_crop = np.asarray(landmarks_to_crop(filled, track.boxes), np.float32)
         times["crop_plan"] = time.perf_counter() - t0
         return CropTrack(np.asarray(track.boxes, np.float32), lm_crop, found.astype(bool))
+
+
+class AnalyzerStage:
+    """Ray Data ``map`` UDF of the analysis with a per-video deadline: :class:`VideoAnalyzer`
+    runs in a child process of the actor (:class:`pipelines.watchdog.WatchedWorker`, built once
+    per actor, the detector kept warm). :meth:`VideoAnalyzer.begin` (probe + limits) gets
+    ``deadline_base_s``; :meth:`VideoAnalyzer.finish` gets ``deadline_base_s + deadline_per_s x
+    duration``. Past a deadline the child is killed and the video becomes a ``reject`` row at
+    stage ``timeout``; a child that dies (OOM killer, segfault) gives a ``failed`` row (an
+    infrastructure failure: a rerun retries it). A replacement child is started (and built)
+    before the next video's deadline starts. Rows as :class:`VideoAnalyzer`'s."""
+
+    def __init__(self, cfg: IngestConfig, dwpose_dir: Optional[str] = None):
+        self.cfg = cfg
+        self.worker = WatchedWorker("pipelines.ingest_stages:VideoAnalyzer", {"cfg": cfg, "dwpose_dir": dwpose_dir})
+        self.worker.start()  # start-up (imports, detector) here, not inside a video's deadline
+
+    def __call__(self, row: dict) -> dict:
+        cfg = self.cfg
+        video_id, path = str(row["video_id"]), str(row["path"])
+        if cfg.fault_kill_match and cfg.fault_kill_match in Path(path).name:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: this actor dies (as under the OOM killer)
+        plain = {"video_id": video_id, "path": path}
+        budget = cfg.deadline_base_s
+        try:
+            if self.worker.proc is None or self.worker.proc.poll() is not None:
+                self.worker.start()  # after a timeout / death: outside the deadline
+        except (DeadlineExceeded, WorkerDied, RemoteError) as exc:
+            return failed_row(video_id, path, "analyze", f"{path}: the analysis process did not start: {exc}")
+        try:
+            first = self.worker.call("begin", plain, deadline_s=budget)
+            if first["kind"] != "probed":
+                return first
+            budget = cfg.deadline_base_s + cfg.deadline_per_s * float(first["duration_s"])
+            return self.worker.call("finish", plain, deadline_s=budget)
+        except DeadlineExceeded:
+            return reject_row(video_id, path, "timeout",
+                              f"{path}: analysis not finished within its deadline of {budget:.1f} s "
+                              f"(deadline_base_s {cfg.deadline_base_s:g} + deadline_per_s "
+                              f"{cfg.deadline_per_s:g} x duration): its process was killed")
+        except WorkerDied as exc:
+            return failed_row(video_id, path, "analyze", f"{path}: {exc}")
+        except RemoteError as exc:
+            return reject_row(video_id, path, "analyze", f"{path}: {exc}")
 
 
 # --- stage 3: full-resolution decode and crop, one row per chunk ---------------------------------
@@ -390,8 +548,8 @@ def decode_and_crop(row: dict, cfg: IngestConfig) -> Iterator[dict]:
     analyzer's probe (``stream_pts_s``, ``info["decode_source"]``): the file is opened once, by
     the decoder. Memory: one chunk of source frames at a time."""
     empty_crops = np.zeros((0, 1, 1, 3), np.uint8)
-    if row["kind"] != "video":
-        yield chunk_row(row, "reject", stage=row["stage"], reason=row["reason"], crops=empty_crops)
+    if row["kind"] != "video":  # reject / failed rows pass on as they are
+        yield chunk_row(row, row["kind"], stage=row["stage"], reason=row["reason"], crops=empty_crops)
         return
     path, n_total = str(row["path"]), int(row["num_frames"])
     info = json.loads(row["info"])

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,22 +33,36 @@ class InputVideo:
 
     source: str  # the path as given (list entries: as written in the list)
     path: Path  # resolved absolute path (may not exist for a list entry: rejected as "input")
-    video_id: str  # 16 hex digits, stable while the file is unchanged
+    video_id: str  # 16 hex digits, from the file's content (video_id_for)
     split: str  # "train" | "test"
+    duplicate_of: Optional[str] = None  # source of an earlier input with the same content
+
+
+# bytes of the file hashed for its id: the head (container header and first seconds) and the tail
+ID_HEAD_BYTES = 4 * 1024 * 1024
+ID_TAIL_BYTES = 1024 * 1024
 
 
 def video_id_for(path: Path) -> str:
-    """Stable id of a file: hash of its resolved path, size and mtime (ns). 16 hex digits.
-
-    A changed file (new size or mtime) gets a new id, so resume re-ingests it.
-    """
+    """Content id of a file: sha256 of its size, its first ``ID_HEAD_BYTES`` and its last
+    ``ID_TAIL_BYTES``; 16 hex digits. The same bytes in two folders (a copy) get the same id and a
+    changed file a new one; renaming, moving or touching a file does not change it. Why not the
+    duration as well: it needs a demux of the whole file on the driver; size + tail already tell
+    apart cuts of one source that share their first megabytes. A file that cannot be read gets
+    an id from its path (it is rejected as ``input``)."""
     path = Path(path).resolve()
+    h = hashlib.sha256()
     try:
-        st = path.stat()
-        key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+        size = path.stat().st_size
+        h.update(f"size:{size}|".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(ID_HEAD_BYTES))
+            if size > ID_HEAD_BYTES:
+                f.seek(max(ID_HEAD_BYTES, size - ID_TAIL_BYTES))
+                h.update(f.read(ID_TAIL_BYTES))
     except OSError:
-        key = f"{path}|missing"
-    return hashlib.sha1(key.encode()).hexdigest()[:16]
+        h = hashlib.sha256(f"missing:{path}".encode())
+    return h.hexdigest()[:16]
 
 
 def split_for(key: str, test_fraction: float) -> str:
@@ -100,18 +116,53 @@ def expand_inputs(input_path: str | Path) -> list[tuple[str, Path]]:
 
 
 def plan_inputs(input_path: str | Path, test_fraction: float,
-                split_key: Literal["video", "folder"] = "video") -> list[InputVideo]:
-    """Expand ``--input`` and give every distinct file its id and split (duplicates dropped)."""
-    seen: set[str] = set()
-    videos = []
+                split_key: Literal["video", "folder"] = "video", hash_threads: int = 8) -> list[InputVideo]:
+    """Expand ``--input`` and give every distinct file its content id and split. A path named
+    twice is kept once; a second file with the same content (a copy) is kept with
+    ``duplicate_of`` = the first one's source and the first one's id and split (it is recorded as
+    a duplicate and never ingested, so one content never lands in both splits). Files are hashed
+    on ``hash_threads`` threads (reading is I/O bound; hashlib releases the GIL)."""
+    expanded, seen_paths = [], set()
     for source, path in expand_inputs(input_path):
-        vid = video_id_for(path)
-        if vid in seen:
+        if path not in seen_paths:
+            seen_paths.add(path)
+            expanded.append((source, path))
+    with ThreadPoolExecutor(max_workers=max(1, hash_threads)) as pool:
+        ids = list(pool.map(lambda sp: video_id_for(sp[1]), expanded))
+    first: dict[str, InputVideo] = {}
+    videos = []
+    for (source, path), vid in zip(expanded, ids):
+        if vid in first:
+            orig = first[vid]
+            videos.append(InputVideo(source=source, path=path, video_id=vid, split=orig.split,
+                                     duplicate_of=orig.source))
             continue
-        seen.add(vid)
         split = split_for(split_key_of(path, vid, split_key), test_fraction)
-        videos.append(InputVideo(source=source, path=path, video_id=vid, split=split))
+        first[vid] = InputVideo(source=source, path=path, video_id=vid, split=split)
+        videos.append(first[vid])
     return videos
+
+
+def duplicate_row(video: InputVideo) -> dict:
+    """The manifest row of a copy of another input (status ``duplicate``, naming the original)."""
+    return manifest_row(video, status="duplicate", stage="duplicate",
+                        reason=f"duplicate: same content as {video.duplicate_of}", num_frames=0,
+                        duplicate_of=video.duplicate_of)
+
+
+def reason_key(reason: Optional[str], source: Optional[str] = None) -> Optional[str]:
+    """A reason without what is particular to one file, for counting: the file's path and every
+    number removed (``"filter: too short: # frames at # fps < min_frames #"``), cut at the first
+    parenthesis. None for None."""
+    if not reason:
+        return None
+    text = reason
+    for p in {source, str(Path(source).resolve()) if source else None} - {None}:
+        text = text.replace(p, "")
+    text = re.sub(r"(/[^\s:,()]+)+", "", text)  # any other path
+    text = re.sub(r"\d+(\.\d+)?", "#", text.split("(")[0])
+    text = re.sub(r"\s*:\s*(:\s*)+", ": ", text)
+    return re.sub(r"\s+", " ", text).strip(" :")
 
 
 def manifest_row(video: InputVideo, **fields) -> dict:
@@ -122,12 +173,18 @@ def manifest_row(video: InputVideo, **fields) -> dict:
         if key not in row:
             raise KeyError(f"manifest has no column {key!r}")
         row[key] = value
+    row["reason_key"] = reason_key(row["reason"], video.source)
     return row
 
 
 def write_manifest(out_dir: str | Path, rows: Iterable[dict]) -> Path:
     """Write ``DIR/videos.parquet`` atomically (MANIFEST_SCHEMA), rows sorted by source."""
     rows = sorted(rows, key=lambda r: (r["source"], r["video_id"]))
+    # records of an earlier schema lack the newer columns: null (reason_key derived from reason)
+    rows = [{**{n: None for n in MANIFEST_SCHEMA.names}, **r} for r in rows]
+    for r in rows:
+        if r["reason_key"] is None and r["reason"]:
+            r["reason_key"] = reason_key(r["reason"], r["source"])
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     path = Path(out_dir) / MANIFEST_NAME
     tmp = path.with_suffix(".parquet.tmp")

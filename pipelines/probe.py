@@ -36,6 +36,18 @@ class ProbeError(PipelineError, ValueError):
     """A file that cannot be used as a video; the message names the file and the problem."""
 
 
+class ProbeLimitError(ProbeError):
+    """A file over a limit that the stream header shows before anything is decoded (pixels per
+    frame); the ingest records it at stage ``limits``."""
+
+
+def header_pixels(stream) -> int:
+    """Coded width x height of a PyAV video stream from its header (codec parameters), 0 when the
+    header does not say; nothing is decoded."""
+    ctx = stream.codec_context
+    return int(ctx.width or 0) * int(ctx.height or 0)
+
+
 @dataclass
 class VideoTimestamps:
     """Presentation times of the video frames of one file.
@@ -241,15 +253,22 @@ def _stream_start_s(stream, path: Path, what: str) -> float:
     return float(stream.start_time * stream.time_base)
 
 
-def probe_video(path: str | Path) -> VideoProbe:
+def probe_video(path: str | Path, max_pixels: Optional[int] = None) -> VideoProbe:
     """Probe one file, opening it once (see the module docstring). Raises :class:`ProbeError`
-    naming the file and the problem."""
+    naming the file and the problem; with ``max_pixels``, :class:`ProbeLimitError` when the
+    stream header's coded width x height exceeds it (checked before any packet is read or decoded:
+    a decode bomb costs nothing)."""
     path = Path(path)
     container = open_media(path)
     try:
         if not container.streams.video:
             raise ProbeError(f"{path}: no video stream")
         vs = container.streams.video[0]
+        pixels = header_pixels(vs)
+        if max_pixels is not None and pixels > max_pixels:
+            ctx = vs.codec_context
+            raise ProbeLimitError(f"{path}: {ctx.width}x{ctx.height} = {pixels} pixels per frame > max_pixels "
+                                  f"{max_pixels} (stream header, nothing decoded)")
         codec = vs.codec_context.name
         tick = float(vs.time_base) if vs.time_base else 0.0
         video_start = _stream_start_s(vs, path, "video")

@@ -106,7 +106,65 @@ def check_track(missing_ratio: float, out_of_frame_ratio: float, max_abs_yaw_deg
     return None
 
 
+def check_subject(subject_width_px: Optional[float], rival_widths_px: list[float],
+                  cfg: IngestConfig) -> Optional[Rejection]:
+    """The subject face track must exist and be clearly dominant: other persistent face tracks
+    (``pipelines.face_tracks.choose_subject`` rivals, each at least ``similar_face_ratio`` x the
+    subject's median face width) make the video ambiguous. Widths in source pixels."""
+    if subject_width_px is None:
+        return Rejection("face", "no face found in any frame")
+    if rival_widths_px:
+        widths = ", ".join(f"{w:.0f}" for w in [subject_width_px, *rival_widths_px])
+        return Rejection(
+            "face",
+            f"{1 + len(rival_widths_px)} people of similar size (face widths {widths} px; a second "
+            f"face must be < similar_face_ratio {cfg.similar_face_ratio:g} x the subject's)",
+        )
+    return None
+
+
 def check_silence(silent: bool) -> Optional[Rejection]:
     if silent:
         return Rejection("audio", "audio track is silent")
+    return None
+
+
+# --- limits before work: checks on the probe's facts, before any frame is decoded ------------------
+
+
+def distinct_source_frames(pts_s, num_out: int, fps: float) -> int:
+    """How many different source frames a ``fps`` expansion to ``num_out`` frames shows: output
+    frame k shows the last source frame with ``pts <= k / fps`` (the decoders' timestamp rule).
+    ``pts_s`` f64 [n_src] sorted, seconds from the first frame. O(num_out log n_src), no decoding."""
+    import numpy as np
+
+    if num_out <= 0 or len(pts_s) == 0:
+        return 0
+    t = np.arange(num_out, dtype=np.float64) / fps
+    idx = np.searchsorted(np.asarray(pts_s, np.float64), t + 1e-9, side="right") - 1
+    return int(np.unique(idx[idx >= 0]).size)
+
+
+def check_limits(duration_s: float, pts_s, audio_duration_s: Optional[float], cfg: IngestConfig
+                 ) -> Optional[Rejection]:
+    """The cheap checks on a probed file (stage ``limits``, or ``audio`` for the length check), in
+    order: duration over ``max_duration_s``; a frozen / sparse video whose ``fps`` expansion
+    would mostly repeat frames (distinct source frames / output frames below
+    ``min_source_frames_ratio``, e.g. two frames an hour apart); audio (stream header duration,
+    when the container records one) shorter than the video by more than
+    ``max_audio_video_offset_s``. The exact audio check still runs after decoding."""
+    if duration_s > cfg.max_duration_s:
+        return Rejection("limits", f"video is {duration_s:.1f} s > max_duration_s {cfg.max_duration_s:g}")
+    num_out = int(math.floor(duration_s * cfg.fps + 1e-6))
+    if num_out > 0:
+        distinct = distinct_source_frames(pts_s, num_out, cfg.fps)
+        ratio = distinct / num_out
+        if ratio < cfg.min_source_frames_ratio:
+            return Rejection("limits", f"frozen or sparse video: {distinct} distinct source frames for {num_out} "
+                                       f"frames at {cfg.fps:g} fps ({ratio:.1%} < min_source_frames_ratio "
+                                       f"{cfg.min_source_frames_ratio:.0%})")
+    if audio_duration_s is not None and num_out > 0:
+        _, _, rej = frames_covered_by_audio(num_out, audio_duration_s, cfg)
+        if rej is not None:
+            return Rejection(rej.stage, f"{rej.why} (stream headers, before decoding)")
     return None

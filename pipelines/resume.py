@@ -8,7 +8,7 @@ crashed or interrupted job resumes from exactly the videos that were finished. T
 * a video whose record says ``rejected`` is finished (unless ``ingest.retry_rejected``);
 * a video whose record says ``ok`` is finished when its frame file exists and holds exactly
   ``num_frames`` rows; otherwise it is redone from scratch;
-* a file that changed since the earlier run (new size or mtime, hence a new ``video_id``)
+* a file whose content changed since the earlier run (hence a new content ``video_id``)
   loses its old record and frame file and is redone;
 * a listed input that does not exist is recorded as rejected (stage ``input``) without any work;
 * ``*.tmp`` frame files a crashed run left behind are removed (:func:`clean_partial_files`);
@@ -17,11 +17,21 @@ crashed or interrupted job resumes from exactly the videos that were finished. T
 
 :func:`check_output_dir` refuses a directory that cannot be written, or that holds an ingest of
 another frame rate / crop size / weights preset (one directory holds one format).
+:func:`claim_output_dir` then compares the run's :func:`ingest_fingerprint` (every setting that
+changes what is written) with ``DIR/ingest_fingerprint.json``: a directory written with another
+configuration is refused, naming the settings that differ; a new directory gets the file at the
+START of the run (temp file + rename), so even a run that dies on its first video has claimed it.
+
+Statuses: ``rejected`` (the file is bad) and ``duplicate`` are final; ``failed`` (a worker killed,
+a node lost: not the file's fault) is always retried by the next run.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -29,11 +39,24 @@ from typing import Optional
 import pyarrow.parquet as pq
 
 from core.sections import PlatformConfig
+from core.weights import WeightPaths
 from pipelines.errors import PipelineError
+from pipelines.frame_writer import PARTS_SUFFIX
 from pipelines.manifest import InputVideo, manifest_row
-from pipelines.schema import FRAMES_DIR, META_NAME, IngestFormatError, IngestMeta, frames_path
+from pipelines.schema import FRAMES_DIR, META_NAME, SCHEMA_VERSION, IngestFormatError, IngestMeta, frames_path
 
 RECORDS_DIR = "records"
+FINGERPRINT_NAME = "ingest_fingerprint.json"
+
+# IngestConfig fields that change how the job runs, not what it writes (left out of the
+# fingerprint); every other field (fps, crop, detector and its scale settings, filters, limits,
+# split) is in it, so a field added later is covered unless listed here
+RUN_ONLY_FIELDS = frozenset({
+    "chunk_frames", "num_decode_workers", "model_batch_size", "use_gpu", "retry_rejected",
+    "num_detect_actors", "num_audio_actors", "num_vae_actors", "stage_num_cpus", "model_num_gpus",
+    "max_task_retries", "max_chunk_mb", "deadline_base_s", "deadline_per_s", "fault_hang_match",
+    "fault_kill_match",
+})
 
 
 class IngestOutputError(PipelineError, OSError):
@@ -65,6 +88,66 @@ def check_output_dir(out_dir: str | Path, cfg: Optional[PlatformConfig] = None) 
             raise IngestOutputError(f"--output {out_dir}: holds an ingest with fps/crop_size/preset {was}, this "
                                     f"run has {now}; use a new output directory")
     return out
+
+
+def weights_id(location: Optional[str]) -> Optional[str]:
+    """Id of one set of weights: a hub id as is; a local folder: sha256 of its ``config.json``
+    and the names and sizes of its files (not their bytes: gigabytes)."""
+    if location is None:
+        return None
+    folder = Path(location)
+    if not folder.exists():
+        return location
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(folder).as_posix()
+            h.update(f"{rel}:{p.stat().st_size}|".encode())
+            if p.name == "config.json":
+                h.update(p.read_bytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def ingest_fingerprint(cfg: PlatformConfig, weights: WeightPaths) -> dict:
+    """``{"fingerprint": hex, "settings": {...}}``: every output-affecting setting (the
+    ``ingest`` fields but :data:`RUN_ONLY_FIELDS`, the schema version, the weights preset and
+    ids) and the sha256 of their canonical JSON."""
+    settings = {f"ingest.{k}": v for k, v in dataclasses.asdict(cfg.ingest).items() if k not in RUN_ONLY_FIELDS}
+    settings.update({"schema_version": SCHEMA_VERSION, "weights.preset": cfg.weights.preset,
+                     "weights.vae": weights_id(weights.vae), "weights.wav2vec2": weights_id(weights.wav2vec2),
+                     "weights.dwpose": weights_id(weights.dwpose_dir)})
+    blob = json.dumps(settings, sort_keys=True, default=str)
+    return {"fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16], "settings": json.loads(blob)}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """``path`` written as JSON through a temp file and a rename (never half-written)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def claim_output_dir(out: Path, fingerprint: dict) -> None:
+    """Refuse ``out`` when its ``ingest_fingerprint.json`` differs from ``fingerprint`` (naming
+    the settings that differ); write it when absent (atomically). Raises
+    :class:`IngestOutputError`."""
+    path = Path(out) / FINGERPRINT_NAME
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            old_fp, old_settings = old["fingerprint"], old.get("settings", {})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise IngestOutputError(f"--output {out}: unreadable {FINGERPRINT_NAME} ({exc}); use a new output "
+                                    f"directory") from None
+        if old_fp != fingerprint["fingerprint"]:
+            now = fingerprint["settings"]
+            diff = sorted(k for k in set(old_settings) | set(now) if old_settings.get(k) != now.get(k))
+            shown = ", ".join(f"{k}: {old_settings.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
+            more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
+            raise IngestOutputError(f"--output {out}: written with another configuration ({shown}{more}); "
+                                    f"use a new output directory or the same settings")
+        return
+    write_json_atomic(path, fingerprint)
 
 
 class RecordStore:
@@ -100,6 +183,8 @@ class RecordStore:
         complete frame file holding exactly ``num_frames`` rows."""
         if record is None:
             return False
+        if record["status"] == "failed":  # infrastructure failure: always retried
+            return False
         if record["status"] == "rejected":
             return not retry_rejected
         path = frames_path(self.out_dir, record["video_id"])
@@ -111,11 +196,28 @@ class RecordStore:
             return False
 
 
+def parts_dir(out_dir: str | Path, video_id: str) -> Path:
+    """``frames/<video_id>.parts``: where the workers write one video's chunk files."""
+    return Path(out_dir) / FRAMES_DIR / f"{video_id}{PARTS_SUFFIX}"
+
+
+def remove_video_files(out_dir: str | Path, video_id: str) -> None:
+    """A video's frame file, its temp file and its chunk folder (redo or reject)."""
+    path = frames_path(Path(out_dir), video_id)
+    path.unlink(missing_ok=True)
+    path.with_suffix(".parquet.tmp").unlink(missing_ok=True)
+    shutil.rmtree(parts_dir(out_dir, video_id), ignore_errors=True)
+
+
 def clean_partial_files(out_dir: str | Path) -> list[Path]:
-    """Remove ``*.tmp`` frame files a crashed run left behind; returns what was removed."""
+    """Remove ``*.tmp`` frame files and ``*.parts`` chunk folders a crashed run left behind;
+    returns what was removed."""
     removed = []
     for p in (Path(out_dir) / FRAMES_DIR).glob("*.tmp"):
         p.unlink(missing_ok=True)
+        removed.append(p)
+    for p in (Path(out_dir) / FRAMES_DIR).glob(f"*{PARTS_SUFFIX}"):
+        shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed
 
@@ -148,12 +250,14 @@ def plan_resume(videos: list[InputVideo], store: RecordStore, retry_rejected: bo
     # a file that changed since an earlier run has a new id: its old record and frames go
     for rec in list(previous.values()):
         if rec["source"] in current_sources and rec["video_id"] not in current_ids:
-            frames_path(out, rec["video_id"]).unlink(missing_ok=True)
+            remove_video_files(out, rec["video_id"])
             store.remove(rec["video_id"])
             del previous[rec["video_id"]]
 
     plan = ResumePlan(previous=previous)
     for v in videos:
+        if v.duplicate_of is not None:  # a copy of another input: recorded by the caller, never ingested
+            continue
         rec = previous.get(v.video_id)
         if store.is_finished(rec, retry_rejected):
             rec.update(source=v.source, split=v.split)
@@ -165,7 +269,7 @@ def plan_resume(videos: list[InputVideo], store: RecordStore, retry_rejected: bo
             store.write(rec)
             plan.records[v.video_id] = rec
         else:
-            frames_path(out, v.video_id).unlink(missing_ok=True)  # redo from scratch
+            remove_video_files(out, v.video_id)  # redo from scratch
             plan.todo.append(v)
     return plan
 

@@ -75,9 +75,11 @@ class IngestMeta:
 
 MANIFEST_SCHEMA = pa.schema([
     ("source", pa.string()),  # input path as given
-    ("video_id", pa.string()),  # stable id: hash of the resolved path + size + mtime
-    ("status", pa.string()),  # "ok" | "rejected"
-    ("reason", pa.string()),  # null when ok; "<stage>: <why>" when rejected
+    ("video_id", pa.string()),  # content id: hash of size + first and last MBs (manifest.video_id_for)
+    # "ok" | "rejected" (a bad file) | "failed" (infrastructure: a rerun retries it) |
+    # "duplicate" (same content as the input named in duplicate_of; not ingested again)
+    ("status", pa.string()),
+    ("reason", pa.string()),  # null when ok; "<stage>: <why>" when rejected, "failed: ..." when failed
     ("stage", pa.string()),  # stage that rejected it (probe, decode, face, audio, filter, ...)
     ("num_frames", pa.int64()),  # frames at 25 fps written (0 if rejected early)
     ("fps_in", pa.float64()),  # source average frame rate
@@ -88,6 +90,8 @@ MANIFEST_SCHEMA = pa.schema([
     ("audio_offset_s", pa.float64()),  # audio duration - video duration (s)
     ("split", pa.string()),  # "train" | "test", by hash of video_id
     ("frames_file", pa.string()),  # relative to DIR, null when rejected
+    ("duplicate_of", pa.string()),  # status duplicate: source of the input with the same content
+    ("reason_key", pa.string()),  # the reason without file names and numbers, for counting
 ])
 
 

@@ -8,6 +8,7 @@ from pipelines.crop import crop_frames, landmarks_to_crop, plan_crop_track
 from pipelines.face_detect import (
     DlibDetector,
     DWPoseDetector,
+    FaceCandidateDetector,
     FaceDetectorError,
     FaceLandmarkDetector,
     box_to_pose_input,
@@ -160,7 +161,7 @@ def test_dwpose_error_paths(tmp_path):
         with pytest.raises(FaceDetectorError, match="onnxruntime"):
             make_detector("dlib", str(tmp_path))
     else:
-        with pytest.raises(Exception):  # not a valid onnx model
+        with pytest.raises(FaceDetectorError, match="not a loadable ONNX model"):  # not a valid onnx model
             DWPoseDetector(tmp_path)
     assert isinstance(make_detector("dlib", None), DlibDetector)
 
@@ -250,3 +251,80 @@ def test_crop_frames_is_a_face_centred_square_not_a_squash():
     np.testing.assert_allclose(norm[0, :3], [[0, 0], [1, 1], [0.5, 0.5]], atol=1e-6)
     with pytest.raises(ValueError, match="outside"):
         crop_frames(frame[None], np.array([[170, 20, 220, 70]], np.float32), 25)
+
+
+# ---------------------------------------------------------------- candidates and detection scale
+def _drawn_centre_and_width(box):
+    return (box[:2] + box[2:]) / 2, float(box[2] - box[0])
+
+
+def test_candidates_are_every_face_with_scores_and_landmarks(detector):
+    from pipelines.face_scenes import ScenePerson, SceneSpec, render_scene
+
+    spec = SceneSpec("two", 960, 540, (ScenePerson(0.3, 0.45, 0.3), ScenePerson(0.75, 0.5, 0.2)), seconds=0.08)
+    frames, truth = render_scene(spec, mouth=[0.3, 0.3])
+    cands = detector.detect_candidates(frames)
+    assert isinstance(detector, FaceCandidateDetector)
+    assert sorted(cands.frame.tolist()) == [0, 0, 1, 1]
+    assert cands.scores.dtype == np.float32 and (cands.scores > 0).all()
+    for f in range(2):
+        rows = np.flatnonzero(cands.frame == f)
+        for person in range(2):
+            centre, width = _drawn_centre_and_width(truth[f, person])
+            near = [r for r in rows if np.linalg.norm((cands.boxes[r, :2] + cands.boxes[r, 2:]) / 2 - centre)
+                    < 0.25 * width]
+            assert len(near) == 1, (f, person)
+            lm = cands.landmarks[near[0]]
+            assert np.linalg.norm((lm.min(0) + lm.max(0)) / 2 - centre) < 0.15 * width
+
+
+def test_small_face_is_found_at_the_searched_scale(detector):
+    from pipelines.face_detect import pass_scale, search_face_scale
+    from pipelines.face_scenes import ScenePerson, SceneSpec, render_scene
+
+    # a face 6 % of the short side of a 1280x720 frame (~43 px): below HOG's window at full size
+    spec = SceneSpec("small", 1280, 720, (ScenePerson(0.6, 0.4, 0.06),), seconds=0.12)
+    frames, truth = render_scene(spec)
+    assert len(detector.detect_candidates(frames[:1])) == 0
+    search = search_face_scale(detector, frames, (1280, 720), max_pixels=3_200_000)
+    assert search.face_px is not None and search.level == 2
+    assert 0.7 * 43 < search.face_px < 1.5 * 43
+    scale = pass_scale(search, (1280, 720), 100.0, 3_200_000, min_face_px=detector.min_face_px)
+    assert scale > 1.4
+    cands = detector.detect_candidates(frames, scale=scale)
+    assert sorted(set(cands.frame.tolist())) == [0, 1, 2]
+    centre, width = _drawn_centre_and_width(truth[0, 0])
+    box = cands.boxes[cands.frame == 0][0]
+    assert np.linalg.norm((box[:2] + box[2:]) / 2 - centre) < 0.25 * width
+
+
+def test_large_face_search_stops_at_the_coarse_level(detector):
+    from pipelines.face_detect import pass_scale, search_face_scale
+    from pipelines.face_scenes import ScenePerson, SceneSpec, render_scene
+
+    spec = SceneSpec("big", 720, 1280, (ScenePerson(0.5, 0.45, 0.7),), seconds=0.08)
+    frames, truth = render_scene(spec)
+    search = search_face_scale(detector, frames, (720, 1280), max_pixels=3_200_000)
+    assert search.level == 0 and len(search.searched) == 1
+    assert abs(search.face_px - 0.7 * 720) < 0.3 * 0.7 * 720
+    assert pass_scale(search, (720, 1280), 100.0, 3_200_000) < 0.35
+
+
+def test_dlib_cnn_detector_finds_the_face():
+    from pipelines.face_detect import DlibCnnDetector
+    from pipelines.sample_data import TalkingHeadRenderer
+
+    cnn = make_detector("dlib_cnn")
+    assert isinstance(cnn, DlibCnnDetector) and isinstance(cnn, FaceCandidateDetector)
+    renderer = TalkingHeadRenderer(256, 256, np.random.default_rng(3))
+    frame = renderer.render(0.2, 0.3)[None]
+    cands = cnn.detect_candidates(frame)
+    assert len(cands) == 1 and cands.scores[0] > 0.5
+    dx, dy, _, _ = renderer.pose(0.2)
+    box = cands.boxes[0]
+    centre = np.array([renderer.centre[0] + dx, renderer.centre[1] + dy])
+    assert (box[:2] < centre).all() and (centre < box[2:]).all()  # MMOD boxes sit higher than HOG's
+    lm = cands.landmarks[0]
+    assert np.linalg.norm((lm.min(0) + lm.max(0)) / 2 - centre) < 0.15 * (box[2] - box[0])
+    with pytest.raises(FaceDetectorError, match="unknown detector"):
+        make_detector("yolo")

@@ -160,6 +160,17 @@ def test_frame_files_hold_latents_audio_landmarks(ingested):
 
 
 @pytest.mark.slow
+def test_workers_write_the_frames_the_driver_gets_only_small_rows(ingested):
+    out, summary, _ = ingested
+    assert not {"latent", "features", "crops", "jpeg", "samples"} & set(summary.driver_columns)
+    frame_bytes = sum(p.stat().st_size for p in (out / "frames").glob("*.parquet"))
+    if summary.processed:  # (a second caller of the shared run only resumes)
+        assert 0 < summary.driver_bytes < 0.05 * frame_bytes
+    assert (out / "ingest_fingerprint.json").is_file()
+    assert summary.by_status.get("ok") == summary.ok and sum(summary.by_status.values()) == summary.inputs
+
+
+@pytest.mark.slow
 def test_split_is_deterministic_and_by_folder(ingested, good_videos):
     from pipelines.manifest import plan_inputs, split_for
 
@@ -181,9 +192,9 @@ def test_split_is_deterministic_and_by_folder(ingested, good_videos):
 def test_resume_skips_finished_redoes_deleted_and_survives_a_worker_crash(ingested, good_videos, tmp_path,
                                                                           monkeypatch):
     """Resume: a second run skips every finished video (no duplicate rows). Third run: a deleted
-    frame file is redone, a crashed writer's tmp file is cleaned, and a new input whose worker
-    process dies (as in a native decoder crash) ends as a ``pipeline`` rejection while the job
-    finishes normally."""
+    frame file is redone, a crashed writer's tmp file and chunk folder are cleaned, and a new
+    input whose worker process dies (as in a native decoder crash) ends as ``failed`` (an
+    infrastructure failure, not a rejection) while the job finishes normally."""
     import os
 
     import pipelines.ingest_job as ingest_job
@@ -205,8 +216,11 @@ def test_resume_skips_finished_redoes_deleted_and_survives_a_worker_crash(ingest
     frames = out / victim["frames_file"]
     frames.unlink()
     (frames.parent / "crashed.parquet.tmp").write_bytes(b"half written")  # a crashed writer's leftover
-    crasher = tmp_path / "crashes_its_worker.mp4"
-    shutil.copyfile(good_videos[0], crasher)
+    (frames.parent / "crashed.parts").mkdir()  # a crashed run's chunk folder
+    (frames.parent / "crashed.parts" / "000000.parquet").write_bytes(b"x")
+    crasher = tmp_path / "crashes_its_worker.mp4"  # new bytes, same streams (a plain copy is a duplicate)
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(good_videos[0]), "-map", "0",
+                    "-c", "copy", "-metadata", "title=crasher", str(crasher)], check=True, timeout=120)
     listing = tmp_path / "inputs.txt"
     listing.write_text("\n".join([r["source"] for r in before] + [str(crasher)]) + "\n")
     real_build = ingest_job.build_dataset
@@ -228,26 +242,48 @@ def test_resume_skips_finished_redoes_deleted_and_survives_a_worker_crash(ingest
     row = next(r for r in final if r["video_id"] == victim["video_id"])
     assert row["status"] == "ok" and row["num_frames"] == victim["num_frames"]
     assert FrameStore(out).num_frames(victim["video_id"]) == victim["num_frames"]
-    assert not list(frames.parent.glob("*.tmp"))
+    assert not list(frames.parent.glob("*.tmp")) and not list(frames.parent.glob("*.parts"))
     crashed = next(r for r in final if r["source"] == str(crasher))
-    assert crashed["status"] == "rejected" and crashed["stage"] == "pipeline"
-    assert crasher.name in crashed["reason"]
+    assert crashed["status"] == "failed" and crashed["stage"] == "pipeline"
+    assert crasher.name in crashed["reason"] and crashed["reason"].startswith("failed: ")
+
+
+def _tracking_args(tmp_path: Path) -> list[str]:
+    return [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/mlruns",
+            "tracking.experiment=ingest-test"]
 
 
 def test_cli_runs_as_a_file_without_ray_for_a_list_of_missing_files(tmp_path):
     """The script runs as a file (the project is importable as installed: no sys.path edit); a
-    list naming a missing file gives a rejected row (stage ``input``), exit 0, and needs no Ray."""
+    list naming a missing file gives a rejected row (stage ``input``), exit 0, and needs no Ray.
+    The run is an MLflow run (params, counts, the manifest artifact) named in ``ingest_run.json``."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
     listing = tmp_path / "videos.txt"
     listing.write_text("# one missing file\nnot_there.mp4\n")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "ingest.py"), "--input", str(listing),
-                           "--output", str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                           "--output", str(out), *_tracking_args(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = _manifest(out)
     assert len(rows) == 1
     assert rows[0]["status"] == "rejected" and rows[0]["stage"] == "input"
     assert "not_there.mp4" in rows[0]["reason"]
     assert (out / "ingest_meta.json").is_file()
+    info = json.loads((out / "ingest_run.json").read_text())
+    fingerprint = json.loads((out / "ingest_fingerprint.json").read_text())["fingerprint"]
+    assert info["experiment"] == "ingest-test" and info["fingerprint"] == fingerprint
+    run = MlflowClient(tracking_uri=info["tracking_uri"]).get_run(info["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["loopy.job"] == "ingest"
+    assert run.data.params["ingest.fps"] == "25.0" and run.data.params["fingerprint"] == fingerprint
+    assert run.data.metrics["rejected"] == 1 and run.data.metrics["status.rejected"] == 1
+    assert run.data.metrics["stage.input"] == 1 and run.data.metrics["hours_kept"] == 0
+    arts = {a.path for a in MlflowClient(tracking_uri=info["tracking_uri"]).list_artifacts(info["run_id"])}
+    assert {"videos.parquet", "ingest_meta.json", "ingest_fingerprint.json", "ingest_summary.json"} <= arts
+    assert not any("auth_token" in k for k in run.data.params)  # no serve section (tokens) in params
 
 
 def test_cli_runs_as_a_module_and_main_returns_the_exit_status(tmp_path, capsys):
@@ -258,7 +294,8 @@ def test_cli_runs_as_a_module_and_main_returns_the_exit_status(tmp_path, capsys)
     listing = tmp_path / "videos.txt"
     listing.write_text("not_there.mp4\n")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "pipelines.ingest", "--input", str(listing), "--output", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "pipelines.ingest", "--input", str(listing), "--output", str(out),
+                           *_tracking_args(tmp_path)],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert [r["stage"] for r in _manifest(out)] == ["input"]
@@ -342,7 +379,8 @@ def test_cli_refuses_an_unreadable_model_config_before_any_work(tmp_path):
 # --- fast unit tests of the driver's helpers (no Ray) ----------------------------------------------
 
 
-def test_video_id_is_stable_and_changes_with_the_file(tmp_path):
+def test_video_id_is_stable_and_changes_with_the_content(tmp_path):
+    """Content ids (issue 13): touching or copying a file keeps its id; new bytes give a new one."""
     import os
 
     from pipelines.manifest import video_id_for
@@ -353,6 +391,10 @@ def test_video_id_is_stable_and_changes_with_the_file(tmp_path):
     assert vid == video_id_for(tmp_path / "." / "a.mp4") and len(vid) == 16
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert video_id_for(f) == vid
+    (tmp_path / "copy.mp4").write_bytes(b"1234")
+    assert video_id_for(tmp_path / "copy.mp4") == vid
+    f.write_bytes(b"1235")
     assert video_id_for(f) != vid
 
 

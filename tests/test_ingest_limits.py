@@ -1,0 +1,390 @@
+"""Ingest robustness and scale (issues 11, 13, 14): limits before work, per-video deadlines,
+infrastructure failures vs rejections, the output fingerprint, content ids and duplicates, the
+yield report, workers writing their own frame files, the clicks file through the whole job.
+
+Fast tests (no Ray) check each piece; one slow job run (two runs: with faults, then a rerun)
+checks them together on the embedded Ray.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from core.sections import IngestConfig, PlatformConfig
+
+FPS = 25.0
+CLICK_FRAMES = (31, 77, 118)  # 25 fps frames during which a click is heard (at 0.4 of the frame)
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", *args], check=True, timeout=120)
+
+
+def make_hostile(path: Path) -> Path:
+    """Two video frames half an hour apart and an hour of cheap (silent, 8 kbit/s mono) audio: 90 000
+    frames at 25 fps from two source frames. ~2 s to make."""
+    _ffmpeg("-f", "lavfi", "-i", "color=c=gray:size=320x240:rate=1/1800", "-f", "lavfi", "-i",
+            "anullsrc=r=8000:cl=mono", "-t", "3600", "-c:v", "libx264", "-preset", "ultrafast",
+            "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "8k", str(path))
+    return path
+
+
+def remux(src: Path, dst: Path, title: str) -> Path:
+    """The same streams in new bytes (another content id)."""
+    _ffmpeg("-i", str(src), "-map", "0", "-c", "copy", "-metadata", f"title={title}", str(dst))
+    return dst
+
+
+def write_wav(path: Path, samples: np.ndarray, sr: int = 16000) -> None:
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(pcm.tobytes())
+
+
+def make_click_pair(video: Path, folder: Path, seconds: float = 6.0) -> tuple[Path, Path]:
+    """The video stream of ``video`` with a low noise bed (``ref``) and with the same bed plus a
+    click during each of :data:`CLICK_FRAMES` (``clicks``); audio stored as PCM (lossless), so
+    the two files' audio differ only at the clicks."""
+    sr = 16000
+    rng = np.random.default_rng(0)
+    bed = (0.05 * rng.standard_normal(int(seconds * sr))).astype(np.float32)
+    clicked = bed.copy()
+    for k in CLICK_FRAMES:
+        i = int(round((k + 0.4) / FPS * sr))
+        clicked[i:i + 8] += 0.6
+    out = []
+    for name, audio in (("ref", bed), ("clicks", clicked)):
+        wav = folder / f"{name}.wav"
+        write_wav(wav, audio, sr)
+        dst = folder / f"{name}_talk.mov"
+        _ffmpeg("-i", str(video), "-i", str(wav), "-map", "0:v", "-map", "1:a", "-c:v", "copy",
+                "-c:a", "pcm_s16le", str(dst))
+        out.append(dst)
+    return out[0], out[1]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict:
+    from pipelines.sample_data import SAMPLE_SPECS, generate_samples
+
+    root = tmp_path_factory.mktemp("limits_media")
+    spec = [s for s in SAMPLE_SPECS if s.name == "talk_25fps_16k"]
+    generate_samples(root / "gen", seconds=6.0, seed=3, specs=spec)
+    good = next((root / "gen").glob("*.mp4"))
+    return {"root": root, "good": good, "hostile": make_hostile(root / "hostile.mp4")}
+
+
+# --- limits before work (no Ray) ---------------------------------------------------------------------
+
+
+def _no_decoding(monkeypatch) -> None:
+    """Any decode of frames or audio in the analysis fails the test."""
+    import pipelines.ingest_stages as stages
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("decoded although a limit should have refused the file first")
+
+    monkeypatch.setattr(stages, "iter_frames", forbidden)
+    monkeypatch.setattr(stages, "decode_audio", forbidden)
+
+
+def test_hostile_frozen_file_is_refused_from_the_probe_before_any_decoding(media, monkeypatch):
+    from pipelines.ingest_stages import VideoAnalyzer
+
+    _no_decoding(monkeypatch)
+    row = {"video_id": "h", "path": str(media["hostile"])}
+    rej = VideoAnalyzer(IngestConfig()).begin(row)  # default max_duration_s 1800: the hour is too long
+    assert rej["kind"] == "reject" and rej["stage"] == "limits", rej["reason"]
+    assert "max_duration_s" in rej["reason"] and media["hostile"].name in rej["reason"]
+    # allowed any length, it is still refused: 2 distinct source frames for 90 000 output frames
+    rej = VideoAnalyzer(IngestConfig(max_duration_s=1e6)).begin(row)
+    assert rej["stage"] == "limits" and "frozen or sparse" in rej["reason"], rej["reason"]
+    assert "2 distinct source frames for 90000 frames" in rej["reason"]
+
+
+def test_max_pixels_comes_from_the_stream_header_before_demuxing(media, monkeypatch):
+    import pipelines.probe as probe
+    from pipelines.ingest_stages import VideoAnalyzer
+
+    def no_demux(*args, **kwargs):
+        raise AssertionError("demuxed or decoded although the header is over max_pixels")
+
+    monkeypatch.setattr(probe, "_demux_video", no_demux)
+    rej = VideoAnalyzer(IngestConfig(max_pixels=320 * 200)).begin({"video_id": "g", "path": str(media["good"])})
+    assert rej["stage"] == "limits" and "max_pixels" in rej["reason"], rej["reason"]
+    assert "nothing decoded" in rej["reason"]
+
+
+def test_audio_much_shorter_than_video_is_refused_from_the_headers(media, monkeypatch, tmp_path):
+    from pipelines.ingest_stages import VideoAnalyzer
+
+    short = tmp_path / "short_audio.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=25:duration=7", "-f", "lavfi", "-i",
+            "sine=frequency=300:sample_rate=16000:duration=2", "-c:v", "libx264", "-preset", "ultrafast",
+            "-pix_fmt", "yuv420p", "-c:a", "aac", str(short))
+    _no_decoding(monkeypatch)
+    rej = VideoAnalyzer(IngestConfig()).begin({"video_id": "s", "path": str(short)})
+    assert rej["stage"] == "audio" and "stream headers, before decoding" in rej["reason"], rej["reason"]
+
+
+def test_distinct_source_frames_rule():
+    from pipelines.quality import check_limits, distinct_source_frames
+
+    cfg = IngestConfig()
+    for src_fps, expected in ((30.0, 150), (25.0, 150), (10.0, 60), (5.0, 30)):
+        pts = np.arange(int(6 * src_fps)) / src_fps
+        assert distinct_source_frames(pts, 150, 25.0) == expected, src_fps
+    assert check_limits(6.0, np.arange(60) / 10.0, 6.0, cfg) is None  # 10 fps: 40% distinct, kept
+    rej = check_limits(6.0, np.arange(30) / 5.0, 6.0, cfg)  # 5 fps: 80% repeats
+    assert rej.stage == "limits" and "frozen or sparse" in rej.why
+    assert check_limits(6.0, np.arange(150) / 25.0, None, cfg) is None  # no header audio: checked later
+
+
+# --- the watchdog (no Ray) ----------------------------------------------------------------------------
+
+
+def test_a_hung_analysis_is_killed_at_its_deadline_and_the_next_call_gets_a_fresh_child(media):
+    from pipelines.watchdog import DeadlineExceeded, WatchedWorker
+
+    cfg = IngestConfig(fault_hang_match=media["good"].name)
+    worker = WatchedWorker("pipelines.ingest_stages:VideoAnalyzer", {"cfg": cfg})
+    row = {"video_id": "g", "path": str(media["good"])}
+    assert worker.call("begin", row, deadline_s=60)["kind"] == "probed"
+    hung = worker.proc
+    with pytest.raises(DeadlineExceeded, match="killed"):
+        worker.call("finish", row, deadline_s=2.0)
+    assert hung.poll() is not None and worker.proc is None  # the hung process is gone
+    assert worker.call("begin", {"video_id": "h", "path": str(media["hostile"])}, deadline_s=60)["stage"] == "limits"
+    assert worker.starts == 2
+    worker.close()
+
+
+def test_a_killed_analysis_process_is_a_worker_death_not_a_bad_file(media):
+    """Kill the child from outside (as the OOM killer does) during a call: WorkerDied naming
+    the signal; the stage turns it into a ``failed`` row."""
+    from pipelines.watchdog import WatchedWorker, WorkerDied
+
+    cfg = IngestConfig(fault_hang_match=media["good"].name)
+    worker = WatchedWorker("pipelines.ingest_stages:VideoAnalyzer", {"cfg": cfg})
+    row = {"video_id": "g", "path": str(media["good"])}
+    worker.call("begin", row, deadline_s=60)
+    pid = worker.proc.pid
+    killer = threading.Timer(1.0, lambda: __import__("os").kill(pid, signal.SIGKILL))
+    killer.start()
+    with pytest.raises(WorkerDied, match="SIGKILL") as err:
+        worker.call("finish", row, deadline_s=60)
+    killer.join()
+    assert err.value.returncode == -signal.SIGKILL
+    worker.close()
+
+
+# --- fingerprint, content ids, duplicates, reasons (no Ray) ------------------------------------------
+
+
+def test_fingerprint_is_claimed_at_the_start_and_another_configuration_is_refused(tmp_path, tiny_weights):
+    from pipelines.resume import FINGERPRINT_NAME, IngestOutputError, claim_output_dir, ingest_fingerprint
+
+    weights_cfg, weights = tiny_weights
+    cfg = PlatformConfig(weights=weights_cfg)
+    fp = ingest_fingerprint(cfg, weights)
+    out = tmp_path / "o"
+    out.mkdir()
+    claim_output_dir(out, fp)
+    assert json.loads((out / FINGERPRINT_NAME).read_text())["fingerprint"] == fp["fingerprint"]
+    assert sorted(p.name for p in out.iterdir()) == [FINGERPRINT_NAME]  # no temp file left
+    claim_output_dir(out, fp)  # same settings: accepted
+    # run-only settings (pool sizes, deadlines, fault injection) do not change the fingerprint
+    run_only = PlatformConfig(weights=weights_cfg, ingest=IngestConfig(num_detect_actors=7, deadline_base_s=1.0,
+                                                                        fault_kill_match="x"))
+    assert ingest_fingerprint(run_only, weights)["fingerprint"] == fp["fingerprint"]
+    for field, value in (("crop_margin", 0.7), ("fps", 30.0), ("detect_max_side", 640), ("sample_rate", 22050),
+                         ("max_duration_s", 60.0)):
+        other = PlatformConfig(weights=weights_cfg, ingest=IngestConfig(**{field: value}))
+        with pytest.raises(IngestOutputError, match=rf"ingest\.{field}.*new output directory"):
+            claim_output_dir(out, ingest_fingerprint(other, weights))
+
+
+def test_prepare_refuses_a_directory_written_with_another_crop_before_any_work(tmp_path, tiny_weights):
+    from pipelines.ingest_job import prepare_ingest
+    from pipelines.resume import IngestOutputError
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("missing.mp4\n")
+    cfg = PlatformConfig(weights=tiny_weights[0])
+    prepare_ingest(listing, tmp_path / "out", cfg)
+    assert (tmp_path / "out" / "ingest_fingerprint.json").is_file()  # written at the start
+    cfg.ingest.crop_margin = 0.9
+    with pytest.raises(IngestOutputError, match="crop_margin"):
+        prepare_ingest(listing, tmp_path / "out", cfg)
+
+
+def test_video_ids_come_from_content_and_copies_are_duplicates_in_one_split(tmp_path):
+    import os
+
+    from pipelines.manifest import plan_inputs, video_id_for
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 255, 6 * 1024 * 1024, dtype=np.uint8).tobytes()  # bigger than the hashed head
+    for folder in ("alice", "bob"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "alice" / "a.mp4").write_bytes(data)
+    (tmp_path / "bob" / "copy_of_a.mp4").write_bytes(data)
+    (tmp_path / "bob" / "b.mp4").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # differs in the last byte
+    vid = video_id_for(tmp_path / "alice" / "a.mp4")
+    st = (tmp_path / "alice" / "a.mp4").stat()
+    os.utime(tmp_path / "alice" / "a.mp4", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert video_id_for(tmp_path / "alice" / "a.mp4") == vid  # touching does not change it
+    assert video_id_for(tmp_path / "bob" / "b.mp4") != vid  # content does
+    for split_key in ("video", "folder"):
+        for fraction in (0.0, 0.5, 1.0):
+            videos = {Path(v.source).name: v for v in plan_inputs(tmp_path, fraction, split_key)}
+            copy, orig = videos["copy_of_a.mp4"], videos["a.mp4"]
+            assert copy.duplicate_of == orig.source and orig.duplicate_of is None
+            assert copy.video_id == orig.video_id == vid and copy.split == orig.split
+            assert videos["b.mp4"].duplicate_of is None
+
+
+def test_reason_keys_count_reasons_without_file_names():
+    from pipelines.manifest import reason_key
+
+    a = reason_key("filter: /data/x/a.mp4: too short: 100 frames at 25 fps < min_frames 136 (5.44 s)", "/data/x/a.mp4")
+    b = reason_key("filter: /data/y/b c.mp4: too short: 90 frames at 25 fps < min_frames 136 (5.44 s)", "/data/y/b c.mp4")
+    assert a == b == "filter: too short: # frames at # fps < min_frames #"
+    assert reason_key(None) is None
+
+
+# --- the whole job: faults, rerun, duplicates, clicks, yield, who writes (Ray) -----------------------
+
+
+@pytest.fixture(scope="module")
+def fault_runs(ray_local, tiny_weights, media, tmp_path_factory) -> dict:
+    """Run 1 (with faults): a good video, the clicks file and its no-click reference, a video whose
+    analysis hangs, one whose actor is killed every time it is tried, a copy of the good video in
+    another folder, the hostile file. Run 2: the same inputs without the faults."""
+    from pipelines.ingest_job import run_ingest
+
+    root = tmp_path_factory.mktemp("fault_job")
+    inputs = root / "in"
+    (inputs / "p1").mkdir(parents=True)
+    (inputs / "p2").mkdir()
+    good = inputs / "p1" / "good.mp4"
+    shutil.copyfile(media["good"], good)
+    shutil.copyfile(media["good"], inputs / "p2" / "zz_copy.mp4")
+    remux(media["good"], inputs / "p1" / "hang_me.mp4", "hang")
+    remux(media["good"], inputs / "p2" / "kill_me.mp4", "kill")
+    make_click_pair(media["good"], inputs / "p1")
+    shutil.copyfile(media["hostile"], inputs / "p2" / "hostile.mp4")
+    for wav in inputs.rglob("*.wav"):
+        wav.unlink()
+    cfg = PlatformConfig()
+    cfg.weights = tiny_weights[0]
+    cfg.ingest = IngestConfig(split_key="folder", test_fraction=0.5, num_detect_actors=2, deadline_base_s=30.0,
+                              deadline_per_s=8.0, fault_hang_match="hang_me", fault_kill_match="kill_me",
+                              max_task_retries=1)
+    out = root / "out"
+    first_msgs: list[str] = []
+    t0 = time.perf_counter()
+    first = run_ingest(inputs, out, cfg, echo=first_msgs.append)
+    first_wall = time.perf_counter() - t0
+    first_rows = {Path(r["source"]).name: r for r in pq.read_table(out / "videos.parquet").to_pylist()}
+    cfg.ingest.fault_hang_match = cfg.ingest.fault_kill_match = None
+    second = run_ingest(inputs, out, cfg, echo=lambda s: None)
+    second_rows = {Path(r["source"]).name: r for r in pq.read_table(out / "videos.parquet").to_pylist()}
+    return {"out": out, "cfg": cfg, "first": first, "first_rows": first_rows, "first_msgs": first_msgs,
+            "first_wall": first_wall, "second": second, "second_rows": second_rows}
+
+
+@pytest.mark.slow
+def test_hang_costs_one_video_a_killed_worker_is_failed_and_retried(fault_runs):
+    rows = fault_runs["first_rows"]
+    assert rows["good.mp4"]["status"] == "ok", rows["good.mp4"]["reason"]
+    hang = rows["hang_me.mp4"]
+    assert (hang["status"], hang["stage"]) == ("rejected", "timeout"), hang
+    assert "deadline" in hang["reason"] and "hang_me.mp4" in hang["reason"]
+    kill = rows["kill_me.mp4"]
+    assert kill["status"] == "failed", kill  # a worker death is not a bad file
+    assert kill["reason"].startswith("failed: ") and "kill_me.mp4" in kill["reason"]
+    assert "Ray:" in kill["reason"]
+    assert fault_runs["first"].failed == 1
+    # the rerun (faults gone, same fingerprint) retries the failed video by default and nothing else
+    again = fault_runs["second_rows"]
+    assert again["kill_me.mp4"]["status"] == "ok", again["kill_me.mp4"]["reason"]
+    assert again["hang_me.mp4"]["stage"] == "timeout"  # a rejection stays (retry_rejected to redo)
+    second = fault_runs["second"]
+    assert second.processed == 1 and second.failed == 0
+    assert len({r["video_id"] for r in again.values() if r["status"] != "duplicate"}) == len(again) - 1
+
+
+@pytest.mark.slow
+def test_copy_recorded_as_duplicate_and_hostile_refused_by_limits(fault_runs):
+    rows = fault_runs["second_rows"]
+    dup, good = rows["zz_copy.mp4"], rows["good.mp4"]
+    assert dup["status"] == "duplicate" and dup["duplicate_of"] == good["source"]
+    assert dup["video_id"] == good["video_id"] and dup["split"] == good["split"]
+    assert dup["frames_file"] is None
+    hostile = rows["hostile.mp4"]
+    assert (hostile["status"], hostile["stage"]) == ("rejected", "limits"), hostile
+
+
+@pytest.mark.slow
+def test_yield_report_counts_by_status_stage_reason_and_hours(fault_runs):
+    s = fault_runs["second"]
+    rows = list(fault_runs["second_rows"].values())
+    assert s.by_status == {k: sum(r["status"] == k for r in rows) for k in {r["status"] for r in rows}}
+    assert s.by_status["ok"] == 4 and s.by_status["duplicate"] == 1 and s.by_status["rejected"] == 2
+    assert s.by_stage == {"limits": 1, "timeout": 1}
+    assert sum(s.by_reason.values()) == 2 and all("hostile" not in k for k in s.by_reason)
+    frames = sum(r["num_frames"] for r in rows if r["status"] == "ok")
+    assert s.hours_kept == pytest.approx(frames / 25.0 / 3600.0)
+    assert s.hours_input > 1.0  # the hostile hour is offered, not kept
+    assert any("kept" in m and " h of " in m for m in fault_runs["first_msgs"])
+    assert all(r["reason_key"] for r in rows if r["status"] == "rejected")
+
+
+@pytest.mark.slow
+def test_the_driver_receives_no_frame_data_and_the_reader_layout_holds(fault_runs):
+    from pipelines.schema import FrameStore
+
+    out, s = fault_runs["out"], fault_runs["first"]
+    assert not {"latent", "features", "crops", "jpeg", "samples", "landmarks", "boxes"} & set(s.driver_columns)
+    frame_bytes = sum(p.stat().st_size for p in (out / "frames").glob("*.parquet"))
+    assert s.driver_bytes < 0.05 * frame_bytes, (s.driver_bytes, frame_bytes)
+    assert not list((out / "frames").glob("*.parts")) and not list((out / "frames").glob("*.tmp"))
+    store = FrameStore(out)
+    for r in store.manifest("ok").to_pylist():
+        assert store.num_frames(r["video_id"]) == r["num_frames"]
+        md = pq.ParquetFile(out / r["frames_file"]).metadata
+        assert all(md.row_group(i).num_rows == 25 for i in range(md.num_row_groups - 1))
+
+
+@pytest.mark.slow
+def test_clicks_stand_out_in_the_stored_audio_features_within_one_frame(fault_runs):
+    from pipelines.schema import FrameStore
+
+    out, rows = fault_runs["out"], fault_runs["second_rows"]
+    ref, clicks = rows["ref_talk.mov"], rows["clicks_talk.mov"]
+    assert ref["status"] == clicks["status"] == "ok", (ref["reason"], clicks["reason"])
+    store = FrameStore(out)
+    n = min(ref["num_frames"], clicks["num_frames"])
+    a = store.read(clicks["video_id"], range(n), ["audio"])["audio"].astype(np.float32)
+    b = store.read(ref["video_id"], range(n), ["audio"])["audio"].astype(np.float32)
+    change = ((a - b) ** 2).sum(axis=(1, 2))
+    floor = np.median(change) + 1e-12
+    for k in CLICK_FRAMES:
+        window = change[k - 6:k + 7]
+        peak = k - 6 + int(np.argmax(window))
+        assert abs(peak - k) <= 1, (k, peak, window)
+        assert change[peak] > 20 * floor, (k, change[peak], floor)
