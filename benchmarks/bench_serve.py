@@ -1,10 +1,12 @@
 """Service benchmark: 20 concurrent clients against the Serve app (tiny untrained model, CPU).
 
-Every client POSTs a portrait + 1 s of audio; a 429 is retried after its ``Retry-After``, so a
-request is "lost" only if it is neither answered nor finished. A poller samples ``/healthz``
-throughout and records the largest number of pending (queued + running) jobs, which must never
-exceed ``serve.max_queue``. Reported: answered / accepted / finished counts, the largest queue
-seen, 429s, POST latency while jobs run (ingress responsiveness), and the total wall time.
+Every client POSTs a portrait + 1 s of audio (a 429 is retried after its ``Retry-After``) and
+waits for its video, so a request is "lost" only if it is neither answered nor finished. While
+the 20 jobs run, 4 pollers ask ``GET /v1/videos/{id}`` of the accepted jobs as fast as they are
+answered (the job store is a SQLite database): reported as status polls per second and their p95
+latency. A sampler of ``/healthz`` records the largest number of pending (queued + running)
+jobs, which must never exceed ``serve.max_queue``. Also reported: POST latency while jobs run
+(ingress responsiveness) and the total wall time. Runs on CPU with the tiny package; not a test.
 
 ``LOOPY_BENCH_QUICK=1``: 8 clients instead of 20.
 """
@@ -24,7 +26,8 @@ from serve.client import ClientError, RequestRejected, VideoClient
 
 QUICK = os.environ.get("LOOPY_BENCH_QUICK", "0") not in ("0", "", "false")
 CLIENTS = 8 if QUICK else 20
-MAX_QUEUE = 6
+MAX_QUEUE = 12  # < CLIENTS: the queue bound and its 429s are exercised too
+POLLERS = 4
 BENCH = "serve"
 
 
@@ -46,7 +49,7 @@ def run() -> list[dict]:
     from core.config import load_platform_config
     from core.ray_runtime import init_ray
     from models.untrained_package import write_untrained_package
-    from serve.app import build_app
+    from serve.app import build_app, http_options
 
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         tmp = Path(tmp)
@@ -62,7 +65,7 @@ def run() -> list[dict]:
                                           f"serve.max_queue={MAX_QUEUE}", "serve.cpus_per_replica=0",
                                           f"serve.port={port}", "sampler.steps=2"])
         init_ray(cfg.ray)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options=http_options(cfg.serve))
         serve.run(build_app(cfg), name="loopy_bench", route_prefix="/", blocking=False)
         base = f"http://127.0.0.1:{port}"
         try:
@@ -76,8 +79,26 @@ def run() -> list[dict]:
 def _load(base: str, image: bytes, audio: bytes) -> list[dict]:
     results: list[dict] = [dict() for _ in range(CLIENTS)]
     post_latency: list[float] = []
+    poll_latency: list[float] = []
+    accepted: list[str] = []
     stop = threading.Event()
     max_pending = [0]
+
+    def status_poller(k: int) -> None:
+        with VideoClient(base, timeout_s=30) as c:
+            i = k
+            while not stop.is_set():
+                if not accepted:
+                    time.sleep(0.05)
+                    continue
+                job = accepted[i % len(accepted)]
+                i += 1
+                t0 = time.perf_counter()
+                try:
+                    c.status(job)
+                    poll_latency.append(time.perf_counter() - t0)
+                except ClientError:
+                    pass
 
     def poller() -> None:
         with VideoClient(base, timeout_s=30) as c:
@@ -112,6 +133,7 @@ def _load(base: str, image: bytes, audio: bytes) -> list[dict]:
                     return
                 post_latency.append(time.perf_counter() - t0)
                 r["answered"] = True
+                accepted.append(job)
                 try:
                     c.wait(job, timeout_s=max(0.0, deadline - time.monotonic()), poll_s=0.3)
                     r["done"] = c.download(job, Path(tmp) / "video.mp4").stat().st_size > 0
@@ -121,6 +143,9 @@ def _load(base: str, image: bytes, audio: bytes) -> list[dict]:
 
     poll = threading.Thread(target=poller, daemon=True)
     poll.start()
+    pollers = [threading.Thread(target=status_poller, args=(k,), daemon=True) for k in range(POLLERS)]
+    for t in pollers:
+        t.start()
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
     for t in threads:
@@ -130,12 +155,16 @@ def _load(base: str, image: bytes, audio: bytes) -> list[dict]:
     wall = time.perf_counter() - t0
     stop.set()
     poll.join(timeout=5)
+    for t in pollers:
+        t.join(timeout=5)
     answered = sum(r["answered"] for r in results)
     done = sum(r["done"] for r in results)
     rejected = sum(r["rejected"] for r in results)
     errors = [r["error"] for r in results if "error" in r]
     lat = sorted(post_latency)
     p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan")
+    polls = sorted(poll_latency)
+    poll_p95 = polls[min(len(polls) - 1, int(0.95 * len(polls)))] if polls else float("nan")
     note = f"{CLIENTS} concurrent clients, tiny model on CPU, 2 DDIM steps, 1 s audio, 1 worker replica"
     return [
         _row("requests answered", answered, f"of {CLIENTS}", f"{CLIENTS}", note),
@@ -144,6 +173,11 @@ def _load(base: str, image: bytes, audio: bytes) -> list[dict]:
         _row("largest queue seen (queued + running)", max_pending[0], "jobs", f"<= {MAX_QUEUE}",
              "sampled from /healthz every 0.1 s"),
         _row("429 answers (retried after Retry-After)", rejected, "responses", "> 0 when clients > queue", ""),
+        _row("status polls while the jobs run", len(polls) / wall if wall else float("nan"), "requests/s", "",
+             f"{POLLERS} pollers, GET /v1/videos/{{id}} of accepted jobs, job store in SQLite"),
+        _row("status poll latency p95 / median",
+             f"{poll_p95:.4f} / {statistics.median(polls) if polls else float('nan'):.4f}", "s", "< 0.5",
+             f"{len(polls)} polls"),
         _row("POST latency p95 / median", f"{p95:.3f} / {statistics.median(lat):.3f}", "s", "",
              "validation (decode, face detection) runs in the ingress while jobs run in the worker"),
         _row("wall time for all clients", wall, "s", "", note),

@@ -71,7 +71,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -100,8 +100,27 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
+#: Keys that older versions wrote and this one no longer has: dotted path -> where the setting went.
+#: An empty (null) value is dropped, so packages written before the change still load; a set
+#: value is an error that names the new place (and never echoes the value: it may be a secret).
+REMOVED_KEYS = {
+    "serve.auth_token": "client tokens are read from the LOOPY_SERVE_TOKENS_FILE or LOOPY_SERVE_TOKENS "
+                        "environment variable (docs/SERVICE.md), never from the config",
+}
+
+
+def _drop_removed(data: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+    where = f"{path}." if path else ""
+    removed = [k for k in data if f"{where}{k}" in REMOVED_KEYS]
+    for key in removed:
+        if data[key] is not None:
+            raise ConfigError(f"config key {where}{key} was removed: {REMOVED_KEYS[where + key]}")
+    return {k: v for k, v in data.items() if k not in removed}
+
+
 def _build(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     types_ = _field_types(cls)
+    data = _drop_removed(data, path)
     unknown = sorted(set(data) - set(types_))
     if unknown:
         where = f"{path}." if path else ""

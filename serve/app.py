@@ -2,24 +2,36 @@
 
 Two deployments:
 
-* ``LoopyIngress`` (one replica, no GPU): the HTTP API and the web page. It checks uploads
-  (:mod:`serve.validation`), keeps the bounded job store (:mod:`serve.jobs`) and feeds queued jobs
-  to the workers, at most one job per worker replica at a time, so a job is ``queued`` until a
-  worker is free and ``running`` while it is generated. Blocking work (decoding, face detection)
-  runs in threads: the ingress stays responsive while videos are generated elsewhere.
+* ``LoopyIngress`` (one replica, no GPU): the HTTP API and the web page. It authenticates clients
+  (:mod:`serve.auth`), checks uploads (:mod:`serve.validation`: client bytes are parsed there,
+  once, and only the service's own re-encodings are kept), keeps the jobs in a database
+  (:mod:`serve.jobs`) and feeds queued jobs to the workers, at most one job per worker replica at
+  a time, so a job is ``queued`` until a worker takes it and ``running`` while it is generated.
+  Blocking work (decoding, face detection) runs in threads. Timers: the sweeper removes expired
+  jobs and orphan folders every ``serve.sweep_every_s``; each running job has a deadline
+  (``serve.job_timeout_s``) after which it fails and its worker is released.
 * ``LoopyWorker`` (``serve.num_replicas`` replicas, ``serve.gpus_per_replica`` GPUs each): one
-  :class:`inference.sampler.LoopySampler` loaded from ``serve.model`` (an MLflow model URI or a
-  package folder). Its ``generate`` streams progress events (one per 12-frame clip) and finally the
-  mp4 bytes back to the ingress through Ray (no shared file system needed).
+  :class:`inference.sampler.LoopySampler` for the model its Serve ``user_config`` names
+  (``{"model": serve.model, "model_poll_s": ...}``, :mod:`serve.model_source`: an alias is pinned
+  to its current version and followed when it moves). ``generate`` streams a ``started`` event,
+  progress events (one per 12-frame clip) and finally the mp4 bytes back to the ingress through
+  Ray (no shared file system needed). A cancelled or overdue job is stopped cooperatively (its
+  progress callback raises after the current clip); a job stuck past its deadline plus
+  ``serve.hang_grace_s`` fails the replica's health check, so Serve replaces the replica.
 
-HTTP API (``/v1`` needs ``Authorization: Bearer <serve.auth_token>`` when a token is configured):
+HTTP API (``/v1`` needs ``Authorization: Bearer <token>`` when client tokens are set, see
+:mod:`serve.auth`; each job is visible only to the client that created it, others get 404):
 
 * ``POST /v1/videos``: multipart ``image`` + ``audio`` files and optional option fields
   (``steps``, ``audio_ratio``, ``ref_ratio``, ``seed``, ``fps``, ``size``) -> ``202 {"id": ...}``
-  at once; 413 / 422 naming the field for bad input, 429 + ``Retry-After`` when the queue is full;
+  once checked; 413 / 422 naming the field for bad input, 408 for a body not sent in time,
+  403 for a cross-origin browser post, 429 + ``Retry-After`` when the queue is full, 503 +
+  ``Retry-After`` when the job storage is full;
 * ``GET /v1/videos/{id}``: state (queued, running, done, failed), progress (clips), queue position;
 * ``GET /v1/videos/{id}/file``: the mp4 (409 until done);
-* ``GET /healthz``; ``GET /``: the web page (``serve/static/index.html``).
+* ``DELETE /v1/videos/{id}``: cancel (if running) and remove the job and its files (204);
+* ``GET /healthz``; ``GET /``: the web page (``serve/static/index.html``); ``/docs`` only with
+  ``serve.docs=true``.
 
 Entry points: ``serve run serve/serve_config.yaml`` (application builder :func:`app`, args
 ``config`` and ``overrides``), or ``python -m serve.app [--config FILE] [overrides]``.
@@ -30,6 +42,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -39,103 +52,303 @@ from typing import Any, Optional
 
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from ray import serve
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from core.config import PlatformConfig, add_config_arguments, load_platform_config
 from core.paths import project_path
 from core.ray_runtime import init_ray
+from core.sections import ServeConfig
 from inference.portrait import PortraitCropper
-from inference.sampler import LoopySampler
-from serve.errors import ServeConfigError, UploadError
-from serve.jobs import JobState, JobStore, QueueFullError
+from inference.sampler import LoopySampler, num_clips
+from inference.video_io import is_pcm_wav
+from serve.auth import Authenticator, load_tokens, origin_allowed, require_auth_for
+from serve.errors import ServeConfigError, ServeError, UploadError
+from serve.jobs import DiskFullError, JobState, JobStore, QueueFullError
+from serve.model_source import is_alias, resolve_model
 from serve.validation import (
     check_audio,
+    check_budget,
     check_content_length,
     check_face,
     check_size,
+    decode_audio_upload,
     decode_image,
-    optional_bearer_ok,
+    encode_png,
+    encode_wav,
+    frames_for,
     options_to_json,
     parse_form,
+    read_png,
 )
 
 log = logging.getLogger("loopy.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and option fields on top of the two files
+JOB_DB_ENV = "LOOPY_SERVE_JOB_DB"  # SQLAlchemy URL with a password (a Secret), wins over serve.job_db
+BUSY_RETRY_S = 1.0  # wait before offering a job again to a worker whose previous job is still stopping
 
-fastapi_app = FastAPI(title="Loopy", description="Audio-driven portrait video generation")
+# docs, redoc and the OpenAPI schema are off here; routes below serve them only with serve.docs=true
+fastapi_app = FastAPI(title="Loopy", description="Audio-driven portrait video generation",
+                      docs_url=None, redoc_url=None, openapi_url=None)
 
 
-def _error(exc: UploadError) -> JSONResponse:
-    return JSONResponse(exc.to_json(), status_code=exc.status)
+class WorkerBusyError(ServeError, RuntimeError):
+    """A worker replica's previous job has not stopped yet; the ingress offers the job again."""
 
 
-@serve.deployment(name="LoopyWorker", max_ongoing_requests=1)
+class JobStopped(ServeError, RuntimeError):
+    """Raised from the sampler's progress callback to stop a cancelled or overdue job."""
+
+
+def _error(exc: UploadError, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+
+
+def http_options(sc: ServeConfig) -> dict[str, Any]:
+    """Serve's HTTP proxy options for ``serve.start`` (host, port, request time limit)."""
+    return {"host": sc.host, "port": sc.port, "request_timeout_s": sc.request_timeout_s}
+
+
+class RequestDeadline:
+    """ASGI middleware: every request ends within ``timeout_s`` seconds (408 if nothing was sent
+    yet). Serve's proxy lets a client lift its own timeout (``x-request-timeout-seconds: 0``);
+    this limit reads no header. Hand-written: Starlette has no request-time limit."""
+
+    timeout_s: Optional[float] = None  # set by the ingress replica from serve.request_timeout_s
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.timeout_s:
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, tracking_send), self.timeout_s)
+        except asyncio.TimeoutError:
+            if not started:
+                resp = JSONResponse({"field": "request", "error": f"request: not done within {self.timeout_s:g} s"},
+                                    status_code=408)
+                await resp(scope, receive, send)
+
+
+fastapi_app.add_middleware(RequestDeadline)
+
+
+# --- the worker ------------------------------------------------------------------------------------
+
+@serve.deployment(name="LoopyWorker", max_ongoing_requests=1, health_check_period_s=2.0,
+                  health_check_timeout_s=30.0)
 class LoopyWorker:
-    """One sampler per replica; ``generate`` streams ``{"progress": {...}}`` events then ``{"video": bytes}``."""
+    """One sampler per replica. ``generate`` streams ``{"started": {...}}``, then
+    ``{"progress": {...}}`` per clip, then ``{"video": bytes, "model_version": str}``."""
 
-    def __init__(self, model: str, tracking_uri: Optional[str] = None, device: str = "auto"):
-        self.sampler = LoopySampler.from_package(model, device=device, tracking_uri=tracking_uri)
+    def __init__(self, tracking_uri: Optional[str] = None, device: str = "auto", hang_grace_s: float = 30.0,
+                 fault_hang_seed: Optional[int] = None):
+        self.tracking_uri = tracking_uri
+        self.device = device
+        self.hang_grace_s = hang_grace_s
+        self.fault_hang_seed = fault_hang_seed
+        self.sampler: Optional[LoopySampler] = None
+        self.model: Optional[str] = None
+        self.version: Optional[str] = None
+        self._swap = threading.Lock()  # guards (sampler, version)
+        self._reload = threading.Lock()  # one load at a time
+        self._run_lock = threading.Lock()  # one job thread at a time (the sampler is thread-unsafe)
+        self._busy_deadline: Optional[float] = None  # wall clock a running job must end by
+        self._poll_stop = threading.Event()
+        self._poller: Optional[threading.Thread] = None
 
-    def _run(self, image: bytes, audio: bytes, options: dict, on_progress) -> bytes:
-        opts = dataclasses.replace(self.sampler.default_options, **options)
+    # --- model ---------------------------------------------------------------------------------
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve ``user_config``: ``model`` (URI or folder) and ``model_poll_s`` (seconds between
+        alias look-ups; 0: never). Called at start and on every config change, without restart."""
+        model = str(user_config["model"])
+        poll_s = float(user_config.get("model_poll_s", 0) or 0)
+        self._poll_stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=60)
+        self.model = model
+        self.refresh_model()
+        self._poll_stop = threading.Event()
+        self._poller = None
+        if poll_s > 0 and is_alias(model):
+            self._poller = threading.Thread(target=self._poll_loop, args=(poll_s, self._poll_stop),
+                                            name="loopy-model-poll", daemon=True)
+            self._poller.start()
+
+    def refresh_model(self) -> bool:
+        """Load the version ``self.model`` names now if it is not the loaded one; True if loaded."""
+        with self._reload:
+            choice = resolve_model(self.model, self.tracking_uri)
+            if self.sampler is not None and choice.version == self.version:
+                return False
+            sampler = LoopySampler.from_package(choice.uri, device=self.device, tracking_uri=self.tracking_uri)
+            with self._swap:  # jobs running keep the sampler they started with
+                self.sampler, self.version = sampler, choice.version
+            log.info("serving model %s (%s)", choice.version, self.model)
+            return True
+
+    def _poll_loop(self, every_s: float, stop: threading.Event) -> None:
+        while not stop.wait(every_s):
+            try:
+                self.refresh_model()
+            except Exception:  # noqa: BLE001 - keep serving the loaded version; retried next poll
+                log.exception("could not refresh the model %s", self.model)
+
+    def model_info(self) -> dict:
+        return {"model": self.model, "version": self.version}
+
+    # --- jobs ----------------------------------------------------------------------------------
+    def _run(self, image_png: bytes, audio_wav: bytes, options: dict, on_progress) -> bytes:
+        with self._swap:
+            sampler = self.sampler
+        opts = dataclasses.replace(sampler.default_options, **options)
         with tempfile.TemporaryDirectory(prefix="loopy_job_") as tmp:
-            audio_path = Path(tmp) / "audio.bin"
-            audio_path.write_bytes(audio)
+            audio_path = Path(tmp) / "audio.wav"
+            audio_path.write_bytes(audio_wav)
+            if not is_pcm_wav(audio_path):  # the ingress sends only the WAV it wrote itself
+                raise ServeError("the job's audio is not the service's PCM WAV")
             out = Path(tmp) / "result.mp4"
-            self.sampler.generate(decode_image(image, "image"), audio_path, out, opts, on_progress)
+            sampler.generate(read_png(image_png), audio_path, out, opts, on_progress)
             return out.read_bytes()
 
-    async def generate(self, image: bytes, audio: bytes, options: dict):
+    def _run_locked(self, timeout_s: float, *args) -> bytes:
+        try:
+            self._busy_deadline = time.time() + timeout_s
+            return self._run(*args)
+        finally:
+            self._busy_deadline = None
+            self._run_lock.release()
+
+    async def generate(self, image_png: bytes, audio_wav: bytes, options: dict, timeout_s: float):
+        if not self._run_lock.acquire(blocking=False):
+            raise WorkerBusyError("the previous job on this worker is still stopping")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        deadline = time.time() + timeout_s
+        hang = self.fault_hang_seed is not None and options.get("seed") == self.fault_hang_seed
 
-        def on_progress(p) -> None:
+        def on_progress(p) -> None:  # runs in the sampler thread after each clip
+            if hang:
+                time.sleep(3600)  # fault injection: stuck where no callback can stop it
+            if stop.is_set():
+                raise JobStopped("the job was cancelled")
+            if time.time() > deadline:
+                raise JobStopped(f"the job ran longer than {timeout_s:g} s")
             loop.call_soon_threadsafe(events.put_nowait, ("progress", {
                 "clips_done": p.clips_done, "clips_total": p.clips_total,
                 "frames_done": p.frames_done, "num_frames": p.num_frames}))
 
-        future = loop.run_in_executor(None, self._run, image, audio, options, on_progress)
+        try:
+            future = loop.run_in_executor(None, self._run_locked, timeout_s, image_png, audio_wav, options,
+                                          on_progress)
+        except BaseException:
+            self._run_lock.release()
+            raise
         future.add_done_callback(lambda f: events.put_nowait(("done", None)))
-        while True:
-            kind, payload = await events.get()
-            if kind == "progress":
-                yield {"progress": payload}
-            else:
-                break
-        yield {"video": future.result()}  # re-raises the sampler's error, if any
+        try:
+            yield {"started": {"model_version": self.version}}
+            while True:
+                kind, payload = await events.get()
+                if kind == "progress":
+                    yield {"progress": payload}
+                else:
+                    break
+            yield {"video": future.result(), "model_version": self.version}  # re-raises the sampler's error
+        finally:
+            stop.set()  # cancelled (deadline, DELETE) or done: the thread stops after its current clip
 
     def check_health(self) -> None:
         if self.sampler is None:
             raise RuntimeError("sampler not loaded")
+        deadline = self._busy_deadline
+        if deadline is not None and time.time() > deadline + self.hang_grace_s:
+            raise RuntimeError(f"a job is running {time.time() - deadline:.0f} s past its deadline: "
+                               f"the sampler thread is stuck, replace this replica")
+
+
+# --- the ingress -----------------------------------------------------------------------------------
+
+class BodyTooLarge(Exception):
+    pass
 
 
 @serve.deployment(name="LoopyIngress", num_replicas=1, ray_actor_options={"num_cpus": 0})
 @serve.ingress(fastapi_app)
 class LoopyIngress:
-    """HTTP API, web page, upload checks, the bounded job queue, and dispatch to the workers."""
+    """HTTP API, web page, upload checks, the job store, and dispatch to the workers."""
 
     def __init__(self, worker, cfg: PlatformConfig):
         self.worker = worker
         self.cfg = cfg
-        sc = cfg.serve
-        self.store = JobStore(project_path(sc.job_dir), max_pending=sc.max_queue, ttl_s=sc.job_ttl_s)
-        self.max_upload_bytes = int(sc.max_upload_mb * 1024 * 1024)
+        sc = self.sc = cfg.serve
+        tokens = load_tokens(sc.tokens_file)  # read here, in the replica: never in a config or app args
+        require_auth_for(sc.host, tokens)
+        self.auth = Authenticator(tokens)
+        RequestDeadline.timeout_s = sc.request_timeout_s
+        self.max_upload_bytes = int(sc.max_upload_mb * 2**20)
+        self.max_body_bytes = 2 * self.max_upload_bytes + FORM_OVERHEAD_BYTES
+        self.store = JobStore(project_path(sc.job_dir), max_pending=sc.max_queue, ttl_s=sc.job_ttl_s,
+                              db_url=os.environ.get(JOB_DB_ENV) or sc.job_db,
+                              max_disk_bytes=int(sc.max_disk_mb * 2**20), max_attempts=sc.max_attempts)
         self.default_options = cfg.sampler
+        self.clip_frames = cfg.reader.clip_frames
         self.cropper = PortraitCropper.from_config(cfg)  # face presence: the ingest detector
         self._detect_lock = threading.Lock()
         self.num_dispatchers = max(1, sc.num_replicas)
+        self._recovered = self.store.recover()  # jobs of an earlier replica: re-queued or failed
         self._queue: Optional[asyncio.Queue] = None
-        self._dispatchers: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task] = []
+        self._streams: dict[str, Any] = {}  # job id -> the worker's response stream while running
+        try:
+            asyncio.get_running_loop()
+            self._ensure_background()
+        except RuntimeError:
+            pass  # no loop in the constructor: started by the first request or health check
 
-    # --- dispatch ------------------------------------------------------------------------------
-    def _ensure_dispatchers(self) -> asyncio.Queue:
+    # --- background: dispatch and the sweeper ---------------------------------------------------
+    def _ensure_background(self) -> asyncio.Queue:
         if self._queue is None:
             self._queue = asyncio.Queue()
-            self._dispatchers = [asyncio.create_task(self._dispatch_loop())
-                                 for _ in range(self.num_dispatchers)]
+            for job_id in self._recovered:
+                self._queue.put_nowait(job_id)
+            self._tasks = [asyncio.create_task(self._dispatch_loop()) for _ in range(self.num_dispatchers)]
+            self._tasks.append(asyncio.create_task(self._sweep_loop()))
         return self._queue
+
+    async def check_health(self) -> None:
+        self._ensure_background()
+        dead = [t for t in self._tasks if t.done()]
+        if dead:
+            raise RuntimeError(f"{len(dead)} background task(s) of the ingress ended")
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sc.sweep_every_s)
+            try:
+                await asyncio.to_thread(self._sweep_once)
+            except Exception:  # noqa: BLE001 - the timer goes on
+                log.exception("job sweep failed")
+
+    def _sweep_once(self) -> None:
+        self.store.sweep()
+        now = time.time()
+        for job_id in self.store.ids(JobState.running):  # lost by its dispatcher (should not happen)
+            job = self.store.get(job_id)
+            if job is not None and job_id not in self._streams and job.deadline_s is not None \
+                    and now > job.deadline_s + self.sc.hang_grace_s:
+                self.store.fail(job_id, "the job's worker was lost")
 
     async def _dispatch_loop(self) -> None:
         while True:
@@ -144,107 +357,229 @@ class LoopyIngress:
                 await self._run_job(job_id)
             except Exception as exc:  # noqa: BLE001 - recorded on the job, the loop goes on
                 log.exception("job %s failed", job_id)
-                self.store.fail(job_id, f"{type(exc).__name__}: {exc}")
+                self.store.fail(job_id, f"generation failed ({type(exc).__name__})")
+            finally:
+                self._streams.pop(job_id, None)
+
+    async def _open_stream(self, job_id: str, image: bytes, audio: bytes, options: dict):
+        """Offer the job to a worker until one takes it (a replica still stopping its previous job,
+        or one being replaced, is asked again after ``BUSY_RETRY_S``). Returns (stream, its first
+        event), or (None, None) when the job was deleted meanwhile. Raises the last error when
+        no worker took it within ``job_timeout_s + hang_grace_s + 120`` seconds."""
+        timeout_s = self.sc.job_timeout_s
+        give_up = time.monotonic() + timeout_s + self.sc.hang_grace_s + 120.0
+        while True:
+            if self.store.get(job_id) is None:
+                return None, None
+            stream = self.worker.options(stream=True).generate.remote(image, audio, options, timeout_s)
+            self._streams[job_id] = stream
+            try:
+                return stream, await stream.__anext__()
+            except (WorkerBusyError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if time.monotonic() > give_up:
+                    raise
+                await asyncio.sleep(BUSY_RETRY_S)
 
     async def _run_job(self, job_id: str) -> None:
         job = self.store.get(job_id)
-        if job is None:
+        if job is None or job.state != JobState.queued:
             return
         image = await asyncio.to_thread(job.file("image").read_bytes)
         audio = await asyncio.to_thread(job.file("audio").read_bytes)
-        self.store.start(job_id)
-        stream = self.worker.options(stream=True).generate.remote(image, audio, job.options)
+        stream, first = await self._open_stream(job_id, image, audio, job.options)
+        if stream is None:
+            return
+        timeout_s = self.sc.job_timeout_s
+        if not self.store.start(job_id, time.time() + timeout_s):  # deleted meanwhile
+            stream.cancel()
+            return
+        self.store.progress(job_id, 0, job.clips_total, job.num_frames, first["started"]["model_version"])
+        try:
+            await asyncio.wait_for(self._follow(job_id, stream), timeout_s)
+        except asyncio.TimeoutError:
+            stream.cancel()
+            self.store.fail(job_id, f"deadline: the job ran longer than {timeout_s:g} s (serve.job_timeout_s)")
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            self._worker_lost(job_id)
+        except JobStopped as exc:  # raised by the worker (a RayTaskError that is also a JobStopped)
+            cause = getattr(exc, "cause", None) or exc
+            reason = cause.args[0] if cause.args else "stopped"
+            self.store.fail(job_id, f"deadline: {reason}" if "longer than" in str(reason) else f"stopped: {reason}")
+        except Exception as exc:  # noqa: BLE001
+            if self.store.get(job_id) is None:  # deleted by its client: the stream was cancelled
+                return
+            log.exception("job %s failed", job_id)  # the details stay in the server log
+            cause = getattr(exc, "cause", None) or exc
+            self.store.fail(job_id, f"generation failed ({type(cause).__name__})")
+
+    async def _follow(self, job_id: str, stream) -> None:
         async for event in stream:
             if "progress" in event:
                 p = event["progress"]
                 self.store.progress(job_id, p["clips_done"], p["clips_total"], p["num_frames"])
             elif "video" in event:
+                job = self.store.get(job_id)
+                if job is None:
+                    return
                 await asyncio.to_thread(job.file("video").write_bytes, event["video"])
+                self.store.progress(job_id, job.clips_done, job.clips_total, 0, event.get("model_version"))
                 self.store.finish(job_id)
                 return
-        raise RuntimeError("the worker ended without a video")
+        raise ServeError("the worker ended without a video")
+
+    def _worker_lost(self, job_id: str) -> None:
+        if self.store.requeue(job_id):
+            self._queue.put_nowait(job_id)
+        else:
+            self.store.fail(job_id, "the job's worker was lost")
 
     # --- helpers -------------------------------------------------------------------------------
-    def _auth(self, request: Request) -> Optional[JSONResponse]:
-        if optional_bearer_ok(request.headers.get("authorization"), self.cfg.serve.auth_token):
-            return None
-        return JSONResponse({"field": "authorization", "error": "authorization: missing or wrong bearer token"},
-                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    def _client(self, request: Request) -> tuple[Optional[str], Optional[JSONResponse]]:
+        client = self.auth.client_for(request.headers.get("authorization"))
+        if client is not None:
+            return client, None
+        return None, JSONResponse({"field": "authorization", "error": "authorization: missing or wrong bearer token"},
+                                  status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
-    def _validate_files(self, job) -> None:
-        """Decode-to-check both uploads (runs in a thread)."""
-        image = decode_image(job.file("image").read_bytes(), "image")
+    def _origin_denied(self, request: Request) -> Optional[JSONResponse]:
+        h = request.headers
+        if origin_allowed(h.get("origin"), h.get("host"), self.sc.allowed_origins, h.get("sec-fetch-site")):
+            return None
+        return JSONResponse({"field": "origin", "error": "origin: cross-origin requests are refused"},
+                            status_code=403)
+
+    async def _read_form(self, request: Request):
+        """The multipart body, counted while it is read (413 past ``max_body_bytes``) and read
+        within ``serve.body_timeout_s`` (408)."""
+        limit = self.max_body_bytes
+
+        async def limited():
+            total = 0
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise BodyTooLarge()
+                yield chunk
+
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise UploadError(415, "body", "send a multipart/form-data form")
+        parser = MultiPartParser(request.headers, limited(), max_files=2, max_fields=16, max_part_size=64 * 1024)
+        try:
+            return await asyncio.wait_for(parser.parse(), self.sc.body_timeout_s)
+        except BodyTooLarge:
+            raise UploadError(413, "body", f"request is larger than the limit of {limit // 2**20} MB") from None
+        except asyncio.TimeoutError:
+            raise UploadError(408, "body", f"the request body was not received within "
+                                           f"{self.sc.body_timeout_s:g} s") from None
+        except MultiPartException:
+            raise UploadError(400, "body", "not a valid multipart form") from None
+
+    def _check_inputs(self, job, options) -> None:
+        """Parse the client's bytes once (runs in a thread), keep only the service's re-encodings."""
+        sc = self.sc
+        rgb = decode_image(job.file("upload_image").read_bytes(), "image",
+                           max_pixels=int(sc.max_image_megapixels * 1e6))
         with self._detect_lock:  # one detector shared by the request threads
-            check_face(image, self.cropper.has_face, "image")
-        check_audio(job.file("audio"), self.cfg.serve.max_audio_s, "audio")
+            check_face(rgb, self.cropper.has_face, "image")
+        audio = decode_audio_upload(job.file("upload_audio"), sc.max_audio_s, "audio",
+                                    max_channels=sc.max_audio_channels, max_rate_hz=sc.max_audio_rate_hz)
+        check_audio(audio, "audio")
+        num_frames = frames_for(audio.duration_s, options.fps)
+        check_budget(num_frames, options.steps, sc.max_frame_steps)
+        job.file("image").write_bytes(encode_png(rgb))
+        job.file("audio").write_bytes(encode_wav(audio.samples, audio.sample_rate))
+        for kind in ("upload_image", "upload_audio"):
+            job.file(kind).unlink(missing_ok=True)
+        self.store.set_frames(job.id, num_frames, num_clips(num_frames, self.clip_frames))
+
+    def _find_job(self, job_id: str, request: Request):
+        """(job, None) for an authorised request naming one of its client's jobs, else (None, the
+        401/404 answer). Another client's job is answered exactly like an unknown id."""
+        client, denied = self._client(request)
+        if denied:
+            return None, denied
+        job = self.store.get(job_id, owner=client)
+        if job is None or job.state == JobState.checking:
+            return None, JSONResponse({"field": "id", "error": "id: no such job"}, status_code=404)
+        return job, None
+
+    @staticmethod
+    def _retry_later(field: str, exc, status: int) -> JSONResponse:
+        return JSONResponse({"field": field, "error": f"{field}: {exc}", "retry_after_s": exc.retry_after_s},
+                            status_code=status, headers={"Retry-After": str(exc.retry_after_s)})
 
     # --- routes --------------------------------------------------------------------------------
     @fastapi_app.get("/healthz")
     async def healthz(self) -> dict:
+        self._ensure_background()
         return {"status": "ok", "jobs": self.store.counts(), "max_queue": self.store.max_pending}
 
     @fastapi_app.get("/", response_class=HTMLResponse)
     async def index(self) -> HTMLResponse:
         return HTMLResponse((STATIC_DIR / "index.html").read_text())
 
+    @fastapi_app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self):
+        if not self.sc.docs:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        return JSONResponse(fastapi_app.openapi())
+
+    @fastapi_app.get("/docs", include_in_schema=False)
+    async def docs(self):
+        if not self.sc.docs:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Loopy API")
+
     @fastapi_app.post("/v1/videos")
     async def submit(self, request: Request):
-        denied = self._auth(request)
+        self._ensure_background()
+        client, denied = self._client(request)
+        if denied:
+            return denied
+        denied = self._origin_denied(request)
         if denied:
             return denied
         try:
-            check_content_length(request.headers.get("content-length"),
-                                 2 * self.max_upload_bytes + FORM_OVERHEAD_BYTES)
+            check_content_length(request.headers.get("content-length"), self.max_body_bytes)
         except UploadError as exc:
             return _error(exc)
-        if self.store.pending() >= self.store.max_pending:  # cheap early refusal before parsing
-            return self._queue_full(QueueFullError(self.store.pending(), 5))
+        if self.store.pending() >= self.store.max_pending:  # cheap early refusal before reading the body
+            return self._retry_later("queue", QueueFullError(self.store.pending(), 5), 429)
+        job = None
+        form = None
         try:
-            form = await request.form(max_files=2, max_fields=16)
-        except Exception as exc:  # noqa: BLE001 - malformed multipart
-            return _error(UploadError(400, "body", f"not a valid multipart form ({type(exc).__name__})"))
-        try:
+            form = await self._read_form(request)
             parsed = parse_form(form.multi_items(), self.default_options, self.max_upload_bytes)
-        except UploadError as exc:
-            await form.close()
-            return _error(exc)
-        files = parsed.files
-        try:
-            job = self.store.create(options_to_json(parsed.options))
-        except QueueFullError as exc:
-            await form.close()
-            return self._queue_full(exc)
-        try:
+            job = self.store.create(client, options_to_json(parsed.options), reserve_bytes=self.max_body_bytes)
             for key in ("image", "audio"):
-                data = await files[key].read(self.max_upload_bytes + 1)
-                check_size(len(data), key, self.max_upload_bytes)
-                await asyncio.to_thread(job.file(key).write_bytes, data)
+                upload = parsed.files[key]
+                check_size(upload.size, key, self.max_upload_bytes)
+                await upload.seek(0)
+                with job.file(f"upload_{key}").open("wb") as fh:
+                    await asyncio.to_thread(shutil.copyfileobj, upload.file, fh)
             await form.close()
-            await asyncio.to_thread(self._validate_files, job)
+            form = None
+            await asyncio.to_thread(self._check_inputs, job, parsed.options)
         except UploadError as exc:
-            self.store.discard(job.id)
+            if job is not None:
+                self.store.delete(job.id)
             return _error(exc)
+        except QueueFullError as exc:
+            return self._retry_later("queue", exc, 429)
+        except DiskFullError as exc:
+            return self._retry_later("storage", exc, 503)
         except Exception:
-            self.store.discard(job.id)
+            if job is not None:
+                self.store.delete(job.id)
             raise
-        self._ensure_dispatchers().put_nowait(job.id)
-        body = job.to_json(self.store.queue_position(job.id))
+        finally:
+            if form is not None:
+                await form.close()
+        self.store.mark_queued(job.id)
+        self._ensure_background().put_nowait(job.id)
+        body = self.store.get(job.id).to_json(self.store.queue_position(job.id))
         body["status_url"] = f"/v1/videos/{job.id}"
         return JSONResponse(body, status_code=202, headers={"Location": f"/v1/videos/{job.id}"})
-
-    def _queue_full(self, exc: QueueFullError) -> JSONResponse:
-        return JSONResponse({"field": "queue", "error": f"queue: {exc}", "retry_after_s": exc.retry_after_s},
-                            status_code=429, headers={"Retry-After": str(exc.retry_after_s)})
-
-    def _find_job(self, job_id: str, request: Request):
-        """(job, None) for an authorised request naming a known job, else (None, the 401/404 answer)."""
-        denied = self._auth(request)
-        if denied:
-            return None, denied
-        job = self.store.get(job_id)
-        if job is None:
-            return None, JSONResponse({"field": "id", "error": f"id: no job {job_id[:64]!r}"}, status_code=404)
-        return job, None
 
     @fastapi_app.get("/v1/videos/{job_id}")
     async def status(self, job_id: str, request: Request):
@@ -258,29 +593,53 @@ class LoopyIngress:
         job, answer = self._find_job(job_id, request)
         if answer is not None:
             return answer
-        if job.state != JobState.done:
+        if job.state != JobState.done or not job.file("video").is_file():
             return JSONResponse({"field": "id", "error": f"id: job is {job.state.value}, no video yet",
                                  "state": job.state.value}, status_code=409)
         return FileResponse(job.file("video"), media_type="video/mp4", filename=f"loopy-{job.id}.mp4")
 
+    @fastapi_app.delete("/v1/videos/{job_id}")
+    async def delete(self, job_id: str, request: Request):
+        job, answer = self._find_job(job_id, request)
+        if answer is not None:
+            return answer
+        denied = self._origin_denied(request)
+        if denied:
+            return denied
+        stream = self._streams.get(job.id)
+        await asyncio.to_thread(self.store.delete, job.id)
+        if stream is not None:
+            stream.cancel()  # the worker stops the sampler after its current clip
+        return Response(status_code=204)
+
 
 # --- building the application ----------------------------------------------------------------------
 
-def build_app(cfg: PlatformConfig):
-    """The Serve application for ``cfg`` (replicas, GPUs and CPUs from ``cfg.serve``)."""
-    sc = cfg.serve
-    if not sc.model:
-        raise ServeConfigError("serve.model is not set: give an MLflow model URI (models:/loopy/1, "
-                         "models:/loopy@stage2) or a model package folder")
+def worker_user_config(sc: ServeConfig) -> dict[str, Any]:
+    """The worker deployment's Serve ``user_config``: which model, how often to follow its alias."""
     model = sc.model
     if not model.startswith(("models:/", "runs:/")):
         model = str(project_path(model))
+    return {"model": model, "model_poll_s": sc.model_poll_s}
+
+
+def build_app(cfg: PlatformConfig):
+    """The Serve application for ``cfg`` (replicas, GPUs, CPUs and limits from ``cfg.serve``).
+    Refuses a non-loopback ``serve.host`` without client tokens (checked here and in the ingress)."""
+    sc = cfg.serve
+    if not sc.model:
+        raise ServeConfigError("serve.model is not set: give an MLflow model URI (models:/loopy/1, "
+                               "models:/loopy@stage2) or a model package folder")
+    require_auth_for(sc.host, load_tokens(sc.tokens_file))
     device = "cuda" if sc.gpus_per_replica > 0 else "cpu"
     worker = LoopyWorker.options(
         num_replicas=sc.num_replicas,
         ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": sc.gpus_per_replica},
-    ).bind(model, cfg.tracking.tracking_uri, device)
-    return LoopyIngress.bind(worker, cfg)
+        user_config=worker_user_config(sc),
+    ).bind(cfg.tracking.tracking_uri, device, sc.hang_grace_s, sc.fault_hang_seed)
+    return LoopyIngress.options(
+        max_ongoing_requests=sc.max_ongoing_requests, max_queued_requests=sc.max_queued_requests,
+    ).bind(worker, cfg)
 
 
 def app(args: dict[str, Any]):
@@ -298,9 +657,10 @@ def app(args: dict[str, Any]):
 def run_service(cfg: PlatformConfig, blocking: bool = True, name: str = "loopy") -> str:
     """Start Ray (``cfg.ray``), Serve's HTTP proxy on ``serve.host:serve.port`` and the app.
     Returns the base URL."""
+    application = build_app(cfg)  # refuses bad settings before Ray starts
     init_ray(cfg.ray)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app(cfg), name=name, route_prefix="/", blocking=False)
+    serve.start(http_options=http_options(cfg.serve))
+    serve.run(application, name=name, route_prefix="/", blocking=False)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     if blocking:
         def stop(signum, frame):  # SIGINT / SIGTERM: shut Serve and Ray down cleanly

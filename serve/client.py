@@ -93,9 +93,10 @@ def job_state(status: Mapping[str, Any]) -> Optional[str]:
 class VideoClient:
     """Client of one Loopy service: health, submit, poll, download.
 
-    ``base_url``: the service root (``http://127.0.0.1:8000``); ``token``: the bearer token
-    (``serve.auth_token``), sent as ``Authorization: Bearer <token>`` on every request (None: no
-    header); ``timeout_s``: limit of one request (reading the answer, seconds; an upload of a few
+    ``base_url``: the service root (``http://127.0.0.1:8000``); ``token``: this client's bearer
+    token (one of the service's client tokens, :mod:`serve.auth`), sent as
+    ``Authorization: Bearer <token>`` on every request (None: no header, for a loopback service
+    without tokens); ``timeout_s``: limit of one request (reading the answer, seconds; an upload of a few
     MB and the service's checks of it fit in the default 60 s); ``connect_timeout_s``: limit of
     opening the connection (seconds). ``http`` is the underlying :class:`httpx.Client`, for
     requests this class has no method for. Use it as a context manager or call :meth:`close`.
@@ -181,7 +182,8 @@ class VideoClient:
         """``POST /v1/videos`` with the portrait ``image`` and the ``audio`` (a file path or the
         bytes) and sampler ``options`` (``steps``, ``seed``, ``audio_ratio``, ``ref_ratio``, ``fps``,
         ``size``; sent as form fields). Returns the job id. A refusal (413 / 422 naming the field,
-        429 with ``retry_after_s`` when the queue is full, 401) raises :class:`RequestRejected`."""
+        429 with ``retry_after_s`` when the queue is full, 503 when its storage is full, 401)
+        raises :class:`RequestRejected`."""
         def part(value: Path | bytes, name: str):
             if isinstance(value, (bytes, bytearray)):
                 return (name, bytes(value), "application/octet-stream")
@@ -199,6 +201,13 @@ class VideoClient:
         """``GET /v1/videos/{id}``: ``state``, ``progress`` (0..1), ``clips_done`` / ``clips_total``,
         ``queue_position``, ``error`` ... An unknown id raises :class:`RequestRejected` (404)."""
         return self._json("GET", f"/v1/videos/{job_id}")
+
+    def delete(self, job_id: str) -> None:
+        """``DELETE /v1/videos/{id}``: cancel the job if it runs and remove it and its files.
+        An unknown id (or another client's) raises :class:`RequestRejected` (404)."""
+        resp = self._request("DELETE", f"/v1/videos/{job_id}")
+        if resp.status_code != 204:
+            raise RequestRejected(f"DELETE /v1/videos/{job_id}", resp)
 
     def wait(self, job_id: str, timeout_s: float, poll_s: float = 2.0,
              on_update: Optional[Callable[[dict], None]] = None) -> dict:

@@ -1,23 +1,30 @@
-"""Checks of what a client sends, before a job is queued.
+"""Checks of what a client sends, before a job is queued. Client bytes are parsed here, once.
 
 Every check raises :class:`UploadError` with the HTTP status and the name of the offending form
-field, so the client gets e.g. ``422 {"field": "audio", "error": "audio is silent ..."}``.
-Content is checked by decoding it (never by file name or extension):
+field, so the client gets e.g. ``422 {"field": "audio", "error": "audio: audio is silent ..."}``.
+Messages never carry a server path, a traceback or a decoder's own text (only its error class).
 
 * sizes: each upload at most ``max_upload_mb`` (413);
-* ``image``: decodes as an image (Pillow, decompression-bomb guard), and shows a face, found by the
-  same detector as ingest (:mod:`inference.portrait`) (422);
-* ``audio``: decodes with the ingest decoder (:func:`pipelines.audio_decode.decode_audio`), is not
-  silent, and lasts at most ``max_audio_s`` seconds (422);
-* options: only the known names, each parsed and range-checked (422 naming the option);
-* the form itself: exactly the file fields ``image`` and ``audio`` plus option fields
-  (:func:`parse_form`), and a ``Content-Length`` within the limit (:func:`check_content_length`).
+* ``image`` (:func:`decode_image`): JPEG, PNG or WebP only (Pillow's ``formats=``), its pixel count
+  read from the header and capped **before** any pixel is decoded, every decoder error mapped to
+  422; it must show a face (the ingest detector, :mod:`inference.portrait`). The service keeps
+  only its own re-encoding (:func:`encode_png`), never the client's bytes;
+* ``audio`` (:func:`decode_audio_upload`): opened by PyAV with a demuxer whitelist
+  (:data:`AUDIO_DEMUXERS`: no playlists, no ``concat``, nothing that opens other URLs) and a
+  ``file``-only protocol whitelist; channels, sample rate and the claimed duration are checked
+  from the header before decoding; at most ``max_audio_s + 1`` seconds are decoded, within a wall
+  time limit; it must not be silent. The service keeps only the decoded 16 kHz mono PCM as a WAV
+  it writes itself (:func:`encode_wav`): the worker and its ``ffmpeg`` read nothing else;
+* options: only the known names, each parsed and range-checked (422 naming the option), and the
+  request's frames x steps within ``serve.max_frame_steps`` (:func:`check_budget`).
 """
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import io
+import math
+import time
+import wave
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -25,10 +32,14 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import numpy as np
 
 from core.sections import SamplerConfig
-from pipelines.audio_decode import AudioDecodeError, decode_audio, is_silent
 from serve.errors import UploadError
 
-MAX_IMAGE_PIXELS = 40_000_000  # 40 MP; larger images are refused before decoding the pixels
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+"""Pillow decoders a client image may use (the only ones Pillow is allowed to try)."""
+AUDIO_DEMUXERS = ("wav", "mp3", "ogg", "flac", "mov", "mp4", "m4a", "matroska", "webm", "aac", "aiff")
+"""FFmpeg demuxers a client audio file may use: single-file formats that open no other URL."""
+AUDIO_RATE = 16000  # Hz: what the service stores and the sampler decodes to
+MAX_DECODE_S = 10.0  # wall-time limit of decoding one upload's audio
 
 
 def check_size(num_bytes: int, field: str, max_bytes: int) -> None:
@@ -39,27 +50,51 @@ def check_size(num_bytes: int, field: str, max_bytes: int) -> None:
         raise UploadError(422, field, "upload is empty")
 
 
-def decode_image(data: bytes, field: str = "image") -> np.ndarray:
-    """Decode image bytes (any format Pillow reads, EXIF orientation applied) to uint8 RGB
-    ``[H, W, 3]``; 422 if not an image."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+# --- image -----------------------------------------------------------------------------------------
+
+def decode_image(data: bytes, field: str = "image", max_pixels: int = 16_000_000) -> np.ndarray:
+    """Decode JPEG / PNG / WebP bytes (EXIF orientation applied, first frame of an animation) to
+    uint8 RGB ``[H, W, 3]``. 422 for any other format, a header above ``max_pixels``, any decoder
+    error, or an image under 16x16 pixels."""
+    from PIL import Image, ImageOps
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if width * height > MAX_IMAGE_PIXELS:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            width, height = img.size  # from the header; nothing decoded yet
+            if width * height > max_pixels:
                 raise UploadError(422, field, f"image of {width}x{height} pixels is larger than "
-                                             f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels")
+                                              f"{max_pixels / 1e6:g} megapixels")
             img.load()
             upright = ImageOps.exif_transpose(img)  # phone photos: apply the EXIF orientation
+            if upright.size[0] * upright.size[1] > max_pixels:
+                raise UploadError(422, field, "image is larger than the pixel limit")
             rgb = np.asarray(upright.convert("RGB"), dtype=np.uint8)
     except UploadError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UploadError(422, field, f"not a decodable image ({type(exc).__name__})") from exc
+    except Image.DecompressionBombError:  # Pillow's own guard, at twice its MAX_IMAGE_PIXELS
+        raise UploadError(422, field, f"image is larger than {max_pixels / 1e6:g} megapixels") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bytes: 422
+        raise UploadError(422, field, f"not a decodable JPEG, PNG or WebP image ({type(exc).__name__})") from None
     if rgb.ndim != 3 or min(rgb.shape[:2]) < 16:
         raise UploadError(422, field, f"image of shape {rgb.shape} is too small (at least 16x16 pixels)")
     return rgb
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """uint8 RGB ``[H, W, 3]`` -> PNG bytes (the service's own encoding of a checked image)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def read_png(data: bytes) -> np.ndarray:
+    """The service's own PNG (:func:`encode_png`) -> uint8 RGB ``[H, W, 3]``; PNG only."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data), formats=("PNG",)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 def check_face(image: np.ndarray, has_face: Callable[[np.ndarray], bool], field: str = "image") -> None:
@@ -68,23 +103,115 @@ def check_face(image: np.ndarray, has_face: Callable[[np.ndarray], bool], field:
         raise UploadError(422, field, "no face found in the image (a frontal portrait is needed)")
 
 
-def check_audio(path: str | Path, max_audio_s: float, field: str = "audio",
-                silence_dbfs: float = -50.0):
-    """Decode ``path`` with the ingest decoder; 422 when not audio, silent, or longer than
-    ``max_audio_s`` seconds. Returns the decoded :class:`pipelines.audio_decode.AudioTrack`
-    (16 kHz mono). At most ``max_audio_s + 1`` seconds are decoded (bounded memory)."""
+# --- audio -----------------------------------------------------------------------------------------
+
+@dataclass
+class CheckedAudio:
+    """A client's audio after the check: float32 mono ``samples`` at ``sample_rate`` Hz."""
+
+    samples: np.ndarray
+    sample_rate: int
+    source_rate: int
+    source_channels: int
+    format: str
+
+    @property
+    def duration_s(self) -> float:
+        return self.samples.shape[0] / self.sample_rate
+
+
+def decode_audio_upload(path: str | Path, max_audio_s: float, field: str = "audio", max_channels: int = 2,
+                        max_rate_hz: int = 96000, sample_rate: int = AUDIO_RATE,
+                        max_decode_s: float = MAX_DECODE_S) -> CheckedAudio:
+    """Decode the first audio stream of the client file ``path`` to mono float32 at
+    ``sample_rate`` Hz. 422 for a demuxer outside :data:`AUDIO_DEMUXERS`, no audio stream, more
+    than ``max_channels`` channels or ``max_rate_hz`` Hz, a claimed duration above ``max_audio_s``,
+    a decode error, more than ``max_audio_s`` seconds of decoded audio (at most ``max_audio_s + 1``
+    seconds are decoded), or a decode slower than ``max_decode_s`` seconds."""
+    import av
+
+    options = {"format_whitelist": ",".join(AUDIO_DEMUXERS), "protocol_whitelist": "file",
+               "probesize": str(5 * 2**20), "analyzeduration": str(5_000_000)}
     try:
-        track = decode_audio(path, sample_rate=16000, duration_s=max_audio_s + 1.0)
-    except AudioDecodeError as exc:
-        reason = str(exc).split(": ", 1)[-1]  # drop the server-side path from the message
-        raise UploadError(422, field, f"not decodable audio ({reason})") from exc
-    if track.duration_s > max_audio_s:
+        container = av.open(str(path), mode="r", options=options, timeout=max_decode_s)
+    except Exception as exc:  # noqa: BLE001
+        raise UploadError(422, field, "not decodable audio (not a WAV, MP3, Ogg, FLAC, AAC, AIFF, "
+                                      f"MP4 or Matroska file; {type(exc).__name__})") from None
+    started = time.monotonic()
+    try:
+        if not container.streams.audio:
+            raise UploadError(422, field, "not decodable audio (the file has no audio stream)")
+        stream = container.streams.audio[0]
+        ctx = stream.codec_context
+        channels = int(ctx.channels or 0)
+        rate = int(ctx.sample_rate or 0)
+        if channels > max_channels:
+            raise UploadError(422, field, f"audio has {channels} channels; at most {max_channels} are accepted")
+        if rate > max_rate_hz:
+            raise UploadError(422, field, f"audio sample rate of {rate} Hz is above the limit of {max_rate_hz} Hz")
+        claimed = _claimed_duration_s(container, stream)
+        if claimed is not None and claimed > max_audio_s + 1.0:
+            raise UploadError(422, field, f"audio is longer than the limit of {max_audio_s:g} s")
+        keep = int(round((max_audio_s + 1.0) * sample_rate))
+        chunks: list[np.ndarray] = []
+        kept = 0
+        resampler = None
+        for frame in container.decode(stream):
+            if frame.layout.nb_channels > max_channels or frame.sample_rate > max_rate_hz:
+                raise UploadError(422, field, "audio changes to more channels or a higher rate mid-stream")
+            if resampler is None:
+                resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
+                kept += chunks[-1].shape[0]
+            if kept > keep:
+                break
+            if time.monotonic() - started > max_decode_s:
+                raise UploadError(422, field, f"audio took longer than {max_decode_s:g} s to decode")
+        if resampler is not None and kept <= keep:
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
+    except UploadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bytes: 422
+        raise UploadError(422, field, f"not decodable audio ({type(exc).__name__})") from None
+    finally:
+        container.close()
+    samples = np.clip(np.concatenate(chunks) if chunks else np.zeros(0, np.float32), -1.0, 1.0)
+    if samples.shape[0] > int(round(max_audio_s * sample_rate)):
         raise UploadError(422, field, f"audio is longer than the limit of {max_audio_s:g} s")
-    if track.duration_s < 0.04:
-        raise UploadError(422, field, f"audio of {track.duration_s:.3f} s is shorter than one frame (40 ms)")
-    if is_silent(track.samples, silence_dbfs):
+    return CheckedAudio(samples, sample_rate, rate, channels, container.format.name)
+
+
+def _claimed_duration_s(container, stream) -> Optional[float]:
+    """The duration the header claims (stream, else container), in seconds, or None."""
+    if stream.duration is not None and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # AV_TIME_BASE
+    return None
+
+
+def check_audio(audio: CheckedAudio, field: str = "audio", silence_dbfs: float = -50.0) -> None:
+    """422 when the decoded audio is shorter than one frame (40 ms) or silent (RMS below
+    ``silence_dbfs``)."""
+    if audio.duration_s < 0.04:
+        raise UploadError(422, field, f"audio of {audio.duration_s:.3f} s is shorter than one frame (40 ms)")
+    rms = float(np.sqrt(np.mean(np.square(audio.samples, dtype=np.float64))))
+    if rms <= 0 or 20 * math.log10(rms) < silence_dbfs:
         raise UploadError(422, field, f"audio is silent (RMS level below {silence_dbfs:g} dBFS)")
-    return track
+
+
+def encode_wav(samples: np.ndarray, sample_rate: int) -> bytes:
+    """float32 mono samples in [-1, 1] -> 16-bit PCM WAV bytes (written by the service)."""
+    pcm = np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(sample_rate))
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
 
 
 # --- options ---------------------------------------------------------------------------------------
@@ -115,7 +242,7 @@ def parse_options(raw: Mapping[str, Any], defaults: SamplerConfig) -> SamplerCon
     values: dict[str, Any] = {}
     for name, value in raw.items():
         if name not in OPTION_RULES:
-            raise UploadError(422, name, f"unknown option; valid options: {', '.join(sorted(OPTION_RULES))}")
+            raise UploadError(422, name[:64], f"unknown option; valid options: {', '.join(sorted(OPTION_RULES))}")
         rule = OPTION_RULES[name]
         if value is None or (isinstance(value, str) and value.strip() == ""):
             continue
@@ -142,22 +269,36 @@ def options_to_json(options: SamplerConfig) -> dict[str, Any]:
     return {name: getattr(options, name) for name in OPTION_RULES}
 
 
+def frames_for(duration_s: float, fps: float) -> int:
+    """Frames the sampler makes for ``duration_s`` of audio (the ingest rule: whole frames)."""
+    return int(math.floor(duration_s * fps + 1e-9))
+
+
+def check_budget(num_frames: int, steps: int, max_frame_steps: int) -> None:
+    """422 (field ``steps``) when ``num_frames x steps`` exceeds ``serve.max_frame_steps``."""
+    if num_frames * steps > max_frame_steps:
+        raise UploadError(422, "steps", f"{num_frames} frames x {steps} steps = {num_frames * steps} is above "
+                                        f"the limit of {max_frame_steps} per request; use fewer steps or "
+                                        f"shorter audio")
+
+
 FILE_FIELDS = ("image", "audio")
 
 
 @dataclass
 class ParsedForm:
     """A multipart form split into its two uploads (``files["image"]``, ``files["audio"]``: the
-    parser's upload objects, not read yet) and the request's sampling options."""
+    parser's upload objects) and the request's sampling options."""
 
     files: dict[str, Any]
     options: SamplerConfig
 
 
 def check_content_length(header: Optional[str], limit_bytes: int) -> None:
-    """411 without a ``Content-Length``; 413 when it is not a number or above ``limit_bytes``."""
+    """413 when a ``Content-Length`` is not a number or above ``limit_bytes`` (the body is
+    counted again while it is read: a missing or false header does not get past the limit)."""
     if header is None:
-        raise UploadError(411, "body", "Content-Length is required")
+        return
     if not header.isdigit() or int(header) > limit_bytes:
         raise UploadError(413, "body", f"request is larger than the limit of {limit_bytes // (1024 * 1024)} MB")
 
@@ -172,7 +313,7 @@ def parse_form(items: Iterable[tuple[str, Any]], defaults: SamplerConfig, max_up
     for key, value in items:
         if hasattr(value, "read"):
             if key not in FILE_FIELDS:
-                raise UploadError(422, key, "unexpected file field; send 'image' and 'audio'")
+                raise UploadError(422, key[:64], "unexpected file field; send 'image' and 'audio'")
             files[key] = value
         else:
             raw_options[key] = value
@@ -183,12 +324,3 @@ def parse_form(items: Iterable[tuple[str, Any]], defaults: SamplerConfig, max_up
         if files[key].size is not None:
             check_size(files[key].size, key, max_upload_bytes)
     return ParsedForm(files, options)
-
-
-def optional_bearer_ok(header: Optional[str], token: Optional[str]) -> bool:
-    """True when no token is configured, or ``header`` is ``Bearer <token>`` (constant-time compare)."""
-    if not token:
-        return True
-    if not header or not header.startswith("Bearer "):
-        return False
-    return hmac.compare_digest(header[len("Bearer "):].strip().encode(), token.encode())

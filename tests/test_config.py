@@ -55,3 +55,18 @@ def test_flatten_for_mlflow():
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_platform_config(tmp_path / "nope.yaml")
+
+
+def test_removed_key_null_is_dropped_and_set_value_names_its_new_place(tmp_path):
+    """Packages written before serve.auth_token was removed (null there) still load; a config that
+    still sets a token is refused with a message that says where tokens go, without the token."""
+    old = tmp_path / "old.yaml"
+    old.write_text("serve:\n  auth_token: null\n")
+    cfg = load_platform_config(old)
+    assert not hasattr(cfg.serve, "auth_token")
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("serve:\n  auth_token: s3cr3t-value\n")
+    with pytest.raises(ConfigError) as err:
+        load_platform_config(secret)
+    assert "serve.auth_token" in str(err.value) and "LOOPY_SERVE_TOKENS" in str(err.value)
+    assert "s3cr3t" not in str(err.value)

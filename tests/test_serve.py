@@ -1,8 +1,11 @@
-"""The Ray Serve service end to end over HTTP (tiny untrained model), and every bad request."""
+"""The Ray Serve service end to end over HTTP (tiny untrained model): jobs, every bad request,
+per-client tokens, job ownership, deletion, the Origin check, and a hostile polyglot upload."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
+import os
 import socket
 import subprocess
 import threading
@@ -12,14 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve.client import VideoClient
-from serve.jobs import JobStore, QueueFullError, parse_job_id
-from serve.errors import UploadError
-from serve.validation import parse_options
 from core.sections import SamplerConfig
+from serve.client import RequestRejected, VideoClient
+from serve.errors import UploadError
+from serve.jobs import JobStore, QueueFullError, parse_job_id
+from serve.validation import decode_audio_upload, parse_options
 
-TOKEN = "test-token-123"
+TOKEN = "alice-token-0123456789"
+OTHER_TOKEN = "bob-token-9876543210xx"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+OTHER = {"Authorization": f"Bearer {OTHER_TOKEN}"}
 
 
 def free_port() -> int:
@@ -52,6 +57,50 @@ def sox_audio(path: Path, seconds: float, silent: bool = False) -> bytes:
     return path.read_bytes()
 
 
+def mp3_tone(path: Path, freq: float, seconds: float) -> bytes:
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", f"sine=f={freq}:d={seconds}",
+                    "-ar", "22050", str(path)], check=True)
+    return path.read_bytes()
+
+
+def playlist(target: Path) -> bytes:
+    """An HLS playlist naming the local file ``target`` (what a hostile upload would glue on)."""
+    return (f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXT-X-MEDIA-SEQUENCE:0\n#EXTINF:10.0,\nfile://{target}\n"
+            "#EXT-X-ENDLIST\n").encode()
+
+
+class FifoWatch:
+    """A FIFO that records whether anything opened it for reading (polled: opening its write end
+    without blocking succeeds only while a reader has it open)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        os.mkfifo(path)
+        self.opened = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO, exc
+            else:
+                self.opened = True
+                os.write(fd, b"\0" * 1024)
+                os.close(fd)
+            time.sleep(0.005)
+
+    def __enter__(self) -> "FifoWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("media")
@@ -61,27 +110,31 @@ def media(tmp_path_factory):
         "silent": sox_audio(d / "silent.wav", 1.0, silent=True),
         "long": sox_audio(d / "long.wav", 4.0),
         "noface": noise_png(),
+        "mp3": mp3_tone(d / "speech.mp3", 300.0, 1.0),
+        "dir": d,
     }
 
 
 @pytest.fixture(scope="module")
 def service(ray_local, tiny_package, tiny_weights, tmp_path_factory):
-    """The Serve app on 127.0.0.1 at a free port: bearer token, queue bound 2, 1 MB uploads, 3 s audio.
-    Yields the raw ``httpx.Client`` of a :class:`VideoClient` without token (the tests send their own
-    headers) and the job folder."""
+    """The Serve app on 127.0.0.1 at a free port: two clients (alice, bob) from a tokens file,
+    queue bound 2, 1 MB uploads, 3 s audio, 1000 frames x steps. Yields the raw ``httpx.Client``
+    of a :class:`VideoClient` without token (the tests send their own headers) and the job folder."""
     from ray import serve
 
     from core.config import load_platform_config
-    from serve.app import build_app
+    from serve.app import build_app, http_options
 
     port = free_port()
     job_dir = tmp_path_factory.mktemp("serve_jobs")
+    tokens = tmp_path_factory.mktemp("secrets") / "tokens"
+    tokens.write_text(f"# client tokens\nalice {TOKEN}\nbob {OTHER_TOKEN}  # the second client\n")
     cfg = load_platform_config(None, [
         f"serve.model={tiny_package}", f"serve.job_dir={job_dir}", "serve.max_queue=2", "serve.max_upload_mb=1",
-        "serve.max_audio_s=3", f"serve.auth_token={TOKEN}", "serve.cpus_per_replica=0", f"serve.port={port}",
-        "sampler.steps=2", f"weights.tiny_dir={tiny_weights[0].tiny_dir}",
+        "serve.max_audio_s=3", f"serve.tokens_file={tokens}", "serve.cpus_per_replica=0", f"serve.port={port}",
+        "serve.max_frame_steps=1000", "sampler.steps=2", f"weights.tiny_dir={tiny_weights[0].tiny_dir}",
     ])
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options=http_options(cfg.serve))
     serve.run(build_app(cfg), name="loopy_test", route_prefix="/", blocking=False)
     api = VideoClient(f"http://127.0.0.1:{port}")  # no token: the tests send their own headers
     api.wait_healthy(120)
@@ -95,35 +148,55 @@ def post(client, image: bytes, audio: bytes, headers=AUTH, **options):
     return client.post("/v1/videos", files=files, data={k: str(v) for k, v in options.items()}, headers=headers)
 
 
-def wait_done(client, job_id: str, timeout_s: float = 120.0) -> dict:
+def wait_done(client, job_id: str, timeout_s: float = 120.0, token: str = TOKEN) -> dict:
     """Poll the job (``VideoClient.wait``) until done; its status with ``history``: every status polled."""
     seen: list[dict] = []
-    with VideoClient(str(client.base_url), token=TOKEN) as api:
+    with VideoClient(str(client.base_url), token=token) as api:
         body = api.wait(job_id, timeout_s, poll_s=0.2, on_update=seen.append)
     body["history"] = seen
     return body
 
 
+def assert_no_server_details(text: str, job_dir: Path) -> None:
+    for word in (str(job_dir), "/tmp", "Traceback", "File \"", "ffmpeg", ".py"):
+        assert word not in text, (word, text)
+
+
 # --- unit: job store and options -----------------------------------------------------------------------
 
-def test_job_store_bounds_ids_and_files(tmp_path):
+def test_job_store_bounds_ids_owners_and_files(tmp_path):
     store = JobStore(tmp_path, max_pending=2, ttl_s=10)
-    a = store.create({"steps": 2})
-    b = store.create({})
+    a = store.create("alice", {"steps": 2})
+    b = store.create("bob", {})
     with pytest.raises(QueueFullError) as err:
-        store.create({})
+        store.create("alice", {})
     assert err.value.retry_after_s >= 1
     assert parse_job_id(a.id) == a.id and a.folder.parent == tmp_path
-    assert store.get("../../etc/passwd") is None and store.get(a.id.upper()) is a
+    assert store.get("../../etc/passwd") is None and store.get(a.id.upper()).id == a.id
+    assert store.get(a.id, owner="alice") is not None and store.get(a.id, owner="bob") is None
+    for job in (a, b):
+        job.file("image").write_bytes(b"png")
+        job.file("audio").write_bytes(b"wav")
+        store.mark_queued(job.id)
     assert store.queue_position(b.id) == 1
-    store.start(a.id)
+    assert store.start(a.id, time.time() + 60)
     store.progress(a.id, 1, 3, 30)
     assert store.get(a.id).progress == pytest.approx(1 / 3)
     a.file("video").write_bytes(b"x")
-    store.finish(a.id)
+    assert store.finish(a.id)
+    assert sorted(p.name for p in a.folder.iterdir()) == ["result.mp4"]  # inputs go when a job ends
     assert store.pending() == 1
-    store.create({})  # a slot came free
-    assert store.evict_expired(now=time.time() + 100) == 1 and not a.folder.exists()
+    store.create("alice", {})  # a slot came free
+    assert store.sweep(now=time.time() + 100) == 1 and not a.folder.exists()
+
+
+def test_job_store_caps_disk_bytes(tmp_path):
+    from serve.jobs import DiskFullError
+
+    store = JobStore(tmp_path, max_pending=5, max_disk_bytes=1000)
+    store.create("alice", {}, reserve_bytes=600)
+    with pytest.raises(DiskFullError):
+        store.create("alice", {}, reserve_bytes=600)
 
 
 def test_options_unknown_and_out_of_range_name_the_field():
@@ -149,6 +222,7 @@ def test_submit_poll_download_valid_mp4_with_audio(service, media, tmp_path):
     done = wait_done(client, job_id)
     assert done["state"] == "done", done
     assert done["clips_total"] == 3 and done["num_frames"] == 25  # 1 s of audio at 25 fps, 12-frame clips
+    assert done["model_version"]
     progress = [h["progress"] for h in done["history"]]
     assert progress == sorted(progress)
     video = client.get(f"/v1/videos/{job_id}/file", headers=AUTH)
@@ -159,43 +233,114 @@ def test_submit_poll_download_valid_mp4_with_audio(service, media, tmp_path):
                             "stream=codec_type,nb_read_frames", "-of", "csv=p=0", str(out)],
                            capture_output=True, text=True, check=True).stdout.split()
     assert "video,25" in probe and any(line.startswith("audio") for line in probe)
-    # files live only under the server's job folder, named by the server
-    assert sorted(p.name for p in (job_dir / job_id).iterdir()) == ["audio.bin", "portrait.img", "result.mp4"]
+    # the inputs were deleted when the job ended; the result lives only in the job's folder
+    assert sorted(p.name for p in (job_dir / job_id).iterdir()) == ["result.mp4"]
 
 
-def test_bad_requests(service, media):
-    client, _ = service
+def test_bad_requests_name_the_field_and_leak_nothing(service, media):
+    client, job_dir = service
     too_big = post(client, media["image"] + b"\0" * (1024 * 1024 + 10), media["audio"])
     assert too_big.status_code == 413 and too_big.json()["field"] == "image"
     cases = [
-        (b"this is not an image", media["audio"], {}, "image", "not a decodable image"),
+        (b"this is not an image", media["audio"], {}, "image", "not a decodable"),
+        (b"GIF89a" + b"\0" * 64, media["audio"], {}, "image", "not a decodable"),
         (media["noface"], media["audio"], {}, "image", "no face"),
         (media["image"], b"RIFF....not audio at all", {}, "audio", "not decodable audio"),
         (media["image"], media["silent"], {}, "audio", "silent"),
         (media["image"], media["long"], {}, "audio", "longer than"),
         (media["image"], media["audio"], {"colour": "blue"}, "colour", "unknown option"),
         (media["image"], media["audio"], {"steps": "500"}, "steps", "outside the allowed range"),
+        (media["image"], media["audio"], {"steps": "100"}, "steps", "frames x 100 steps"),  # 25 x 100 > 1000
     ]
     for image, audio, options, field, words in cases:
         resp = post(client, image, audio, **options)
         assert resp.status_code == 422, (field, resp.text)
         body = resp.json()
         assert body["field"] == field and words in body["error"], body
+        assert_no_server_details(resp.text, job_dir)
     missing = client.post("/v1/videos", files={"image": ("p", media["image"])}, headers=AUTH)
     assert missing.status_code == 422 and missing.json()["field"] == "audio"
     unknown = client.get("/v1/videos/0b9a3f5e-1f7e-4a51-9d0b-6b1f1f0f0f0f", headers=AUTH)
     assert unknown.status_code == 404
     assert client.get("/v1/videos/..%2F..%2Fetc%2Fpasswd", headers=AUTH).status_code == 404
     assert client.get("/v1/videos/not-a-uuid/file", headers=AUTH).status_code == 404
+    assert client.post("/v1/videos", content=b"x" * 10, headers={**AUTH, "content-type": "text/plain"}).status_code == 415
+    assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 404
+    # rejected uploads leave no folder behind
+    assert not [p for p in job_dir.iterdir() if p.is_dir()
+                and not (p / "result.mp4").exists()], list(job_dir.iterdir())
 
 
-def test_bearer_token_required(service, media):
+def test_tokens_are_per_client_and_jobs_belong_to_their_client(service, media):
     client, _ = service
     assert post(client, media["image"], media["audio"], headers={}).status_code == 401
     wrong = post(client, media["image"], media["audio"], headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
     assert client.get("/v1/videos/0b9a3f5e-1f7e-4a51-9d0b-6b1f1f0f0f0f").status_code == 401
     assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
+    resp = post(client, media["image"], media["audio"], headers=OTHER, steps=2)
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    for method, path in (("GET", f"/v1/videos/{job_id}"), ("GET", f"/v1/videos/{job_id}/file"),
+                         ("DELETE", f"/v1/videos/{job_id}")):
+        other = client.request(method, path, headers=AUTH)  # alice asks for bob's job
+        assert other.status_code == 404, (method, path, other.text)
+        assert other.json() == client.get("/v1/videos/0b9a3f5e-1f7e-4a51-9d0b-6b1f1f0f0f0f", headers=AUTH).json()
+    assert wait_done(client, job_id, token=OTHER_TOKEN)["state"] == "done"
+
+
+def test_delete_removes_the_job_and_its_files(service, media):
+    client, job_dir = service
+    resp = post(client, media["image"], media["audio"], steps=6)
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    with VideoClient(str(client.base_url), token=TOKEN) as api:
+        api.delete(job_id)  # queued or running: cancelled
+        with pytest.raises(RequestRejected) as err:
+            api.status(job_id)
+        assert err.value.status == 404
+        assert not (job_dir / job_id).exists()
+        # the worker is free again: the next job finishes
+        assert wait_done(client, api.submit(media["image"], media["audio"], {"steps": 2}))["state"] == "done"
+
+
+def test_cross_origin_browser_posts_are_refused(service, media):
+    client, _ = service
+    base = str(client.base_url)
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                    {"Origin": base, "Sec-Fetch-Site": "cross-site"}):
+        resp = post(client, media["image"], media["audio"], headers={**AUTH, **headers})
+        assert resp.status_code == 403 and resp.json()["field"] == "origin", headers
+    same = post(client, media["image"], media["audio"], headers={**AUTH, "Origin": base,
+                                                                  "Sec-Fetch-Site": "same-origin"}, steps=2)
+    assert same.status_code == 202, same.text
+    assert wait_done(client, same.json()["id"])["state"] == "done"
+
+
+def test_polyglot_and_playlist_uploads_never_open_another_file(service, media, tmp_path):
+    """An HLS playlist naming a local file, glued to real MP3 bytes, and a pure playlist: either
+    422 or a video whose audio is the check's own decode; the named file is never opened."""
+    from pipelines.audio_decode import decode_audio
+
+    client, _ = service
+    with FifoWatch(tmp_path / "secret.wav") as fifo:
+        pure = post(client, media["image"], playlist(fifo.path))
+        assert pure.status_code == 422 and pure.json()["field"] == "audio", pure.text
+        glued = playlist(fifo.path) + media["mp3"]
+        (tmp_path / "glued.bin").write_bytes(glued)
+        resp = post(client, media["image"], glued, steps=2)
+        assert resp.status_code in (202, 422), resp.text
+        if resp.status_code == 202:
+            assert wait_done(client, resp.json()["id"])["state"] == "done"
+            video = tmp_path / "out.mp4"
+            video.write_bytes(client.get(f"/v1/videos/{resp.json()['id']}/file", headers=AUTH).content)
+    assert not fifo.opened, "a file named by the playlist was opened"
+    if resp.status_code == 202:
+        checked = decode_audio_upload(tmp_path / "glued.bin", 3.0).samples  # what the check decoded
+        got = decode_audio(video, sample_rate=16000).samples
+        n = min(len(checked), len(got)) - 2000
+        best = max(float(np.corrcoef(checked[:n], got[lag:lag + n])[0, 1]) for lag in range(0, 1600, 4))
+        assert best > 0.95, best
 
 
 def test_full_queue_answers_429_with_retry_after_and_loses_nothing(service, media):
@@ -238,6 +383,7 @@ def test_serve_config_file_builds_the_application(tiny_package):
     data = yaml.safe_load((PROJECT_ROOT / "serve" / "serve_config.yaml").read_text())
     spec = ServeDeploySchema.model_validate(data).applications[0]
     assert spec.import_path == "serve.app:app" and data["http_options"]["host"] == "127.0.0.1"
+    assert data["http_options"]["request_timeout_s"] > 0
     args = dict(spec.args)
     args["overrides"] = list(args["overrides"]) + [f"serve.model={tiny_package}"]
     assert isinstance(app(args), Application)
