@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Optional, Sequence
 
 from core.config import ConfigError, add_config_arguments, load_platform_config
+from training.errors import TerminatedError
 from training.stages import TrainSetupError, prepare_job, run_job
 
 
@@ -29,7 +31,7 @@ def parse_stages(args: argparse.Namespace) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"--stages {text!r}: expected a comma-separated list such as 1,2")
+        raise SystemExit(f"--stages {text!r}: expected a comma-separated list such as 1,2") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_terminated(signum, frame) -> None:
+    raise TerminatedError(f"received signal {signal.Signals(signum).name}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -57,7 +63,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, TrainSetupError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
-    record = run_job(prep)
+    # SIGTERM (Kubernetes, `ray job stop`, kill) becomes an exception in the main thread: the
+    # MLflow runs are marked KILLED on the way out instead of staying RUNNING
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        record = run_job(prep)
+    except TerminatedError as exc:
+        print(f"train.py: stopped: {exc}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for stage, rec in sorted(record.stages.items()):
         print(f"stage {stage}: {rec.model_uri}  (package {rec.package_dir}, MLflow run {rec.run_id})")
     print(f"job {record.name}: MLflow parent run {record.parent_run_id}")

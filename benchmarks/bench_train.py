@@ -56,7 +56,7 @@ def _tiny_runs(root: Path) -> list[dict]:
         client = JobTracker(cfg.tracking).client
         run_id = record.stages["2"].run_id
 
-        def hist(key: str) -> list[float]:
+        def hist(key: str, client=client, run_id=run_id) -> list[float]:
             values = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
             return [v for s, v in values if s > 2] or [v for _, v in values]
 
@@ -84,8 +84,8 @@ def _sd15_step_time() -> list[dict]:
                  "note": "skipped: no GPU on this machine"}]
     from diffusers.optimization import get_scheduler
 
-    from models.loopy import LoopyModel, sd15_unet_config
     from core.sections import TrainConfig
+    from models.loopy import LoopyModel, sd15_unet_config
     from training.step import make_noise_scheduler, train_step
 
     dev = torch.device("cuda")

@@ -2,6 +2,7 @@
 (sqlite in tmp; no server). The Ray runs are marked slow."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 import train
 from core.config import ConfigError, load_platform_config
-from training.stages import TrainSetupError, prepare_job, run_job
+from training.stages import JobRecord, TrainSetupError, prepare_job, run_job
 from training.tracking import JobTracker, resolve_tracking_uri
 
 TINY_READER = ["reader.motion_frames=28", "reader.ref_min_distance=4", "reader.samples_per_video=4"]
@@ -193,22 +194,37 @@ def tiny_weights_unet(cfg) -> str:
 @pytest.mark.parametrize("loader,workers", [("torch", 1), ("ray_data", 2)])
 def test_nan_stop_then_resume_matches_uninterrupted(tmp_path, data_dir, tiny_weights, ray_local, loader, workers):
     """Same job twice: uninterrupted, and stopped by the NaN guard at step 3 (a NaN batch injected
-    once) then ``--resume``d from the step-2 checkpoint. The NaN stop names the step and the batch;
-    the loss curves and the final (EMA) weights agree. Both data paths: the torch Dataset, and the
-    reader's Ray Dataset sharded over 2 workers by Ray Train."""
+    once, on the last rank) then ``--resume``d from the step-2 checkpoint. The NaN stop names the
+    step and the batch; with 2 workers both ranks stop (the other rank's loss was finite) within a
+    minute of the fault, and the stage run is FAILED; the loss curves and the final (EMA)
+    weights agree. Both data paths: the torch Dataset, and the Ray Dataset sharded over 2
+    workers by Ray Train (2-sample blocks, so the resume drops the trained blocks from the plan)."""
+    import time
+
     from training.stages import TrainingStoppedError
 
     common = [f"train.num_workers={workers}", "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=0",
               f"train.data_loader={loader}", "train.warmup_steps=1", "train.lr=0.001", "train.max_failures=0",
-              "train.eval_max_batches=1", "train.ema_decay=0.9"]
+              "train.eval_max_batches=1", "train.ema_decay=0.9", "train.block_rows=2"]
     cfg = _cfg(tmp_path, tiny_weights, *common)
     full = run_job(prepare_job(cfg, data_dir, [1], job_name="full"))
-    cut_cfg = _cfg(tmp_path, tiny_weights, *common, "train.fault_at_step=3", "train.fault_rank=0",
+    cut_cfg = _cfg(tmp_path, tiny_weights, *common, "train.fault_at_step=3", f"train.fault_rank={workers - 1}",
                    "train.fault_kind=nan")
+    cut_prep = prepare_job(cut_cfg, data_dir, [1], job_name="cut")
     with pytest.raises(TrainingStoppedError, match=r"step 3.*video_index"):
-        run_job(prepare_job(cut_cfg, data_dir, [1], job_name="cut"))
-    resumed = run_job(prepare_job(cut_cfg, data_dir, [1], resume=True, job_name="cut"))
+        run_job(cut_prep)
+    stopped_at = time.time()
+    work = cut_prep.job_dir / "stage1_work"
+    fault_at = (work / f"fault_injected_stage1_step3_rank{workers - 1}").stat().st_mtime
+    assert stopped_at - fault_at < 60
+    reports = {r: json.loads((work / f"nan_stop_rank{r}.json").read_text()) for r in range(workers)}
+    assert all(rep["step"] == 3 for rep in reports.values())  # every rank stopped at the bad step
+    assert reports[workers - 1]["offending"] and not any(reports[r]["offending"] for r in range(workers - 1))
     client = JobTracker(cfg.tracking).client
+    cut_record = JobRecord.load(cut_prep.job_dir)
+    assert client.get_run(cut_record.stages["1"].run_id).info.status == "FAILED"
+    assert client.get_run(cut_record.parent_run_id).info.status == "FAILED"
+    resumed = run_job(prepare_job(cut_cfg, data_dir, [1], resume=True, job_name="cut"))
 
     def curve(record):
         hist = client.get_metric_history(record.stages["1"].run_id, "loss")

@@ -9,11 +9,17 @@ into one checkpoint directory)::
     lr_scheduler.pt   LR scheduler state                                        (rank 0)
     ema.pt            EMA shadow weights (when EMA is on)                       (rank 0)
     rng_rank<r>.pt    python / numpy / torch (CPU, CUDA) RNG states of rank r   (every rank)
+    model_config.json the model's config (``LoopyModel.from_config``: the checkpoint evaluation
+                      task rebuilds the network from it)                        (rank 0)
     loopy/            ``LoopyModel.save_pretrained`` (final checkpoint of a stage only; EMA
                       weights when EMA is on): the model that goes into the package
 
 Data position: ``epoch`` and ``batch_in_epoch`` (batches this rank consumed in that epoch), so
 the resumed run skips exactly the batches already trained on.
+
+Every ``.pt`` file holds tensors and plain Python types only, and is read back with
+``torch.load(weights_only=True)`` (checkpoints live on shared volumes: loading one must not run
+pickled code). RNG states are stored as tensors / lists for that reason.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 LR_SCHEDULER_FILE = "lr_scheduler.pt"
 EMA_FILE = "ema.pt"
+MODEL_CONFIG_FILE = "model_config.json"
 FINAL_MODEL_DIR = "loopy"
 
 
@@ -54,16 +61,27 @@ def rng_file(rank: int) -> str:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Global RNG states of this process (python, numpy, torch CPU and every CUDA device)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Global RNG states of this process (python, numpy, torch CPU and every CUDA device), as
+    tensors and plain types (loadable with ``weights_only=True``)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss": gauss},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -88,6 +106,8 @@ def save_checkpoint(folder: str | Path, *, rank: int, state: TrainState, model: 
     torch.save(lr_scheduler.state_dict(), folder / LR_SCHEDULER_FILE)
     if ema is not None:
         torch.save(ema.state_dict(), folder / EMA_FILE)
+    if hasattr(net, "to_json_string"):  # a diffusers ConfigMixin model (LoopyModel)
+        (folder / MODEL_CONFIG_FILE).write_text(net.to_json_string())
     if final:
         save_final_model(folder / FINAL_MODEL_DIR, net, ema)
     (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
@@ -125,8 +145,23 @@ def load_checkpoint(folder: str | Path, *, rank: int, model: torch.nn.Module, op
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location=loc, weights_only=True))
     lr_scheduler.load_state_dict(torch.load(folder / LR_SCHEDULER_FILE, map_location=loc, weights_only=True))
     if ema is not None and (folder / EMA_FILE).is_file():
-        ema.load_state_dict(torch.load(folder / EMA_FILE, map_location=loc, weights_only=False))
+        ema.load_state_dict(torch.load(folder / EMA_FILE, map_location=loc, weights_only=True))
     rng = folder / rng_file(rank)
     if rng.is_file():
-        restore_rng_state(torch.load(rng, weights_only=False))
+        restore_rng_state(torch.load(rng, weights_only=True))
+    return state
+
+
+def load_weights(folder: str | Path, net: torch.nn.Module, use_ema: bool = True) -> TrainState:
+    """Load a checkpoint's model weights into ``net`` (EMA weights swapped in when the checkpoint
+    has them and ``use_ema``); weights only, no optimizer. Returns the checkpoint's state."""
+    folder = Path(folder)
+    state = read_state(folder)
+    net.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+    if use_ema and (folder / EMA_FILE).is_file():
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(trainable(net))
+        ema.load_state_dict(torch.load(folder / EMA_FILE, map_location="cpu", weights_only=True))
+        ema.copy_to(trainable(net))
     return state

@@ -12,3 +12,9 @@ class StageResultError(TrainingError, RuntimeError):
 
 class CheckpointError(TrainingError, FileNotFoundError):
     """A folder that is not a readable training checkpoint; the message names it."""
+
+
+class TerminatedError(BaseException):
+    """The job was told to stop (SIGTERM: ``train.py`` turns the signal into this exception).
+    A ``BaseException`` like ``KeyboardInterrupt``, so no ``except Exception`` swallows it; the
+    runs it ends are marked KILLED."""

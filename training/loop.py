@@ -1,55 +1,63 @@
 """``train_loop_per_worker``: one stage of Loopy training inside a Ray Train DDP worker.
 
-Per worker: build the model (stage 1 from the SD U-Net, stage 2 from a stage-1 package), wrap
-it in DDP (``ray.train.torch.prepare_model``: gloo on CPU, NCCL on GPU), AdamW over
+Per worker: build the model (stage 1 from the SD U-Net, stage 2 from a stage-1 package) in
+float32 (master weights; ``train.mixed_precision`` autocasts the forward pass on GPU), wrap it in
+DDP (``ray.train.torch.prepare_model``: gloo on CPU, NCCL on GPU), AdamW over
 ``LoopyModel.trainable_parameters()`` with linear warm-up then constant LR, optional EMA; restore
 the latest checkpoint when Ray Train hands one over (``--resume`` or a worker failure); then
 step until ``train.max_steps``:
 
-* data: ``train.data_loader == "ray_data"``: the reader's Ray Dataset shard of this worker
-  (``get_dataset_shard("train")``, all epochs in one pass, position = batches consumed);
+* data: ``train.data_loader == "ray_data"``: the driver's Ray Dataset shard of this worker
+  (``get_dataset_shard("train")``, all epochs in one pass, batches the driver already dropped
+  from the plan on a resume are not read again; the few left are skipped);
   ``"torch"``: the reader's ``LoopyTorchDataset`` of (epoch, rank), position = (epoch, batch);
-* every ``checkpoint_every`` steps (and the last): ``ray.train.report(metrics, checkpoint)``;
-* every ``log_every`` steps: metrics to Ray Train and (rank 0) to the stage's MLflow run:
-  ``loss`` (mean over ranks), ``lr``, ``grad_norm``, ``samples_per_s``, ``data_wait_share``,
-  GPU memory when present; rank 0 also prints ``[train] stage S step N/T loss L``;
-* every ``eval_every`` steps (and the last), rank 0: validation loss on the test split, the loss
-  plot and a sample video as MLflow artifacts (``training/evaluation.py``);
-* a non-finite loss: every rank stops at that step (see ``training/step.py``) and returns
-  without a new checkpoint; the offending rank's batch provenance goes to the MLflow run (tags
-  ``loopy.nan_stop`` / ``loopy.nan`` + ``nan_report_rank<r>.json``); the driver turns that into
-  an error (``--resume`` would continue from the last good checkpoint).
+* every ``checkpoint_every`` / ``eval_every`` steps (and the last): the checkpoint is written to
+  a local temp folder and ``ray.train.report(metrics, checkpoint, checkpoint_upload_mode=...)``
+  uploads it (``train.checkpoint_upload``: sync, or async in a background thread); at ``eval_every`` steps and the last with
+  ``validation=True``: Ray Train runs :class:`training.checkpoint_eval.CheckpointEvaluator` as its
+  own task while the workers go on. ``ray.train.report`` is called only with checkpoints;
+* every ``log_every`` steps (rank 0): metrics to the stage's MLflow run through
+  :class:`training.tracking.AsyncRunLogger` (never blocks, never fails training): ``loss`` (mean
+  over ranks), ``lr``, ``grad_norm``, ``samples_per_s``, ``data_wait_share``, GPU memory when
+  present; rank 0 also prints ``[train] stage S step N/T loss L``;
+* a non-finite loss on any rank: the ranks agree on it (``training/step.py``) and every rank
+  stops at that step without a new checkpoint; each rank writes ``nan_stop_rank<r>.json`` to the
+  stage's work folder (the driver's signal, independent of MLflow) and, best effort, tags
+  ``loopy.nan_stop`` / ``loopy.nan`` + the report as an MLflow artifact; the driver turns that
+  into an error (``--resume`` continues from the last good checkpoint).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 
 from core.paths import resolve_tracking_uri
 from core.weights import resolve_weights
-from inference.video_io import write_video
 from models.loopy import LoopyModel
-from models.registry import resolve_model_location, write_model_package
-from pipelines.face_detect import make_detector
-from pipelines.reader import LoopyTorchDataset, collate, to_torch_batch
-from training.checkpointing import TrainState, load_checkpoint, save_checkpoint, unwrap
-from training.evaluation import generate_sample, load_test_batches, motion_statistics, plot_losses, validation_loss
+from models.registry import resolve_model_location
+from pipelines.reader import LoopyTorchDataset, collate, ray_collate_fn
+from training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from training.step import NonFiniteLossError, make_noise_scheduler, train_step, trainable
-from training.tracking import RunLogger, gpu_memory_metrics
+from training.tracking import AsyncRunLogger, RunLogger, client_for, configure_http_client, gpu_memory_metrics
 
 log = logging.getLogger(__name__)
 
 # Rank 0 prints ``[train] stage S step N/T loss L`` every ``log_every`` steps (and the last): a
 # stable line for consoles and log readers (``demo.py``), independent of Ray's own log format.
 PROGRESS_PREFIX = "[train]"
+NAN_STOP_PREFIX = "nan_stop_rank"  # <work_dir>/nan_stop_rank<r>.json: the driver's NaN-stop signal
+# fault_kind "mlflow_outage": the worker's MLflow client points here (nothing listens on the
+# discard port of the loopback interface: every request fails with "connection refused")
+DEAD_TRACKING_URI = "http://127.0.0.1:9"
 
 
 @dataclass
@@ -62,12 +70,14 @@ class StageJob:
     steps_per_epoch: int  # batches per rank per epoch (torch loader)
     init_from: Optional[str] = None  # stage 2: package folder or MLflow model URI of stage 1
     run: Optional[RunLogger] = None  # the stage's MLflow run (rank 0 logs to it)
-    work_dir: str = ""  # per-stage folder on shared storage (fault-injection markers, temp packages)
+    work_dir: str = ""  # per-stage folder on shared storage (fault-injection markers, NaN-stop reports)
+    plan_offset_steps: int = 0  # ray_data: steps whose batches the driver dropped from the dataset plan
 
 
 def build_model(job: StageJob, device: torch.device):
     """Stage 1: ``LoopyModel.from_sd15`` on the configured U-Net; stage 2: ``from_stage1`` on the
-    package ``job.init_from``. Seeded, so every rank builds the same weights."""
+    package ``job.init_from``. Seeded, so every rank builds the same weights. Always float32
+    (master weights): ``model.dtype`` is for inference, ``train.mixed_precision`` autocasts."""
     cfg = job.cfg
     torch.manual_seed(cfg.train.seed)
     if job.stage == 1:
@@ -80,7 +90,7 @@ def build_model(job: StageJob, device: torch.device):
                                      tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri))
         stage1 = LoopyModel.from_pretrained(str(pkg / "loopy"))
         model = LoopyModel.from_stage1(stage1, cfg.model, cfg.reader)
-    return model.to(device)
+    return model.to(device=device, dtype=torch.float32)
 
 
 def _torch_batches(job: StageJob, state: TrainState, rank: int, world: int) -> Iterator[dict]:
@@ -95,31 +105,44 @@ def _torch_batches(job: StageJob, state: TrainState, rank: int, world: int) -> I
 
 
 def _ray_batches(job: StageJob, skip: int) -> Iterator[dict]:
-    """This worker's shard of the reader's Ray Dataset (all epochs), first ``skip`` batches skipped."""
+    """This worker's shard of the driver's Ray Dataset (all epochs), first ``skip`` batches skipped
+    (fewer than one block's worth: the driver drops whole rounds of blocks from the plan)."""
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
-    it = shard.iter_torch_batches(batch_size=job.cfg.train.batch_size, collate_fn=to_torch_batch,
+    it = shard.iter_torch_batches(batch_size=job.cfg.train.batch_size, collate_fn=ray_collate_fn(),
                                   drop_last=True)
     for i, batch in enumerate(it):
         if i >= skip:
             yield batch
 
 
-def _maybe_inject_fault(job: StageJob, step: int, rank: int, batch: dict) -> None:
+def _maybe_inject_fault(job: StageJob, step: int, rank: int, batch: dict,
+                        logger: Optional[AsyncRunLogger] = None) -> None:
     """Test / drill hook, once per job: before step ``fault_at_step`` rank ``fault_rank`` exits
-    (``fault_kind="exit"``, a killed worker) or its batch latents become NaN (``"nan"``)."""
+    (``fault_kind="exit"``, a killed worker), its batch latents become NaN (``"nan"``), or its
+    MLflow server becomes unreachable for ``fault_steps`` steps (``"mlflow_outage"``: the
+    logger's client points at a dead loopback port, then back)."""
     tc = job.cfg.train
-    if tc.fault_at_step is None or rank != tc.fault_rank or step != tc.fault_at_step:
+    if tc.fault_at_step is None or rank != tc.fault_rank:
         return
-    marker = Path(job.work_dir) / f"fault_injected_stage{job.stage}_step{step}_rank{rank}"
-    if marker.exists():
+    marker = Path(job.work_dir) / f"fault_injected_stage{job.stage}_step{tc.fault_at_step}_rank{rank}"
+    if tc.fault_kind == "mlflow_outage" and step == tc.fault_at_step + tc.fault_steps and logger is not None:
+        if marker.exists() and marker.read_text() == "mlflow_outage":
+            logger.run._cached = None  # the next write opens a client on the real store again
+            marker.write_text("mlflow_outage ended")
+            log.warning("fault injection: rank %d, step %d: MLflow reachable again", rank, step)
+        return
+    if step != tc.fault_at_step or marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(tc.fault_kind)
     log.warning("fault injection: rank %d, step %d: %s", rank, step, tc.fault_kind)
     if tc.fault_kind == "nan":
         batch["latents"] = torch.full_like(batch["latents"], float("nan"))
+    elif tc.fault_kind == "mlflow_outage":
+        if logger is not None:
+            logger.run._cached = client_for(type(job.cfg.tracking)(tracking_uri=DEAD_TRACKING_URI))
     else:
         os._exit(17)
 
@@ -134,80 +157,54 @@ def _mean_over_ranks(value: float, world: int) -> float:
     return float(t.item()) / world
 
 
-def _report_nan(job: StageJob, rank: int, err: NonFiniteLossError) -> None:
-    """Log the stop to the stage's MLflow run: every rank sets the tag ``loopy.nan_stop`` (the
-    step; the driver looks for it) and logs ``nan_report_rank<r>.json``; the rank whose own loss
-    was non-finite also sets ``loopy.nan`` (step + batch provenance)."""
+def _report_nan(job: StageJob, rank: int, err: NonFiniteLossError, logger: Optional[AsyncRunLogger]) -> None:
+    """Every rank writes ``nan_stop_rank<r>.json`` (step, what, batch provenance) to the work
+    folder: the driver's signal. Rank 0 (the run's logger) also tags the MLflow run,
+    best effort: ``loopy.nan_stop`` (the step), ``loopy.nan`` (the offending rank's report when it is
+    rank 0) and the report as an artifact."""
     log.error("rank %d: %s", rank, err)
-    if job.run is None:
-        return
-    report = {"step": err.step, "what": err.what, "rank": rank, "provenance": err.provenance}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"nan_report_rank{rank}.json"
-        path.write_text(json.dumps(report, indent=2))
-        job.run.log_artifact(path)
-    tags = {"loopy.nan_stop": err.step}
-    if err.what.startswith("loss"):
-        tags["loopy.nan"] = json.dumps(report)[:4000]
-    job.run.set_tags(tags)
+    report = {"step": err.step, "what": err.what, "rank": rank, "provenance": err.provenance,
+              "offending": err.what.startswith("loss (")}
+    path = Path(job.work_dir) / f"{NAN_STOP_PREFIX}{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
+    if logger is not None:
+        logger.log_artifact(path)
+        tags = {"loopy.nan_stop": err.step}
+        if report["offending"]:
+            tags["loopy.nan"] = json.dumps(report)[:4000]
+        logger.set_tags(tags)
 
 
-class _Evaluator:
-    """Rank 0's evaluation: test batches loaded once, metrics + artifacts to MLflow."""
+def _make_logger(job: StageJob, rank: int) -> Optional[AsyncRunLogger]:
+    if rank != 0 or job.run is None:
+        return None
+    tr = job.cfg.tracking
+    configure_http_client(tr)
+    return AsyncRunLogger(RunLogger(job.run.tracking, job.run.run_id), queue_size=tr.async_queue_size,
+                          retry_for_s=tr.retry_for_s)
 
-    def __init__(self, job: StageJob, noise_scheduler, device: torch.device):
-        self.job, self.noise_scheduler, self.device = job, noise_scheduler, device
-        tc = job.cfg.train
-        self.batches = load_test_batches(job.data_dir, job.cfg.reader, tc.batch_size, tc.eval_max_batches)
-        if not self.batches:
-            log.warning("%s has no test-split samples: validation loss skipped", job.data_dir)
 
-    def __call__(self, model: torch.nn.Module, ema, step: int) -> dict[str, float]:
-        job, tc = self.job, self.job.cfg.train
-        net = unwrap(model)
-        if ema is not None:
-            ema.store(trainable(net))
-            ema.copy_to(trainable(net))
-        try:
-            metrics = validation_loss(net, self.batches, self.noise_scheduler, tc.eval_timesteps, tc.seed,
-                                      self.device, tc.mixed_precision)
-            if job.run is not None:
-                job.run.log_metrics(metrics, step)
-                with tempfile.TemporaryDirectory(dir=job.work_dir or None) as tmp:
-                    series = {"loss": job.run.metric_history("loss"),
-                              "val_loss": job.run.metric_history("val_loss")}
-                    png = plot_losses(series, Path(tmp) / f"loss_step{step:06d}.png",
-                                      title=f"stage {job.stage}, step {step}")
-                    job.run.log_artifact(png, "eval")
-                    metrics.update(self._sample(net, Path(tmp), step))
-        finally:
-            if ema is not None:
-                ema.restore(trainable(net))
-        return metrics
+def _report_checkpoint(job: StageJob, rank: int, state: TrainState, model, optimizer, lr_scheduler, ema,
+                       metrics: dict, final: bool, validate: bool) -> None:
+    """Write this rank's part of the checkpoint to a local temp folder and hand it to Ray Train
+    (uploaded to the run's storage; with ``train.checkpoint_upload: async`` in a background thread,
+    and Ray deletes the local copy after the upload; with ``sync`` it is deleted here)."""
+    import ray.train
+    from ray.train import CheckpointUploadMode
 
-    def _sample(self, net, tmp: Path, step: int) -> dict[str, float]:
-        """Stage 2: sample video of the first test clip (MLflow artifact) and its Glo / Exp."""
-        tc = self.job.cfg.train
-        if tc.eval_sample_steps <= 0 or not self.batches or self.job.stage != 2:
-            return {}
-        try:  # a failed preview never stops training; the traceback is in the worker log
-            pkg = write_model_package(tmp / "package", net, self.job.cfg, resolve_weights(self.job.cfg.weights))
-            frames = generate_sample(pkg, self.batches[0], tc.eval_sample_steps, seed=tc.seed)
-            video = write_video(frames, tmp / f"sample_step{step:06d}.mp4", fps=self.job.cfg.ingest.fps,
-                                audio_path=None)
-            self.job.run.log_artifact(video, "eval")
-            stats = motion_statistics(frames, self.batches[0]["landmarks"][0].numpy(), self._detector())
-            self.job.run.log_metrics(stats, step)
-            return stats
-        except Exception:
-            log.exception("sample video / motion statistics at step %d failed", step)
-            return {}
-
-    def _detector(self):
-        if getattr(self, "_det", None) is None:
-            ing = self.job.cfg.ingest
-            self._det = make_detector(ing.detector, self.job.cfg.weights.dwpose_dir, ing.detect_max_side)
-        return self._det
+    mode = CheckpointUploadMode.ASYNC if job.cfg.train.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
+    local = tempfile.mkdtemp(prefix=f"loopy_ckpt_s{job.stage}_{state.step:07d}_r{rank}_")
+    try:
+        save_checkpoint(local, rank=rank, state=state, model=model, optimizer=optimizer,
+                        lr_scheduler=lr_scheduler, ema=ema, final=final)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
+                         checkpoint_upload_mode=mode, validation=validate)
+    finally:
+        if mode == CheckpointUploadMode.SYNC:
+            shutil.rmtree(local, ignore_errors=True)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -218,18 +215,31 @@ def train_loop_per_worker(config: dict) -> None:
     from diffusers.training_utils import EMAModel
 
     job: StageJob = config["job"]
-    tc = job.cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    logger = _make_logger(job, rank)
+    try:
+        _train(job, rank, world, device, logger, get_scheduler, EMAModel)
+    finally:
+        if logger is not None:
+            logger.close(job.cfg.tracking.flush_timeout_s)
 
+
+def _train(job: StageJob, rank: int, world: int, device: torch.device, logger: Optional[AsyncRunLogger],
+           get_scheduler, EMAModel) -> None:
+    import ray.train
+    import ray.train.torch
+
+    tc = job.cfg.train
     model = build_model(job, device)
     params = trainable(model)  # == LoopyModel.trainable_parameters(), in module order
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=tc.warmup_steps)
     ema = EMAModel(params, decay=tc.ema_decay) if tc.ema_decay else None
     noise_scheduler = make_noise_scheduler(tc)
-    fp16_scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and tc.mixed_precision == "fp16" else None
+    fp16_scaler: Union[torch.amp.GradScaler, None] = (
+        torch.amp.GradScaler("cuda") if device.type == "cuda" and tc.mixed_precision == "fp16" else None)
 
     state = TrainState(stage=job.stage)
     checkpoint = ray.train.get_checkpoint()
@@ -245,35 +255,40 @@ def train_loop_per_worker(config: dict) -> None:
         "find_unused_parameters": tc.find_unused_parameters})
     if ema is not None:
         ema.to(device)
-    evaluator = _Evaluator(job, noise_scheduler, device) if rank == 0 else None
-    if rank == 0 and job.run is not None and state.step == 0:
-        job.run.set_tags({"loopy.world_size": world, "loopy.device": str(device)})
+    if logger is not None and state.step == 0:
+        logger.set_tags({"loopy.world_size": world, "loopy.device": str(device)})
 
     global_batch = tc.batch_size * world
-    ray_skip = state.step  # ray_data: one pass over all epochs; position = batches consumed
+    ray_skip = state.step - job.plan_offset_steps  # ray_data: batches of this shard already trained on
+    if tc.data_loader == "ray_data" and ray_skip < 0:
+        raise RuntimeError(f"stage {job.stage}: checkpoint at step {state.step} is older than the data plan "
+                           f"(starts after step {job.plan_offset_steps})")
     while state.step < tc.max_steps:
         batches = _ray_batches(job, ray_skip) if tc.data_loader == "ray_data" else _torch_batches(job, state, rank, world)
         exhausted = True
         t_wait = time.perf_counter()
         for batch in batches:
-            _maybe_inject_fault(job, state.step + 1, rank, batch)
+            _maybe_inject_fault(job, state.step + 1, rank, batch, logger)
             t_start = time.perf_counter()
             try:  # steps are numbered 1..max_steps (as in the metrics)
                 res = train_step(model, batch, optimizer, lr_scheduler, noise_scheduler, tc, state.step + 1, rank,
                                  device, ema=ema, fp16_scaler=fp16_scaler)
-            except NonFiniteLossError as err:
-                _report_nan(job, rank, err)
-                ray.train.report({"nan_step": err.step, "step": state.step})  # every rank: same step
+            except NonFiniteLossError as err:  # every rank raises at the same step (agreed flag)
+                _report_nan(job, rank, err, logger)
                 return
             t_end = time.perf_counter()
             state.step += 1
             state.batch_in_epoch += 1
             state.samples_seen += global_batch
             step_time = t_end - t_wait
+            last = state.step >= tc.max_steps
+            log_now = last or state.step % tc.log_every == 0
+            evaluate = last or (tc.eval_every > 0 and state.step % tc.eval_every == 0)
+            checkpoint_now = last or evaluate or state.step % tc.checkpoint_every == 0
             metrics = {
                 "step": state.step,
                 "epoch": state.epoch,
-                "loss": _mean_over_ranks(res.loss, world),
+                "loss": _mean_over_ranks(res.loss, world) if (log_now or checkpoint_now) else res.loss,
                 "lr": res.lr,
                 "grad_norm": res.grad_norm,
                 "samples_per_s": global_batch / max(step_time, 1e-9),
@@ -281,23 +296,18 @@ def train_loop_per_worker(config: dict) -> None:
                 "data_wait_share": (t_start - t_wait) / max(step_time, 1e-9),
                 **gpu_memory_metrics(),
             }
-            last = state.step >= tc.max_steps
-            if rank == 0 and (last or (tc.eval_every > 0 and state.step % tc.eval_every == 0)):
-                metrics.update(evaluator(model, ema, state.step))
-            if rank == 0 and (last or state.step % tc.log_every == 0):
+            if rank == 0 and log_now:
                 # one stable progress line per logged step (read by the demo's console; the
-                # metrics themselves go to MLflow)
+                # metrics themselves go to MLflow, asynchronously)
                 print(f"{PROGRESS_PREFIX} stage {job.stage} step {state.step}/{tc.max_steps} "
                       f"loss {metrics['loss']:.6f}", flush=True)
-                if job.run is not None:
-                    job.run.log_metrics(metrics, state.step)
-            if last or state.step % tc.checkpoint_every == 0:
-                with tempfile.TemporaryDirectory(dir=job.work_dir or None) as tmp:
-                    save_checkpoint(tmp, rank=rank, state=state, model=model, optimizer=optimizer,
-                                    lr_scheduler=lr_scheduler, ema=ema, final=last)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            elif state.step % tc.log_every == 0:
-                ray.train.report(metrics)
+                if logger is not None:
+                    logger.log_metrics(metrics, state.step)
+            if checkpoint_now:
+                if evaluate and logger is not None:  # the evaluation's loss plot reads the logged curve
+                    logger.flush(job.cfg.tracking.flush_timeout_s)
+                _report_checkpoint(job, rank, state, model, optimizer, lr_scheduler, ema, metrics,
+                                   final=last, validate=evaluate)
             if last:
                 exhausted = False
                 break

@@ -8,6 +8,12 @@ A job trains stage 1, stage 2 or both (in that order). Layout under ``train.stor
                                          checkpoints; re-running the same name resumes from the
                                          latest one (Ray Train restores its checkpoint manager)
     <storage>/<job>/stage<N>_package/    the stage's model package (models/registry.py)
+    <storage>/<job>/stage<N>_work/       fault-injection markers, NaN-stop reports (nan_stop_rank<r>.json)
+
+MLflow: the stage run is FINISHED only when its package is registered; any error leaves it (and
+the job's parent run) FAILED, an interrupt (Ctrl-C, SIGTERM via ``train.py``) KILLED. Checkpoint
+evaluation runs as Ray Train validation tasks (``training/checkpoint_eval.py``) beside the workers.
+The training data (``videos.parquet`` / ``ingest_run.json``) is logged as an input of each stage run.
 
 Every check that can fail without training (config values, the dataset, the stage-1 model a
 stage-2 run starts from) runs in :func:`prepare_job` before any worker starts, and fails with one
@@ -19,6 +25,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,23 +36,45 @@ from core.config import PlatformConfig
 from core.paths import project_path, resolve_tracking_uri
 from core.ray_runtime import init_ray
 from core.weights import resolve_weights
+from inference.mlflow_model import log_model_package  # registers the package as a pyfunc model
 from models.registry import (
     ModelPackageError,
     latest_version,
-    log_model_package,
     resolve_model_location,
     write_model_package,
 )
-from pipelines.reader import LoopySampleSource, build_ray_dataset
+from pipelines.reader import LoopySampleSource, load_spec_batch
 from pipelines.schema import IngestFormatError
-from training.checkpointing import FINAL_MODEL_DIR
-from training.errors import StageResultError, TrainingError
-from training.loop import StageJob, train_loop_per_worker
+from training.checkpoint_eval import CheckpointEvaluator
+from training.checkpointing import FINAL_MODEL_DIR, STATE_FILE
+from training.errors import StageResultError, TerminatedError, TrainingError
+from training.loop import NAN_STOP_PREFIX, StageJob, train_loop_per_worker
 from training.tracking import JobTracker, RunLogger
 
 log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
 LATEST_FILE = "latest_job"
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder + ``os.replace``: a
+    reader sees the old or the new content, never a torn file (crash, full disk)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def run_status(exc: BaseException) -> str:
+    """MLflow status for a run ended by ``exc``: KILLED for an interrupt or SIGTERM, else FAILED."""
+    return "KILLED" if isinstance(exc, (KeyboardInterrupt, TerminatedError)) else "FAILED"
 
 
 class TrainSetupError(TrainingError, ValueError):
@@ -74,7 +104,7 @@ class JobRecord:
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / JOB_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        write_atomic(folder / JOB_FILE, json.dumps(dataclasses.asdict(self), indent=2))
 
     @classmethod
     def load(cls, folder: Path) -> "JobRecord":
@@ -94,7 +124,8 @@ def stage_config(cfg: PlatformConfig, stage: int) -> PlatformConfig:
 
 def _check_train_config(cfg: PlatformConfig) -> None:
     tc = cfg.train
-    positive = ("num_workers", "batch_size", "max_steps", "checkpoint_every", "log_every", "checkpoints_to_keep")
+    positive = ("num_workers", "batch_size", "max_steps", "checkpoint_every", "log_every", "checkpoints_to_keep",
+                "block_rows", "fault_steps")
     for name in positive:
         if getattr(tc, name) < 1:
             raise TrainSetupError(f"train.{name} must be >= 1, got {getattr(tc, name)}")
@@ -203,47 +234,140 @@ def _scaling(cfg: PlatformConfig):
     return ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources)
 
 
-def _ray_dataset(cfg: PlatformConfig, data_dir: Path, per_epoch: int):
-    """The reader's Ray Dataset over as many epochs as ``max_steps`` needs (one pass)."""
-    epochs = math.ceil(cfg.train.max_steps / per_epoch)
-    parts = [build_ray_dataset(data_dir, cfg.reader, "train", epoch=e, batch_size=cfg.train.batch_size)
-             for e in range(epochs)]
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+def plan_offset_steps(done_steps: int, batch_size: int, block_rows: int) -> int:
+    """Steps whose samples a resumed ``ray_data`` run drops from the plan: whole rounds of blocks.
+
+    Ray Train's split hands the blocks (``block_rows`` samples each, in plan order) to the worker
+    with the fewest rows so far, i.e. round-robin, so rank r reads blocks r, r + W, r + 2W, ... A
+    rank that trained ``done_steps`` batches has consumed whole blocks of the plan's first
+    ``k = floor(done_steps * batch_size / L)`` rounds of L = lcm(block_rows, batch_size) samples
+    per rank; dropping those rounds leaves every rank the same remaining sequence, and it skips the
+    ``done_steps - offset`` batches left (fewer than L / batch_size) by reading them."""
+    per_rank = math.lcm(block_rows, batch_size)
+    return (done_steps * batch_size) // per_rank * per_rank // batch_size
+
+
+def _ray_dataset(cfg: PlatformConfig, data_dir: Path, offset_steps: int):
+    """The training plan (epochs 0, 1, ... of spec rows, as many as ``max_steps`` needs) minus the
+    first ``offset_steps`` steps' rows, as a Ray Dataset of ``train.block_rows``-sample blocks
+    whose samples are read in Ray Data tasks (``pipelines.reader.load_spec_batch``). The block
+    count follows the plan length, not the batch size."""
+    import ray.data
+
+    tc = cfg.train
+    world, bs, rows_per_block = tc.num_workers, tc.batch_size, tc.block_rows
+    source = LoopySampleSource(data_dir, cfg.reader, "train")
+    # rank r needs ceil((max_steps - offset) * B / R) of its blocks; the plan has W of them per round
+    need = world * rows_per_block * math.ceil((tc.max_steps - offset_steps) * bs / rows_per_block)
+    start = offset_steps * world * bs
+    rows: list[dict] = []
+    epoch = 0
+    while len(rows) < start + need:
+        specs = source.epoch_specs(epoch)
+        if not specs:
+            raise TrainSetupError(f"--data {data_dir}: no train samples")
+        rows += [s.to_row() for s in specs]
+        epoch += 1
+    rows = rows[start:start + need]
+    ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / rows_per_block))
+    return ds.map_batches(load_spec_batch, batch_size=rows_per_block, batch_format="numpy",
+                          fn_kwargs=dict(data_dir=str(data_dir), reader_cfg=dataclasses.asdict(cfg.reader),
+                                         split="train"))
+
+
+def resumed_step(run_dir: Path) -> int:
+    """Step of the checkpoint Ray Train will resume ``run_dir`` from (its checkpoint manager's
+    snapshot, then our ``state.json`` in that checkpoint); 0 for a new run or an unreadable record."""
+    try:
+        snapshot = json.loads((run_dir / RAY_SNAPSHOT_FILE).read_text())
+        name = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        if not name:
+            return 0
+        return int(json.loads((run_dir / name / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("%s: cannot read the latest checkpoint's step; the data plan starts at step 0", run_dir)
+        return 0
+
+
+def _nan_reports(work_dir: Path) -> list[dict]:
+    reports = []
+    for path in sorted(work_dir.glob(f"{NAN_STOP_PREFIX}*.json")):
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            reports.append({"step": None, "what": f"unreadable {path.name}"})
+    return reports
+
+
+def _archive_nan_reports(work_dir: Path) -> list[dict]:
+    """A resumed stage: move the previous attempt's NaN-stop reports to ``nan_stop_history/``."""
+    reports = _nan_reports(work_dir)
+    if reports:
+        history = work_dir / "nan_stop_history" / time.strftime("%Y%m%d-%H%M%S")
+        history.mkdir(parents=True, exist_ok=True)
+        for path in work_dir.glob(f"{NAN_STOP_PREFIX}*.json"):
+            shutil.move(str(path), history / path.name)
+    return reports
+
+
+def _evaluation_resources(cfg: PlatformConfig) -> dict:
+    tc = cfg.train
+    return {"num_cpus": tc.eval_num_cpus, "num_gpus": tc.eval_num_gpus if tc.use_gpu else 0}
 
 
 def run_stage(prep: PreparedJob, stage: int, tracker: JobTracker, parent: RunLogger) -> StageRecord:
-    """One Ray Train run for ``stage``, then its package logged and registered in MLflow."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
+    """One Ray Train run for ``stage``, then its package logged and registered in MLflow. Any
+    error leaves the stage run FAILED (KILLED for an interrupt) and is raised."""
     cfg = stage_config(prep.cfg, stage)
     rec = prep.record.stages.setdefault(str(stage), StageRecord())
+    resumed = rec.run_id is not None
     run = tracker.start_stage(parent, stage, cfg, prep.record.name, run_id=rec.run_id)
-    if rec.run_id:  # a resumed stage: a previous NaN stop is history, not this attempt's outcome
-        old_tags = tracker.client.get_run(run.run_id).data.tags
-        if "loopy.nan_stop" in old_tags:
-            run.set_tags({"loopy.previous_nan_stop": old_tags["loopy.nan_stop"]})
-            tracker.client.delete_tag(run.run_id, "loopy.nan_stop")
     rec.run_id = run.run_id
     prep.record.save(prep.job_dir)
+    try:
+        return _run_stage(prep, stage, cfg, rec, run, tracker, resumed)
+    except BaseException as exc:
+        run.end_quietly(run_status(exc))
+        raise
+
+
+def _run_stage(prep: PreparedJob, stage: int, cfg: PlatformConfig, rec: StageRecord, run: RunLogger,
+               tracker: JobTracker, resumed: bool) -> StageRecord:
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ValidationConfig
+    from ray.train.torch import TorchTrainer
+
+    work_dir = prep.job_dir / f"stage{stage}_work"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if resumed:  # a previous NaN stop is history, not this attempt's outcome
+        previous = _archive_nan_reports(work_dir)
+        old_tags = tracker.client.get_run(run.run_id).data.tags
+        if previous or "loopy.nan_stop" in old_tags:
+            run.set_tags({"loopy.previous_nan_stop": old_tags.get("loopy.nan_stop", previous[0].get("step"))})
+        if "loopy.nan_stop" in old_tags:
+            tracker.client.delete_tag(run.run_id, "loopy.nan_stop")
+    else:
+        try:
+            tracker.log_dataset_input(run.run_id, prep.data_dir)
+        except Exception:  # noqa: BLE001 - lineage is bookkeeping: never a reason not to train
+            log.warning("could not log %s as an input of MLflow run %s", prep.data_dir, run.run_id, exc_info=True)
     init_from = None
     if stage == 2:
         init_from = prep.record.stages["1"].model_uri if "1" in prep.record.stages else prep.init_from
         run.set_tags({"loopy.init_from": init_from})
-    work_dir = prep.job_dir / f"stage{stage}_work"
-    work_dir.mkdir(parents=True, exist_ok=True)
-    job = StageJob(cfg=cfg, stage=stage, data_dir=str(prep.data_dir), steps_per_epoch=prep.steps_per_epoch[stage],
-                   init_from=init_from, run=run, work_dir=str(work_dir))
+    run_dir = prep.job_dir / f"stage{stage}"
+    offset = 0
     datasets, dataset_config = None, None
     if cfg.train.data_loader == "ray_data":
-        datasets = {"train": _ray_dataset(cfg, prep.data_dir, prep.steps_per_epoch[stage])}
+        offset = plan_offset_steps(resumed_step(run_dir), cfg.train.batch_size, cfg.train.block_rows)
+        datasets = {"train": _ray_dataset(cfg, prep.data_dir, offset)}
         # preserve_order makes the blocks, and so each worker's shard, the same in every run:
-        # a resumed run that skips the batches already trained on sees exactly the rest
+        # a resumed run that drops / skips the batches already trained on sees exactly the rest
         from ray.data import ExecutionOptions
-        from ray.train import DataConfig
 
         dataset_config = DataConfig(execution_options=ExecutionOptions(preserve_order=True),
                                     enable_shard_locality=False)
+    job = StageJob(cfg=cfg, stage=stage, data_dir=str(prep.data_dir), steps_per_epoch=prep.steps_per_epoch[stage],
+                   init_from=init_from, run=run, work_dir=str(work_dir), plan_offset_steps=offset)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
@@ -255,28 +379,24 @@ def run_stage(prep: PreparedJob, stage: int, tracker: JobTracker, parent: RunLog
         ),
         datasets=datasets,
         dataset_config=dataset_config,
+        validation_config=ValidationConfig(fn=CheckpointEvaluator(cfg, stage, str(prep.data_dir), run),
+                                           ray_remote_kwargs=_evaluation_resources(cfg)),
     )
-    try:
-        result = trainer.fit()
-    except Exception:
-        run.end("FAILED")
-        raise
+    result = trainer.fit()
     # A NaN stop ends the workers without a new checkpoint (Ray Train's result then shows the last
-    # checkpoint's metrics), so the workers' MLflow tag is the signal.
-    tags = tracker.client.get_run(run.run_id).data.tags
-    if "loopy.nan_stop" in tags or "nan_step" in (result.metrics or {}):
-        run.end("FAILED")
-        step = tags.get("loopy.nan_stop") or (result.metrics or {}).get("nan_step")
-        raise TrainingStoppedError(f"stage {stage} stopped: non-finite loss at step {step}; "
-                                   f"{tags.get('loopy.nan', 'see nan_report_rank*.json in MLflow run ' + run.run_id)}")
+    # checkpoint's metrics); the ranks' reports in the work folder are the signal.
+    reports = _nan_reports(work_dir)
+    if reports:
+        run.set_tags({"loopy.nan_stop": reports[0].get("step")})
+        worst = next((r for r in reports if r.get("offending")), reports[0])
+        raise TrainingStoppedError(f"stage {stage} stopped: non-finite loss at step {worst.get('step')}; "
+                                   f"{json.dumps(worst)[:4000]}")
     if result.checkpoint is None:
-        run.end("FAILED")
         raise StageResultError(f"stage {stage}: Ray Train returned no checkpoint")
     package = prep.job_dir / f"stage{stage}_package"
     with result.checkpoint.as_directory() as folder:
         final = Path(folder) / FINAL_MODEL_DIR
         if not final.is_dir():
-            run.end("FAILED")
             raise StageResultError(f"stage {stage}: the last checkpoint {folder} holds no final model ({FINAL_MODEL_DIR}/)")
         write_model_package(package, final, cfg, resolve_weights(cfg.weights))
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
@@ -298,7 +418,7 @@ def run_job(prep: PreparedJob) -> JobRecord:
     parent = tracker.start_job(prep.record.name, prep.cfg, parent_run_id=prep.record.parent_run_id)
     prep.record.parent_run_id = parent.run_id
     prep.record.save(prep.job_dir)
-    (prep.job_dir.parent / LATEST_FILE).write_text(prep.record.name)
+    write_atomic(prep.job_dir.parent / LATEST_FILE, prep.record.name)
     parent.set_tags({"loopy.stages": ",".join(map(str, prep.stages)), "loopy.data": str(prep.data_dir)})
     init_ray(prep.cfg.ray)
     try:
@@ -308,8 +428,8 @@ def run_job(prep: PreparedJob) -> JobRecord:
                 log.info("stage %d already done in job %s (%s)", stage, prep.record.name, rec.model_uri)
                 continue
             run_stage(prep, stage, tracker, parent)
-    except BaseException:
-        parent.end("FAILED")
+    except BaseException as exc:
+        parent.end_quietly(run_status(exc))
         raise
     parent.end("FINISHED")
     return prep.record

@@ -109,13 +109,35 @@ def diffusion_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], no
     return F.mse_loss(eps.float(), noise)
 
 
+def ranks_agree_bad(local_bad: bool, device: torch.device) -> bool:
+    """True when ``local_bad`` is True on any rank (one all-reduce MAX of a flag; every rank of
+    the process group must call it at the same step). Without ``torch.distributed``: the flag."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bool(local_bad)
+    flag = torch.tensor([1.0 if local_bad else 0.0],
+                        device=device if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+# fp16: a non-finite gradient norm with finite losses on every rank is an overflow of the scaled
+# gradients; GradScaler skips that update and halves its scale. Below this scale even the
+# unscaled gradients overflow: a real non-finite gradient, the step stops like any NaN.
+MIN_FP16_SCALE = 1.0
+
+
 def train_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], optimizer, lr_scheduler,
                noise_scheduler, cfg: TrainConfig, step: int, rank: int, device: torch.device,
                ema=None, fp16_scaler: Optional[torch.amp.GradScaler] = None) -> StepResult:
-    """Step number ``step`` (1-based): forward, backward (DDP averages gradients), clip, update. Raises
-    :class:`NonFiniteLossError` before the update when this rank's loss or the averaged gradient
-    is not finite: every rank sees the same non-finite gradient norm, so all ranks stop at the
-    same step; the rank whose own loss is non-finite names its batch."""
+    """Step number ``step`` (1-based): forward, backward (DDP averages gradients), clip, update.
+
+    Bad steps are agreed across ranks before any update: each rank's "my loss is not finite" flag
+    is all-reduced (MAX), so when one rank's loss is NaN every rank raises
+    :class:`NonFiniteLossError` at this step (the offending rank names its batch, the others say
+    "loss of another rank") and nobody is left waiting in the next step's all-reduce. A
+    non-finite averaged gradient norm (the same on every rank) stops all ranks too; with fp16 it
+    is first treated as a loss-scale overflow (skipped update) while the scale is above
+    :data:`MIN_FP16_SCALE`."""
     model.train()
     provenance = batch_provenance(batch)
     batch = to_device(batch, device)
@@ -130,12 +152,15 @@ def train_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], optimi
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
     loss_value = float(loss.detach())
-    if not math.isfinite(loss_value):
-        raise NonFiniteLossError(step, f"loss ({loss_value})", provenance)
-    if not math.isfinite(grad_norm) and fp16_scaler is None:
-        raise NonFiniteLossError(step, "gradient norm (the loss of another rank)", provenance)
+    own_bad = not math.isfinite(loss_value)
+    if ranks_agree_bad(own_bad, device):
+        what = f"loss ({loss_value})" if own_bad else "loss of another rank"
+        raise NonFiniteLossError(step, what, provenance)
+    if not math.isfinite(grad_norm):
+        if fp16_scaler is None or fp16_scaler.get_scale() < MIN_FP16_SCALE:
+            raise NonFiniteLossError(step, f"gradient norm ({grad_norm})", provenance)
     if fp16_scaler is not None:
-        fp16_scaler.step(optimizer)
+        fp16_scaler.step(optimizer)  # skips the update on an overflow (non-finite scaled gradients)
         fp16_scaler.update()
     else:
         optimizer.step()
