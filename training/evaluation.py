@@ -14,18 +14,28 @@ loss plot, and a short sample video of the current model.
   the generated clip (landmarks from the ingest's detector) vs. the ground-truth clip's. A tiny
   random model generates no detectable face: then ``face_found_share`` is 0 and the generated
   statistics are NaN (not logged).
+* The evaluation job's metrics (:func:`evaluate_package`, docs/EVALUATION.md): whole test videos
+  generated from a reference frame and their own audio, scored by
+  :func:`pipelines.video_metrics.score_video` (psnr, ssim, lmd, sync, sync_control, glo, exp, ...);
+  the same per-video function (:func:`evaluate_row`) runs in the job's Ray Data actors.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
+from core.sections import EvaluationConfig
+from inference.errors import InferenceError
+from inference.evaluate_video import evaluate_video, read_eval_video, split_videos
 from inference.sampler import LoopySampler
+from pipelines.errors import PipelineError
+from pipelines.face_detect import make_detector
 from pipelines.motion_stats import clip_motion_stats, motion_stats_ratio
 from pipelines.reader import LoopySampleSource, collate
 from training.step import diffusion_loss, to_device
@@ -120,3 +130,97 @@ def motion_statistics(frames: np.ndarray, gt_landmarks: np.ndarray, detector) ->
     gt = clip_motion_stats(np.asarray(gt_landmarks, dtype=np.float32))
     return {"glo_gen": gen.glo, "exp_gen": gen.exp, "glo_gt": gt.glo, "exp_gt": gt.exp,
             **motion_stats_ratio(gen, gt), "face_found_share": float(found.mean()) if found.size else 0.0}
+
+
+# --- the evaluation job's metrics ------------------------------------------------------------------
+
+#: Metrics averaged into ``mean`` (per-video keys of score_video plus ``sync_margin``).
+MEAN_KEYS = ("psnr", "ssim", "lmd", "sync", "sync_control", "sync_margin", "glo", "exp", "glo_gt", "exp_gt",
+             "sync_gt", "sync_control_gt", "face_found_ratio", "face_found_ratio_gt", "frames",
+             "generate_s", "score_s")
+
+
+def metric_detector(eval_cfg: EvaluationConfig, dwpose_dir: Optional[str] = None):
+    """The landmark detector of the metrics (``evaluation.detector``; dlib by default)."""
+    return make_detector(eval_cfg.detector, dwpose_dir if eval_cfg.detector == "dwpose" else None)
+
+
+def evaluate_row(sampler: LoopySampler, detector, data_dir: str | Path, row: dict, eval_cfg: EvaluationConfig,
+                 steps: Optional[int] = None, keep_frames: bool = False) -> dict[str, Any]:
+    """Generate and score one manifest row (``video_id``, ``source``) of an ingest output.
+
+    Returns ``{"video_id", "status": "ok", "real_from", "notes", **metrics}`` (plus
+    ``"evaluation"``: the :class:`inference.evaluate_video.VideoEvaluation` with the frames and
+    ``"samples"`` when ``keep_frames``) or, for a video that cannot be evaluated (an input error:
+    bad file, too short, features that do not fit the model), ``{"video_id", "status":
+    "rejected", "reason"}``; other exceptions (infrastructure) propagate so they are retried."""
+    vid = str(row["video_id"])
+    try:
+        video = read_eval_video(data_dir, vid, eval_cfg.reference_frame, eval_cfg.max_seconds,
+                                source=row.get("source"))
+        result = evaluate_video(sampler, video, detector, steps if steps is not None else eval_cfg.steps,
+                                max_lag=eval_cfg.max_lag, min_detect_side=eval_cfg.min_detect_side)
+    except (InferenceError, PipelineError) as exc:
+        log.warning("evaluation of %s rejected: %s", vid, exc)
+        return {"video_id": vid, "status": "rejected", "reason": f"{type(exc).__name__}: {exc}"}
+    metrics = dict(result.metrics)
+    metrics["sync_margin"] = metrics["sync"] - metrics["sync_control"]
+    out: dict[str, Any] = {"video_id": vid, "status": "ok", "real_from": result.real_from,
+                           "notes": list(result.notes), **metrics}
+    if keep_frames:
+        out["evaluation"] = result
+        out["samples"] = video.samples
+        out["sample_rate"] = video.sample_rate
+        out["fps"] = video.fps
+    return out
+
+
+def mean_metrics(videos: Sequence[dict]) -> dict[str, float]:
+    """Mean over the ``ok`` videos of each metric in :data:`MEAN_KEYS`, NaN values left out (a
+    metric NaN for every video stays NaN); ``videos``: how many were averaged."""
+    ok = [v for v in videos if v.get("status") == "ok"]
+    out: dict[str, float] = {"videos": float(len(ok))}
+    for key in MEAN_KEYS:
+        values = [float(v[key]) for v in ok if key in v and v[key] is not None and math.isfinite(float(v[key]))]
+        out[key] = float(np.mean(values)) if values else float("nan")
+    return out
+
+
+def skipped_metrics(eval_cfg: EvaluationConfig) -> dict[str, str]:
+    """The learned metrics not computed, each with its reason: their weights are only ever read
+    from a given path (never downloaded), and this version does not implement them yet."""
+    out = {}
+    for names, key, what in ((("lse_c", "lse_d"), "syncnet_path", "SyncNet"),
+                             (("fid", "fvd"), "fid_weights_path", "Inception / I3D")):
+        path = getattr(eval_cfg, key)
+        if path:
+            reason = f"{what} weights given ({path}), but this metric is not implemented in this version"
+        else:
+            reason = f"no {what} weights given (evaluation.{key}); weights are never downloaded"
+        for name in names:
+            out[name] = reason
+    return out
+
+
+def evaluate_package(package_dir: str | Path, data_dir: str | Path, split: str = "test",
+                     max_videos: Optional[int] = None, steps: Optional[int] = None, device: str = "auto",
+                     evaluation: Optional[EvaluationConfig] = None) -> dict[str, Any]:
+    """The evaluation job's metrics in this process (no Ray): every ``ok`` video of ``split`` of
+    the ingest output ``data_dir`` (the first ``max_videos``; None = ``evaluation.max_videos``)
+    generated by the package ``package_dir`` (folder or MLflow URI) with ``steps`` DDIM steps
+    (None: ``evaluation.steps``, else the package's ``sampler.steps``) and scored.
+
+    ``evaluation``: the settings (default: the package's ``evaluation`` section). Returns
+    ``{"videos": [per-video dicts of evaluate_row], "mean": {...}, "rejected": [...],
+    "skipped": {metric: reason}, "split": split}``; metrics NaN where undefined."""
+    sampler = LoopySampler.from_package(str(package_dir), device=device)
+    eval_cfg = evaluation or sampler.cfg.evaluation
+    rows = split_videos(data_dir, split)
+    limit = max_videos if max_videos is not None else eval_cfg.max_videos
+    if limit is not None:
+        rows = rows[: int(limit)]
+    detector = metric_detector(eval_cfg, sampler.cfg.weights.dwpose_dir)
+    results = [evaluate_row(sampler, detector, data_dir, row, eval_cfg, steps) for row in rows]
+    ok = [r for r in results if r["status"] == "ok"]
+    return {"split": split, "videos": ok, "mean": mean_metrics(ok),
+            "rejected": [r for r in results if r["status"] != "ok"], "skipped": skipped_metrics(eval_cfg)}
