@@ -6,6 +6,10 @@ with ``save_pretrained`` once under ``WeightsConfig.tiny_dir`` and always loaded
 ``from_pretrained``. So tests and the demo go through exactly the loading code that real weights
 use, without any download.
 
+``weights.vae`` replaces the tiny preset's random VAE when set: the demo points it at the VAE
+``training.fit_vae`` fitted to the sample faces (same architecture, ``tiny_vae_config``), so the
+tiny chain decodes recognisable faces; tests keep the random one.
+
 ``sd15``: the user's SD-1.5 diffusers folder (or hub id) and ``facebook/wav2vec2-base-960h``.
 """
 from __future__ import annotations
@@ -120,7 +124,7 @@ def resolve_weights(cfg: WeightsConfig) -> WeightPaths:
         root = materialize_tiny_weights(_tiny_root(cfg))
         return WeightPaths(
             unet=str(root / "sd" / "unet"),
-            vae=str(root / "sd" / "vae"),
+            vae=cfg.vae or str(root / "sd" / "vae"),
             wav2vec2=str(root / "wav2vec2"),
             dwpose_dir=cfg.dwpose_dir,
             local_files_only=True,

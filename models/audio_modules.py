@@ -7,7 +7,8 @@ layers, D wav2vec2 width (tiny 2 x 32, base 12 x 768).
   LayerNorm over the concatenated layers (L*D) -> Linear -> SiLU -> Linear, plus a learnable
   embedding of the slot (-2..+2). One projection shared by every U-Net layer.
 * :class:`AudioCrossAttention`: query = the U-Net layer's tokens, key/value = the frame's audio
-  tokens; zero-initialised output (added to the self-attention output by the processor).
+  tokens; zero-initialised output (added to the self-attention output by the processor, or to a
+  residual block's output in the attention-free levels, there after its own LayerNorm).
 * :class:`AudioToLatents`: a bank of learnable embeddings; a condition -> FC -> query; the bank
   gives keys and values; output FC (zero-initialised) -> added to the timestep embedding, one
   vector per frame ``[B, F, T]`` (T = time-embedding width). One input FC per condition kind.
@@ -37,22 +38,28 @@ class AudioProjection(nn.Module):
         self.slot_embedding = nn.Parameter(torch.randn(window, out_dim) * 0.02)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        b, f, w, l, d = audio.shape
+        b, f, w, n_layers, d = audio.shape
         if w != self.window:
             raise ValueError(f"audio window has {w} frames, the model expects {self.window}")
-        x = self.norm(audio.reshape(b * f, w, l * d))
+        x = self.norm(audio.reshape(b * f, w, n_layers * d))
         return self.net(x) + self.slot_embedding
 
 
 class AudioCrossAttention(nn.Module):
-    """x [(B F), N, C] attends to audio tokens [(B F), W, Ca] -> [(B F), N, C] (zero at init)."""
+    """x [(B F), N, C] attends to audio tokens [(B F), W, Ca] -> [(B F), N, C] (zero at init).
 
-    def __init__(self, dim: int, token_dim: int, heads: int):
+    ``pre_norm``: LayerNorm the queries first. Off inside transformer blocks (the processor hands
+    over the block's ``norm1`` tokens, already normalised); on after the residual blocks of the
+    attention-free levels, whose raw feature maps have no norm of their own."""
+
+    def __init__(self, dim: int, token_dim: int, heads: int, pre_norm: bool = False):
         super().__init__()
+        self.norm = nn.LayerNorm(dim) if pre_norm else None
         self.attn = AttentionProjections(dim, heads, kv_dim=token_dim, zero_out=True)
 
     def forward(self, x: torch.Tensor, audio_tokens: torch.Tensor) -> torch.Tensor:
-        return attend(self.attn, x, audio_tokens.to(x.dtype))
+        query = x if self.norm is None else self.norm(x)
+        return attend(self.attn, query, audio_tokens.to(x.dtype))
 
 
 class AudioToLatents(nn.Module):

@@ -22,8 +22,11 @@ Choices (**ours**):
   U-Net (16 for SD-1.5), as residual branches of the self-attention step, reading the block's
   ``norm1`` tokens, the same tokens the reference net hands over for the motion frames.
   The blocks without attention (``down_blocks.3`` / ``up_blocks.0`` of SD-1.5, 1/64 resolution)
-  get temporal layers after each residual block (5 in SD-1.5), whose motion tokens are the
-  reference net's outputs of the same residual block. These are attached by forward hooks that
+  get temporal layers and an audio cross-attention (pre-LayerNorm, zero-initialised output) after
+  each residual block (5 in SD-1.5), as parallel residual branches of the block's output; the
+  temporal layers' motion tokens are the reference net's outputs of the same residual block.
+  So the audio reaches every level of the U-Net, the coarsest (head pose, jaw) included.
+  These are attached by forward hooks that
   live only for one ``compute_reference`` / ``denoise`` call (no state between calls); gradient
   checkpointing stays off in those two small blocks, so a recomputation never misses a hook.
 * DDP: the reference net's layers after its last self-attention input (that transformer block's
@@ -139,7 +142,8 @@ class _CallHooks:
 class LoopyModel(ModelMixin, ConfigMixin):
     """Loopy's networks. ``stage`` 1: reference net + denoising U-Net only (F = 1 frames);
     stage 2: + temporal layers (in the self-attention processors and ``resnet_temporal``),
-    audio cross-attention, audio projection, audio-to-latents.
+    audio cross-attention (in the processors and ``resnet_audio``), audio projection,
+    audio-to-latents.
 
     Config (saved in ``config.json``): ``unet_config`` (SD U-Net config dict), ``stage``,
     ``audio_layers`` L, ``audio_dim`` D, ``audio_window`` W (5), ``motion_latent_tokens``
@@ -176,13 +180,17 @@ class LoopyModel(ModelMixin, ConfigMixin):
 
         self.resnet_sites = _resnet_sites(self.reference_net)
         if stage == 2:
-            temporal = {}
+            temporal, audio_xattn = {}, {}
             for site in self.resnet_sites:
                 ch = self.denoise_unet.get_submodule(site).out_channels
-                temporal[_site_key(site)] = TemporalLayers(ch, 8 if ch % 8 == 0 else 1)
+                heads = 8 if ch % 8 == 0 else 1
+                temporal[_site_key(site)] = TemporalLayers(ch, heads)
+                audio_xattn[_site_key(site)] = AudioCrossAttention(ch, cross_dim, heads, pre_norm=True)
             self.resnet_temporal = nn.ModuleDict(temporal)
+            self.resnet_audio = nn.ModuleDict(audio_xattn)
         else:
             self.resnet_temporal = None
+            self.resnet_audio = None
 
         ref_procs, den_procs = {}, {}
         for name in self.reference_net.attn_processors:
@@ -254,7 +262,7 @@ class LoopyModel(ModelMixin, ConfigMixin):
             kwargs["audio_window"] = 2 * reader_cfg.audio_window + 1
         model = cls(stage=2, **kwargs)
         missing, unexpected = model.load_state_dict(stage1.state_dict(), strict=False)
-        new_prefixes = ("audio_projection.", "audio_to_latents.", "resnet_temporal.")
+        new_prefixes = ("audio_projection.", "audio_to_latents.", "resnet_temporal.", "resnet_audio.")
         bad = [k for k in missing if not (k.startswith(new_prefixes) or ".processor." in k)]
         if bad or unexpected:
             raise IncompatibleWeightsError(f"stage-1 weights do not fit stage 2: missing {bad[:5]}, unexpected {unexpected[:5]}")
@@ -265,11 +273,12 @@ class LoopyModel(ModelMixin, ConfigMixin):
         return model
 
     def _apply_model_cfg(self, model_cfg) -> None:
+        """Gradient checkpointing only. ``model_cfg.dtype`` is an inference setting (applied when a
+        package is loaded, ``inference/loading.py``): parameters stay float32 here, so training
+        keeps fp32 master weights under bf16 / fp16 autocast (at lr 1e-5 an AdamW update of a
+        bf16 weight above ~4e-3 rounds away)."""
         if model_cfg.gradient_checkpointing:
             self.enable_gradient_checkpointing()
-        dtype = getattr(torch, model_cfg.dtype)
-        if dtype != torch.float32:
-            self.to(dtype=dtype)
 
     def enable_gradient_checkpointing(self, *args, **kwargs) -> None:
         """diffusers' gradient checkpointing for both U-Nets, except the denoising U-Net's blocks
@@ -386,21 +395,27 @@ class LoopyModel(ModelMixin, ConfigMixin):
             if self.resnet_temporal is not None:
                 for site in self.resnet_sites:
                     hooks.add(self.denoise_unet.get_submodule(site),
-                              self._resnet_temporal_hook(site, reference, f))
+                              self._resnet_temporal_hook(site, reference, f, audio_tokens))
             eps = self.denoise_unet(x, t, encoder_hidden_states=self.null_context.expand(b * f, -1, -1),
                                     class_labels=class_labels, cross_attention_kwargs={"loopy": ctx},
                                     return_dict=False)[0]
         return eps.unflatten(0, (b, f))
 
-    def _resnet_temporal_hook(self, site: str, reference: ReferenceFeatures, frames: int):
-        """Forward hook adding the temporal layers' delta to a residual block's output [B*F, C, h, w]."""
+    def _resnet_temporal_hook(self, site: str, reference: ReferenceFeatures, frames: int,
+                              audio_tokens: Optional[torch.Tensor] = None):
+        """Forward hook adding the temporal layers' and the audio cross-attention's deltas (both
+        computed from the same output, audio_tokens [B*F, W, Ca]) to a residual block's output
+        [B*F, C, h, w]."""
         layers = self.resnet_temporal[_site_key(site)]
+        audio_xattn = self.resnet_audio[_site_key(site)]
         motion = None if reference.motion_tokens is None else reference.motion_tokens.get(site)
 
         def hook(module, args, output):
             tokens = _feature_map_tokens(output)
             delta = layers(tokens, frames, None if motion is None else motion.to(output.dtype),
                            reference.motion_keep)
+            if audio_tokens is not None:
+                delta = delta + audio_xattn(tokens, audio_tokens)
             return output + delta.transpose(1, 2).reshape(output.shape)
         return hook
 

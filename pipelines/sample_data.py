@@ -11,7 +11,12 @@ frame rate), audio sample rates (16, 22.05, 44.1, 48 kHz, one stereo), sizes (32
 360x640 portrait) and one file whose pixels are stored sideways with a 90 degree rotation in
 the container's display matrix.
 
-CLI: ``python -m pipelines.sample_data --output DIR [--seconds S] [--seed N] [--with-bad]``.
+CLI: ``python -m pipelines.sample_data --output DIR [--seconds S] [--seed N] [--with-bad]
+[--heldout K]``. ``--heldout K`` writes the first K videos of the set to ``DIR/heldout/`` and the
+rest to ``DIR/train/``: ingested with ``ingest.split_key=folder ingest.test_fraction=0.5`` the
+``heldout`` folder is the test split and ``train`` the training split (``folder:heldout`` hashes
+to 0.357, ``folder:train`` to 0.919; :data:`SPLIT_FOLDERS`), whatever bytes the local ffmpeg
+writes (a split by content hash would move with the encoder version).
 """
 from __future__ import annotations
 
@@ -37,6 +42,11 @@ _FACE_SIZE = 95.0  # landmark box side, pixels
 _MOUTH_CENTRE = (223.0, 146.0)  # inner-mouth centre (landmarks 60-67)
 _MOUTH_WIDTH = 42.0  # outer mouth corners 48..54
 _PAD = 256  # reflect-padding of the photo so motion never shows an empty border
+
+#: (test folder, training folder) of ``--heldout`` and the ``ingest.test_fraction`` that splits them
+#: that way under ``ingest.split_key=folder`` (tests/test_sample_data.py checks the hashes).
+SPLIT_FOLDERS = ("heldout", "train")
+SPLIT_TEST_FRACTION = 0.5
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog, and then it runs far away into the hills.",
@@ -237,20 +247,26 @@ def _vfr_select_expr(seconds: float) -> str:
 
 
 def generate_samples(out_dir: Path, seconds: float = 7.0, seed: int = 0,
-                     specs: Sequence[SampleSpec] = SAMPLE_SPECS) -> list[Path]:
+                     specs: Sequence[SampleSpec] = SAMPLE_SPECS, heldout: int = 0) -> list[Path]:
     """Write the talking-head sample set (``SAMPLE_SPECS``) to ``out_dir``; returns the mp4 paths.
 
+    ``heldout`` > 0: the first ``heldout`` videos go to ``out_dir/heldout/``, the others to
+    ``out_dir/train/`` (:data:`SPLIT_FOLDERS`); 0: all directly in ``out_dir``.
     Deterministic for a given ``seed`` (motion, voice speed / pitch, sentence choice)."""
     _require_tools()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if heldout and not 0 < heldout < len(specs):
+        raise ValueError(f"heldout must be in 0..{len(specs) - 1} (some videos must be left to train on), got {heldout}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(SENTENCES))
     paths = []
     with tempfile.TemporaryDirectory(prefix="loopy_samples_") as tmp:
         for i, spec in enumerate(specs):
             sub = np.random.default_rng([seed, i])
-            out = out_dir / f"{spec.name}.mp4"
+            folder = out_dir if not heldout else out_dir / SPLIT_FOLDERS[0 if i < heldout else 1]
+            folder.mkdir(parents=True, exist_ok=True)
+            out = folder / f"{spec.name}.mp4"
             write_talking_head(out, spec, seconds, SENTENCES[order[i % len(order)]], sub, Path(tmp))
             paths.append(out)
     return paths
@@ -337,9 +353,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--with-bad", action="store_true",
                         help="also write the bad inputs (bad_*.mp4) into the same folder")
+    parser.add_argument("--heldout", type=int, default=0,
+                        help="first K videos to OUTPUT/heldout/ (test split), the rest to OUTPUT/train/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paths = generate_samples(args.output, seconds=args.seconds, seed=args.seed)
+    paths = generate_samples(args.output, seconds=args.seconds, seed=args.seed, heldout=args.heldout)
     if args.with_bad:
         paths += list(make_bad_inputs(args.output, seed=args.seed).values())
     for p in paths:

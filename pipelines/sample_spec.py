@@ -16,9 +16,14 @@ Rules (docs/SEED_DEFECTS.md, defects 11, 12, 14):
   drawn uniformly among all such frames. A start is only valid if such a frame exists.
 * A video needs at least ``F + d`` frames for one sample (clip at one end, reference at the
   other); shorter videos are skipped by the reader and counted, never padded.
-* **Condition switches** (training only; all off at evaluation, a2l_kind = audio):
-  ``drop_audio`` ~ B(p_drop_audio), ``drop_motion_cond`` ~ B(p_drop_motion_cond),
-  ``drop_ref`` ~ B(p_drop_ref), ``drop_motion_frames`` = drop_ref OR B(p_drop_motion_frames),
+* **Condition switches** (training only; all off at evaluation, a2l_kind = audio): one shared
+  coin ``c`` ~ B(p_drop_audio) drops c_audio and the motion latents together (the paper masks
+  "c_audio and motion latents ... with a 10% probability"), so the guidance's e_ref condition is
+  trained in p_drop_audio x (1 - p_drop_ref) x (1 - p_drop_motion_frames) = 5.1 % of the samples
+  and e_base (everything dropped) in p_drop_audio x p_drop_ref = 1.5 %:
+  ``drop_audio`` = c, ``drop_motion_cond`` = c OR B(p_drop_motion_cond) (an extra
+  motion-latents-only drop, 0 by default), ``drop_ref`` ~ B(p_drop_ref),
+  ``drop_motion_frames`` = drop_ref OR B(p_drop_motion_frames),
   ``a2l_kind`` uniform over {0 audio, 1 landmarks, 2 head_motion_var, 3 expression_var}.
   Stage 1 (no temporal or audio modules): drop_audio = drop_motion_cond = False,
   drop_motion_frames = True (there are none), a2l_kind = 0; drop_ref is still drawn.
@@ -144,7 +149,9 @@ def draw_video_specs(video: VideoEntry, cfg: ReaderConfig, epoch: int, count: in
         # switches are always drawn (same number of draws per sample) then masked by mode
         u = rng.random(4)
         kind = int(rng.integers(len(A2L_KINDS)))
-        drop_audio, drop_mcond, drop_ref = bool(u[0] < cfg.p_drop_audio), bool(u[1] < cfg.p_drop_motion_cond), bool(u[2] < cfg.p_drop_ref)
+        drop_audio = bool(u[0] < cfg.p_drop_audio)  # the shared coin: audio and motion latents
+        drop_mcond = drop_audio or bool(u[1] < cfg.p_drop_motion_cond)
+        drop_ref = bool(u[2] < cfg.p_drop_ref)
         drop_mframes = drop_ref or bool(u[3] < cfg.p_drop_motion_frames)
         if evaluation:
             drop_audio = drop_mcond = drop_ref = drop_mframes = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,9 +19,33 @@ from pathlib import Path
 import pytest
 
 from core.config import load_platform_config
-from demo import (Console, DemoPaths, DemoSettings, IngestOutput, StepError, TrainOutput, as_step,
-                  check_ingest_output, config_overrides, free_port, main, make_request_inputs, run_step,
-                  serve_command, step_commands, stop_process, video_summary)
+from demo import (
+    DEMO_SENTENCE,
+    VAE_KEY_FILE,
+    Console,
+    DemoPaths,
+    DemoSettings,
+    IngestOutput,
+    StepError,
+    TrainOutput,
+    as_step,
+    check_ingest_output,
+    config_overrides,
+    drop_ingest_of_another_vae,
+    evaluate_command,
+    format_metrics,
+    free_port,
+    main,
+    make_request_inputs,
+    remove_stale_inputs,
+    run_step,
+    serve_command,
+    step_commands,
+    stop_process,
+    video_summary,
+)
+from pipelines.manifest import split_for, split_key_of
+from pipelines.sample_data import SENTENCES, SPLIT_FOLDERS, SPLIT_TEST_FRACTION
 from serve.client import JobFailed, RequestRejected, ServiceUnavailable, VideoClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +82,62 @@ def test_step_commands_run_the_makefile_clis(tmp_path):
     serve = serve_command(paths, settings, "models:/loopy/3", 8123, python="/venv/bin/python")
     cfg = load_platform_config(None, [a for a in serve if "=" in a])
     assert (cfg.serve.host, cfg.serve.port, cfg.serve.model) == ("127.0.0.1", 8123, "models:/loopy/3")
+
+
+def test_demo_holds_out_a_test_video_and_fits_the_vae_first(tmp_path):
+    """The heldout folder is the test split and the train folder the training split under the
+    demo's overrides; the VAE is fitted on the training folder and every step loads it."""
+    paths, settings = DemoPaths(tmp_path), DemoSettings(train_steps=7)
+    cfg = load_platform_config(None, config_overrides(paths, settings))
+    assert cfg.ingest.split_key == "folder" and cfg.ingest.test_fraction == SPLIT_TEST_FRACTION
+    test_dir, train_dir = SPLIT_FOLDERS
+    for folder, split in ((test_dir, "test"), (train_dir, "train")):
+        key = split_key_of(paths.samples / folder / "v.mp4", "id", "folder")
+        assert split_for(key, cfg.ingest.test_fraction) == split, folder
+    assert cfg.weights.vae == str(paths.fitted_vae)
+    cmds = step_commands(paths, settings, python="/venv/bin/python")
+    assert list(cmds)[:3] == ["samples", "fit_vae", "ingest"]
+    assert cmds["samples"][cmds["samples"].index("--heldout") + 1] == str(settings.heldout_videos)
+    fit = cmds["fit_vae"]
+    assert fit[:3] == ["/venv/bin/python", "-m", "training.fit_vae"]
+    assert fit[fit.index("--samples") + 1] == str(paths.train_samples)
+    assert fit[fit.index("--out") + 1] == str(paths.fitted_vae)
+    ev = evaluate_command(paths, settings, "models:/loopy/3", python="/venv/bin/python")
+    assert ev[1] == str(ROOT / "evaluate.py") and ev[ev.index("--split") + 1] == "test"
+    ev_cfg = load_platform_config(None, [a for a in ev if re.fullmatch(r"[a-z_]+\.[a-z_]+=.*", a)])
+    assert ev_cfg.evaluation.steps == settings.sample_steps
+    assert Path(ev_cfg.evaluation.output_dir).is_relative_to(tmp_path)
+
+
+def test_rerun_drops_stale_samples_and_latents_of_another_vae(tmp_path):
+    paths = DemoPaths(tmp_path)
+    paths.train_samples.mkdir(parents=True)
+    (paths.samples / "old_flat.mp4").write_bytes(b"x")
+    (paths.train_samples / "kept.mp4").write_bytes(b"x")
+    remove_stale_inputs(paths)
+    assert not (paths.samples / "old_flat.mp4").exists() and (paths.train_samples / "kept.mp4").exists()
+    paths.fitted_vae.mkdir()
+    (paths.fitted_vae / "fit_vae.json").write_text(json.dumps({"key": "fit-a"}))
+    assert not drop_ingest_of_another_vae(paths)  # nothing ingested yet
+    paths.ingested.mkdir()
+    assert drop_ingest_of_another_vae(paths) and not paths.ingested.exists()  # ingest without a key
+    paths.ingested.mkdir()
+    (paths.ingested / VAE_KEY_FILE).write_text("fit-a")
+    assert not drop_ingest_of_another_vae(paths) and paths.ingested.exists()  # same fit: resume
+    (paths.fitted_vae / "fit_vae.json").write_text(json.dumps({"key": "fit-b"}))
+    assert drop_ingest_of_another_vae(paths) and not paths.ingested.exists()  # refitted: ingest again
+
+
+def test_demo_sentence_is_never_in_training():
+    assert DEMO_SENTENCE not in SENTENCES
+    words = lambda t: set(re.findall(r"[a-z]+", t.lower()))  # noqa: E731
+    assert all(len(words(DEMO_SENTENCE) & words(t)) <= 4 for t in SENTENCES)  # not a rewording either
+
+
+def test_metrics_line():
+    line = format_metrics({"sync": 0.4123, "sync_control": -0.05, "psnr": 21.3, "face_found_ratio": 1.0, "x": 3})
+    assert line == "face_found_ratio 1.000, sync 0.412, sync_control -0.050, psnr 21.30 dB"
+    assert format_metrics({}) == "no metrics"
 
 
 def test_run_step_logs_output_and_names_the_failing_step(tmp_path, capsys):
@@ -149,7 +230,7 @@ def train_lines(steps: int = 20) -> list[str]:
     lines = list(RAY_NOISE)
     late = ""
     for stage, pids, first_loss in ((1, (15147, 15167), 1.1), (2, (16213, 16178), 0.3)):
-        def loss(s: int) -> float:
+        def loss(s: int, first_loss: float = first_loss) -> float:
             return round(first_loss * (1 - 0.5 * s / steps), 4)
 
         for s in range(1, steps + 1):
@@ -286,6 +367,13 @@ def test_request_inputs_cut_from_a_video(tmp_path):
     assert video_summary(video).startswith("50 frames, 64x64")
     with pytest.raises(StepError, match="step 'generate'"):
         make_request_inputs(tmp_path / "missing.mp4", tmp_path / "req2", 1.0)
+    if shutil.which("espeak-ng"):  # the demo's request: the portrait and a new sentence, spoken
+        import numpy as np
+
+        image, audio = make_request_inputs(video, tmp_path / "req3", audio_seconds=2.0, sentence=DEMO_SENTENCE)
+        samples, rate = soundfile.read(str(audio))
+        assert rate == 16000 and samples.ndim == 1 and abs(len(samples) / rate - 2.0) < 0.05
+        assert np.abs(samples).max() > 0.05 and image.is_file()  # speech, not the test tone's copy
 
 
 class FakeService(BaseHTTPRequestHandler):

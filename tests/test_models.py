@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.sections import ModelConfig
-from core.sections import ReaderConfig
+from core.sections import ModelConfig, ReaderConfig
 
 B, F, M, H = 2, 4, 6, 8  # clips, clip frames, motion latents, latent side (tiny: 4x8x8)
 L, D, W = 2, 32, 5
@@ -57,7 +56,7 @@ def perturb_new_modules(model, scale: float = 0.5, seed: int = 3) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".processor." in name or name.startswith(("audio_to_latents.out", "resnet_temporal.")):
+            if ".processor." in name or name.startswith(("audio_to_latents.out", "resnet_temporal.", "resnet_audio.")):
                 if "to_out" in name or name.startswith("audio_to_latents.out"):
                     p.copy_(torch.randn(p.shape, generator=g) * scale)
 
@@ -169,6 +168,38 @@ def test_residual_block_temporal_layers_use_motion_frames(stage2):
     assert not model.denoise_unet.down_blocks[-1].resnets[0]._forward_hooks  # hooks live for one call only
 
 
+def test_audio_reaches_the_blocks_without_attention(stage2):
+    """The audio cross-attention after the attention-free blocks' residual blocks alone (every
+    other audio path fresh, i.e. zero) makes the output depend on the audio, and the loss's
+    gradient reaches the audio input through them."""
+    import copy
+
+    model = copy.deepcopy(stage2)
+    assert set(model.resnet_audio.keys()) == {s.replace(".", "_") for s in model.resnet_sites}
+    with torch.no_grad():
+        for name, p in model.resnet_audio.named_parameters():
+            if "to_out" in name:
+                p.normal_(0, 0.5)
+    base = make_batch()
+    with torch.no_grad():
+        a = model(**base)
+        b = model(**dict(base, drop_audio=torch.tensor([False, True])))
+        c = model(**dict(base, audio=make_batch(seed=7)["audio"]))
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-5)
+    assert (a[1] - b[1]).abs().max() > 1e-4 and (a - c).abs().max() > 1e-4
+    # fresh stage 2: the zero-initialised outputs leave the audio without any effect
+    with torch.no_grad():
+        torch.testing.assert_close(stage2(**base), stage2(**dict(base, audio=make_batch(seed=7)["audio"])),
+                                   rtol=0, atol=1e-6)
+    # gradient: only the residual-block audio path is open, so it carries all of d loss / d audio
+    audio = base["audio"].clone().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    model(**dict(base, audio=audio)).square().mean().backward()
+    assert audio.grad is not None and audio.grad.abs().max() > 0
+    for name, p in model.resnet_audio.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+
+
 def test_masking_is_per_sample_not_per_batch(trained_stage2):
     """Sample 0 in a batch where only sample 1 drops its reference = sample 0 alone."""
     batch = make_batch(drop_ref=torch.tensor([False, True]), drop_motion_frames=torch.tensor([False, True]))
@@ -234,8 +265,9 @@ def test_stage1_to_stage2_weight_transfer(stage1, stage2):
         assert torch.equal(v, s2[k]), k
     new = [k for k in s2 if k not in s1]
     assert new and all(".processor." in k or k.startswith(("audio_projection.", "audio_to_latents.",
-                                                           "resnet_temporal.")) for k in new)
+                                                           "resnet_temporal.", "resnet_audio.")) for k in new)
     assert any(k.startswith("resnet_temporal.") for k in new)
+    assert any(k.startswith("resnet_audio.") for k in new)
     assert stage2.stage == 2 and stage1.stage == 1
 
 

@@ -11,10 +11,27 @@ import pytest
 import torch
 
 from core.sections import ReaderConfig
-from pipelines.reader import (SAMPLE_DTYPES, LoopySampleSource, LoopyTorchDataset, SampleReadError,
-                              build_ray_dataset, collate, load_spec_batch, main, ray_collate_fn)
-from pipelines.sample_spec import (A2L_KINDS, SampleSpec, VideoEntry, draw_video_specs, epoch_plan,
-                                   shard, valid_clip_starts)
+from inference.guidance import CONDITIONS, guidance_switches
+from pipelines.reader import (
+    SAMPLE_DTYPES,
+    LoopySampleSource,
+    LoopyTorchDataset,
+    SampleReadError,
+    build_ray_dataset,
+    collate,
+    load_spec_batch,
+    main,
+    ray_collate_fn,
+)
+from pipelines.sample_spec import (
+    A2L_KINDS,
+    SampleSpec,
+    VideoEntry,
+    draw_video_specs,
+    epoch_plan,
+    shard,
+    valid_clip_starts,
+)
 from pipelines.schema import META_NAME, IngestFormatError, frames_path
 from pipelines.synthetic import synthetic_landmarks, video_id_of, write_synthetic_ingest
 
@@ -225,7 +242,8 @@ def test_switch_and_start_frequencies():
     specs = draw_video_specs(VideoEntry(0, "long", 400), c, 0, n)
     cnt = lambda f: sum(bool(f(s)) for s in specs)  # noqa: E731
     assert _within(cnt(lambda s: s.drop_audio), n, c.p_drop_audio)
-    assert _within(cnt(lambda s: s.drop_motion_cond), n, c.p_drop_motion_cond)
+    p_mc = c.p_drop_audio + (1 - c.p_drop_audio) * c.p_drop_motion_cond
+    assert _within(cnt(lambda s: s.drop_motion_cond), n, p_mc)
     assert _within(cnt(lambda s: s.drop_ref), n, c.p_drop_ref)
     p_mf = c.p_drop_ref + (1 - c.p_drop_ref) * c.p_drop_motion_frames
     assert _within(cnt(lambda s: s.drop_motion_frames), n, p_mf)
@@ -244,6 +262,34 @@ def test_switch_and_start_frequencies():
     assert all(s.a2l_kind == 0 for s in ev)
     with pytest.raises(ValueError, match="p_drop_ref"):
         epoch_plan([], cfg(p_drop_ref=1.5), 0)
+
+
+def test_guidance_conditions_are_trained():
+    """One shared coin drops audio and motion latents together, so each condition the sampler's
+    three-way guidance evaluates (inference/guidance.py) is a training condition at the
+    predicted rate: e_ref 0.10 x 0.85 x 0.60 = 5.1 %, e_base 0.10 x 0.15 = 1.5 %."""
+    c = cfg()
+    n = 20000
+    specs = draw_video_specs(VideoEntry(0, "long", 400), c, 0, n)
+    assert all(s.drop_audio == s.drop_motion_cond for s in specs)  # default: the coin is shared
+    sw = guidance_switches(1)
+    predicted = {
+        "audio": (1 - c.p_drop_audio) * (1 - c.p_drop_ref) * (1 - c.p_drop_motion_frames),
+        "ref": c.p_drop_audio * (1 - c.p_drop_ref) * (1 - c.p_drop_motion_frames),
+        "base": c.p_drop_audio * c.p_drop_ref,
+    }
+    for i, name in enumerate(CONDITIONS):
+        want = (bool(sw.drop_audio[i]), bool(sw.drop_motion_cond[i]), bool(sw.drop_ref[i]),
+                bool(sw.drop_motion_frames[i]))
+        count = sum((s.drop_audio, s.drop_motion_cond, s.drop_ref, s.drop_motion_frames) == want for s in specs)
+        assert _within(count, n, predicted[name]), (name, count / n)
+        assert count / n >= 0.01, name
+    # an extra motion-latents-only drop is possible, on top of the shared coin
+    extra = cfg(p_drop_motion_cond=0.2)
+    specs = draw_video_specs(VideoEntry(0, "long", 400), extra, 0, n)
+    assert all(s.drop_motion_cond for s in specs if s.drop_audio)
+    only = sum(s.drop_motion_cond and not s.drop_audio for s in specs)
+    assert _within(only, n, (1 - extra.p_drop_audio) * 0.2)
 
 
 def test_ddp_sharding_disjoint_and_complete(data_dir):

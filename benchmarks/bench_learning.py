@@ -1,0 +1,152 @@
+"""Does the tiny preset learn? ``sync``, ``sync_control`` and ``psnr`` of the test split against
+the training steps of stage 2, as a table and a PNG plot logged to MLflow.
+
+Set-up: the demo's own first steps (``demo.step_commands``: sample videos with one held out as the
+test split, the tiny VAE fitted to the training faces, the ingest), then one ``train.py`` run of
+stage 1 and stage 2 (``LOOPY_BENCH_LEARNING_STEPS`` each, default 300) with the demo's learning
+rate, evaluated every
+``LOOPY_BENCH_LEARNING_EVERY`` steps (default 50) by the checkpoint evaluator with
+``train.eval_videos=1``: the evaluation job's metrics (``training.evaluation.evaluate_package``:
+the test video generated from its reference frame and its own audio, dlib landmarks on frames
+upscaled to >= 256 px) land in the stage-2 MLflow run as ``eval_sync``, ``eval_sync_control``,
+``eval_psnr`` at each evaluated step. The table has one row per (step, metric); the plot
+(``learning_curve.png``) goes to that run's artifacts.
+
+Targets (issue 12, on the demo's output): ``sync`` >= 0.30 and >= 0.15 above ``sync_control``.
+Everything is written under ``LOOPY_BENCH_LEARNING_WORK`` (default: a temporary folder; point it
+at a demo's ``--work`` folder to reuse its samples, fitted VAE and ingest). Not in the test suite:
+on 2 CPU cores the default schedule takes tens of minutes (``LOOPY_BENCH_QUICK=1``: 20 + 40
+steps, evaluated every 20).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CURVE_METRICS = ("eval_sync", "eval_sync_control", "eval_psnr")
+TARGET_SYNC = 0.30
+TARGET_MARGIN = 0.15
+
+
+def _schedule() -> tuple[int, int]:
+    """(steps per stage, evaluate every) from the environment."""
+    quick = bool(os.environ.get("LOOPY_BENCH_QUICK"))
+    steps = int(os.environ.get("LOOPY_BENCH_LEARNING_STEPS", 40 if quick else 300))
+    every = int(os.environ.get("LOOPY_BENCH_LEARNING_EVERY", 20 if quick else 50))
+    return steps, every
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT)
+    if code != 0:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed with status {code} (log {log}):\n{tail}")
+
+
+def prepare(work: Path, steps: int, every: int) -> tuple[list[str], list[str]]:
+    """The demo's samples / fit_vae / ingest steps under ``work`` (skipped when their output is
+    there) and the train command. Returns (train command, common overrides)."""
+    from demo import DemoPaths, DemoSettings, config_overrides, step_commands
+
+    paths = DemoPaths(work)
+    settings = DemoSettings(train_steps=steps)
+    tracking = [f"tracking.tracking_uri=sqlite:///{work}/mlflow.db", f"tracking.artifact_root={work}/mlruns"]
+    common = config_overrides(paths, settings) + tracking
+    cmds = step_commands(paths, settings)
+    if not paths.test_samples.is_dir():
+        _run(cmds["samples"], paths.logs / "samples.log")
+    _run(cmds["fit_vae"], paths.logs / "fit_vae.log")  # cached when already fitted
+    if not (paths.ingested / "videos.parquet").is_file():
+        _run(cmds["ingest"] + tracking, paths.logs / "ingest.log")
+    train = [sys.executable, "train.py", "--data", str(paths.ingested), "--stages", "1,2", *common,
+             f"train.max_steps={steps}", f"train.lr={settings.train_lr:g}", f"train.checkpoint_every={every}",
+             f"train.eval_every={every}", "train.eval_videos=1", f"train.eval_sample_steps={settings.sample_steps}"]
+    return train, common
+
+
+def curve(tracking_uri: str, experiment: str) -> tuple[str, dict[str, list[tuple[int, float]]]]:
+    """(run id, {metric: [(step, value), ...]}) of the newest stage-2 run's evaluation metrics."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise RuntimeError(f"no MLflow experiment {experiment!r} in {tracking_uri}")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if "eval_sync" in run.data.metrics:
+            hist = {m: sorted((h.step, h.value) for h in client.get_metric_history(run.info.run_id, m))
+                    for m in CURVE_METRICS}
+            return run.info.run_id, hist
+    raise RuntimeError(f"no run in {tracking_uri} has eval_sync (train.eval_videos=1 did not evaluate)")
+
+
+def plot(hist: dict[str, list[tuple[int, float]]], out: Path) -> Path:
+    """Two panels: sync and sync_control (left), psnr (right), against the stage-2 step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, style in (("eval_sync", "o-"), ("eval_sync_control", "s--")):
+        if hist.get(name):
+            steps, values = zip(*hist[name])
+            left.plot(steps, values, style, label=name.removeprefix("eval_"))
+    left.axhline(TARGET_SYNC, color="grey", lw=0.8, ls=":", label=f"target sync {TARGET_SYNC}")
+    left.set_xlabel("stage-2 training step")
+    left.set_ylabel("correlation")
+    left.legend()
+    if hist.get("eval_psnr"):
+        steps, values = zip(*hist["eval_psnr"])
+        right.plot(steps, values, "o-")
+    right.set_xlabel("stage-2 training step")
+    right.set_ylabel("PSNR vs real frames (dB)")
+    fig.suptitle("tiny preset: test-split metrics against training steps")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def run() -> list[dict]:
+    from mlflow import MlflowClient
+
+    steps, every = _schedule()
+    given = os.environ.get("LOOPY_BENCH_LEARNING_WORK")
+    tmp = None if given else tempfile.TemporaryDirectory(prefix="loopy_bench_learning_")
+    work = Path(given or tmp.name).resolve()
+    try:
+        train, _ = prepare(work, steps, every)
+        _run(train, work / "logs" / "train.log")
+        tracking_uri = f"sqlite:///{work}/mlflow.db"
+        run_id, hist = curve(tracking_uri, "loopy")
+        png = plot(hist, work / "learning_curve.png")
+        MlflowClient(tracking_uri=tracking_uri).log_artifact(run_id, str(png), "bench")
+        rows = []
+        for name in CURVE_METRICS:
+            for step, value in hist[name]:
+                rows.append({"benchmark": "learning", "metric": f"{name.removeprefix('eval_')} @ step {step}",
+                             "value": value, "unit": "dB" if name == "eval_psnr" else "corr",
+                             "target": f">= {TARGET_SYNC}" if name == "eval_sync" else "",
+                             "note": f"tiny preset, {steps} steps per stage, 1 test video"})
+        if hist["eval_sync"] and hist["eval_sync_control"]:
+            last_sync, last_ctrl = hist["eval_sync"][-1][1], hist["eval_sync_control"][-1][1]
+            rows.append({"benchmark": "learning", "metric": "sync - sync_control (last)",
+                         "value": last_sync - last_ctrl, "unit": "corr", "target": f">= {TARGET_MARGIN}",
+                         "note": f"plot: MLflow run {run_id} artifact bench/learning_curve.png"})
+        return rows
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    from benchmarks.run import print_table
+
+    print_table(run())
