@@ -4,12 +4,22 @@
   whole call (portrait crop + VAE encode, audio decode + wav2vec2, DDIM, VAE decode, mp4) and for
   the denoising loop alone;
 * the batched three-way guidance (one forward of batch 3B) against three forwards (ratio);
-* the reference features cached per clip against recomputing them at every step (ratio);
-* with CUDA: the sd15-sized model (random weights, SD-1.5 U-Net config, 12 x 768 audio) at 512 px
-  (64 x 64 latents), bf16, denoising loop real-time factor (VAE decode excluded).
+* the reference features cached per clip against recomputing them at every step (ratio), with
+  the ratio the measured parts predict;
+* issue 14's attention (no boolean SDPA mask on any row, reference K/V projected once per clip)
+  against the computation before it (``models.reference_attention.boolean_masks``) (ratio).
 
-``LOOPY_BENCH_QUICK=1``: 5 DDIM steps instead of 25 (noted in each row). Timings on a shared
-2-core machine are noisy; the ratios are medians of repeated runs.
+The sd15-size rows (512 px, CUDA) are in ``benchmarks/gpu_rows.py`` (run by ``benchmarks.run``).
+
+``LOOPY_BENCH_QUICK=1``: 5 DDIM steps instead of 25 (noted in each row).
+
+Ratios are measured in interleaved pairs (A, B, A, B, ...) and reported as the median of the
+per-pair ratios, in this process's CPU seconds with one torch thread (CUDA: wall seconds after a
+synchronize). Why: the former rows timed each variant in its own block of wall-clock runs; on this
+2-core machine shared by other jobs the same clip took 2.6 s in one block and 9.0 s a few minutes
+later, so a block ratio says more about the load than about the code. That is how the "reference
+cache speed-up" once read 0.80x: re-measured the old way it read 1.94, 1.55, 1.32 and 1.60 in four
+consecutive runs; interleaved in CPU seconds 1.28 (median of 6 pairs), as its parts predict.
 """
 from __future__ import annotations
 
@@ -34,19 +44,6 @@ BENCH = "sampler"
 
 def _row(metric, value, unit, target="", note=""):
     return {"benchmark": BENCH, "metric": metric, "value": value, "unit": unit, "target": target, "note": note}
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _inputs(folder: Path, seconds: float) -> tuple[Path, Path]:
@@ -74,8 +71,34 @@ def _clip_inputs(sampler, latent_hw: int, device):
     return ref, motion, mask, audio
 
 
-def _guidance_ratios(sampler, latent_hw: int, steps: int, repeats: int, device) -> dict:
+def _clock(device) -> float:
+    """CUDA: wall seconds after a synchronize; CPU: this process's CPU seconds (load-independent
+    with one torch thread)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+def _paired(fn_a, fn_b, pairs: int, device) -> tuple[float, float, float]:
+    """Interleaved timing: (median ratio t_b / t_a over the pairs, median t_a, median t_b)."""
+    ta, tb = [], []
+    for _ in range(pairs):
+        t0 = _clock(device)
+        fn_a()
+        t1 = _clock(device)
+        fn_b()
+        t2 = _clock(device)
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    return statistics.median(b / a for a, b in zip(ta, tb)), statistics.median(ta), statistics.median(tb)
+
+
+def _guidance_ratios(sampler, latent_hw: int, steps: int, pairs: int, device) -> dict:
+    """Ratios of one clip's denoising (``steps`` DDIM steps) between variants, interleaved pairs."""
     from core.sections import SamplerConfig
+    from inference.guidance import guidance_switches, stack_conditions
+    from models.reference_attention import boolean_masks
 
     ref, motion, mask, audio = _clip_inputs(sampler, latent_hw, device)
     opts = SamplerConfig(steps=steps)
@@ -83,12 +106,34 @@ def _guidance_ratios(sampler, latent_hw: int, steps: int, repeats: int, device) 
     def clip(**kw):
         return lambda: sampler.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0), **kw)
 
+    def before():
+        with boolean_masks():
+            clip()()
+
     with torch.no_grad():
         clip()()  # warm-up
-        batched = _median_time(clip(), repeats)
-        three = _median_time(clip(batched=False), repeats)
-        recompute = _median_time(clip(cache_reference=False), repeats)
-    return {"batched_s": batched, "three_s": three, "recompute_s": recompute}
+        out = {}
+        out["three"], out["batched_s"], out["three_s"] = _paired(clip(), clip(batched=False), pairs, device)
+        out["recompute"], _, out["recompute_s"] = _paired(clip(), clip(cache_reference=False), pairs, device)
+        out["before"], out["new_s"], out["before_s"] = _paired(clip(), before, pairs, device)
+        # the parts: one reference computation (per clip) and one guided forward (per step)
+        sw = guidance_switches(1, device)
+        x3 = stack_conditions(torch.randn(1, sampler.clip_frames, 4, latent_hw, latent_hw).to(device))
+        audio3 = stack_conditions(audio)
+        t = torch.tensor(500)
+        times_r, times_f = [], []
+        for _ in range(pairs):
+            t0 = _clock(device)
+            reference = sampler.reference_for_guidance(ref, motion, mask)
+            t1 = _clock(device)
+            sampler.guidance_forward(x3, t, reference, audio3, sw)
+            t2 = _clock(device)
+            times_r.append(t1 - t0)
+            times_f.append(t2 - t1)
+        r, f = statistics.median(times_r), statistics.median(times_f)
+        out["reference_s"], out["forward_s"] = r, f
+        out["recompute_expected"] = (steps * f + steps * r) / (steps * f + r)
+    return out
 
 
 def _tiny_rows() -> list[dict]:
@@ -119,51 +164,22 @@ def _tiny_rows() -> list[dict]:
         loop = time.perf_counter() - t0
         rows.append(_row("tiny CPU real-time factor, denoising loop", result.duration_s / loop, "video s / compute s",
                          "", f"{result.num_frames} frames, {STEPS} steps, 3 guidance conditions per step"))
-        r = _guidance_ratios(sampler, 8, RATIO_STEPS, 3, torch.device("cpu"))
-        rows.append(_row("tiny CPU batched guidance speed-up", r["three_s"] / r["batched_s"], "x (3 calls / 1 call)",
-                         "> 1", f"one 12-frame clip, {RATIO_STEPS} steps, median of 3: {r['batched_s']:.3f} s batched vs "
-                                f"{r['three_s']:.3f} s as three forwards; on {CPU_THREADS} CPU thread(s) the "
-                                f"arithmetic is the same, the gain (fewer launches, larger kernels) is a GPU one"))
-        rows.append(_row("tiny CPU reference cache speed-up", r["recompute_s"] / r["batched_s"], "x (per step / per clip)",
-                         "> 1", f"one clip, {RATIO_STEPS} steps: reference net (1 + 20 motion latents) once "
-                                f"{r['batched_s']:.3f} s vs every step {r['recompute_s']:.3f} s"))
-    return rows
-
-
-def _sd15_gpu_rows() -> list[dict]:
-    if not torch.cuda.is_available():
-        return [_row("sd15-size 512 px real-time factor (GPU)", "", "video s / compute s", "",
-                     "skipped: no CUDA device on this machine")]
-    from core.config import PlatformConfig
-    from models.loopy import LoopyModel, sd15_unet_config
-    from core.sections import SamplerConfig
-    from inference.sampler import LoopySampler
-
-    device = torch.device("cuda")
-    with torch.device("cuda"):
-        model = LoopyModel(sd15_unet_config(), stage=2, audio_layers=12, audio_dim=768, audio_window=5)
-    model = model.to(torch.bfloat16).eval()
-    cfg = PlatformConfig()
-    sampler = LoopySampler(model, None, None, None, cfg, device)
-    frames = 24 if QUICK else 50
-    g = torch.Generator().manual_seed(0)
-    ref = torch.randn((1, 4, 64, 64), generator=g).to(device)
-    feats = torch.randn((frames, 12, 768), generator=g).to(device)
-    opts = SamplerConfig(steps=STEPS)
-    torch.cuda.reset_peak_memory_stats()
-    sampler.generate_latents(ref, feats[:12], dataclasses.replace(opts, steps=1))  # warm-up
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    sampler.generate_latents(ref, feats, opts)
-    torch.cuda.synchronize()
-    loop = time.perf_counter() - t0
-    name = torch.cuda.get_device_name()
-    rows = [_row("sd15-size 512 px real-time factor (GPU)", frames / 25.0 / loop, "video s / compute s", "",
-                 f"{name}, bf16, random weights, {frames} frames, {STEPS} steps, denoising loop only; "
-                 f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")]
-    r = _guidance_ratios(sampler, 64, 3 if QUICK else 10, 3, device)
-    rows.append(_row("sd15-size batched guidance speed-up (GPU)", r["three_s"] / r["batched_s"], "x", "> 1", name))
-    rows.append(_row("sd15-size reference cache speed-up (GPU)", r["recompute_s"] / r["batched_s"], "x", "> 1", name))
+        r = _guidance_ratios(sampler, 8, RATIO_STEPS, 5, torch.device("cpu"))
+        how = f"one 12-frame clip, {RATIO_STEPS} steps, median of 5 interleaved pairs, CPU seconds"
+        rows.append(_row("tiny CPU batched guidance speed-up", r["three"], "x (3 calls / 1 call)",
+                         "> 1", f"{how}: {r['batched_s']:.3f} s batched vs {r['three_s']:.3f} s as three forwards; "
+                                f"on {CPU_THREADS} CPU thread(s) the arithmetic is the same, the gain (fewer "
+                                f"launches, larger kernels) is a GPU one"))
+        rows.append(_row("tiny CPU reference cache speed-up", r["recompute"], "x (per step / per clip)",
+                         "> 1", f"{how}: reference net (1 + 20 motion latents) + reference K/V once per clip "
+                                f"{r['batched_s']:.3f} s vs every step {r['recompute_s']:.3f} s; expected from "
+                                f"the parts ({r['reference_s']:.3f} s per reference, {r['forward_s']:.3f} s per "
+                                f"guided forward): {r['recompute_expected']:.2f}x"))
+        rows.append(_row("tiny CPU no-mask attention speed-up", r["before"], "x (before / now)", ">= 1",
+                         f"{how}: boolean SDPA masks on every row + reference K/V per frame and call (before "
+                         f"issue 14) {r['before_s']:.3f} s vs now {r['new_s']:.3f} s (attention_mode auto: on CPU "
+                         f"one masked call, as fast as split there, + reference K/V once per clip; on CUDA split "
+                         f"unmasked groups, see gpu_rows)"))
     return rows
 
 
@@ -171,6 +187,6 @@ def run() -> list[dict]:
     before = torch.get_num_threads()
     torch.set_num_threads(CPU_THREADS)
     try:
-        return _tiny_rows() + _sd15_gpu_rows()
+        return _tiny_rows()
     finally:
         torch.set_num_threads(before)

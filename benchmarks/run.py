@@ -2,6 +2,8 @@
 
 Each ``run()`` returns rows ``{"benchmark", "metric", "value", "unit", "target", "note"}``.
 ``python -m benchmarks.run [name ...]`` runs only the named modules (e.g. ``video audio``).
+``benchmarks/gpu_rows.py`` (sd15 size on CUDA; one "skipped" row without CUDA) runs last, also as
+the name ``gpu``.
 Results are also written to ``work/bench_results.json`` for the scale plan.
 """
 from __future__ import annotations
@@ -55,6 +57,14 @@ def main(argv: list[str]) -> int:
             traceback.print_exc()
             rows.append({"benchmark": name, "metric": "FAILED", "value": "", "unit": "", "target": "", "note": "see traceback above"})
         print(f"[bench] {name} done in {time.perf_counter() - t0:.1f}s", flush=True)
+    if not argv or "gpu" in argv or "gpu_rows" in argv:  # sd15-size CUDA rows (a skip row without CUDA)
+        print("[bench] gpu_rows ...", flush=True)
+        try:
+            rows.extend(importlib.import_module("benchmarks.gpu_rows").run())
+        except Exception:
+            failed += 1
+            traceback.print_exc()
+            rows.append({"benchmark": "gpu_rows", "metric": "FAILED", "value": "", "unit": "", "target": "", "note": "see traceback above"})
     print()
     print_table(rows)
     out = ROOT / "work" / "bench_results.json"

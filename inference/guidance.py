@@ -16,7 +16,9 @@ into the unconditional-on-audio branch.
 
 The three conditions are stacked along the batch axis in :data:`CONDITIONS` order, giving a batch
 of ``3B``; the model's per-sample boolean switches select each condition, so one forward call
-serves all three.
+serves all three. No row carries an SDPA mask for this (issue 14): the rows that drop the
+reference (``base``, last) attend over their own tokens in a separate unmasked call, and since they
+come last, the split is two contiguous slices of the batch (``models/reference_attention.py``).
 """
 from __future__ import annotations
 

@@ -2,14 +2,18 @@
 
 A model package (written by :func:`models.registry.write_model_package`) is a folder with
 ``loopy/`` (the :class:`~models.loopy.LoopyModel`), ``platform.yaml`` (the platform config it was
-trained with), and, for the tiny preset, ``vae/`` + ``wav2vec2/``; otherwise the VAE and wav2vec2
-locations come from ``platform.yaml``'s ``weights`` section. ``scheduler/`` (a diffusers
+trained with), and, for the tiny preset and every registered version, ``vae/`` + ``wav2vec2/``
+(+ ``dwpose/`` with the DWPose detector); otherwise the VAE and wav2vec2 locations come from
+``platform.yaml``'s ``weights`` section. A registered version (an MLflow pyfunc model directory,
+:mod:`inference.mlflow_model`) holds its package under ``artifacts/package/``; MLflow URIs
+(``models:/loopy@stage2``) and local MLflow model directories are both accepted. ``scheduler/`` (a diffusers
 scheduler config) is optional: without it the sampler uses SD-1.5's schedule.
 
 This module only loads; the denoising loop is :class:`inference.sampler.LoopySampler`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +57,8 @@ def resolve_device(name: str) -> torch.device:
 
 def package_root(location: str | Path, tracking_uri: Optional[str] = None) -> Path:
     """A local package folder for ``location``: a folder, or an MLflow model URI
-    (``models:/name/version``, ``models:/name@alias``, ``runs:/...``) fetched from ``tracking_uri``
+    (``models:/name/version``, ``models:/name@alias``, ``runs:/...``, a pyfunc model directory:
+    its ``artifacts/package``) fetched from ``tracking_uri``
     (a relative sqlite URI is under the project root). Raises :class:`ModelPackageError` when the
     folder is not a Loopy package (needs ``loopy/`` and ``platform.yaml``)."""
     if tracking_uri is not None and str(location).startswith(("models:/", "runs:/")):
@@ -94,5 +99,7 @@ def load_package(location: str | Path, device: str = "auto", platform_overrides:
         local_only = weights.local_files_only
     codec = LatentCodec(vae_loc, local_files_only=local_only, device=str(dev))
     extractor = AudioFeatureExtractor(w2v_loc, local_files_only=local_only, device=str(dev))
+    if (root / "dwpose").is_dir():  # a registered version carries its DWPose models
+        cfg = dataclasses.replace(cfg, weights=dataclasses.replace(cfg.weights, dwpose_dir=str(root / "dwpose")))
     return LoadedPackage(model, codec, extractor, PortraitCropper.from_config(cfg), cfg, dev,
                          read_scheduler_config(root), root)

@@ -37,6 +37,7 @@ from inference.guidance import combine_stacked, guidance_switches, stack_conditi
 from inference.loading import LoadedPackage, load_package
 from inference.portrait import load_image
 from inference.video_io import write_video
+from models.reference_attention import with_reference_kv
 from pipelines.audio_decode import decode_audio
 from pipelines.audio_features import audio_windows, frame_count_for
 
@@ -170,10 +171,13 @@ class LoopySampler:
 
     def reference_for_guidance(self, ref_latent: torch.Tensor, motion: torch.Tensor, motion_mask: torch.Tensor):
         """Reference-net features for the stacked guidance batch: the reference net runs once on
-        the ``B`` samples (reference + M motion latents each), the features are repeated for the
-        three conditions and each copy gets its condition's drop switches (no recomputation)."""
+        the ``B`` samples (reference + M motion latents each), the denoising U-Net's key / value
+        projections of the reference tokens are computed once (``ref_kv``: they do not depend on
+        the timestep), the features are repeated for the three conditions and each copy gets its
+        condition's drop switches (no recomputation)."""
         sw = guidance_switches(ref_latent.shape[0], self.device)
         reference = self.model.compute_reference(ref_latent.to(self.dtype), motion.to(self.dtype), motion_mask)
+        reference = with_reference_kv(reference, self.model.denoise_unet)  # K/V of the reference: once per clip
         return reference.repeat(3).with_drops(sw.drop_ref, sw.drop_motion_frames)
 
     @torch.no_grad()
@@ -224,12 +228,7 @@ class LoopySampler:
         out = []
         for i in range(3):
             rows = torch.arange(i * b, (i + 1) * b, device=self.device)
-            ref_i = reference.__class__(
-                {k: v[rows] for k, v in reference.ref_tokens.items()},
-                None if reference.motion_tokens is None else {k: v[rows] for k, v in reference.motion_tokens.items()},
-                reference.ref_keep[rows],
-                None if reference.motion_valid is None else reference.motion_valid[rows],
-                None if reference.motion_keep is None else reference.motion_keep[rows])
+            ref_i = reference.select(rows)
             a = audio3[rows]
             out.append(self.model.denoise(
                 x.to(self.dtype), t.reshape(1).expand(b).to(self.device), ref_i, a, {"audio": a},

@@ -6,11 +6,21 @@ A package is a folder (layout in docs/CONTRACTS.md)::
     platform.yaml   the resolved PlatformConfig it was trained with
     vae/ wav2vec2/  copies of the tiny preset's pretrained folders (sd15: locations in platform.yaml)
 
-:func:`log_model_package` logs such a folder as the artifact ``model_package/stage<N>`` of an MLflow run and
-registers it as a new version of a registered model, with the stage in the tag ``stage`` and the
-alias ``stage<N>`` pointing at the newest version of each stage.
+:func:`inference.mlflow_model.log_model_package` registers a package as an MLflow **pyfunc model**
+(the sampler as ``mlflow.pyfunc.PythonModel``, the package, with its VAE and wav2vec2, as the
+artifact ``package``, and an input/output signature), logged as the artifact
+``model_package/stage<N>`` of a run; the version carries the stage in the tag ``stage`` and the
+alias ``stage<N>`` points at the newest version of each stage. This module holds the parts that
+need no sampler: the artifact path (:func:`package_artifact_path`), the version and alias
+(:func:`register_logged_version`), and finding the package again.
+A registered version's artifact is an MLflow model directory::
+
+    MLmodel  python_model.pkl  requirements.txt  conda.yaml  python_env.yaml
+    artifacts/package/   the package above (always with vae/ and wav2vec2/)
+
 :func:`resolve_model_location` turns ``models:/name/version``, ``models:/name@alias``,
-``runs:/<run_id>/<path>`` or a local folder into a local package folder.
+``runs:/<run_id>/<path>``, a local MLflow model directory or a local package folder into a local
+package folder.
 """
 from __future__ import annotations
 
@@ -25,6 +35,8 @@ PACKAGE_ARTIFACT = "model_package"
 MODEL_SUBDIR = "loopy"
 CONFIG_FILE = "platform.yaml"
 STAGE_TAG = "stage"
+MLMODEL_FILE = "MLmodel"
+PYFUNC_PACKAGE_KEY = "package"  # name of the package in a pyfunc model's artifacts (artifacts/package/)
 
 
 class ModelPackageError(ModelError, FileNotFoundError):
@@ -80,28 +92,25 @@ def _client(tracking_uri: Optional[str]):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def log_model_package(folder: str | Path, registered_name: str, stage: int, run_id: Optional[str] = None,
-                      tracking_uri: Optional[str] = None, tags: Optional[dict] = None) -> int:
-    """Log ``folder`` as artifact ``model_package/stage<stage>`` of run ``run_id`` (default: the active fluent
-    run) and register it as a new version of ``registered_name`` tagged ``stage=<stage>``; the
-    alias ``stage<stage>`` moves to it. Returns the version number."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    folder = check_package(folder)
-    client = _client(tracking_uri)
-    if run_id is None:
-        active = mlflow.active_run()
-        if active is None:
-            raise ValueError("log_model_package: no run_id given and no active MLflow run")
-        run_id = active.info.run_id
+def package_artifact_path(client: Any, run_id: str, stage: int) -> str:
+    """A fresh artifact path ``model_package/stage<N>`` of run ``run_id`` (``stage<N>_2``, ... when
+    the same stage was logged before in that run: a version is never overwritten)."""
     taken = {Path(f.path).name for f in client.list_artifacts(run_id, PACKAGE_ARTIFACT)}
     name, n = stage_alias(stage), 1
-    while name in taken:  # the same stage logged twice in one run: never overwrite a version
+    while name in taken:
         n += 1
         name = f"{stage_alias(stage)}_{n}"
-    artifact_path = f"{PACKAGE_ARTIFACT}/{name}"
-    client.log_artifacts(run_id, str(folder), artifact_path)
+    return f"{PACKAGE_ARTIFACT}/{name}"
+
+
+def register_logged_version(client: Any, run_id: str, artifact_path: str, registered_name: str, stage: int,
+                            tags: Optional[dict] = None) -> int:
+    """Register the artifact ``artifact_path`` of run ``run_id`` (already logged) as a new version
+    of ``registered_name`` tagged ``stage=<stage>`` (+ ``tags``), and move the alias ``stage<N>``
+    to it. Returns the version number. The pyfunc registration
+    (:func:`inference.mlflow_model.log_model_package`) logs the MLflow model, then calls this."""
+    from mlflow.exceptions import MlflowException
+
     try:
         client.create_registered_model(registered_name)
     except MlflowException as exc:
@@ -112,6 +121,28 @@ def log_model_package(folder: str | Path, registered_name: str, stage: int, run_
     version = client.create_model_version(registered_name, source, run_id=run_id, tags=all_tags)
     client.set_registered_model_alias(registered_name, stage_alias(stage), version.version)
     return int(version.version)
+
+
+def package_in_mlflow_model(folder: str | Path) -> Optional[Path]:
+    """The package folder inside an MLflow model directory (one with an ``MLmodel`` file whose
+    ``python_function`` flavor lists the artifact ``package``), or None when ``folder`` is not an
+    MLflow model. Raises :class:`ModelPackageError` for an MLflow model without that artifact."""
+    folder = Path(folder)
+    if not (folder / MLMODEL_FILE).is_file():
+        return None
+    from mlflow.models import Model
+
+    flavor = Model.load(str(folder / MLMODEL_FILE)).flavors.get("python_function", {})
+    entry = (flavor.get("artifacts") or {}).get(PYFUNC_PACKAGE_KEY)
+    if not entry or not entry.get("path"):
+        raise ModelPackageError(f"{folder} is an MLflow model without a Loopy package artifact "
+                                f"({PYFUNC_PACKAGE_KEY!r} in the python_function flavor of {MLMODEL_FILE})")
+    return folder / entry["path"]
+
+
+def _package_or_self(folder: Path) -> Path:
+    inner = package_in_mlflow_model(folder)
+    return folder if inner is None else inner
 
 
 def resolve_model_location(uri_or_path: str | Path, dst_dir: Optional[str | Path] = None,
@@ -125,7 +156,7 @@ def resolve_model_location(uri_or_path: str | Path, dst_dir: Optional[str | Path
 
     text = str(uri_or_path)
     if not (text.startswith("models:/") or text.startswith("runs:/")):
-        return check_package(Path(text).expanduser().resolve())
+        return check_package(_package_or_self(Path(text).expanduser().resolve()))
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
@@ -135,12 +166,13 @@ def resolve_model_location(uri_or_path: str | Path, dst_dir: Optional[str | Path
         local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=None if dst_dir is None else str(dst_dir))
     except (MlflowException, OSError) as exc:
         raise ModelPackageError(f"cannot fetch model {text!r} from {mlflow.get_tracking_uri()}: {exc}") from exc
-    path = Path(local)
+    path = _package_or_self(Path(local))
     if not (path / CONFIG_FILE).is_file():  # runs:/<id> or runs:/<id>/model_package: one package inside?
         root = path / PACKAGE_ARTIFACT if (path / PACKAGE_ARTIFACT).is_dir() else path
-        found = sorted(p.parent for p in root.glob(f"*/{CONFIG_FILE}"))
+        found = sorted({p.parent for p in root.glob(f"*/{CONFIG_FILE}")}
+                       | {p.parent for p in root.glob(f"*/{MLMODEL_FILE}")})
         if len(found) == 1:
-            path = found[0]
+            path = _package_or_self(found[0])
         elif len(found) > 1:
             raise ModelPackageError(
                 f"{text!r} holds {len(found)} model packages ({', '.join(p.name for p in found)}): "

@@ -275,7 +275,7 @@ def test_cli_writes_video(tiny_package, tmp_path):
 def test_sampler_loads_a_registered_mlflow_model(tiny_package, tmp_path):
     import mlflow
 
-    from models.registry import log_model_package
+    from inference.mlflow_model import log_model_package
 
     previous = mlflow.get_tracking_uri()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -291,3 +291,127 @@ def test_sampler_loads_a_registered_mlflow_model(tiny_package, tmp_path):
             LoopySampler.from_package("models:/no_such_model/1", device="cpu", tracking_uri=uri)
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+# --- issue 14: no boolean masks in SDPA, reference K/V cached per clip ------------------------------
+
+def test_attend_without_mask_equals_boolean_masked_sdpa():
+    """Grouping rows by mask pattern (unmasked SDPA over the kept keys) equals SDPA with the
+    boolean mask, for mixed, all-True and single-pattern masks, with gradients."""
+    from models.reference_attention import AttentionProjections, attend, attention_mode, boolean_masks
+
+    torch.manual_seed(0)
+    attn = AttentionProjections(16, 2, zero_out=False)
+    q = torch.randn(7, 5, 16, requires_grad=True)
+    kv = torch.randn(7, 9, 16)
+    masks = {
+        "mixed": torch.rand(7, 9) > 0.4,
+        "all": torch.ones(7, 9, dtype=torch.bool),
+        "one pattern": torch.tensor([True] * 4 + [False] * 5).expand(7, 9),
+    }
+    masks["mixed"][:, 0] = True  # every row attends to at least one key
+    masks["rows interleaved"] = masks["one pattern"].clone()
+    masks["rows interleaved"][1::2, :6] = True  # groups that are not contiguous ranges of rows
+    for name, mask in masks.items():
+        with attention_mode("split"):  # the CUDA path, forced on CPU
+            split = attend(attn, q, kv, mask)
+        with boolean_masks():
+            masked = attend(attn, q, kv, mask)
+        assert torch.allclose(split, masked, atol=1e-6), name
+        (g_split,) = torch.autograd.grad(split.square().sum(), q)
+        (g_masked,) = torch.autograd.grad(masked.square().sum(), q)
+        assert torch.allclose(g_split, g_masked, atol=1e-5), name
+    # and the mask matters: masking keys changes the output
+    assert not torch.allclose(attend(attn, q, kv, masks["mixed"]), attend(attn, q, kv))
+
+
+def test_split_attention_and_cached_reference_kv_give_the_same_frames(core_sampler):
+    """The guidance forward and a whole clip: split (unmasked) attention with the reference K/V
+    projected once per clip == the computation before issue 14 (boolean masks over every row,
+    reference K/V projected per frame in every call), with history partly real (mixed motion
+    masks) and the base condition dropping the reference."""
+    from models.reference_attention import attention_mode, boolean_masks
+    from pipelines.audio_features import audio_windows
+
+    s = core_sampler
+    ref, feats = random_inputs(s, 12, seed=6)
+    audio = s.clip_audio(audio_windows(feats, radius=s.audio_radius), 0)
+    motion, mask = s.motion_history(torch.randn(12, 4, 8, 8), 12, ref)
+    assert mask.any() and not mask.all()
+    # give the untrained stage-2 modules non-zero outputs so every branch shows in eps
+    model = s.model
+    with torch.no_grad():
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        g = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if ".temporal." in name or "resnet_temporal" in name or ".audio." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    try:
+        sw = guidance_switches(1)
+        x = torch.randn(1, s.clip_frames, 4, 8, 8)
+        audio3 = stack_conditions(audio)
+        t = torch.tensor(700)
+        with torch.no_grad():
+            cached = s.reference_for_guidance(ref, motion, mask)
+            assert cached.ref_kv is not None
+            uncached = type(cached)(**{**cached.__dict__, "ref_kv": None})
+            with boolean_masks():
+                old = s.guidance_forward(stack_conditions(x), t, uncached, audio3, sw)
+            for mode in ("split", "auto"):  # split: the CUDA path; auto on CPU: masked, K/V cached
+                with attention_mode(mode):
+                    new = s.guidance_forward(stack_conditions(x), t, cached, audio3, sw)
+                    new_uncached = s.guidance_forward(stack_conditions(x), t, uncached, audio3, sw)
+                assert torch.allclose(new, old, atol=1e-5, rtol=1e-4), mode
+                assert torch.allclose(new_uncached, old, atol=1e-5, rtol=1e-4), mode
+        e_audio, e_ref, e_base = split_conditions(new)
+        assert not torch.allclose(e_audio, e_ref) and not torch.allclose(e_ref, e_base)
+
+        opts = SamplerConfig(steps=3, seed=1)
+        with attention_mode("split"):
+            frames_new = s.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0))
+        with boolean_masks():
+            frames_old = s.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0),
+                                        cache_reference=False)
+        assert torch.allclose(frames_new, frames_old, atol=1e-4, rtol=1e-4)
+    finally:
+        model.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("mode", ["auto", "split"])
+def test_every_parameter_gets_a_gradient_when_every_sample_drops_its_reference(core_sampler, mode, stage):
+    """Split attention leaves dropped references and fully masked keys out of SDPA; they must still
+    reach the graph (zero gradient, as through a masked key) or DDP without
+    find_unused_parameters breaks on a batch whose samples all drop the reference (in stage 1
+    nothing else connects the reference net to the loss)."""
+    from models.loopy import LoopyModel
+    from models.reference_attention import attention_mode
+
+    if stage == 2:
+        model = core_sampler.model
+    else:
+        torch.manual_seed(0)
+        model = LoopyModel(**{k: v for k, v in core_sampler.model.config.items() if not k.startswith("_")} | {"stage": 1})
+    b, f = 2, (core_sampler.clip_frames if stage == 2 else 1)
+    cfg = model.config
+    g = torch.Generator().manual_seed(3)
+    yes = torch.ones(b, dtype=torch.bool)
+    batch = dict(noisy_latents=torch.randn((b, f, 4, 8, 8), generator=g), timesteps=torch.tensor([10, 900]),
+                 ref_latent=torch.randn((b, 4, 8, 8), generator=g), drop_ref=yes, drop_motion_frames=yes)
+    if stage == 2:
+        batch.update(
+            motion_latents=torch.randn((b, 20, 4, 8, 8), generator=g), motion_mask=torch.ones(b, 20, dtype=torch.bool),
+            audio=torch.randn((b, f, cfg.audio_window, cfg.audio_layers, cfg.audio_dim), generator=g),
+            landmarks=torch.rand((b, f, 68, 2), generator=g), head_motion_var=torch.rand((b,), generator=g),
+            expression_var=torch.rand((b,), generator=g), a2l_kind=torch.tensor([1, 3]),
+            drop_audio=~yes, drop_motion_cond=~yes)
+    model.train()
+    try:
+        with attention_mode(mode):
+            model.zero_grad(set_to_none=True)
+            model(**batch).square().mean().backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, missing[:5]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
