@@ -425,3 +425,267 @@ def test_scale_plan_arithmetic():
     assert "**160 core-hours**" in text  # 0.04 s x 14.4e6 / 3600
     assert "| latent fp16 [4, 64, 64] | 32,768 |" in text and "| audio fp16 [12, 768] | 18,432 |" in text
     assert "Training" not in text  # no training rows given, no training table
+
+
+# --- object store memory, dashboard exposure, tokens (issue 14 items 8 and 10, issue 13 item 2) --
+
+RAY_AUTH_SECRET = "loopy-ray-auth"  # key auth_token: Ray's token (dashboard, job API, GCS)
+SERVE_TOKENS_SECRET = "loopy-serve-tokens"  # key tokens: one "client_id token" line per client
+SERVE_TOKENS_ENV = "LOOPY_SERVE_TOKENS_FILE"
+
+
+def quantity_bytes(value) -> float:
+    """Kubernetes memory quantity ("6Gi", "500Mi", "64G", 1024) -> bytes."""
+    text = str(value)
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    for suffix, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+def ray_pods(obj: dict) -> list[tuple[str, dict, dict]]:
+    """(group name, rayStartParams, pod template) of the head and every worker group."""
+    spec = ray_cluster_spec(obj)
+    head = spec["headGroupSpec"]
+    return [("head", head.get("rayStartParams", {}), head["template"])] + [
+        (g["groupName"], g.get("rayStartParams", {}), g["template"]) for g in spec["workerGroupSpecs"]]
+
+
+def ray_container(pod: dict) -> dict:
+    (container,) = [c for c in pod["spec"]["containers"] if c["name"] in ("ray-head", "ray-worker")]
+    return container
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def shm_errors(where: str, params: dict, pod: dict) -> list[str]:
+    """What is wrong with a Ray pod's /dev/shm: missing, not memory-backed, unsized, smaller than
+    the object store Ray is told to put there, or taking most of the container's memory."""
+    container = ray_container(pod)
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    if "/dev/shm" not in mounts:
+        return [f"{where}: no volume on /dev/shm (Ray falls back to a disk-backed object store)"]
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+    empty_dir = volumes.get(mounts["/dev/shm"], {}).get("emptyDir")
+    if not empty_dir or empty_dir.get("medium") != "Memory":
+        return [f"{where}: /dev/shm is not an emptyDir with medium Memory"]
+    if "sizeLimit" not in empty_dir:
+        return [f"{where}: /dev/shm emptyDir has no sizeLimit"]
+    shm = quantity_bytes(empty_dir["sizeLimit"])
+    errors = []
+    store = params.get("object-store-memory")
+    if store is None:
+        errors.append(f"{where}: rayStartParams has no object-store-memory (Ray's default may not fit /dev/shm)")
+    elif float(store) > shm:
+        errors.append(f"{where}: object-store-memory {float(store):.3g} B > /dev/shm {shm:.3g} B")
+    memory = quantity_bytes(container["resources"]["limits"]["memory"])
+    if shm > 0.5 * memory:
+        errors.append(f"{where}: /dev/shm {shm:.3g} B is more than half the container's memory {memory:.3g} B")
+    return errors
+
+
+def test_every_ray_pod_has_a_sized_memory_dev_shm(objects):
+    ray_objects = {k: o for k, o in objects.items() if k[0].startswith("Ray")}
+    assert len(ray_objects) == 4
+    errors = []
+    for (kind, name), obj in ray_objects.items():
+        for group, params, pod in ray_pods(obj):
+            errors += shm_errors(f"{kind}/{name}/{group}", params, pod)
+    assert not errors, "\n".join(errors)
+
+
+def test_shm_check_catches_a_missing_or_disk_backed_volume(objects):
+    import copy
+
+    group, params, pod = ray_pods(objects[("RayJob", "loopy-ingest")])[-1]  # cpu-decode
+    assert group == "cpu-decode" and not shm_errors(group, params, pod)
+    no_mount = copy.deepcopy(pod)
+    ray_container(no_mount)["volumeMounts"] = [m for m in ray_container(no_mount)["volumeMounts"]
+                                               if m["mountPath"] != "/dev/shm"]
+    assert shm_errors(group, params, no_mount)
+    on_disk = copy.deepcopy(pod)
+    for v in on_disk["spec"]["volumes"]:
+        v.get("emptyDir", {}).pop("medium", None)
+    assert shm_errors(group, params, on_disk)
+    assert shm_errors(group, {**params, "object-store-memory": str(64 * 2**30)}, pod)
+
+
+def test_dashboard_and_job_api_never_on_all_interfaces(objects):
+    """The dashboard is a job-submission API (remote code execution): never 0.0.0.0 (KubeRay's
+    default when rayStartParams names no dashboard-host). Loopback where the operator does not
+    need it (RayCluster: kubectl port-forward; RayJobs: the SidecarMode submitter uses localhost);
+    the RayService's pod IP, because KubeRay deploys the Serve config through it."""
+    for (kind, name), obj in objects.items():
+        if not kind.startswith("Ray"):
+            continue
+        params = ray_cluster_spec(obj)["headGroupSpec"]["rayStartParams"]
+        host = params.get("dashboard-host")
+        assert host is not None, f"{kind}/{name}: no dashboard-host: KubeRay binds 0.0.0.0"
+        assert host not in ("0.0.0.0", "::", "[::]", ""), f"{kind}/{name}: dashboard on every interface"
+        head = ray_container(ray_cluster_spec(obj)["headGroupSpec"]["template"])
+        if kind == "RayJob":
+            assert host == "127.0.0.1", f"{kind}/{name}: dashboard-host {host}"
+            assert obj["spec"].get("submissionMode") == "SidecarMode", \
+                f"{kind}/{name}: a loopback dashboard needs the submitter inside the head pod"
+            assert ray_cluster_spec(obj)["headGroupSpec"]["template"]["spec"].get("restartPolicy") == "Never"
+        elif kind == "RayCluster":
+            assert host == "127.0.0.1", f"{kind}/{name}: dashboard-host {host}"
+        else:  # RayService: the pod's own address, and probes that do not ask localhost:8265
+            assert host == "$POD_IP", f"{kind}/{name}: dashboard-host {host}"
+            pod_ip = env_of(head).get("POD_IP", {})
+            assert pod_ip.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP"
+            for probe in ("readinessProbe", "livenessProbe"):
+                command = " ".join(head[probe]["exec"]["command"])
+                assert "$POD_IP:8265" in command and "localhost:8265" not in command, f"{name}: {probe}"
+    (launcher,) = load_docs(LAUNCHER)
+    for command in launcher["head_start_ray_commands"]:
+        if command.startswith("ray start"):
+            assert "--dashboard-host=127.0.0.1" in command, command
+
+
+def test_ray_token_auth_everywhere_from_a_secret(objects):
+    """RAY_AUTH_MODE=token in every Ray container with the token from the Secret, and the
+    operator told the same Secret (it calls the dashboard for RayService / RayJob)."""
+    for (kind, name), obj in objects.items():
+        if not kind.startswith("Ray"):
+            continue
+        spec = ray_cluster_spec(obj)
+        assert spec.get("authOptions") == {"mode": "token", "secretName": RAY_AUTH_SECRET}, f"{kind}/{name}"
+        for group, _, pod in ray_pods(obj):
+            env = env_of(ray_container(pod))
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{kind}/{name}/{group}"
+            ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+            assert ref == {"name": RAY_AUTH_SECRET, "key": "auth_token"}, f"{kind}/{name}/{group}: {ref}"
+            assert "value" not in env["RAY_AUTH_TOKEN"], "a token written into a manifest"
+    (launcher,) = load_docs(LAUNCHER)
+    options = " ".join(launcher["docker"]["run_options"])
+    assert "-e RAY_AUTH_MODE=token" in options
+    token_path = re.search(r"-e RAY_AUTH_TOKEN_PATH=(\S+)", options).group(1)
+    assert launcher["file_mounts"][token_path] == "~/.ray/auth_token", "the token made by ray get-auth-token"
+
+
+def test_service_client_tokens_come_from_a_mounted_secret_file(objects, cluster_cfg):
+    service = objects[("RayService", "loopy-sampler")]
+    for group, _, pod in ray_pods(service):
+        container = ray_container(pod)
+        path = env_of(container).get(SERVE_TOKENS_ENV, {}).get("value")
+        assert path, f"{group}: no {SERVE_TOKENS_ENV}"
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        folder, _, key = path.rpartition("/")
+        assert folder in mounts and mounts[folder].get("readOnly"), f"{group}: {folder} not mounted read-only"
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        secret = volumes[mounts[folder]["name"]]["secret"]
+        assert secret["secretName"] == SERVE_TOKENS_SECRET and key == "tokens"
+        assert secret.get("defaultMode", 0o644) & 0o007 == 0, "tokens file readable by everyone"
+    # the tokens are never in the platform config (it goes to MLflow params and model packages)
+    secrets = [key for key, value in flatten(cluster_cfg).items()
+               if key.rsplit(".", 1)[-1].lower() in ("token", "tokens", "auth_token") and value]
+    assert not secrets, f"tokens in configs/cluster.yaml: {secrets}"
+    (launcher,) = load_docs(LAUNCHER)
+    options = " ".join(launcher["docker"]["run_options"])
+    tokens_path = re.search(rf"-e {SERVE_TOKENS_ENV}=(\S+)", options).group(1)
+    assert tokens_path in launcher["file_mounts"]
+
+
+def test_launcher_shm_holds_rays_default_object_store():
+    """Docker's /dev/shm of each node type >= Ray's default object store there (30 % of the
+    instance's memory, at most 200 GB); memory per instance type from AWS's published sizes."""
+    from ray._private import ray_constants
+
+    instance_memory_gib = {"m6i.4xlarge": 64, "p4d.24xlarge": 1152, "c6i.8xlarge": 64}
+    (cfg,) = load_docs(LAUNCHER)
+    docker = cfg["docker"]
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    for name, node_type in cfg["available_node_types"].items():
+        if name == cfg["head_node_type"]:
+            options = docker.get("run_options", []) + docker.get("head_run_options", [])
+        else:
+            options = (docker.get("run_options", []) + docker.get("worker_run_options", [])
+                       + node_type.get("docker", {}).get("worker_run_options", []))
+        sizes = [o.split("=", 1)[1] for o in options if o.startswith("--shm-size=")]
+        assert len(sizes) == 1, f"{name}: {len(sizes)} --shm-size options"
+        shm = float(sizes[0][:-1]) * units[sizes[0][-1].lower()]
+        memory = instance_memory_gib[node_type["node_config"]["InstanceType"]] * 2**30
+        store = min(memory * ray_constants.DEFAULT_OBJECT_STORE_MEMORY_PROPORTION,
+                    ray_constants.DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES)
+        assert store <= shm < memory, f"{name}: /dev/shm {shm:.3g} B for a {store:.3g} B object store"
+
+
+# --- the Ray the project is pinned to (issue 14 item 9) ------------------------------------------
+
+def ray_requirement():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (req,) = [Requirement(d) for d in deps if Requirement(d).name == "ray"]
+    return req
+
+
+def test_ray_pin_is_a_closed_range_holding_the_installed_ray():
+    """>= 2.52 (Train V2 on by default since 2.51, token authentication since 2.52) and < 2.64
+    (the ``**ray_remote_args`` retry limits the ingest passes are removed in 2.64)."""
+    import ray
+    from packaging.version import Version
+
+    spec = ray_requirement().specifier
+    assert {"data", "train", "serve"} <= ray_requirement().extras
+    assert Version(ray.__version__) in spec, f"installed ray {ray.__version__} outside {spec}"
+    assert Version("2.51.0") not in spec and Version("2.52.0") in spec
+    assert Version("2.63.9") in spec and Version("2.64.0") not in spec
+
+
+def test_the_ray_apis_the_project_calls_exist():
+    """Signatures of what the jobs call: an install that lost one fails here, not mid-job."""
+    import inspect
+    import os
+
+    import ray.data
+    import ray.train
+    import ray.train.torch
+    from ray import serve
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+    from ray.data.collate_fn import NumpyBatchCollateFn
+    from ray.scripts.scripts import cli
+    from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
+
+    def params(fn):
+        return inspect.signature(fn).parameters
+
+    # ingest (pipelines/ingest_job.py): actor / task pools with retry limits as remote args
+    for method in (ray.data.Dataset.map, ray.data.Dataset.map_batches, ray.data.Dataset.flat_map):
+        p = params(method)
+        assert "compute" in p and "num_cpus" in p, method.__name__
+        assert any(v.kind is inspect.Parameter.VAR_KEYWORD for v in p.values()), \
+            f"Dataset.{method.__name__} takes no **ray_remote_args (max_task_retries, max_restarts, max_retries)"
+    assert {"min_size", "max_size"} <= set(params(ActorPoolStrategy)) and "size" in params(TaskPoolStrategy)
+    ctx = DataContext.get_current()
+    for name in ("max_errored_blocks", "enable_progress_bars", "print_on_execution_start"):
+        assert hasattr(ctx, name), f"DataContext.{name}"
+    assert inspect.isclass(NumpyBatchCollateFn)
+    # training: Train V2 by default (resume by run name), validation, async checkpoint upload
+    saved = os.environ.pop(V2_ENABLED_ENV_VAR, None)
+    try:
+        assert is_v2_enabled(), "Ray Train V2 is not the default"
+    finally:
+        if saved is not None:
+            os.environ[V2_ENABLED_ENV_VAR] = saved
+    assert ray.train.torch.TorchTrainer.__module__.startswith("ray.train.v2")
+    assert "validation_config" in params(ray.train.torch.TorchTrainer)
+    assert {"checkpoint", "checkpoint_upload_mode", "validation"} <= set(params(ray.train.report))
+    for name in ("CheckpointConfig", "DataConfig", "FailureConfig", "RunConfig", "ScalingConfig",
+                 "ValidationConfig", "CheckpointUploadMode", "Checkpoint", "get_context", "get_checkpoint",
+                 "get_dataset_shard"):
+        assert hasattr(ray.train, name), f"ray.train.{name}"
+    assert "name" in params(ray.train.RunConfig) and "storage_path" in params(ray.train.RunConfig)
+    # serving (serve/app.py)
+    assert {"max_ongoing_requests", "health_check_period_s", "num_replicas"} <= set(params(serve.deployment))
+    for name in ("ingress", "start", "run", "shutdown"):
+        assert hasattr(serve, name), f"serve.{name}"
+    # the cluster's token: `ray get-auth-token --generate` (README, cluster/README.md)
+    assert "get-auth-token" in cli.commands
+    assert any("--generate" in p.opts for p in cli.commands["get-auth-token"].params)
