@@ -120,7 +120,7 @@ def _in_child(target, *args) -> dict:
             break
         except queue_mod.Empty:
             if not p.is_alive():
-                raise RuntimeError(f"benchmark child {target.__name__}{args[1:]} died (exit code {p.exitcode})")
+                raise RuntimeError(f"benchmark child {target.__name__}{args[1:]} died (exit code {p.exitcode})") from None
     p.join()
     return res
 

@@ -36,11 +36,9 @@ F, M = 12, 20
 
 
 def _tiny_model(stage: int = 2):
-    from core.sections import WeightsConfig
+    from core.sections import ModelConfig, ReaderConfig, WeightsConfig
     from core.weights import resolve_weights
-    from core.sections import ModelConfig
     from models.loopy import LoopyModel
-    from core.sections import ReaderConfig
 
     tiny_dir = os.environ.get("LOOPY_BENCH_TINY_DIR") or str(Path(tempfile.gettempdir()) / "loopy_bench_tiny_weights")
     paths = resolve_weights(WeightsConfig(preset="tiny", tiny_dir=tiny_dir))

@@ -35,7 +35,7 @@ class WeightsConfig:
     preset: Literal["tiny", "sd15"] = "tiny"
     tiny_dir: str = "work/tiny_weights"  # relative paths are under the project root
     sd15: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # diffusers folder: unet/, vae/
-    vae: Optional[str] = None  # e.g. stabilityai/sd-vae-ft-mse; None = <sd15>/vae
+    vae: Optional[str] = None  # e.g. stabilityai/sd-vae-ft-mse; None = <sd15>/vae (tiny: the random tiny VAE)
     wav2vec2: str = "facebook/wav2vec2-base-960h"
     dwpose_dir: Optional[str] = None  # folder with yolox_l.onnx + dw-ll_ucoco_384.onnx; None = dlib
     local_files_only: bool = True  # never reach a hub unless the user turns this off
@@ -49,6 +49,13 @@ class TrackingConfig:
     artifact_root: str = "mlruns"
     experiment: str = "loopy"
     registered_model: str = "loopy"
+    # training workers log asynchronously (training.tracking.AsyncRunLogger): an outage of the
+    # tracking server delays or drops metrics, never fails training
+    async_queue_size: int = 1000  # calls waiting to be written; more are dropped with a warning
+    retry_for_s: float = 600.0  # a failed write is retried (backoff) this long, then dropped
+    flush_timeout_s: float = 30.0  # a worker waits this long for its queue at the end of a stage
+    http_max_retries: int = 2  # MLflow REST client's own retries per call in workers
+    http_timeout_s: float = 10.0  # MLflow REST client's timeout per request in workers, seconds
 
 
 # --- data: ingest job and training reader ------------------------------------------------------
@@ -64,8 +71,19 @@ class IngestConfig:
     chunk_frames: int = 50  # frames decoded and processed per block: bounds peak memory
     min_frames: int = 136  # 12 clip + 124 motion frames: shorter videos are rejected
     write_jpeg: bool = False  # also store the JPEG of each crop
-    detector: Literal["dlib", "dwpose"] = "dlib"
-    detect_max_side: int = 480  # frames are downscaled to this longest side for detection
+    detector: Literal["dlib", "dlib_cnn", "dwpose"] = "dlib"  # dlib = HOG (benchmarks/bench_detectors.py)
+    detect_max_side: int = 480  # single-image inference: frames downscaled to this longest side for detection
+    # ingest detection scale (pipelines/face_detect.py search_face_scale / pass_scale): a search on
+    # a few sampled frames finds the face size, the whole pass shows it at detect_face_px
+    detect_face_px: float = 100.0  # face box width in the detection image (px)
+    detect_max_pixels: int = 3_200_000  # detection image budget (px): 5 % faces of 720p-1080p reach ~64 px
+    detect_max_upscale: float = 2.0  # largest detection image / display frame ratio
+    scale_search_frames: int = 5  # sampled frames of the scale search
+    scale_search_s: float = 5.0  # ... spread over the first this many seconds
+    # face tracks (pipelines/face_tracks.py): subject = most persistent x largest track
+    track_max_gap_s: float = 0.5  # a face unseen this long still continues its track
+    min_track_coverage: float = 0.5  # share of frames a track needs to count as a person
+    similar_face_ratio: float = 0.7  # a 2nd person's face this large (x subject's): rejected
     # quality filters (reasons are recorded in the manifest)
     max_missing_face_ratio: float = 0.2
     max_yaw_deg: float = 60.0
@@ -90,6 +108,18 @@ class IngestConfig:
     # on a 1-minute 1080p file (PyAV: flat ~1 GB), so the full-resolution pass uses PyAV
     detect_decode_backend: Literal["auto", "decord", "pyav"] = "auto"  # low-res detection pass
     decode_backend: Literal["auto", "decord", "pyav"] = "pyav"  # full-resolution crop pass
+    # limits checked from the probe before any decoding (pipelines/quality.py check_limits)
+    max_duration_s: float = 1800.0  # longer videos are refused (stage "limits")
+    max_pixels: int = 3840 * 2160  # coded width x height from the stream header
+    min_source_frames_ratio: float = 0.3  # distinct source frames / output frames (below: frozen/sparse)
+    # per-video deadline of the analysis (probe, detection pass, audio) in a watched child process:
+    # base + per_s x duration; past it the child is killed and the video rejected (stage "timeout")
+    deadline_base_s: float = 120.0
+    deadline_per_s: float = 4.0  # seconds of work allowed per second of video
+    # fault injection (tests / drills only): the analysis of a file whose name contains
+    # ``fault_hang_match`` hangs (a hung decoder); the actor analysing ``fault_kill_match`` is killed
+    fault_hang_match: Optional[str] = None
+    fault_kill_match: Optional[str] = None
 
 
 @dataclass
@@ -106,7 +136,7 @@ class ReaderConfig:
     samples_per_video: int = 8  # per epoch
     early_start_prob: float = 0.2  # share of clip starts drawn with < motion_frames of history
     p_drop_audio: float = 0.10
-    p_drop_motion_cond: float = 0.10
+    p_drop_motion_cond: float = 0.0  # extra motion-latents-only drop; p_drop_audio's coin drops both
     p_drop_ref: float = 0.15
     p_drop_motion_frames: float = 0.40
     seed: int = 0
@@ -180,38 +210,117 @@ class TrainConfig:
     # --- checkpoints, logging, evaluation ---
     checkpoint_every: int = 10  # steps; the last step always checkpoints
     checkpoints_to_keep: int = 2
-    log_every: int = 1  # steps between metric reports
+    log_every: int = 1  # steps between metric logs to MLflow (asynchronous; Ray Train reports only with checkpoints)
+    # checkpoints are staged in a local temp dir and uploaded by Ray Train to storage_path; "async"
+    # uploads in a background thread (training goes on), but a worker failure right after the
+    # report can lose that checkpoint (seen in the fault test: the restart began at step 0)
+    checkpoint_upload: Literal["async", "sync"] = "sync"
+    block_rows: int = 16  # samples per Ray Data block of the training dataset (independent of batch_size)
     eval_every: int = 10  # steps; the last step always evaluates; 0 = only at the end
     eval_timesteps: list[int] = field(default_factory=lambda: [100, 500, 900])
     eval_max_batches: int = 4  # test-split batches per evaluation
     eval_sample_steps: int = 4  # DDIM steps of the sample video at evaluation (0 = no video)
+    eval_num_cpus: float = 0.5  # the checkpoint evaluation task (Ray Train validation), beside the workers
+    eval_num_gpus: float = 1.0  # GPUs of the evaluation task when use_gpu
+    eval_videos: int = 0  # > 0: also the evaluation job's metrics on this many test videos (evaluate_package)
     max_failures: int = 1  # Ray Train FailureConfig: worker failures recovered from the last checkpoint
     storage_path: str = "work/ray_results"  # relative paths are under the project root
     # --- fault injection (tests / drills only), once per job: before step ``fault_at_step`` rank
-    # ``fault_rank`` exits ("exit": a killed worker) or gets a NaN batch ("nan": the NaN guard) ---
+    # ``fault_rank`` exits ("exit": a killed worker), gets a NaN batch ("nan": the NaN guard) or
+    # loses its MLflow server for ``fault_steps`` steps ("mlflow_outage": a dead 127.0.0.1 port) ---
     fault_at_step: Optional[int] = None
     fault_rank: int = 1
-    fault_kind: Literal["exit", "nan"] = "exit"
+    fault_kind: Literal["exit", "nan", "mlflow_outage"] = "exit"
+    fault_steps: int = 1
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+@dataclass
+class EvaluationConfig:
+    """The evaluation job (``evaluate.py``, ``evaluation.*``; docs/EVALUATION.md): every video of a
+    split generated from one reference frame and its own audio, scored against the real frames.
+    Units: frames at 25 fps, seconds, pixels. Thresholds are on the mean over the split's videos;
+    ``None`` turns a threshold off. The alias moves only when every set threshold passes."""
+
+    split: str = "test"
+    max_videos: Optional[int] = None  # first N videos of the split (manifest order); None = all
+    max_seconds: Optional[float] = None  # audio (and frames) evaluated per video; None = the whole video
+    reference_frame: int = 0  # frame of each video whose stored latent is the reference
+    steps: Optional[int] = None  # DDIM steps; None = the package's sampler.steps
+    device: str = "auto"  # auto | cpu | cuda (inside each actor)
+    detector: Literal["dlib", "dlib_cnn", "dwpose"] = "dlib"  # landmarks of the metrics (dwpose: weights.dwpose_dir)
+    min_detect_side: int = 256  # frames are upscaled to at least this side before landmark detection
+    max_lag: int = 2  # frames: sync's lag search is -max_lag..max_lag
+    # --- Ray Data actors (one sampler each) ---
+    num_actors: int = 1
+    use_gpu: bool = False
+    gpus_per_actor: float = 1.0  # when use_gpu
+    cpus_per_actor: float = 1.0
+    # --- outputs ---
+    output_dir: str = "work/evaluation"  # JSON and side-by-side videos; relative paths under the project root
+    side_by_side_videos: int = 1  # real | generated mp4s (with audio) logged to MLflow
+    # --- optional learned metrics: only from weights given by path, never downloaded ---
+    syncnet_path: Optional[str] = None  # SyncNet (LSE-C / LSE-D); not implemented yet: recorded as skipped
+    fid_weights_path: Optional[str] = None  # Inception / I3D weights (FID / FVD); not implemented yet: skipped
+    # --- registry alias ---
+    alias: Optional[str] = "champion"  # None: never move an alias
+    min_sync: Optional[float] = 0.30
+    min_sync_margin: Optional[float] = 0.15  # sync - sync_control
+    min_face_found_ratio: Optional[float] = 0.90
+    min_psnr: Optional[float] = None  # dB
+    max_lmd: Optional[float] = None  # fraction of face width
 
 
 # --- serving -------------------------------------------------------------------------------------
 
 @dataclass
 class ServeConfig:
-    """The Ray Serve HTTP service (``serve.*``). Sizes in MB, durations in seconds."""
+    """The Ray Serve HTTP service (``serve.*``). Sizes in MB, durations in seconds.
 
-    host: str = "127.0.0.1"
+    No secret lives here: this section is dumped to MLflow params, to every model package's
+    ``platform.yaml`` and to the Serve app args. Client tokens come from the environment
+    (``LOOPY_SERVE_TOKENS_FILE``: a file of ``client_id token`` lines; ``LOOPY_SERVE_TOKENS``:
+    ``client_id:token,...``) or from the file named by ``tokens_file``; the job database URL of a
+    server with a password comes from ``LOOPY_SERVE_JOB_DB`` (see docs/SERVICE.md)."""
+
+    host: str = "127.0.0.1"  # any other address refuses to start without client tokens
     port: int = 8000
-    model: Optional[str] = None  # MLflow model URI (models:/loopy/1) or a local path
+    model: Optional[str] = None  # MLflow model URI (models:/loopy/1, models:/loopy@stage2) or a local path
     num_replicas: int = 1
     gpus_per_replica: float = 0.0
-    max_queue: int = 8
-    max_upload_mb: int = 20
+    max_queue: int = 8  # jobs queued or running at once; more answer 429
+    max_upload_mb: int = 20  # per uploaded file
     max_audio_s: float = 30.0
-    auth_token: Optional[str] = None
     job_dir: str = "work/serve_jobs"
     cpus_per_replica: float = 1.0  # CPUs reserved by each sampler worker replica
     job_ttl_s: float = 3600.0  # finished jobs (and their files) are removed after this many seconds
+    # --- auth and browsers ---
+    tokens_file: Optional[str] = None  # path of a `client_id token` file (the env variables win)
+    allowed_origins: list[str] = field(default_factory=list)  # browser origins besides the page's own
+    docs: bool = False  # serve /docs and /openapi.json
+    # --- request limits (ingress and HTTP proxy) ---
+    max_ongoing_requests: int = 32  # requests one ingress replica handles at once
+    max_queued_requests: int = 64  # requests waiting for the ingress; beyond it the proxy answers 503
+    request_timeout_s: float = 120.0  # Serve HTTP proxy: one request, end to end
+    body_timeout_s: float = 60.0  # reading one upload body (slow clients get 408)
+    max_frame_steps: int = 20000  # frames x DDIM steps one job may ask for (750 frames x 25 steps = 18750)
+    max_image_megapixels: float = 16.0  # JPEG / PNG / WebP header size checked before decoding
+    max_audio_channels: int = 2
+    max_audio_rate_hz: int = 96000
+    # --- deadlines ---
+    job_timeout_s: float = 900.0  # a running job fails after this and frees its worker
+    hang_grace_s: float = 30.0  # the worker's health check fails this long after a job's deadline
+    # --- job store ---
+    job_db: Optional[str] = None  # SQLAlchemy URL without password; None = sqlite file in job_dir
+    sweep_every_s: float = 30.0  # expired jobs and orphan folders are removed on this timer
+    max_disk_mb: int = 4096  # bytes under job_dir (inputs + videos); beyond it new jobs answer 503
+    max_attempts: int = 2  # a job interrupted by a restart or a lost worker is run at most this often
+    # --- model ---
+    model_poll_s: float = 30.0  # workers re-resolve a models:/name@alias URI this often (0: never)
+    # --- fault injection (tests / drills only): a job with this seed blocks its worker thread
+    # (not cooperatively cancellable) after its first clip, as a sampler stuck in native code ---
+    fault_hang_seed: Optional[int] = None
 
 
 # --- the platform config --------------------------------------------------------------------------
@@ -229,3 +338,4 @@ class PlatformConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)

@@ -50,7 +50,11 @@ import subprocess  # noqa: E402
 
 from pipelines.audio_decode import AudioDecodeError, audio_level_dbfs, decode_audio, is_silent  # noqa: E402
 from pipelines.audio_features import (  # noqa: E402
-    AudioFeatureExtractor, AudioLengthError, feature_positions, frame_count_for, frame_times,
+    AudioFeatureExtractor,
+    AudioLengthError,
+    feature_positions,
+    frame_count_for,
+    frame_times,
 )
 
 TONE_HZ = 440.0

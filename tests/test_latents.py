@@ -7,7 +7,6 @@ import torch
 
 from pipelines.latents import LatentCodec
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

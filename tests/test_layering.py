@@ -22,10 +22,10 @@ import pytest
 from core.paths import PROJECT_ROOT
 
 LAYERS = {"core": 1, "pipelines": 2, "models": 2, "inference": 3, "training": 4, "serve": 4}
-ENTRY_POINTS = {"train": 5, "demo": 5, "pipelines.ingest": 5}
-OWN_TOP = set(LAYERS) | {"train", "demo"}
+ENTRY_POINTS = {"train": 5, "demo": 5, "evaluate": 5, "pipelines.ingest": 5}
+OWN_TOP = set(LAYERS) | {"train", "demo", "evaluate"}
 CHECKED_DIRS = tuple(LAYERS)
-CHECKED_FILES = ("train.py", "demo.py")
+CHECKED_FILES = ("train.py", "demo.py", "evaluate.py")
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,15 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.motion_stats import (NOSE_TIP, UPPER_FACE, MotionStats, clip_motion_stats,
-                                    expression_var, head_motion_var, motion_stats_ratio)
+from pipelines.motion_stats import (
+    NOSE_TIP,
+    UPPER_FACE,
+    MotionStats,
+    clip_motion_stats,
+    expression_var,
+    head_motion_var,
+    motion_stats_ratio,
+)
 
 
 def test_layout_matches_paper_definition():
