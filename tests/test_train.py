@@ -8,38 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_setup import train_cfg, train_overrides
 
 import train
-from core.config import ConfigError, load_platform_config
+from core.config import ConfigError
 from training.stages import JobRecord, TrainSetupError, prepare_job, run_job
 from training.tracking import JobTracker, resolve_tracking_uri
-
-TINY_READER = ["reader.motion_frames=28", "reader.ref_min_distance=4", "reader.samples_per_video=4"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    from pipelines.synthetic import write_synthetic_ingest
-
-    out = tmp_path_factory.mktemp("ingest")
-    write_synthetic_ingest(out, num_frames=(60, 60, 60, 60), latent_shape=(4, 8, 8), audio_shape=(2, 32),
-                           splits=["train", "train", "train", "test"], content="random")
-    return out
-
-
-def _overrides(root: Path, tiny_dir: str, *extra: str) -> list[str]:
-    return [f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.artifact_root={root}/mlruns",
-            f"train.storage_path={root}/ray", f"weights.tiny_dir={tiny_dir}", *TINY_READER, *extra]
-
-
-def _cfg(root: Path, tiny_weights, *extra: str):
-    return load_platform_config(None, _overrides(root, tiny_weights[0].tiny_dir, *extra))
-
 
 # --- checks before any worker starts -------------------------------------------------------------
 
 def test_setup_errors_are_reported_before_training(tmp_path, data_dir, tiny_weights, capsys):
-    cfg = _cfg(tmp_path, tiny_weights)
+    cfg = train_cfg(tmp_path, tiny_weights)
     with pytest.raises(TrainSetupError, match="no such directory"):
         prepare_job(cfg, tmp_path / "missing", [1])
     (tmp_path / "not_ingest").mkdir()
@@ -50,14 +29,14 @@ def test_setup_errors_are_reported_before_training(tmp_path, data_dir, tiny_weig
     with pytest.raises(TrainSetupError, match="does not exist"):
         prepare_job(cfg, data_dir, [2], init_from=str(tmp_path / "no_package"))
     with pytest.raises(TrainSetupError, match="less than one batch"):
-        prepare_job(_cfg(tmp_path, tiny_weights, "train.batch_size=64"), data_dir, [1])
+        prepare_job(train_cfg(tmp_path, tiny_weights, "train.batch_size=64"), data_dir, [1])
     with pytest.raises(TrainSetupError, match="train.max_steps"):
-        prepare_job(_cfg(tmp_path, tiny_weights, "train.max_steps=0"), data_dir, [1])
+        prepare_job(train_cfg(tmp_path, tiny_weights, "train.max_steps=0"), data_dir, [1])
     with pytest.raises(ConfigError, match="train.no_such_key"):
-        _cfg(tmp_path, tiny_weights, "train.no_such_key=1")
+        train_cfg(tmp_path, tiny_weights, "train.no_such_key=1")
     # the CLI: one clear line, exit code 2, nothing started
     rc = train.main(["--data", str(tmp_path / "missing"), "--stage", "1",
-                     *_overrides(tmp_path, tiny_weights[0].tiny_dir)])
+                     *train_overrides(tmp_path, tiny_weights[0].tiny_dir)])
     assert rc == 2 and "no such directory" in capsys.readouterr().err
     assert not (tmp_path / "ray").exists() or not any((tmp_path / "ray").iterdir())
 
@@ -79,7 +58,7 @@ def test_nan_guard_stops_with_step_and_provenance(tmp_path, data_dir, tiny_weigh
     from models.loopy import LoopyModel
     from training.step import NonFiniteLossError, make_noise_scheduler, train_step
 
-    cfg = _cfg(tmp_path, tiny_weights)
+    cfg = train_cfg(tmp_path, tiny_weights)
     model = LoopyModel.from_sd15(tiny_weights[1].unet, cfg.model, cfg.reader, stage=1)
     opt = torch.optim.AdamW(list(model.trainable_parameters()), lr=1e-3)
     sched = get_scheduler("constant", opt)
@@ -102,7 +81,7 @@ def test_one_timestep_per_clip(tmp_path, data_dir, tiny_weights):
     """Every frame of a clip is noised at the clip's timestep (seed defect 17)."""
     from training.step import make_noise_scheduler
 
-    cfg = _cfg(tmp_path, tiny_weights)
+    cfg = train_cfg(tmp_path, tiny_weights)
     noise_scheduler = make_noise_scheduler(cfg.train)
     latents = torch.randn(3, 5, 4, 8, 8)
     noise = torch.randn_like(latents)
@@ -120,7 +99,7 @@ def two_stage_job(tmp_path_factory, data_dir, tiny_weights, ray_local):
     """Both stages, 2 workers, the reader's Ray Dataset; rank 1 is killed before stage-1 step 2
     and recovered by FailureConfig(max_failures=1) from the step-1 checkpoint."""
     root = tmp_path_factory.mktemp("two_stage")
-    cfg = _cfg(root, tiny_weights, "train.num_workers=2", "train.max_steps=3", "train.checkpoint_every=1",
+    cfg = train_cfg(root, tiny_weights, "train.num_workers=2", "train.max_steps=3", "train.checkpoint_every=1",
                "train.eval_every=0", "train.eval_sample_steps=2", "train.data_loader=ray_data",
                "train.fault_at_step=2", "train.fault_rank=1", "train.max_failures=1", "train.warmup_steps=1",
                "train.lr=0.001")
@@ -206,9 +185,9 @@ def test_nan_stop_then_resume_matches_uninterrupted(tmp_path, data_dir, tiny_wei
     common = [f"train.num_workers={workers}", "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=0",
               f"train.data_loader={loader}", "train.warmup_steps=1", "train.lr=0.001", "train.max_failures=0",
               "train.eval_max_batches=1", "train.ema_decay=0.9", "train.block_rows=2"]
-    cfg = _cfg(tmp_path, tiny_weights, *common)
+    cfg = train_cfg(tmp_path, tiny_weights, *common)
     full = run_job(prepare_job(cfg, data_dir, [1], job_name="full"))
-    cut_cfg = _cfg(tmp_path, tiny_weights, *common, "train.fault_at_step=3", f"train.fault_rank={workers - 1}",
+    cut_cfg = train_cfg(tmp_path, tiny_weights, *common, "train.fault_at_step=3", f"train.fault_rank={workers - 1}",
                    "train.fault_kind=nan")
     cut_prep = prepare_job(cut_cfg, data_dir, [1], job_name="cut")
     with pytest.raises(TrainingStoppedError, match=r"step 3.*video_index"):

@@ -18,32 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from train_setup import train_cfg, train_overrides
 
-from core.config import load_platform_config
 from training.stages import JobRecord, StageRecord, prepare_job, run_job
 from training.tracking import JobTracker
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_READER = ["reader.motion_frames=28", "reader.ref_min_distance=4", "reader.samples_per_video=4"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    from pipelines.synthetic import write_synthetic_ingest
-
-    out = tmp_path_factory.mktemp("ingest")
-    write_synthetic_ingest(out, num_frames=(60, 60, 60, 60), latent_shape=(4, 8, 8), audio_shape=(2, 32),
-                           splits=["train", "train", "train", "test"], content="random")
-    return out
-
-
-def _overrides(root: Path, tiny_dir: str, *extra: str) -> list[str]:
-    return [f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.artifact_root={root}/mlruns",
-            f"train.storage_path={root}/ray", f"weights.tiny_dir={tiny_dir}", *TINY_READER, *extra]
-
-
-def _cfg(root: Path, tiny_weights, *extra: str):
-    return load_platform_config(None, _overrides(root, tiny_weights[0].tiny_dir, *extra))
 
 
 # --- fp32 master weights (issue 12) ----------------------------------------------------------------
@@ -66,7 +48,7 @@ def test_sd15_precision_step_moves_a_pretrained_weight(tmp_path, data_dir, tiny_
     assert dtype == "bfloat16" and lr == 1e-5  # the production setting this test is about
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = [f"train.mixed_precision={precision}", "train.use_gpu=true"] if device.type == "cuda" else []
-    cfg = _cfg(tmp_path, tiny_weights, f"model.dtype={dtype}", f"train.lr={lr:.1e}", "train.warmup_steps=0", *gpu)
+    cfg = train_cfg(tmp_path, tiny_weights, f"model.dtype={dtype}", f"train.lr={lr:.1e}", "train.warmup_steps=0", *gpu)
     model = build_model(StageJob(cfg=cfg, stage=1, data_dir=str(data_dir), steps_per_epoch=1), device)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     weight = model.denoise_unet.conv_in.weight
@@ -218,7 +200,7 @@ def test_job_record_write_is_atomic(tmp_path):
 def test_dataset_logged_as_training_input(tmp_path, data_dir, tiny_weights):
     import shutil
 
-    cfg = _cfg(tmp_path, tiny_weights)
+    cfg = train_cfg(tmp_path, tiny_weights)
     tracker = JobTracker(cfg.tracking)
     run = tracker.client.create_run(tracker.experiment_id)
     plain = tracker.log_dataset_input(run.info.run_id, data_dir)
@@ -286,7 +268,7 @@ def test_runs_end_killed_or_failed(tmp_path, data_dir, tiny_weights, monkeypatch
 
     monkeypatch.setattr(stages, "write_model_package", disk_full)
     monkeypatch.setattr(stages, "init_ray", lambda cfg: None)  # fit() is the stand-in: no Ray needed
-    cfg = _cfg(tmp_path, tiny_weights, "train.num_workers=1", "train.data_loader=torch")
+    cfg = train_cfg(tmp_path, tiny_weights, "train.num_workers=1", "train.data_loader=torch")
     prep = prepare_job(cfg, data_dir, [1], job_name=f"fake-{behaviour}")
     with pytest.raises((KeyboardInterrupt, OSError)):
         run_job(prep)
@@ -320,7 +302,7 @@ def test_sigterm_marks_runs_killed(tmp_path, data_dir, tiny_weights):
     """``train.py`` gets SIGTERM while training: exit code 143, stage and parent runs KILLED."""
     flag = tmp_path / "fitting"
     args = ["--data", str(data_dir), "--stage", "1", "--job-name", "sigterm",
-            *_overrides(tmp_path, tiny_weights[0].tiny_dir, "train.num_workers=1", "train.data_loader=torch")]
+            *train_overrides(tmp_path, tiny_weights[0].tiny_dir, "train.num_workers=1", "train.data_loader=torch")]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, str(flag), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -336,7 +318,7 @@ def test_sigterm_marks_runs_killed(tmp_path, data_dir, tiny_weights):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    cfg = _cfg(tmp_path, tiny_weights)
+    cfg = train_cfg(tmp_path, tiny_weights)
     client = JobTracker(cfg.tracking).client
     record = JobRecord.load(Path(cfg.train.storage_path) / "sigterm")
     assert client.get_run(record.stages["1"].run_id).info.status == "KILLED"
@@ -351,7 +333,7 @@ def test_mlflow_outage_does_not_stop_training(tmp_path, data_dir, tiny_weights, 
     finishes, the package is registered, and the metrics queued during the outage arrive once
     the server is back (the async logger retried them). Also: the stage run has the training
     data as its input."""
-    cfg = _cfg(tmp_path, tiny_weights, "train.num_workers=1", "train.max_steps=5", "train.checkpoint_every=5",
+    cfg = train_cfg(tmp_path, tiny_weights, "train.num_workers=1", "train.max_steps=5", "train.checkpoint_every=5",
                "train.eval_every=0", "train.eval_sample_steps=0", "train.eval_max_batches=1",
                "train.data_loader=torch", "train.max_failures=0", "train.fault_kind=mlflow_outage",
                "train.fault_at_step=2", "train.fault_steps=2", "train.fault_rank=0",
