@@ -49,7 +49,7 @@ $(STAMP): pyproject.toml | sysdeps
 
 test: install sysdeps browser
 	@mkdir -p $(RAY_TMPDIR)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: install sysdeps
 	$(PY) -m pytest -q -m "not slow" tests

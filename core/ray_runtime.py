@@ -1,11 +1,53 @@
 """Starting or joining Ray with the same code on a laptop and on a cluster."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 from core.paths import PROJECT_ROOT
 from core.sections import RayConfig
+
+# Ray keeps Unix sockets under a node's temp dir; the longest on Ray 2.5x is
+# <temp>/session_<date>_<time>_<usec>_<pid>/sockets/dash_TaskEventsHead, 71 bytes after <temp> with a
+# 7-digit pid, and Linux caps an AF_UNIX path at 107 bytes. A dashboard module whose socket path is
+# longer dies at start ("Module MetricsHead failed to start"), so a deep checkout needs a short alias.
+SOCKET_PATH_MAX = 107
+RAY_SOCKET_SUFFIX = 74  # the 71 bytes above, plus room for a longer module name
+
+
+class RayTempDirError(RuntimeError):
+    """No short alias could be made for a temp dir whose Ray socket paths would be too long."""
+
+
+def socket_safe_temp_dir(path: Path, reserve: int = 0) -> Path:
+    """``path`` itself when Ray's socket paths under it (plus ``reserve`` bytes of sub-folders the
+    caller adds) fit in an AF_UNIX address; otherwise a short symlink to it in /tmp, named after a
+    hash of ``path`` (the files stay in ``path``; the same path always gets the same alias)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if len(os.fsencode(str(path))) + reserve + RAY_SOCKET_SUFFIX <= SOCKET_PATH_MAX:
+        return path
+    real = path.resolve()
+    digest = hashlib.sha1(os.fsencode(str(real))).hexdigest()[:8]
+    link = Path("/tmp") / f"lr{os.getuid()}-{digest}"
+    if len(os.fsencode(str(link))) + reserve + RAY_SOCKET_SUFFIX > SOCKET_PATH_MAX:
+        raise RayTempDirError(f"Ray temp dir {path}: {reserve} bytes of sub-folders leave no room for Ray's "
+                              f"socket paths even under {link}")
+    if link.is_symlink() and link.resolve() == real:
+        return link
+    staged = link.with_name(f"{link.name}.{os.getpid()}")
+    try:
+        staged.unlink(missing_ok=True)
+        staged.symlink_to(real, target_is_directory=True)
+        os.replace(staged, link)  # atomic: a concurrent start sees the old link or the new one
+    except OSError as err:
+        raise RayTempDirError(f"Ray temp dir {path}: its socket paths would exceed {SOCKET_PATH_MAX} bytes "
+                              f"and no alias could be made at {link} ({err}); set RAY_TMPDIR to a "
+                              f"shorter folder") from err
+    if link.resolve() != real:
+        raise RayTempDirError(f"Ray temp dir alias {link} points elsewhere; set RAY_TMPDIR to a shorter folder")
+    return link
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -21,8 +63,7 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    tmp = Path(os.environ.get("RAY_TMPDIR") or PROJECT_ROOT / ".ray_tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = socket_safe_temp_dir(Path(os.environ.get("RAY_TMPDIR") or PROJECT_ROOT / ".ray_tmp"))
     os.environ["RAY_TMPDIR"] = str(tmp)
     kwargs = dict(
         num_cpus=cfg.num_cpus,

@@ -75,19 +75,25 @@ class _TinyDenoiser(torch.nn.Module):
         return self.conv(noisy_latents.flatten(0, 1) + ref_latent.repeat_interleave(f, 0)).unflatten(0, (b, f))
 
 
-def _nan_rank_worker(rank: int, world: int, port: int, out_dir: str, use_scaler: bool) -> None:
-    """One gloo rank: 3 steps of train_step on a DDP model; rank 1's step-2 batch is NaN."""
+def _nan_rank_worker(rank: int, world: int, out_dir: str, use_scaler: bool) -> None:
+    """One gloo rank: 3 steps of train_step on a DDP model; rank 1's step-2 batch is NaN.
+    The ranks meet through a file store (no port to race for) and talk over loopback only. A rank
+    still working after 240 s prints every thread's stack to its stderr and exits (its outcome file
+    is then missing: the test fails with the stacks in its output); teardown gets 30 s."""
     import datetime
+    import faulthandler
 
     from diffusers.optimization import get_scheduler
 
     from core.sections import TrainConfig
     from training.step import NonFiniteLossError, make_noise_scheduler, train_step
 
+    faulthandler.dump_traceback_later(240, exit=True)
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
-                                         timeout=datetime.timedelta(seconds=20))
+    if sys.platform.startswith("linux"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank,
+                                         world_size=world, timeout=datetime.timedelta(seconds=20))
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(_TinyDenoiser())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -109,6 +115,7 @@ def _nan_rank_worker(rank: int, world: int, port: int, out_dir: str, use_scaler:
     except Exception as exc:  # noqa: BLE001 - e.g. a gloo timeout: recorded for the assertion
         outcome.update(error=f"{type(exc).__name__}: {exc}")
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcome))
+    faulthandler.dump_traceback_later(30, exit=True)  # the outcome is out; teardown gets 30 s
     torch.distributed.destroy_process_group()
 
 
@@ -117,21 +124,25 @@ def test_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path, use_scaler):
     """Two gloo processes: rank 1's loss is NaN at step 2. Both ranks raise NonFiniteLossError at
     step 2 (agreed flag), with fp16's GradScaler too: none goes on into step 3's all-reduce (where
     it would wait for the stopped rank until gloo's 20 s timeout: recorded as an error)."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(_nan_rank_worker, args=(2, port, str(tmp_path), use_scaler), nprocs=2,
+    ctx = mp.start_processes(_nan_rank_worker, args=(2, str(tmp_path), use_scaler), nprocs=2,
                              join=False, start_method="spawn")
-    deadline = time.monotonic() + 600  # a guard only: a rank left waiting errors after gloo's 20 s
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the ranks did not stop within 600 s")
+    outcome_files = [tmp_path / f"rank{r}.json" for r in (0, 1)]
+    # A guard only: a rank left waiting in a collective errors after gloo's 20 s, and the workers'
+    # own 240 s faulthandler deadline ends a stuck rank with its stacks on stderr.
+    deadline = time.monotonic() + 300
+    exited = False
+    while not exited and time.monotonic() < deadline:
+        try:
+            exited = ctx.join(timeout=1)
+        except mp.ProcessExitedException:  # a faulthandler deadline: judged by the outcome files
+            break
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+    missing = [f.name for f in outcome_files if not f.is_file()]
+    assert not missing, f"no outcome from {missing} within 300 s (see the ranks' stderr for their stacks)"
     outcomes = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
     for r, o in outcomes.items():
         assert o.get("stopped_at") == 2 and o["steps_done"] == 1, (r, o)
