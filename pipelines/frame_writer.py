@@ -14,7 +14,6 @@ Workers and driver share the output directory (a local disk, or a shared volume 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.atomic_files import atomic_path
 from pipelines.errors import PipelineError
 from pipelines.schema import FRAMES_DIR, FrameFileWriter, frame_schema, frames_path
 
@@ -131,9 +131,8 @@ def write_chunk_part(out_dir: Path, row: dict, write_jpeg: bool) -> dict:
     schema = frame_schema(lat, aud, write_jpeg)
     path = part_path(out_dir, row["video_id"], row["chunk_index"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(chunk_table(row, schema), tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(chunk_table(row, schema), tmp, compression="zstd")
     return small_row(row, latent_shape=json.dumps(lat), audio_shape=json.dumps(aud))
 
 

@@ -44,13 +44,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
+from core.atomic_files import write_json_atomic
 from core.config import ConfigError, add_config_arguments, flatten, load_platform_config
 from core.paths import resolve_tracking_uri
 from pipelines.errors import PipelineError
 from pipelines.ingest_job import IngestSummary, PreparedIngest, prepare_ingest, run_ingest, run_prepared
 from pipelines.ingest_meta import ModelConfigError
 from pipelines.manifest import IngestInputError
-from pipelines.resume import FINGERPRINT_NAME, IngestOutputError, write_json_atomic
+from pipelines.resume import FINGERPRINT_NAME, IngestOutputError
 from pipelines.schema import MANIFEST_NAME, META_NAME
 from training.tracking import JOB_TAG, RunLogger, ensure_experiment
 

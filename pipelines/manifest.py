@@ -7,7 +7,6 @@ The per-video records a running job keeps for resuming (``DIR/records/``) are
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Iterable, Literal, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.atomic_files import atomic_path
 from pipelines.errors import PipelineError
 from pipelines.schema import MANIFEST_NAME, MANIFEST_SCHEMA
 
@@ -187,7 +187,6 @@ def write_manifest(out_dir: str | Path, rows: Iterable[dict]) -> Path:
             r["reason_key"] = reason_key(r["reason"], r["source"])
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     path = Path(out_dir) / MANIFEST_NAME
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path

@@ -40,6 +40,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
+from core.atomic_files import write_json_atomic
 from core.paths import resolve_tracking_uri
 from core.weights import resolve_weights
 from models.loopy import LoopyModel
@@ -167,9 +168,7 @@ def _report_nan(job: StageJob, rank: int, err: NonFiniteLossError, logger: Optio
               "offending": err.what.startswith("loss (")}
     path = Path(job.work_dir) / f"{NAN_STOP_PREFIX}{rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, report, indent=2)
     if logger is not None:
         logger.log_artifact(path)
         tags = {"loopy.nan_stop": err.step}

@@ -25,13 +25,13 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from core.atomic_files import write_text_atomic
 from core.config import PlatformConfig
 from core.paths import project_path, resolve_tracking_uri
 from core.ray_runtime import init_ray
@@ -55,21 +55,6 @@ log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
 LATEST_FILE = "latest_job"
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder + ``os.replace``: a
-    reader sees the old or the new content, never a torn file (crash, full disk)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def run_status(exc: BaseException) -> str:
@@ -104,7 +89,7 @@ class JobRecord:
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / JOB_FILE, json.dumps(dataclasses.asdict(self), indent=2))
+        write_text_atomic(folder / JOB_FILE, json.dumps(dataclasses.asdict(self), indent=2))
 
     @classmethod
     def load(cls, folder: Path) -> "JobRecord":
@@ -418,7 +403,7 @@ def run_job(prep: PreparedJob) -> JobRecord:
     parent = tracker.start_job(prep.record.name, prep.cfg, parent_run_id=prep.record.parent_run_id)
     prep.record.parent_run_id = parent.run_id
     prep.record.save(prep.job_dir)
-    write_atomic(prep.job_dir.parent / LATEST_FILE, prep.record.name)
+    write_text_atomic(prep.job_dir.parent / LATEST_FILE, prep.record.name)
     parent.set_tags({"loopy.stages": ",".join(map(str, prep.stages)), "loopy.data": str(prep.data_dir)})
     init_ray(prep.cfg.ray)
     try:
