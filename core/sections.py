@@ -72,7 +72,7 @@ class IngestConfig:
     min_frames: int = 136  # 12 clip + 124 motion frames: shorter videos are rejected
     write_jpeg: bool = False  # also store the JPEG of each crop
     detector: Literal["dlib", "dlib_cnn", "dwpose"] = "dlib"  # dlib = HOG (benchmarks/bench_detectors.py)
-    detect_max_side: int = 480  # single-image inference: frames downscaled to this longest side for detection
+    detect_max_side: int = 480  # make_detector's detect(): frames downscaled to this longest side (metrics, VAE fit)
     # ingest detection scale (pipelines/face_detect.py search_face_scale / pass_scale): a search on
     # a few sampled frames finds the face size, the whole pass shows it at detect_face_px
     detect_face_px: float = 100.0  # face box width in the detection image (px)
@@ -90,7 +90,7 @@ class IngestConfig:
     max_head_motion: float = 0.5  # std of the face centre over the video, in face widths
     max_audio_video_offset_s: float = 0.5
     test_fraction: float = 0.1  # deterministic split by hash of video_id
-    num_decode_workers: Optional[int] = None  # None = Ray decides
+    num_decode_workers: Optional[int] = None  # decode + crop actor pool size; None = Ray Data scales it
     model_batch_size: int = 16  # frames per VAE call
     use_gpu: bool = False  # put the VAE / wav2vec2 actors on GPUs
     # ingest job (pipelines/ingest.py): splits, resume, Ray Data stage sizes
@@ -112,14 +112,17 @@ class IngestConfig:
     max_duration_s: float = 1800.0  # longer videos are refused (stage "limits")
     max_pixels: int = 3840 * 2160  # coded width x height from the stream header
     min_source_frames_ratio: float = 0.3  # distinct source frames / output frames (below: frozen/sparse)
-    # per-video deadline of the analysis (probe, detection pass, audio) in a watched child process:
-    # base + per_s x duration; past it the child is killed and the video rejected (stage "timeout")
+    # per-video deadline of the analysis (probe, detection pass, audio) and, separately, of the
+    # full-resolution decode + crop, each in a watched child process: base + per_s x duration; past
+    # it the child is killed and the video rejected (stage "timeout")
     deadline_base_s: float = 120.0
     deadline_per_s: float = 4.0  # seconds of work allowed per second of video
     # fault injection (tests / drills only): the analysis of a file whose name contains
-    # ``fault_hang_match`` hangs (a hung decoder); the actor analysing ``fault_kill_match`` is killed
+    # ``fault_hang_match`` hangs (a hung decoder); the actor analysing ``fault_kill_match`` is killed;
+    # the full-resolution decode of ``fault_decode_hang_match`` hangs after its first chunk
     fault_hang_match: Optional[str] = None
     fault_kill_match: Optional[str] = None
+    fault_decode_hang_match: Optional[str] = None
 
 
 @dataclass

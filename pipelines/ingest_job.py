@@ -17,9 +17,10 @@ Pipeline (Ray Data, streaming; each video is its own input block):
    video, crop track, quality filters;
 3. ``map_batches(AudioFeatureStage)`` actor pool (``ingest.num_audio_actors``): wav2vec2
    features of every layer, one vector per 25 fps frame;
-4. ``flat_map(decode_and_crop)`` CPU tasks: full-resolution streaming decode in
-   ``ingest.chunk_frames`` chunks (timestamps and geometry from the probe), face-centred crops ->
-   one row per chunk;
+4. ``flat_map(DecodeStage)`` actor pool (``ingest.num_decode_workers``): full-resolution
+   streaming decode in ``ingest.chunk_frames`` chunks (timestamps and geometry from the probe),
+   face-centred crops -> one row per chunk; in a watched child process per actor with the same
+   per-video deadline as the analysis (past it: stage ``timeout``);
 5. ``map_batches(VaeStage)`` actor pool (``ingest.num_vae_actors``, GPUs when ``ingest.use_gpu``):
    VAE latents (fp16), crop pixels dropped;
 6. ``map_batches(write_chunk_parts)`` tasks: each chunk written by the worker as a part file
@@ -52,7 +53,7 @@ from core.weights import WeightPaths, resolve_weights
 from pipelines.frame_writer import FrameWriteError, PartsTracker, assemble_frame_file, write_chunk_parts
 from pipelines.ingest_meta import read_model_facts, write_ingest_meta
 from pipelines.ingest_model_stages import AudioFeatureStage, VaeStage
-from pipelines.ingest_stages import STAGE_TIMES_KEY, AnalyzerStage, decode_and_crop
+from pipelines.ingest_stages import STAGE_TIMES_KEY, AnalyzerStage, DecodeStage
 from pipelines.manifest import InputVideo, duplicate_row, manifest_row, plan_inputs, write_manifest
 from pipelines.resume import (
     RecordStore,
@@ -105,7 +106,7 @@ def build_dataset(rows: list[dict], cfg: PlatformConfig, vae: str, wav2vec2: str
     """The Ray Data pipeline over ``rows`` = [{video_id, path}] (one block per video); its rows
     are the small rows of ``pipelines/frame_writer.py`` (``SMALL_COLUMNS``)."""
     import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+    from ray.data import ActorPoolStrategy
 
     ing = cfg.ingest
     device = "cuda" if ing.use_gpu else "cpu"
@@ -116,8 +117,9 @@ def build_dataset(rows: list[dict], cfg: PlatformConfig, vae: str, wav2vec2: str
     actor_args = {"max_task_retries": ing.max_task_retries, "max_restarts": -1}
     gpus = {"num_gpus": ing.model_num_gpus} if ing.use_gpu else {}
 
-    def pool(size: int, in_flight: Optional[int] = None) -> ActorPoolStrategy:
-        return ActorPoolStrategy(min_size=1, max_size=max(1, size), max_tasks_in_flight_per_actor=in_flight)
+    def pool(size: Optional[int], in_flight: Optional[int] = None, unbounded: bool = False) -> ActorPoolStrategy:
+        return ActorPoolStrategy(min_size=1, max_size=None if unbounded else max(1, size or 1),
+                                 max_tasks_in_flight_per_actor=in_flight)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
@@ -132,9 +134,11 @@ def build_dataset(rows: list[dict], cfg: PlatformConfig, vae: str, wav2vec2: str
                                                    "device": device, "fps": ing.fps},
                             compute=pool(ing.num_audio_actors), num_cpus=ing.stage_num_cpus, **gpus,
                             **actor_args)
-        ds = ds.flat_map(decode_and_crop, fn_kwargs={"cfg": ing}, num_cpus=ing.stage_num_cpus,
-                         compute=TaskPoolStrategy(size=ing.num_decode_workers),
-                         max_retries=ing.max_task_retries)
+        ds = ds.flat_map(DecodeStage, fn_constructor_kwargs={"cfg": ing},
+                         # one video at a time per actor, as for the analysis; None: Ray Data scales
+                         # the pool to what the cluster has
+                         compute=pool(ing.num_decode_workers, in_flight=1, unbounded=ing.num_decode_workers is None),
+                         num_cpus=ing.stage_num_cpus, **actor_args)
         ds = ds.map_batches(VaeStage, batch_size=1,
                             fn_constructor_kwargs={"location": vae, "local_files_only": local_files_only,
                                                    "device": device, "batch_size": ing.model_batch_size,

@@ -15,7 +15,7 @@ Row kinds flowing through the pipeline (one Ray Data row each):
   does not probe the file again: ``stream_pts_s`` f64 [n_src] (presentation time of every source
   frame, seconds from the first) and ``info["decode_source"]`` (:data:`DECODE_SOURCE_KEY`);
 * after ``AudioFeatureStage`` (:mod:`pipelines.ingest_model_stages`): ``samples`` replaced by ``features`` f16 [N, L, D];
-* after :func:`decode_and_crop` (many rows per video): ``chunk`` rows (``chunk_index``,
+* after :class:`DecodeStage` (many rows per video): ``chunk`` rows (``chunk_index``,
   ``start_index``, ``crops`` u8 [n, S, S, 3] and the chunk's slices of every per-frame array),
   then one ``end`` row (``num_chunks``, ``num_frames``), or a ``reject`` row;
 * after ``VaeStage`` (:mod:`pipelines.ingest_model_stages`): ``crops`` replaced by ``latent`` f16 [n, 4, S/8, S/8] (and JPEGs when
@@ -27,7 +27,7 @@ of mixed kinds share one schema. ``info`` is a JSON string of the probe facts fo
 File opens per video (PyAV ``av.open`` / decord ``VideoReader``): :class:`VideoAnalyzer` opens
 it three times, once per pass that must read it: the probe (one demux pass: timestamps, stream
 start times, geometry incl. rotation), the low-resolution detection decode and the audio decode;
-:func:`decode_and_crop` opens it once (its decoder), taking timestamps and geometry from the row.
+:class:`DecodeStage` opens it once (its decoder), taking timestamps and geometry from the row.
 No file handle is held across Ray tasks.
 """
 from __future__ import annotations
@@ -540,68 +540,139 @@ def frames_per_chunk(cfg: IngestConfig, width: int, height: int) -> int:
     return int(max(1, min(cfg.chunk_frames, fit)))
 
 
-def decode_and_crop(row: dict, cfg: IngestConfig) -> Iterator[dict]:
-    """Ray Data ``flat_map`` UDF: stream the video at full resolution in chunks
-    (:func:`frames_per_chunk`), crop each frame with the planned track, and yield one ``chunk`` row
-    per chunk followed by one ``end`` row. A failure yields a ``reject`` row (earlier chunks of
-    the video are discarded by the writer). The resample plan and the geometry come from the
-    analyzer's probe (``stream_pts_s``, ``info["decode_source"]``): the file is opened once, by
-    the decoder. Memory: one chunk of source frames at a time."""
-    empty_crops = np.zeros((0, 1, 1, 3), np.uint8)
-    if row["kind"] != "video":  # reject / failed rows pass on as they are
-        yield chunk_row(row, row["kind"], stage=row["stage"], reason=row["reason"], crops=empty_crops)
-        return
-    path, n_total = str(row["path"]), int(row["num_frames"])
-    info = json.loads(row["info"])
-    boxes, lms, found = row["boxes"], row["landmarks"], row["found"]
-    feats = row["features"]
-    written = 0
-    chunk_index = 0
-    t_decode = t_crop = 0.0
-    try:
-        chunk_frames = frames_per_chunk(cfg, int(info["width"]), int(info["height"]))
-        stamps, geometry = decode_source_of(row["stream_pts_s"], info[DECODE_SOURCE_KEY])
+class ChunkCropper:
+    """The full-resolution decode + crop of one video at a time, in :class:`DecodeStage`'s child
+    process. :meth:`open` plans the decode from the analyzer's probe facts (the file is opened
+    once, by the decoder); each :meth:`next_chunk` decodes and crops the next chunk."""
+
+    def __init__(self, cfg: IngestConfig):
+        self.cfg = cfg
+        self._chunks: Optional[Iterator[dict]] = None
+        self._path = ""
+        self._served = 0  # chunks of the open video returned so far
+
+    def open(self, path: str, n_total: int, width: int, height: int, stream_pts_s: np.ndarray,
+             decode_source: dict, boxes: np.ndarray) -> None:
+        """``boxes`` f32 [n_total, 4]: the crop track (source pixels) of every output frame."""
+        cfg = self.cfg
+        chunk_frames = frames_per_chunk(cfg, width, height)
+        stamps, geometry = decode_source_of(stream_pts_s, decode_source)
         plan = plan_from_timestamps(path, stamps, cfg.fps)
+        self._path, self._served = path, 0
+        self._chunks = self._crops(path, n_total, chunk_frames, plan, geometry, np.asarray(boxes, np.float32))
+
+    def _crops(self, path: str, n_total: int, chunk_frames: int, plan: ResamplePlan, geometry: FrameGeometry,
+               boxes: np.ndarray) -> Iterator[dict]:
+        written = 0
         t0 = time.perf_counter()
-        for chunk in iter_frames(path, fps=cfg.fps, chunk_frames=chunk_frames, backend=cfg.decode_backend,
+        for chunk in iter_frames(path, fps=self.cfg.fps, chunk_frames=chunk_frames, backend=self.cfg.decode_backend,
                                  plan=plan, geometry=geometry):
             t1 = time.perf_counter()
-            t_decode += t1 - t0
             start = int(chunk.start_index)
             if start != written:
                 raise RuntimeError(f"{path}: decoder chunk starts at frame {start}, expected {written}")
             stop = min(start + len(chunk.frames), n_total)
             if stop <= start:
-                break
-            frames = chunk.frames[: stop - start]
-            crops = crop_frames(frames, boxes[start:stop], cfg.crop_size)
-            t0 = time.perf_counter()
-            t_crop += t0 - t1
-            yield chunk_row(
-                row, "chunk", chunk_index=chunk_index, start_index=start, num_frames=stop - start,
-                boxes=np.asarray(boxes[start:stop], np.float32),
-                landmarks=np.asarray(lms[start:stop], np.float32),
-                found=np.asarray(found[start:stop], bool),
-                time_s=np.arange(start, stop, dtype=np.float64) / cfg.fps,
-                source_time_s=np.asarray(chunk.source_times_s[: stop - start], np.float64),
-                features=np.asarray(feats[start:stop], np.float16),
-                crops=np.ascontiguousarray(crops, np.uint8),
-            )
+                return
+            crops = crop_frames(chunk.frames[: stop - start], boxes[start:stop], self.cfg.crop_size)
+            t2 = time.perf_counter()
+            yield {"start": start, "stop": stop, "crops": np.ascontiguousarray(crops, np.uint8),
+                   "source_times_s": np.asarray(chunk.source_times_s[: stop - start], np.float64),
+                   "decode_s": t1 - t0, "crop_s": t2 - t1}
             written = stop
-            chunk_index += 1
             if written >= n_total:
-                break
+                return
             t0 = time.perf_counter()
-    except Exception as exc:  # noqa: BLE001
-        yield chunk_row(row, "reject", stage="decode", reason=f"decode: {error_text(path, exc)}")
-        return
-    if written != n_total:
-        yield chunk_row(row, "reject", stage="decode",
-                         reason=f"decode: {path}: full-resolution decode gave {written} frames, the "
-                                f"detection pass {n_total}")
-        return
-    info.setdefault(STAGE_TIMES_KEY, {}).update(decode_full=t_decode, crop=t_crop)
-    yield chunk_row(row, "end", num_frames=written, num_chunks=chunk_index, info=json.dumps(info))
+
+    def next_chunk(self) -> Optional[dict]:
+        """The next chunk: ``start``, ``stop`` (output frame indices), ``crops`` u8 [n, S, S, 3],
+        ``source_times_s`` f64 [n], ``decode_s`` / ``crop_s`` (seconds); None after the last."""
+        if self._chunks is None:
+            raise RuntimeError("next_chunk before open")
+        hang = self.cfg.fault_decode_hang_match
+        if hang and hang in Path(self._path).name and self._served >= 1:
+            time.sleep(24 * 3600)  # fault injection: a decoder that never returns, after one chunk
+        chunk = next(self._chunks, None)
+        self._served += 1
+        if chunk is None:
+            self._chunks = None
+        return chunk
+
+
+class DecodeStage:
+    """Ray Data ``flat_map`` UDF (actor pool) of the full-resolution decode and crop, with the same
+    per-video deadline as the analysis (``deadline_base_s + deadline_per_s x duration``, see
+    :class:`AnalyzerStage` and pipelines/watchdog.py for why a child process): :class:`ChunkCropper`
+    runs in a watched child of the actor. Yields one ``chunk`` row per chunk
+    (:func:`frames_per_chunk`) and then one ``end`` row; a video whose decode fails is a ``reject``
+    row at stage ``decode``, one past its deadline a ``reject`` at stage ``timeout`` (the child is
+    killed; a fresh one serves the next video), one whose child died (OOM killer) a ``failed`` row.
+    Chunks already passed on for a video that then fails are discarded by the writer. Memory: one
+    chunk of source frames at a time, in the child."""
+
+    def __init__(self, cfg: IngestConfig):
+        self.cfg = cfg
+        # started on the first video, outside its deadline (a job whose videos were all refused
+        # by the analysis never starts one)
+        self.worker = WatchedWorker("pipelines.ingest_stages:ChunkCropper", {"cfg": cfg})
+
+    def __call__(self, row: dict) -> Iterator[dict]:
+        if row["kind"] != "video":  # reject / failed rows pass on as they are
+            yield chunk_row(row, row["kind"], stage=row["stage"], reason=row["reason"])
+            return
+        cfg = self.cfg
+        path, n_total = str(row["path"]), int(row["num_frames"])
+        info = json.loads(row["info"])
+        budget = cfg.deadline_base_s + cfg.deadline_per_s * n_total / cfg.fps
+        deadline = time.monotonic() + budget
+        boxes, lms, found, feats = row["boxes"], row["landmarks"], row["found"], row["features"]
+        written = chunk_index = 0
+        t_decode = t_crop = 0.0
+        try:
+            if self.worker.proc is None or self.worker.proc.poll() is not None:
+                self.worker.start()  # after a timeout / death: outside the deadline
+                deadline = time.monotonic() + budget
+            self.worker.call("open", path, n_total, int(info["width"]), int(info["height"]), row["stream_pts_s"],
+                             info[DECODE_SOURCE_KEY], np.asarray(boxes, np.float32),
+                             deadline_s=max(0.0, deadline - time.monotonic()))
+            while written < n_total:
+                chunk = self.worker.call("next_chunk", deadline_s=max(0.0, deadline - time.monotonic()))
+                if chunk is None:
+                    break
+                start, stop = int(chunk["start"]), int(chunk["stop"])
+                t_decode += chunk["decode_s"]
+                t_crop += chunk["crop_s"]
+                yield chunk_row(
+                    row, "chunk", chunk_index=chunk_index, start_index=start, num_frames=stop - start,
+                    boxes=np.asarray(boxes[start:stop], np.float32),
+                    landmarks=np.asarray(lms[start:stop], np.float32),
+                    found=np.asarray(found[start:stop], bool),
+                    time_s=np.arange(start, stop, dtype=np.float64) / cfg.fps,
+                    source_time_s=chunk["source_times_s"],
+                    features=np.asarray(feats[start:stop], np.float16),
+                    crops=chunk["crops"],
+                )
+                written = stop
+                chunk_index += 1
+        except DeadlineExceeded:
+            yield chunk_row(row, "reject", stage="timeout",
+                            reason=f"timeout: {path}: full-resolution decode not finished within its deadline of "
+                                   f"{budget:.1f} s (deadline_base_s {cfg.deadline_base_s:g} + deadline_per_s "
+                                   f"{cfg.deadline_per_s:g} x duration): its process was killed")
+            return
+        except WorkerDied as exc:
+            yield chunk_row(row, "failed", stage="decode", reason=f"failed: decode: {path}: {exc}")
+            return
+        except RemoteError as exc:
+            yield chunk_row(row, "reject", stage="decode", reason=f"decode: {error_text(path, exc)}")
+            return
+        if written != n_total:
+            yield chunk_row(row, "reject", stage="decode",
+                            reason=f"decode: {path}: full-resolution decode gave {written} frames, the "
+                                   f"detection pass {n_total}")
+            return
+        info.setdefault(STAGE_TIMES_KEY, {}).update(decode_full=t_decode, crop=t_crop)
+        yield chunk_row(row, "end", num_frames=written, num_chunks=chunk_index, info=json.dumps(info))
 
 
 # --- stage 4: VAE latents --------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from typing import Optional
 
 import pyarrow.parquet as pq
 
+from core.atomic_files import write_json_atomic
 from core.sections import PlatformConfig
 from core.weights import WeightPaths
 from pipelines.errors import PipelineError
@@ -55,7 +56,7 @@ RUN_ONLY_FIELDS = frozenset({
     "chunk_frames", "num_decode_workers", "model_batch_size", "use_gpu", "retry_rejected",
     "num_detect_actors", "num_audio_actors", "num_vae_actors", "stage_num_cpus", "model_num_gpus",
     "max_task_retries", "max_chunk_mb", "deadline_base_s", "deadline_per_s", "fault_hang_match",
-    "fault_kill_match",
+    "fault_kill_match", "fault_decode_hang_match",
 })
 
 
@@ -120,13 +121,6 @@ def ingest_fingerprint(cfg: PlatformConfig, weights: WeightPaths) -> dict:
     return {"fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16], "settings": json.loads(blob)}
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """``path`` written as JSON through a temp file and a rename (never half-written)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def claim_output_dir(out: Path, fingerprint: dict) -> None:
     """Refuse ``out`` when its ``ingest_fingerprint.json`` differs from ``fingerprint`` (naming
     the settings that differ); write it when absent (atomically). Raises
@@ -147,7 +141,7 @@ def claim_output_dir(out: Path, fingerprint: dict) -> None:
             raise IngestOutputError(f"--output {out}: written with another configuration ({shown}{more}); "
                                     f"use a new output directory or the same settings")
         return
-    write_json_atomic(path, fingerprint)
+    write_json_atomic(path, fingerprint, indent=2, sort_keys=True)
 
 
 class RecordStore:
@@ -160,10 +154,7 @@ class RecordStore:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
-        path = self.dir / f"{record['video_id']}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        write_json_atomic(self.dir / f"{record['video_id']}.json", record)
 
     def remove(self, video_id: str) -> None:
         (self.dir / f"{video_id}.json").unlink(missing_ok=True)

@@ -7,6 +7,7 @@ checks them together on the embedded Ray.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -191,6 +192,63 @@ def test_a_killed_analysis_process_is_a_worker_death_not_a_bad_file(media):
     worker.close()
 
 
+def _analysed_row(cfg: IngestConfig, path: Path) -> dict:
+    """The analysis row of ``path`` (in this process) with zero audio features: the decode stage's input."""
+    from pipelines.ingest_stages import VideoAnalyzer
+
+    analyzer = VideoAnalyzer(cfg)
+    row = {"video_id": path.stem, "path": str(path)}
+    assert analyzer.begin(row)["kind"] == "probed"
+    out = analyzer.finish(row)
+    assert out["kind"] == "video", out["reason"]
+    out["features"] = np.zeros((int(out["num_frames"]), 1, 1), np.float16)
+    return out
+
+
+def test_a_hung_full_resolution_decode_is_killed_at_its_deadline_and_costs_only_that_video(media):
+    """The decode + crop stage runs in a watched child too: a decoder that hangs on one video is
+    rejected at stage ``timeout`` after ``deadline_base_s + deadline_per_s x duration``, and the
+    next video gets a fresh child and all its chunks."""
+    from pipelines.ingest_stages import DecodeStage
+
+    cfg = IngestConfig(deadline_base_s=3.0, deadline_per_s=0.0, chunk_frames=40)
+    good = _analysed_row(cfg, media["good"])
+    stage = DecodeStage(dataclasses.replace(cfg, fault_decode_hang_match=media["good"].name))
+    t0 = time.monotonic()
+    hung = list(stage(good))
+    waited = time.monotonic() - t0
+    assert [r["kind"] for r in hung[-1:]] == ["reject"] and hung[-1]["stage"] == "timeout", hung[-1]["reason"]
+    assert hung[-1]["reason"].startswith("timeout: ") and media["good"].name in hung[-1]["reason"]
+    assert 3.0 <= waited < 30.0
+    assert stage.worker.proc is None  # the hung child was killed
+    stage.cfg = cfg  # (the fault is read by the child; a fresh child without it)
+    stage.worker.kwargs = {"cfg": cfg}
+    rows = list(stage(good))
+    assert [r["kind"] for r in rows] == ["chunk"] * (len(rows) - 1) + ["end"]
+    n = int(good["num_frames"])
+    assert sum(int(r["num_frames"]) for r in rows[:-1]) == n == int(rows[-1]["num_frames"])
+    assert rows[0]["crops"].shape[1:] == (cfg.crop_size, cfg.crop_size, 3) and len(rows) - 1 == -(-n // 40)
+    assert stage.worker.starts == 2
+    stage.worker.close()
+
+
+def test_a_killed_decode_process_is_failed_not_rejected(media):
+    from pipelines.ingest_stages import DecodeStage
+
+    cfg = IngestConfig(fault_decode_hang_match=media["good"].name)
+    row = _analysed_row(IngestConfig(), media["good"])
+    stage = DecodeStage(cfg)
+    stage.worker.start()
+    pid = stage.worker.proc.pid
+    killer = threading.Timer(1.0, lambda: __import__("os").kill(pid, signal.SIGKILL))
+    killer.start()
+    out = list(stage(row))
+    killer.join()
+    assert out[-1]["kind"] == "failed" and out[-1]["reason"].startswith("failed: decode: "), out[-1]["reason"]
+    assert "SIGKILL" in out[-1]["reason"]
+    stage.worker.close()
+
+
 # --- fingerprint, content ids, duplicates, reasons (no Ray) ------------------------------------------
 
 
@@ -291,8 +349,8 @@ def fault_runs(ray_local, tiny_weights, media, tmp_path_factory) -> dict:
         wav.unlink()
     cfg = PlatformConfig()
     cfg.weights = tiny_weights[0]
-    cfg.ingest = IngestConfig(split_key="folder", test_fraction=0.5, num_detect_actors=2, deadline_base_s=30.0,
-                              deadline_per_s=8.0, fault_hang_match="hang_me", fault_kill_match="kill_me",
+    cfg.ingest = IngestConfig(split_key="folder", test_fraction=0.5, num_detect_actors=2, deadline_base_s=20.0,
+                              deadline_per_s=4.0, fault_hang_match="hang_me", fault_kill_match="kill_me",
                               max_task_retries=1)
     out = root / "out"
     first_msgs: list[str] = []

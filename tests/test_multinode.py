@@ -16,9 +16,9 @@ A client without the token is refused (HTTP 401). Everything listens on and talk
 only: the head's node address is 127.0.0.2 (``ray start`` rewrites 127.0.0.1 to the machine's
 network address, but keeps any other 127/8 address; Linux routes all of 127.0.0.0/8 to ``lo``),
 the second node finds its own address from the head's (127.0.0.1), the dashboard is bound to
-127.0.0.1, and every port is chosen free at run time. The temp dirs are a short folder under
-/tmp (Ray's Unix sockets live in them and a socket path must stay under 108 bytes, which pytest's
-tmp_path does not guarantee). Teardown kills exactly the processes this module started (the
+127.0.0.1, and every port is chosen free at run time. The temp dirs are a folder under RAY_TMPDIR,
+reached through a short /tmp alias when the path is long (Ray's Unix sockets live in them and a
+socket path must stay under 108 bytes: core.ray_runtime.socket_safe_temp_dir). Teardown kills exactly the processes this module started (the
 ``ray start --block`` process groups, then anything left whose command line names our temp dir,
 by pid); never ``ray stop``, which stops every Ray of the user on the machine (the suite's own
 embedded Ray included).
@@ -51,7 +51,7 @@ DASHBOARD_HOST = "127.0.0.1"
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
 START_TIMEOUT_S = 180  # per node; Ray itself gives a raylet 30 s to register, retried below
 JOB_TIMEOUT_S = 900
-STAGES = ("Analyzer", "AudioFeature", "Vae", "decode_and_crop")  # task names of the ingest stages
+STAGES = ("Analyzer", "AudioFeature", "Vae", "DecodeStage")  # task names of the ingest stages
 
 pytestmark = [
     pytest.mark.slow,
@@ -75,11 +75,16 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def short_temp_root() -> Path:
-    """A fresh folder whose paths are short enough for Ray's Unix sockets."""
-    base = os.environ.get("RAY_TMPDIR", "")
-    parent = base if base and len(base) <= 40 and os.path.isdir(base) else "/tmp"
-    return Path(tempfile.mkdtemp(prefix="mn-", dir=parent))
+def short_temp_root() -> tuple[Path, Path]:
+    """(the folder the cluster uses, the real folder to delete): a fresh folder under RAY_TMPDIR (the
+    work tree in ``make test``), through a short /tmp alias when Ray's socket paths under it and its
+    node sub-folders (``node2_N``) would be too long."""
+    from core.ray_runtime import socket_safe_temp_dir
+
+    base = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    real = Path(tempfile.mkdtemp(prefix="mn-", dir=base))
+    return socket_safe_temp_dir(real, reserve=len("/node2_99")), real
 
 
 @dataclass
@@ -226,7 +231,7 @@ def stop_processes_under(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    root = short_temp_root()
+    root, real_root = short_temp_root()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -259,7 +264,9 @@ def cluster():
         for node in c.nodes:
             node.kill()
         stop_processes_under(root)
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(real_root, ignore_errors=True)
+        if root != real_root:
+            root.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
