@@ -1,9 +1,13 @@
 """The portrait: an image of any size -> the square face crop the model was trained on.
 
 Exactly the ingest steps for one frame (same modules, same settings from the package's
-``platform.yaml``): the frame is scaled down to ``ingest.detect_max_side`` for detection with
-``pipelines.face_detect`` (``ingest.detector``), the landmarks are scaled back to source pixels,
-``pipelines.crop.plan_crop_track`` plans the crop box (``ingest.crop_margin``) and
+``platform.yaml``): the face size is searched coarse to fine
+(:func:`pipelines.face_detect.search_face_scale`, the ingest's ``detect_max_pixels`` /
+``detect_max_upscale`` budget), the image is detected at the scale that shows that face at
+``ingest.detect_face_px`` (:func:`pipelines.face_detect.pass_scale`), so a face of 5 % of a phone
+photo's width is found as well as one that fills the frame. The subject is the largest face; a
+second face at least ``ingest.similar_face_ratio`` x its width is an error (which person?), as in
+ingest. ``pipelines.crop.plan_crop_track`` plans the crop box (``ingest.crop_margin``) and
 ``pipelines.crop.crop_frames`` cuts and resizes it to ``ingest.crop_size``. The VAE encode of the
 crop is done by the sampler (same :class:`pipelines.latents.LatentCodec` as ingest).
 """
@@ -16,11 +20,15 @@ import numpy as np
 
 from inference.errors import BadInputError
 from pipelines.crop import crop_frames, plan_crop_track
-from pipelines.face_detect import make_detector
+from pipelines.face_detect import make_detector, max_detection_scale, pass_scale, search_face_scale
 
 
 class NoFaceError(BadInputError):
     """No face was found in the portrait image."""
+
+
+class SeveralFacesError(BadInputError):
+    """The portrait shows more than one face of similar size: which one should talk is unclear."""
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -50,31 +58,51 @@ def downscale(image: np.ndarray, max_side: Optional[int]) -> np.ndarray:
 class PortraitCropper:
     """Face detection + crop of one image with the ingest code and the ingest settings."""
 
-    def __init__(self, detector, crop_size: int, crop_margin: float, detect_max_side: Optional[int],
-                 fps: float = 25.0):
+    def __init__(self, detector, crop_size: int, crop_margin: float, fps: float = 25.0,
+                 detect_face_px: float = 100.0, detect_max_pixels: int = 3_200_000,
+                 detect_max_upscale: float = 2.0, similar_face_ratio: float = 0.7):
         self.detector = detector
         self.crop_size = int(crop_size)
         self.crop_margin = float(crop_margin)
-        self.detect_max_side = detect_max_side
         self.fps = fps
+        self.detect_face_px = float(detect_face_px)
+        self.detect_max_pixels = int(detect_max_pixels)
+        self.detect_max_upscale = float(detect_max_upscale)
+        self.similar_face_ratio = float(similar_face_ratio)
 
     @classmethod
     def from_config(cls, platform_cfg) -> "PortraitCropper":
         """Built from a :class:`core.config.PlatformConfig` (its ``ingest`` and ``weights`` sections)."""
         ic = platform_cfg.ingest
-        return cls(make_detector(ic.detector, platform_cfg.weights.dwpose_dir), ic.crop_size,
-                   ic.crop_margin, ic.detect_max_side, ic.fps)
+        return cls(make_detector(ic.detector, platform_cfg.weights.dwpose_dir), ic.crop_size, ic.crop_margin,
+                   ic.fps, ic.detect_face_px, ic.detect_max_pixels, ic.detect_max_upscale, ic.similar_face_ratio)
 
     def landmarks(self, image: np.ndarray) -> Optional[np.ndarray]:
-        """68 landmarks [68, 2] in source pixels of the image, or None when no face is found."""
+        """68 landmarks [68, 2] in source pixels of the subject's face, or None when no face is
+        found. Raises :class:`SeveralFacesError` when a second face is about as large."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"portrait must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
-        small = downscale(image, self.detect_max_side)
-        lm, found = self.detector.detect(small[None])
-        if not bool(np.asarray(found)[0]):
+        h, w = image.shape[:2]
+        display = (w, h)
+        cap = min(1.0, max_detection_scale(display, self.detect_max_pixels, self.detect_max_upscale))
+        frames = downscale(image, int(round(max(display) * cap)) if cap < 1.0 else None)[None]
+        search = search_face_scale(self.detector, frames, display, self.detect_max_pixels, self.detect_max_upscale,
+                                   self.similar_face_ratio)
+        if search.face_px is None:
             return None
-        sx, sy = image.shape[1] / small.shape[1], image.shape[0] / small.shape[0]
-        return np.asarray(lm, np.float32)[0] * np.array([sx, sy], np.float32)
+        scale = pass_scale(search, display, self.detect_face_px, self.detect_max_pixels, self.detect_max_upscale,
+                           min_face_px=self.detector.min_face_px)
+        to_display = w / frames.shape[2]  # detection frames -> source pixels
+        cands = self.detector.detect_candidates(frames, scale=scale * to_display)
+        if len(cands) == 0:
+            return None
+        widths = cands.boxes[:, 2] - cands.boxes[:, 0]
+        order = np.argsort(-widths)
+        if len(order) > 1 and widths[order[1]] >= self.similar_face_ratio * widths[order[0]]:
+            raise SeveralFacesError(f"the portrait shows {int(np.sum(widths >= self.similar_face_ratio * widths[order[0]]))} "
+                                    f"faces of similar size; send an image of one person")
+        back = np.array([w / frames.shape[2], h / frames.shape[1]], np.float32)
+        return np.asarray(cands.landmarks[order[0]], np.float32) * back
 
     def has_face(self, image: np.ndarray) -> bool:
         return self.landmarks(image) is not None

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import numpy as np
 
 from core.sections import SamplerConfig
+from inference.errors import BadInputError
 from serve.errors import UploadError
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -98,8 +99,13 @@ def read_png(data: bytes) -> np.ndarray:
 
 
 def check_face(image: np.ndarray, has_face: Callable[[np.ndarray], bool], field: str = "image") -> None:
-    """422 when the ingest face detector finds no face in ``image`` (uint8 [H, W, 3])."""
-    if not has_face(image):
+    """422 when the ingest face detector finds no face in ``image`` (uint8 [H, W, 3]), or several
+    faces of similar size (:class:`inference.portrait.SeveralFacesError`, a message with no path)."""
+    try:
+        found = has_face(image)
+    except BadInputError as exc:
+        raise UploadError(422, field, str(exc)) from None
+    if not found:
         raise UploadError(422, field, "no face found in the image (a frontal portrait is needed)")
 
 

@@ -328,3 +328,49 @@ def test_dlib_cnn_detector_finds_the_face():
     assert np.linalg.norm((lm.min(0) + lm.max(0)) / 2 - centre) < 0.15 * (box[2] - box[0])
     with pytest.raises(FaceDetectorError, match="unknown detector"):
         make_detector("yolo")
+
+
+# --- the portrait (serving): detection at the right scale, one subject ------------------------------
+
+
+@pytest.mark.parametrize("width,height,face_frac", [(1080, 1920, 0.08), (1920, 1080, 0.07), (400, 400, 0.7)],
+                         ids=["phone_portrait_small_face", "landscape_small_face", "face_fills_frame"])
+def test_portrait_face_is_found_at_any_scale_and_cropped_around_it(width, height, face_frac):
+    """A portrait photo whose face is 7-8 % of the short side (under dlib's window at 480 px, the
+    old fixed detection size) or most of the frame: found, and the crop is centred on the true face."""
+    from core.sections import IngestConfig
+    from inference.portrait import PortraitCropper
+    from pipelines.face_scenes import ScenePerson, SceneSpec, render_scene
+
+    spec = SceneSpec("p", width, height, (ScenePerson(0.4, 0.45, face_frac),), seconds=0.04)
+    frames, boxes = render_scene(spec, seed=1)
+    ic = IngestConfig()
+    cropper = PortraitCropper(DlibDetector(), ic.crop_size, ic.crop_margin, ic.fps, ic.detect_face_px,
+                              ic.detect_max_pixels, ic.detect_max_upscale, ic.similar_face_ratio)
+    lm = cropper.landmarks(frames[0])
+    assert lm is not None
+    true = boxes[0, 0]
+    centre = lm.min(0) / 2 + lm.max(0) / 2
+    true_w = float(true[2] - true[0])
+    assert np.linalg.norm(centre - (true[:2] + true[2:]) / 2) < 0.25 * true_w
+    assert 0.6 < float(np.ptp(lm[:, 0])) / true_w < 1.6
+    assert cropper.crop(frames[0]).shape == (ic.crop_size, ic.crop_size, 3)
+
+
+def test_portrait_with_two_similar_faces_is_refused_and_a_small_background_face_ignored():
+    from core.sections import IngestConfig
+    from inference.portrait import PortraitCropper, SeveralFacesError
+    from pipelines.face_scenes import ScenePerson, SceneSpec, render_scene
+
+    ic = IngestConfig()
+    cropper = PortraitCropper(DlibDetector(), ic.crop_size, ic.crop_margin, ic.fps, ic.detect_face_px,
+                              ic.detect_max_pixels, ic.detect_max_upscale, ic.similar_face_ratio)
+    two = SceneSpec("two", 1280, 720, (ScenePerson(0.28, 0.45, 0.25), ScenePerson(0.72, 0.45, 0.24)), seconds=0.04)
+    with pytest.raises(SeveralFacesError, match="2 faces of similar size"):
+        cropper.landmarks(render_scene(two, seed=2)[0][0])
+    poster = SceneSpec("poster", 1080, 1920, (ScenePerson(0.45, 0.42, 0.2), ScenePerson(0.8, 0.12, 0.09)),
+                       seconds=0.04)
+    frames, boxes = render_scene(poster, seed=3)
+    lm = cropper.landmarks(frames[0])
+    subject = boxes[0, 0]
+    assert subject[0] - 10 < float(lm[:, 0].mean()) < subject[2] + 10  # the subject, not the poster
