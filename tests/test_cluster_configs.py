@@ -689,3 +689,68 @@ def test_the_ray_apis_the_project_calls_exist():
     # the cluster's token: `ray get-auth-token --generate` (README, cluster/README.md)
     assert "get-auth-token" in cli.commands
     assert any("--generate" in p.opts for p in cli.commands["get-auth-token"].params)
+
+
+# --- who may reach the RayService's dashboard ---------------------------------------------------------
+
+def _pod_labels(template: dict) -> dict:
+    return template.get("metadata", {}).get("labels", {}) or {}
+
+
+def dashboard_exposure(objects: dict, service: str) -> list[str]:
+    """Problems with the NetworkPolicy guarding RayService ``service``: every Ray pod of it selected,
+    and port 8265 (the job API) reachable only from the service's own pods and the KubeRay operator."""
+    spec = ray_cluster_spec(objects[("RayService", service)])
+    templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
+    problems = []
+    policies = [o for (kind, _), o in objects.items() if kind == "NetworkPolicy"
+                and o["metadata"].get("namespace") == objects[("RayService", service)]["metadata"].get("namespace")]
+    guarding = []
+    for pol in policies:
+        want = pol["spec"].get("podSelector", {}).get("matchLabels", {})
+        if want and all(all(_pod_labels(t).get(k) == v for k, v in want.items()) for t in templates):
+            guarding.append(pol)
+    if not guarding:
+        return [f"{service}: no NetworkPolicy selects all its Ray pods (the dashboard is open to the cluster)"]
+    for pol in guarding:
+        if "Ingress" not in pol["spec"].get("policyTypes", ["Ingress"]):
+            problems.append(f"{pol['metadata']['name']}: does not restrict ingress")
+        own = pol["spec"]["podSelector"]["matchLabels"]
+        for rule in pol["spec"].get("ingress", []):
+            ports = {p.get("port") for p in rule.get("ports", [])}
+            opens_dashboard = not ports or 8265 in ports or "dashboard" in ports
+            if not opens_dashboard:
+                continue
+            sources = rule.get("from")
+            if not sources:
+                problems.append(f"{pol['metadata']['name']}: port 8265 open to every source")
+                continue
+            for src in sources:
+                labels = src.get("podSelector", {}).get("matchLabels", {})
+                if "ipBlock" in src or not labels:
+                    problems.append(f"{pol['metadata']['name']}: port 8265 open to {src}")
+                elif labels != own and labels.get("app.kubernetes.io/name") != "kuberay-operator":
+                    problems.append(f"{pol['metadata']['name']}: port 8265 open to pods {labels}")
+    return problems
+
+
+def test_rayservice_dashboard_reachable_only_by_the_operator_and_its_own_pods(objects):
+    assert dashboard_exposure(objects, "loopy-sampler") == []
+    (pol,) = [o for (kind, _), o in objects.items() if kind == "NetworkPolicy"]
+    assert any(8000 in {p.get("port") for p in r.get("ports", [])} and "from" not in r for r in pol["spec"]["ingress"])
+
+
+def test_dashboard_exposure_check_catches_an_open_port_and_unselected_pods(objects):
+    import copy
+
+    opened = copy.deepcopy(objects)
+    (key,) = [k for k in opened if k[0] == "NetworkPolicy"]
+    opened[key]["spec"]["ingress"].append({"ports": [{"protocol": "TCP", "port": 8265}]})
+    assert any("every source" in p for p in dashboard_exposure(opened, "loopy-sampler"))
+    unlabelled = copy.deepcopy(objects)
+    spec = ray_cluster_spec(unlabelled[("RayService", "loopy-sampler")])
+    spec["workerGroupSpecs"][0]["template"]["metadata"]["labels"] = {}
+    assert any("no NetworkPolicy" in p for p in dashboard_exposure(unlabelled, "loopy-sampler"))
+    cluster_wide = copy.deepcopy(objects)
+    cluster_wide[key]["spec"]["ingress"][1]["from"] = [{"namespaceSelector": {}}]
+    assert any("open to" in p for p in dashboard_exposure(cluster_wide, "loopy-sampler"))
