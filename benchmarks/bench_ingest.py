@@ -69,6 +69,7 @@ def long_1080p_video(minutes: int) -> Path:
     if out.is_file():
         return out
     src = sample_videos() / "talk_25fps_16k.mp4"
+    MEDIA.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.mp4")
     loops = int(minutes * 60 / SAMPLE_SECONDS) + 1
     cmd = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-stream_loop", str(loops), "-i", str(src),
@@ -105,6 +106,7 @@ def hostile_video() -> Path:
     """Two video frames half an hour apart and an hour of silent 8 kbit/s mono audio, cached."""
     out = MEDIA / "hostile_frozen.mp4"
     if not out.is_file():
+        MEDIA.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp.mp4")
         subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "lavfi", "-i",
                         "color=c=gray:size=320x240:rate=1/1800", "-f", "lavfi", "-i", "anullsrc=r=8000:cl=mono",
