@@ -177,3 +177,26 @@ def test_unknown_registered_version_exits_2(tmp_path, capsys, registry):
     assert evaluate.main(["--model", "models:/loopy/7", "--data", str(tmp_path / "data"), *tracking]) == 2
     err = capsys.readouterr().err
     assert err.startswith("evaluate.py: error: --model 'models:/loopy/7': not in the registry"), err
+
+
+@pytest.mark.slow  # an ingest through Ray, generation and dlib on every frame
+def test_checkpoint_evaluation_adds_the_evaluation_jobs_metrics(ingested, tiny_weights, tmp_path):
+    """``train.eval_videos > 0``: the checkpoint evaluator (the function of Ray Train's validation
+    task, called here directly) writes a package of the network it is given and adds the
+    evaluation job's ``mean`` metrics as ``eval_<name>`` beside the validation loss."""
+    import torch
+
+    from core.config import load_platform_config
+    from models.loopy import LoopyModel
+    from training.checkpoint_eval import CheckpointEvaluator
+
+    weights_cfg, weights = tiny_weights
+    cfg = load_platform_config(None, [f"weights.tiny_dir={weights_cfg.tiny_dir}", "train.eval_videos=1",
+                                      "train.eval_sample_steps=1", "train.eval_max_batches=1", *FAST])
+    net = LoopyModel.from_sd15(weights.unet, cfg.model, cfg.reader, stage=2).float().eval()
+    metrics = CheckpointEvaluator(cfg, stage=2, data_dir=str(ingested)).evaluate(net, 7, torch.device("cpu"), tmp_path)
+    assert math.isfinite(metrics["val_loss"])
+    for key in ("eval_psnr", "eval_ssim", "eval_sync_gt", "eval_face_found_ratio_gt"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["eval_face_found_ratio_gt"] >= 0.9  # the real frames of the ingested video
+    assert 0 < metrics["eval_psnr"] < 30  # an untrained network
