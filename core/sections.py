@@ -90,7 +90,7 @@ class IngestConfig:
     max_head_motion: float = 0.5  # std of the face centre over the video, in face widths
     max_audio_video_offset_s: float = 0.5
     test_fraction: float = 0.1  # deterministic split by hash of video_id
-    num_decode_workers: Optional[int] = None  # decode + crop actor pool size; None = Ray Data scales it
+    num_decode_workers: Optional[int] = None  # decode + crop actor pool size; None = num_detect_actors
     model_batch_size: int = 16  # frames per VAE call
     use_gpu: bool = False  # put the VAE / wav2vec2 actors on GPUs
     # ingest job (pipelines/ingest.py): splits, resume, Ray Data stage sizes

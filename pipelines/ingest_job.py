@@ -101,12 +101,34 @@ def _manifest_facts(info: dict) -> dict:
     return {k: info[k] for k in keys if k in info and info[k] is not None}
 
 
+def actor_pool_strategy(size: Optional[int], one_task_per_actor: bool = False):
+    """Ray Data actor pool of up to ``size`` actors (at least 1).
+
+    ``one_task_per_actor``: each actor holds one video at a time, so a killed actor (OOM, lost
+    node) takes only the video it was working on, not the ones queued behind it. Such a pool is
+    fixed at ``size``: Ray Data's autoscaler adds actors only past 175 % utilisation (in-flight
+    tasks per actor slot), which one task per actor never reaches, so a ``1..size`` pool would stay
+    at one actor however large ``size`` is (Ray logs "will not allow it to scale up"). The caller
+    caps ``size`` at the number of videos (one actor per video at most)."""
+    from ray.data import ActorPoolStrategy
+
+    n = max(1, int(size or 1))
+    if one_task_per_actor:
+        return ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1)
+    return ActorPoolStrategy(min_size=1, max_size=n)
+
+
+def decode_pool_size(ing) -> int:
+    """Actors of the full-resolution decode pool: ``ingest.num_decode_workers``, or as many as the
+    analysis pool when unset."""
+    return int(ing.num_decode_workers or ing.num_detect_actors)
+
+
 def build_dataset(rows: list[dict], cfg: PlatformConfig, vae: str, wav2vec2: str,
                   local_files_only: bool, dwpose_dir: Optional[str], out_dir: str):
     """The Ray Data pipeline over ``rows`` = [{video_id, path}] (one block per video); its rows
     are the small rows of ``pipelines/frame_writer.py`` (``SMALL_COLUMNS``)."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     ing = cfg.ingest
     device = "cuda" if ing.use_gpu else "cpu"
@@ -117,33 +139,25 @@ def build_dataset(rows: list[dict], cfg: PlatformConfig, vae: str, wav2vec2: str
     actor_args = {"max_task_retries": ing.max_task_retries, "max_restarts": -1}
     gpus = {"num_gpus": ing.model_num_gpus} if ing.use_gpu else {}
 
-    def pool(size: Optional[int], in_flight: Optional[int] = None, unbounded: bool = False) -> ActorPoolStrategy:
-        return ActorPoolStrategy(min_size=1, max_size=None if unbounded else max(1, size or 1),
-                                 max_tasks_in_flight_per_actor=in_flight)
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
         ds = ds.map(AnalyzerStage, fn_constructor_kwargs={"cfg": ing, "dwpose_dir": dwpose_dir},
-                    # one video at a time per actor: a killed actor (OOM, lost node) takes only the
-                    # video it was working on, not the videos queued behind it
-                    compute=pool(ing.num_detect_actors, in_flight=1), num_cpus=ing.stage_num_cpus,
-                    **actor_args)
+                    compute=actor_pool_strategy(min(ing.num_detect_actors, len(rows)), one_task_per_actor=True),
+                    num_cpus=ing.stage_num_cpus, **actor_args)
         ds = ds.map_batches(AudioFeatureStage, batch_size=1,
                             fn_constructor_kwargs={"location": wav2vec2, "local_files_only": local_files_only,
                                                    "device": device, "fps": ing.fps},
-                            compute=pool(ing.num_audio_actors), num_cpus=ing.stage_num_cpus, **gpus,
+                            compute=actor_pool_strategy(ing.num_audio_actors), num_cpus=ing.stage_num_cpus, **gpus,
                             **actor_args)
         ds = ds.flat_map(DecodeStage, fn_constructor_kwargs={"cfg": ing},
-                         # one video at a time per actor, as for the analysis; None: Ray Data scales
-                         # the pool to what the cluster has
-                         compute=pool(ing.num_decode_workers, in_flight=1, unbounded=ing.num_decode_workers is None),
+                         compute=actor_pool_strategy(min(decode_pool_size(ing), len(rows)), one_task_per_actor=True),
                          num_cpus=ing.stage_num_cpus, **actor_args)
         ds = ds.map_batches(VaeStage, batch_size=1,
                             fn_constructor_kwargs={"location": vae, "local_files_only": local_files_only,
                                                    "device": device, "batch_size": ing.model_batch_size,
                                                    "write_jpeg": ing.write_jpeg},
-                            compute=pool(ing.num_vae_actors), num_cpus=ing.stage_num_cpus, **gpus,
+                            compute=actor_pool_strategy(ing.num_vae_actors), num_cpus=ing.stage_num_cpus, **gpus,
                             **actor_args)
         ds = ds.map_batches(write_chunk_parts, batch_size=1,
                             fn_kwargs={"out_dir": str(out_dir), "write_jpeg": ing.write_jpeg},
