@@ -3,20 +3,23 @@ the training steps of stage 2, as a table and a PNG plot logged to MLflow.
 
 Set-up: the demo's own first steps (``demo.step_commands``: sample videos with one held out as the
 test split, the tiny VAE fitted to the training faces, the ingest), then one ``train.py`` run of
-stage 1 and stage 2 (``LOOPY_BENCH_LEARNING_STEPS`` each, default 300) with the demo's learning
-rate, evaluated every
-``LOOPY_BENCH_LEARNING_EVERY`` steps (default 50) by the checkpoint evaluator with
-``train.eval_videos=1``: the evaluation job's metrics (``training.evaluation.evaluate_package``:
-the test video generated from its reference frame and its own audio, dlib landmarks on frames
-upscaled to >= 256 px) land in the stage-2 MLflow run as ``eval_sync``, ``eval_sync_control``,
-``eval_psnr`` at each evaluated step. The table has one row per (step, metric); the plot
-(``learning_curve.png``) goes to that run's artifacts.
+stage 1 and stage 2 (``LOOPY_BENCH_LEARNING_STEPS`` each, default 400: the demo's) with the
+demo's learning rate, evaluated every ``LOOPY_BENCH_LEARNING_EVERY`` steps (default 100) by the
+checkpoint evaluator with ``train.eval_videos=1``: the evaluation job's metrics
+(``training.evaluation.evaluate_package``: the first ``DemoSettings.audio_seconds`` of the test
+video generated from its reference frame and its own audio, the demo's DDIM steps, dlib landmarks
+on frames upscaled to >= 256 px) land in the stage-2 MLflow run as ``eval_face_found_ratio``,
+``eval_sync``, ``eval_sync_control``, ``eval_psnr`` at each evaluated step (``eval_sync`` is
+missing at a step where no face was found: NaN is not logged). The table has one row per (step,
+metric); the plot (``learning_curve.png``) goes to that run's artifacts.
+``LOOPY_BENCH_LEARNING_OVERRIDES`` adds ``section.key=value`` overrides to the train command
+(e.g. ``train.lr=0.0002`` or ``sampler.audio_ratio=1``) for another point of the design space.
 
 Targets (issue 12, on the demo's output): ``sync`` >= 0.30 and >= 0.15 above ``sync_control``.
 Everything is written under ``LOOPY_BENCH_LEARNING_WORK`` (default: a temporary folder; point it
 at a demo's ``--work`` folder to reuse its samples, fitted VAE and ingest). Not in the test suite:
-on 2 CPU cores the default schedule takes tens of minutes (``LOOPY_BENCH_QUICK=1``: 20 + 40
-steps, evaluated every 20).
+on 2 CPU cores the default schedule takes about 20 minutes after the set-up (``LOOPY_BENCH_QUICK=1``:
+40 steps per stage, evaluated every 20).
 """
 from __future__ import annotations
 
@@ -26,16 +29,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-CURVE_METRICS = ("eval_sync", "eval_sync_control", "eval_psnr")
+CURVE_METRICS = ("eval_face_found_ratio", "eval_sync", "eval_sync_control", "eval_psnr")
 TARGET_SYNC = 0.30
 TARGET_MARGIN = 0.15
+TARGET_FACE_FOUND = 0.90
+UNITS = {"eval_psnr": "dB", "eval_face_found_ratio": "share"}
+TARGETS = {"eval_sync": f">= {TARGET_SYNC}", "eval_face_found_ratio": f">= {TARGET_FACE_FOUND}"}
 
 
 def _schedule() -> tuple[int, int]:
     """(steps per stage, evaluate every) from the environment."""
     quick = bool(os.environ.get("LOOPY_BENCH_QUICK"))
-    steps = int(os.environ.get("LOOPY_BENCH_LEARNING_STEPS", 40 if quick else 300))
-    every = int(os.environ.get("LOOPY_BENCH_LEARNING_EVERY", 20 if quick else 50))
+    steps = int(os.environ.get("LOOPY_BENCH_LEARNING_STEPS", 40 if quick else 400))
+    every = int(os.environ.get("LOOPY_BENCH_LEARNING_EVERY", 20 if quick else 100))
     return steps, every
 
 
@@ -46,6 +52,12 @@ def _run(cmd: list[str], log: Path) -> None:
     if code != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise RuntimeError(f"{' '.join(cmd[:3])} failed with status {code} (log {log}):\n{tail}")
+
+
+def _extra_overrides() -> list[str]:
+    """``LOOPY_BENCH_LEARNING_OVERRIDES``: space-separated ``section.key=value`` overrides added to
+    the train command (e.g. ``sampler.audio_ratio=1 train.lr=0.001``); the last one of a key wins."""
+    return os.environ.get("LOOPY_BENCH_LEARNING_OVERRIDES", "").split()
 
 
 def prepare(work: Path, steps: int, every: int) -> tuple[list[str], list[str]]:
@@ -65,7 +77,8 @@ def prepare(work: Path, steps: int, every: int) -> tuple[list[str], list[str]]:
         _run(cmds["ingest"] + tracking, paths.logs / "ingest.log")
     train = [sys.executable, "train.py", "--data", str(paths.ingested), "--stages", "1,2", *common,
              f"train.max_steps={steps}", f"train.lr={settings.train_lr:g}", f"train.checkpoint_every={every}",
-             f"train.eval_every={every}", "train.eval_videos=1", f"train.eval_sample_steps={settings.sample_steps}"]
+             f"train.eval_every={every}", "train.eval_videos=1", f"train.eval_sample_steps={settings.sample_steps}",
+             f"evaluation.max_seconds={settings.audio_seconds:g}", *_extra_overrides()]
     return train, common
 
 
@@ -78,12 +91,12 @@ def curve(tracking_uri: str, experiment: str) -> tuple[str, dict[str, list[tuple
     if exp is None:
         raise RuntimeError(f"no MLflow experiment {experiment!r} in {tracking_uri}")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
-    for run in runs:
-        if "eval_sync" in run.data.metrics:
+    for run in runs:  # eval_sync is not logged while no face is found (NaN): look for eval_psnr
+        if "eval_psnr" in run.data.metrics:
             hist = {m: sorted((h.step, h.value) for h in client.get_metric_history(run.info.run_id, m))
                     for m in CURVE_METRICS}
             return run.info.run_id, hist
-    raise RuntimeError(f"no run in {tracking_uri} has eval_sync (train.eval_videos=1 did not evaluate)")
+    raise RuntimeError(f"no run in {tracking_uri} has eval_psnr (train.eval_videos=1 did not evaluate)")
 
 
 def plot(hist: dict[str, list[tuple[int, float]]], out: Path) -> Path:
@@ -94,13 +107,13 @@ def plot(hist: dict[str, list[tuple[int, float]]], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, style in (("eval_sync", "o-"), ("eval_sync_control", "s--")):
+    for name, style in (("eval_face_found_ratio", "^:"), ("eval_sync", "o-"), ("eval_sync_control", "s--")):
         if hist.get(name):
             steps, values = zip(*hist[name])
             left.plot(steps, values, style, label=name.removeprefix("eval_"))
     left.axhline(TARGET_SYNC, color="grey", lw=0.8, ls=":", label=f"target sync {TARGET_SYNC}")
     left.set_xlabel("stage-2 training step")
-    left.set_ylabel("correlation")
+    left.set_ylabel("correlation / share of frames")
     left.legend()
     if hist.get("eval_psnr"):
         steps, values = zip(*hist["eval_psnr"])
@@ -132,10 +145,9 @@ def run() -> list[dict]:
         for name in CURVE_METRICS:
             for step, value in hist[name]:
                 rows.append({"benchmark": "learning", "metric": f"{name.removeprefix('eval_')} @ step {step}",
-                             "value": value, "unit": "dB" if name == "eval_psnr" else "corr",
-                             "target": f">= {TARGET_SYNC}" if name == "eval_sync" else "",
+                             "value": value, "unit": UNITS.get(name, "corr"), "target": TARGETS.get(name, ""),
                              "note": f"tiny preset, {steps} steps per stage, 1 test video"})
-        if hist["eval_sync"] and hist["eval_sync_control"]:
+        if hist.get("eval_sync") and hist.get("eval_sync_control"):
             last_sync, last_ctrl = hist["eval_sync"][-1][1], hist["eval_sync_control"][-1][1]
             rows.append({"benchmark": "learning", "metric": "sync - sync_control (last)",
                          "value": last_sync - last_ctrl, "unit": "corr", "target": f">= {TARGET_MARGIN}",
