@@ -495,8 +495,7 @@ class AnalyzerStage:
         plain = {"video_id": video_id, "path": path}
         budget = cfg.deadline_base_s
         try:
-            if self.worker.proc is None or self.worker.proc.poll() is not None:
-                self.worker.start()  # after a timeout / death: outside the deadline
+            self.worker.ensure_started()  # after a timeout / death: outside the deadline
         except (DeadlineExceeded, WorkerDied, RemoteError) as exc:
             return failed_row(video_id, path, "analyze", f"{path}: the analysis process did not start: {exc}")
         try:
@@ -624,14 +623,17 @@ class DecodeStage:
         path, n_total = str(row["path"]), int(row["num_frames"])
         info = json.loads(row["info"])
         budget = cfg.deadline_base_s + cfg.deadline_per_s * n_total / cfg.fps
-        deadline = time.monotonic() + budget
         boxes, lms, found, feats = row["boxes"], row["landmarks"], row["found"], row["features"]
         written = chunk_index = 0
         t_decode = t_crop = 0.0
+        try:  # a child that cannot start is the machine's fault, never the file's
+            self.worker.ensure_started()  # first video, or after a timeout / death: outside the deadline
+        except (DeadlineExceeded, WorkerDied, RemoteError) as exc:
+            yield chunk_row(row, "failed", stage="decode",
+                            reason=f"failed: decode: {path}: the decode process did not start: {exc}")
+            return
+        deadline = time.monotonic() + budget
         try:
-            if self.worker.proc is None or self.worker.proc.poll() is not None:
-                self.worker.start()  # after a timeout / death: outside the deadline
-                deadline = time.monotonic() + budget
             self.worker.call("open", path, n_total, int(info["width"]), int(info["height"]), row["stream_pts_s"],
                              info[DECODE_SOURCE_KEY], np.asarray(boxes, np.float32),
                              deadline_s=max(0.0, deadline - time.monotonic()))

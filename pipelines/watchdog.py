@@ -108,6 +108,12 @@ class WatchedWorker:
         _send(self.proc.stdin, (self.factory, self.kwargs))
         self._receive(self.start_timeout_s, "starting")
 
+    def ensure_started(self) -> None:
+        """:meth:`start` a child when there is none or it has ended (after a timeout or a death);
+        a stage calls it before a video's deadline starts, so start-up never counts against it."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+
     def _receive(self, deadline_s: Optional[float], what: str) -> Any:
         deadline = None if deadline_s is None else time.monotonic() + deadline_s
         try:
@@ -130,8 +136,7 @@ class WatchedWorker:
         """``getattr(obj, method)(*args)`` in the child (started first when there is none).
         Raises :class:`DeadlineExceeded` (child killed) after ``deadline_s`` seconds,
         :class:`WorkerDied` when the child died, :class:`RemoteError` when the call raised."""
-        if self.proc is None or self.proc.poll() is not None:
-            self.start()
+        self.ensure_started()
         try:
             _send(self.proc.stdin, (method, args))
         except BrokenPipeError:

@@ -462,3 +462,17 @@ def test_one_video_per_actor_pools_are_fixed_at_their_size():
     assert actor_pool_strategy(None, one_task_per_actor=True).max_size == 1
     assert decode_pool_size(IngestConfig(num_detect_actors=3)) == 3
     assert decode_pool_size(IngestConfig(num_detect_actors=3, num_decode_workers=7)) == 7
+
+
+def test_a_decode_process_that_cannot_start_is_failed_not_rejected(media):
+    """A child that cannot build its object is an infrastructure failure: ``failed`` (retried by
+    the next run), never a rejection of the file."""
+    from pipelines.ingest_stages import DecodeStage
+
+    row = _analysed_row(IngestConfig(), media["good"])
+    stage = DecodeStage(IngestConfig())
+    stage.worker.factory = "pipelines.ingest_stages:NoSuchClass"
+    (out,) = list(stage(row))
+    assert out["kind"] == "failed" and "did not start" in out["reason"], out["reason"]
+    assert out["reason"].startswith("failed: decode: ") and media["good"].name in out["reason"]
+    stage.worker.close()
