@@ -35,16 +35,20 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     """A temp path beside ``path`` to write to; on a normal exit it is synced and renamed onto
-    ``path``. The temp name carries the pid and thread id, so concurrent writers never share one."""
+    ``path``. The temp name carries the pid and thread id, so concurrent writers never share one.
+    ``durable=False`` skips the two syncs (still never torn, but a power loss may lose the file):
+    for intermediate files on a hot path that a rerun rebuilds anyway."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         yield tmp
-        _fsync_path(tmp)
+        if durable:
+            _fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync_path(path.parent, directory=True)
+        if durable:
+            _fsync_path(path.parent, directory=True)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -131,7 +131,9 @@ def write_chunk_part(out_dir: Path, row: dict, write_jpeg: bool) -> dict:
     schema = frame_schema(lat, aud, write_jpeg)
     path = part_path(out_dir, row["video_id"], row["chunk_index"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+    # not synced: a part is intermediate (no record names the video until its frame file is
+    # assembled), and a sync per chunk would slow the hot path on a network volume
+    with atomic_path(path, durable=False) as tmp:
         pq.write_table(chunk_table(row, schema), tmp, compression="zstd")
     return small_row(row, latent_shape=json.dumps(lat), audio_shape=json.dumps(aud))
 

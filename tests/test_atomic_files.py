@@ -39,11 +39,13 @@ def test_temp_names_differ_between_threads(tmp_path):
     import threading
 
     names = []
+    together = threading.Barrier(2)  # both writers inside at once (a finished thread's id may be reused)
 
     def grab():
         with atomic_path(tmp_path / "x") as tmp:
             names.append(tmp.name)
             tmp.write_text("x")
+            together.wait(timeout=10)
 
     threads = [threading.Thread(target=grab) for _ in range(2)]
     for t in threads:
@@ -51,3 +53,14 @@ def test_temp_names_differ_between_threads(tmp_path):
     for t in threads:
         t.join()
     assert len(set(names)) == 2
+
+
+def test_not_durable_still_replaces_whole_and_cleans_up(tmp_path):
+    target = tmp_path / "0.parquet"
+    with atomic_path(target, durable=False) as tmp:
+        tmp.write_text("part")
+    assert target.read_text() == "part" and [p.name for p in tmp_path.iterdir()] == ["0.parquet"]
+    with pytest.raises(OSError):
+        with atomic_path(target, durable=False) as tmp:
+            raise OSError("killed mid-write")
+    assert target.read_text() == "part" and [p.name for p in tmp_path.iterdir()] == ["0.parquet"]
