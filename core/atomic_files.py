@@ -13,6 +13,7 @@ import json
 import os
 import threading
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,6 +35,13 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def temp_files_of(path: str | Path) -> list[Path]:
+    """The temp files :func:`atomic_path` writers of ``path`` left behind (a crashed writer's;
+    a live one's too, so call it only when no writer of ``path`` runs)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob_escape(path.name)}.*.tmp"))
+
+
 @contextmanager
 def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     """A temp path beside ``path`` to write to; on a normal exit it is synced and renamed onto
@@ -51,6 +59,48 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
             _fsync_path(path.parent, directory=True)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class _Discarded(Exception):
+    """Thrown into :func:`atomic_path` by :meth:`AtomicFile.discard` (never seen by a caller)."""
+
+
+class AtomicFile:
+    """:func:`atomic_path` for a writer that stays open across calls (a streaming
+    ``pyarrow.parquet.ParquetWriter`` fed chunk by chunk): write to ``tmp``, then :meth:`commit`
+    (synced and renamed onto the target, as on a normal exit of ``atomic_path``) or
+    :meth:`discard` (the temp file removed, the target untouched, as on an error). Also a context
+    manager: commit on a normal exit, discard on an error. The same ``atomic_path`` underneath,
+    entered here and left by :meth:`commit` / :meth:`discard`."""
+
+    def __init__(self, path: str | Path, durable: bool = True):
+        self.path = Path(path)
+        self._cm = atomic_path(self.path, durable)
+        self.tmp: Path = self._cm.__enter__()
+        self._open = True
+
+    def commit(self) -> Path:
+        """Move the written temp file onto ``path`` (once); returns ``path``."""
+        if not self._open:
+            raise RuntimeError(f"{self.path}: already committed or discarded")
+        self._open = False
+        self._cm.__exit__(None, None, None)
+        return self.path
+
+    def discard(self) -> None:
+        """Remove the temp file; the target keeps its old content (a no-op once closed)."""
+        if self._open:
+            self._open = False
+            self._cm.__exit__(_Discarded, _Discarded(), None)
+
+    def __enter__(self) -> "AtomicFile":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

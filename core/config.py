@@ -109,13 +109,21 @@ REMOVED_KEYS = {
 }
 
 
+#: Keys that older versions wrote and that no longer mean anything: dropped whatever their value,
+#: so every package and ingest folder written before still loads (dotted path -> why).
+RETIRED_KEYS = {
+    "ingest.scale_search_s": "the scale search samples ingest.scale_search_frames frames over the whole video",
+}
+
+
 def _drop_removed(data: Mapping[str, Any], path: str) -> Mapping[str, Any]:
     where = f"{path}." if path else ""
     removed = [k for k in data if f"{where}{k}" in REMOVED_KEYS]
     for key in removed:
         if data[key] is not None:
             raise ConfigError(f"config key {where}{key} was removed: {REMOVED_KEYS[where + key]}")
-    return {k: v for k, v in data.items() if k not in removed}
+    retired = [k for k in data if f"{where}{k}" in RETIRED_KEYS]
+    return {k: v for k, v in data.items() if k not in removed and k not in retired}
 
 
 def _build(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:

@@ -78,8 +78,7 @@ class IngestConfig:
     detect_face_px: float = 100.0  # face box width in the detection image (px)
     detect_max_pixels: int = 3_200_000  # detection image budget (px): 5 % faces of 720p-1080p reach ~64 px
     detect_max_upscale: float = 2.0  # largest detection image / display frame ratio
-    scale_search_frames: int = 5  # sampled frames of the scale search
-    scale_search_s: float = 5.0  # ... spread over the first this many seconds
+    scale_search_frames: int = 5  # sampled frames of the scale search, spread over the whole video
     # face tracks (pipelines/face_tracks.py): subject = most persistent x largest track
     track_max_gap_s: float = 0.5  # a face unseen this long still continues its track
     min_track_coverage: float = 0.5  # share of frames a track needs to count as a person

@@ -20,7 +20,7 @@ import numpy as np
 
 from inference.errors import BadInputError
 from pipelines.crop import crop_frames, plan_crop_track
-from pipelines.face_detect import make_detector, max_detection_scale, pass_scale, search_face_scale
+from pipelines.face_detect import choose_detection_scale, make_detector
 
 
 class NoFaceError(BadInputError):
@@ -83,17 +83,14 @@ class PortraitCropper:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"portrait must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
         h, w = image.shape[:2]
-        display = (w, h)
-        cap = min(1.0, max_detection_scale(display, self.detect_max_pixels, self.detect_max_upscale))
-        frames = downscale(image, int(round(max(display) * cap)) if cap < 1.0 else None)[None]
-        search = search_face_scale(self.detector, frames, display, self.detect_max_pixels, self.detect_max_upscale,
-                                   self.similar_face_ratio)
-        if search.face_px is None:
+        choice = choose_detection_scale(self.detector, lambda side: downscale(image, side)[None], (w, h),
+                                        self.detect_face_px, self.detect_max_pixels, self.detect_max_upscale,
+                                        self.similar_face_ratio)
+        if choice.search.face_px is None:
             return None
-        scale = pass_scale(search, display, self.detect_face_px, self.detect_max_pixels, self.detect_max_upscale,
-                           min_face_px=self.detector.min_face_px)
+        frames = choice.frames
         to_display = w / frames.shape[2]  # detection frames -> source pixels
-        cands = self.detector.detect_candidates(frames, scale=scale * to_display)
+        cands = self.detector.detect_candidates(frames, scale=choice.scale * to_display)
         if len(cands) == 0:
             return None
         widths = cands.boxes[:, 2] - cands.boxes[:, 0]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, runtime_checkable
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -494,3 +494,30 @@ def pass_scale(search: ScaleSearch, display_wh: tuple[int, int], target_face_px:
         s = target_face_px / search.face_px
     s = max(s, min(1.0, min_side / short))
     return float(min(s, max_detection_scale(display_wh, max_pixels, max_upscale)))
+
+
+@dataclass(frozen=True)
+class DetectionScale:
+    """Outcome of :func:`choose_detection_scale`: ``scale`` (detection image / display frame) of
+    the detection pass, the ``search`` behind it, and the sampled ``frames`` uint8 [k, h, w, 3]
+    it ran on (decoded at most at the ``max_pixels`` budget)."""
+
+    scale: float
+    search: ScaleSearch
+    frames: np.ndarray
+
+
+def choose_detection_scale(detector: FaceCandidateDetector, sample_frames: Callable[[Optional[int]], np.ndarray],
+                           display_wh: tuple[int, int], target_face_px: float, max_pixels: int,
+                           max_upscale: float = 2.0,
+                           similar_size_ratio: float = TrackParams.similar_size_ratio) -> DetectionScale:
+    """The scale choice of ingest and of the portrait, in one place: ``sample_frames(max_side)``
+    gives the sample frames uint8 [k, h, w, 3] with the long side at most ``max_side`` pixels
+    (None: display size), here the largest side within ``max_pixels`` (and never upscaled: the
+    search scales them itself); :func:`search_face_scale` finds the face size on them and
+    :func:`pass_scale` turns it into the scale that shows it at ``target_face_px``."""
+    cap = min(1.0, max_detection_scale(display_wh, max_pixels, max_upscale))
+    frames = sample_frames(int(round(max(display_wh) * cap)) if cap < 1.0 else None)
+    search = search_face_scale(detector, frames, display_wh, max_pixels, max_upscale, similar_size_ratio)
+    scale = pass_scale(search, display_wh, target_face_px, max_pixels, max_upscale, min_face_px=detector.min_face_px)
+    return DetectionScale(scale, search, frames)

@@ -1,7 +1,7 @@
 """The ingest job: raw talking-head videos -> training-ready Parquet, on Ray Data.
 
 :func:`run_ingest` is the job (``pipelines/ingest.py`` is its command line and its MLflow run).
-Pipeline (Ray Data, streaming; each video is its own input block):
+Pipeline:
 
 1. driver: expand the input, content ``video_id`` (hash of size + first and last MBs: a copy in
    another folder is recorded as ``duplicate`` and never ingested twice), deterministic split
@@ -9,23 +9,29 @@ Pipeline (Ray Data, streaming; each video is its own input block):
    configs (``pipelines/ingest_meta.py``); refuse an output directory written with another
    configuration and claim a new one with the run's fingerprint, before any work; skip videos
    finished by an earlier run (``pipelines/resume.py``);
-2. ``map(AnalyzerStage)`` actor pool (``ingest.num_detect_actors``): in a watched child process
+2. plain Ray tasks, one per video, before any actor exists (:func:`screen_inputs`): probe (the
+   file's only probe) and the limits (pixels from the stream header, duration, frozen/sparse
+   frames, audio length from the headers) before anything is decoded, each within
+   ``deadline_base_s`` (past it: the task's worker is killed, stage ``timeout``); the driver
+   records the rejects at once. Only the videos that pass go on, with their probe: the pipeline
+   below is built for them alone (one-video-per-actor pools sized by their number) and not at all
+   when none passed (a job of hostile files starts no actor, no model). Steps 3-7 are that
+   Ray Data pipeline (streaming; each video is its own input block):
+3. ``map(AnalyzerStage)`` actor pool (``ingest.num_detect_actors``): in a watched child process
    per actor (``pipelines/watchdog.py``; per-video deadline ``deadline_base_s + deadline_per_s x
-   duration``, past it: stage ``timeout``): probe (the file's only probe), the limits (pixels
-   from the stream header, duration, frozen/sparse frames, audio length from the headers) before
-   anything is decoded, then the low-resolution detection pass, 16 kHz audio checked against the
-   video, crop track, quality filters;
-3. ``map_batches(AudioFeatureStage)`` actor pool (``ingest.num_audio_actors``): wav2vec2
+   duration``, past it: stage ``timeout``): on the probe of step 2, the detection-scale search and
+   the detection pass, 16 kHz audio checked against the video, crop track, quality filters;
+4. ``map_batches(AudioFeatureStage)`` actor pool (``ingest.num_audio_actors``): wav2vec2
    features of every layer, one vector per 25 fps frame;
-4. ``flat_map(DecodeStage)`` actor pool (``ingest.num_decode_workers``): full-resolution
+5. ``flat_map(DecodeStage)`` actor pool (``ingest.num_decode_workers``): full-resolution
    streaming decode in ``ingest.chunk_frames`` chunks (timestamps and geometry from the probe),
    face-centred crops -> one row per chunk; in a watched child process per actor with the same
    per-video deadline as the analysis (past it: stage ``timeout``);
-5. ``map_batches(VaeStage)`` actor pool (``ingest.num_vae_actors``, GPUs when ``ingest.use_gpu``):
+6. ``map_batches(VaeStage)`` actor pool (``ingest.num_vae_actors``, GPUs when ``ingest.use_gpu``):
    VAE latents (fp16), crop pixels dropped;
-6. ``map_batches(write_chunk_parts)`` tasks: each chunk written by the worker as a part file
+7. ``map_batches(write_chunk_parts)`` tasks: each chunk written by the worker as a part file
    (``pipelines/frame_writer.py``); only small rows (ids, counts, shapes) go on;
-7. driver: consumes the small rows (``iter_rows``: no frame data); when a video's chunks are all
+8. driver: consumes the small rows (``iter_rows``: no frame data); when a video's chunks are all
    written, a Ray task on a worker assembles ``frames/<video_id>.parquet``; the driver records
    the video (``DIR/records``). At the end ``videos.parquet`` (one row per input file) and
    ``ingest_meta.json``.
@@ -43,9 +49,10 @@ import json
 import logging
 import time
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from core.ray_runtime import init_ray
 from core.sections import PlatformConfig
@@ -53,7 +60,7 @@ from core.weights import WeightPaths, resolve_weights
 from pipelines.frame_writer import FrameWriteError, PartsTracker, assemble_frame_file, write_chunk_parts
 from pipelines.ingest_meta import read_model_facts, write_ingest_meta
 from pipelines.ingest_model_stages import AudioFeatureStage, VaeStage
-from pipelines.ingest_stages import STAGE_TIMES_KEY, AnalyzerStage, DecodeStage
+from pipelines.ingest_stages import STAGE_TIMES_KEY, AnalyzerStage, DecodeStage, screen_video_steps
 from pipelines.manifest import InputVideo, duplicate_row, manifest_row, plan_inputs, write_manifest
 from pipelines.resume import (
     RecordStore,
@@ -124,10 +131,89 @@ def decode_pool_size(ing) -> int:
     return int(ing.num_decode_workers or ing.num_detect_actors)
 
 
+def screen_window(ing) -> int:
+    """How many probe tasks of :func:`screen_inputs` run at once: the tasks the cluster's CPUs
+    hold at ``ingest.stage_num_cpus`` each (at least 1). Bounded, so each task's deadline, counted
+    from its submission, is spent running and not waiting in Ray's queue."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(1, int(cpus / max(float(ing.stage_num_cpus), 1e-3)))
+
+
+SCREEN_START_TIMEOUT_S = 600.0  # a probe task not running after this long: failed (no worker came)
+
+
+def screen_inputs(todo: list[InputVideo], ing) -> Iterator[tuple[InputVideo, dict]]:
+    """Phase 1 of the job: :func:`pipelines.ingest_stages.screen_video` (probe + limits, before
+    anything is decoded) as one plain Ray task per video (a generator task,
+    :func:`~pipelines.ingest_stages.screen_video_steps`), no actor and no model, at most
+    :func:`screen_window` at once. Yields (video, result) as they finish, result one of
+
+    * the ``screened`` dict of ``screen_video`` (the probe, for the pipeline's input row);
+    * a ``reject`` row (the file is bad: stage + reason naming it, as ``screen_video`` gave it);
+    * a ``reject`` at stage ``timeout`` when the probe ran past ``ingest.deadline_base_s``,
+      counted from the task's first item (worker start-up excluded): a probe hung in FFmpeg; its
+      worker is killed with ``ray.cancel(force=True)``, which Ray offers for tasks, not for actor
+      methods (why the analysis stage needs a watched child process and this phase does not);
+    * a ``failed`` row when the task was lost (worker killed by the OOM killer, node lost: Ray
+      retried it ``ingest.max_task_retries`` times first) or never started
+      (:data:`SCREEN_START_TIMEOUT_S`): not the file's fault, retried by the next run.
+
+    Rows are plain dicts with ``kind``, ``stage``, ``reason`` and ``info`` (JSON)."""
+    import ray
+
+    task = ray.remote(num_cpus=ing.stage_num_cpus, max_retries=ing.max_task_retries)(screen_video_steps)
+    waiting = deque(todo)
+    window = screen_window(ing)
+    running: dict = {}  # ObjectRefGenerator -> [video, deadline (time.monotonic()), started]
+    while waiting or running:
+        while waiting and len(running) < window:
+            video = waiting.popleft()
+            gen = task.remote({"video_id": video.video_id, "path": str(video.path)}, ing)
+            running[gen] = [video, time.monotonic() + SCREEN_START_TIMEOUT_S, False]
+        first_deadline = min(d for _, d, _ in running.values())
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, first_deadline - time.monotonic()))
+        for gen in ready:
+            video, _, started = running[gen]
+            try:
+                item = ray.get(next(gen))
+            except Exception as exc:  # noqa: BLE001 - screen_video returns every file error as a row
+                msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+                item = _plain_row("failed", "probe", f"failed: probe: {video.path}: the probe task was lost "
+                                                     f"({type(exc).__name__}: {msg[:300]})")
+            if item["kind"] == "started":  # the probe runs from now on: its deadline starts
+                if not started:
+                    running[gen][1:] = [time.monotonic() + ing.deadline_base_s, True]
+                continue
+            del running[gen]
+            yield video, item
+        now = time.monotonic()
+        for gen, (video, deadline, started) in list(running.items()):
+            if now < deadline:
+                continue
+            ray.cancel(gen, force=True)
+            del running[gen]
+            if started:
+                yield video, _plain_row("reject", "timeout",
+                                        f"timeout: {video.path}: probe not finished within its deadline of "
+                                        f"{ing.deadline_base_s:.1f} s (deadline_base_s {ing.deadline_base_s:g}): "
+                                        f"its worker was killed")
+            else:
+                yield video, _plain_row("failed", "probe", f"failed: probe: {video.path}: the probe task did not "
+                                                           f"start within {SCREEN_START_TIMEOUT_S:g} s")
+
+
+def _plain_row(kind: str, stage: str, reason: str) -> dict:
+    return {"kind": kind, "stage": stage, "reason": reason, "info": "{}"}
+
+
 def build_dataset(rows: list[dict], cfg: PlatformConfig, vae: str, wav2vec2: str,
                   local_files_only: bool, dwpose_dir: Optional[str], out_dir: str):
-    """The Ray Data pipeline over ``rows`` = [{video_id, path}] (one block per video); its rows
-    are the small rows of ``pipelines/frame_writer.py`` (``SMALL_COLUMNS``)."""
+    """The Ray Data pipeline over ``rows`` = the ``screened`` rows of :func:`screen_inputs`
+    ({video_id, path, probe, stream_pts_s, probe_s}: the videos that passed the limits, one block
+    per video); its rows are the small rows of ``pipelines/frame_writer.py`` (``SMALL_COLUMNS``).
+    The one-video-per-actor pools are sized by ``len(rows)`` (never more actors than videos)."""
     import ray
 
     ing = cfg.ingest
@@ -341,8 +427,6 @@ def _stream(todo: list[InputVideo], cfg: PlatformConfig, weights: WeightPaths, o
 
     ing = cfg.ingest
     by_id = {v.video_id: v for v in todo}
-    ds = build_dataset([{"video_id": v.video_id, "path": str(v.path)} for v in todo], cfg,
-                       weights.vae, weights.wav2vec2, weights.local_files_only, weights.dwpose_dir, str(out))
     tracker = PartsTracker()
     assemble = ray.remote(num_cpus=ing.stage_num_cpus, max_retries=3)(assemble_frame_file)
     assembling: dict = {}  # ObjectRef -> (video_id, end facts)
@@ -399,8 +483,21 @@ def _stream(todo: list[InputVideo], cfg: PlatformConfig, weights: WeightPaths, o
             accept(vid, int(result["num_frames"]), end)
 
     echo(f"[ingest] {len(todo)} videos to process -> {out}")
+    passed = []  # the screened rows: the pipeline's input
+    for video, row in screen_inputs(todo, ing):
+        if row["kind"] == "screened":
+            passed.append({k: row[k] for k in ("video_id", "path", "probe", "stream_pts_s", "probe_s")})
+        elif row["kind"] == "failed":
+            fail(video.video_id, row["stage"], row["reason"], json.loads(row["info"] or "{}"))
+        else:
+            reject(video.video_id, row["stage"], row["reason"], json.loads(row["info"] or "{}"))
+    echo(f"[ingest] {len(passed)} of {len(todo)} videos passed the probe and the limits")
+    # no video left: the model pipeline is never built, so no actor pool starts (torch, wav2vec2,
+    # the VAE and the analysis processes cost more than the whole job otherwise)
+    ds = build_dataset(passed, cfg, weights.vae, weights.wav2vec2, weights.local_files_only, weights.dwpose_dir,
+                       str(out)) if passed else None
     try:
-        for row in ds.iter_rows():
+        for row in (ds.iter_rows() if ds is not None else ()):
             summary.driver_bytes += _row_bytes(row)
             columns.update(row.keys())
             vid = row["video_id"]

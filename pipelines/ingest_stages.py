@@ -7,6 +7,9 @@ instead of raising, so one bad file never stops the batch (docs/SEED_DEFECTS.md,
 
 Row kinds flowing through the pipeline (one Ray Data row each):
 
+* from :func:`screen_video` (a plain Ray task per video, before the pipeline is built): a
+  ``screened`` row (the probe as JSON + ``stream_pts_s``) that becomes the pipeline's input, or a
+  ``reject`` row the driver records at once;
 * after :class:`VideoAnalyzer` (one row per video): ``kind`` = ``video`` or ``reject``;
   ``num_frames`` (frames at ``fps`` that will be written), per-frame arrays of the crop track
   ``boxes`` f32 [N, 4] (x0, y0, x1, y1 source pixels), ``landmarks`` f32 [N, 68, 2] (crop
@@ -24,11 +27,12 @@ Row kinds flowing through the pipeline (one Ray Data row each):
 Every row carries every column (empty arrays of the right rank where unused) so Ray Data blocks
 of mixed kinds share one schema. ``info`` is a JSON string of the probe facts for the manifest.
 
-File opens per video (PyAV ``av.open`` / decord ``VideoReader``): :class:`VideoAnalyzer` opens
-it three times, once per pass that must read it: the probe (one demux pass: timestamps, stream
-start times, geometry incl. rotation), the low-resolution detection decode and the audio decode;
-:class:`DecodeStage` opens it once (its decoder), taking timestamps and geometry from the row.
-No file handle is held across Ray tasks.
+File opens per video (PyAV ``av.open`` / decord ``VideoReader``): :func:`screen_video` opens it
+once, for the probe (one demux pass: timestamps, stream start times, geometry incl. rotation),
+and passes the probe on in its row; :class:`VideoAnalyzer` then opens it three times, once per
+pass that must read it: the scale-search sample decode, the detection decode and the audio
+decode; :class:`DecodeStage` opens it once (its decoder), taking timestamps and geometry from the
+row. No file handle is held across Ray tasks.
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ import numpy as np
 from core.sections import IngestConfig
 from pipelines.audio_decode import AudioDecodeError, decode_audio, is_silent
 from pipelines.crop import crop_frames, landmarks_to_crop, plan_crop_track
-from pipelines.face_detect import make_detector, max_detection_scale, pass_scale, search_face_scale
+from pipelines.face_detect import choose_detection_scale, make_detector
 from pipelines.face_tracks import FaceCandidates, TrackParams, subject_track, track_landmarks
 from pipelines.probe import FrameGeometry, ProbeError, ProbeLimitError, VideoProbe, VideoTimestamps, probe_video
 from pipelines.quality import (
@@ -159,6 +163,92 @@ def interpolate_missing(landmarks: np.ndarray, found: np.ndarray) -> np.ndarray:
     return out
 
 
+# --- stage 0: the cheap checks (probe + limits), before any actor exists -----------------------------
+
+
+def probe_info(probe: VideoProbe) -> dict:
+    """The probe facts every row's ``info`` carries (for the manifest)."""
+    return {"fps_in": probe.fps, "duration_s": probe.duration_s, "width": probe.width,
+            "height": probe.height, "rotation": probe.rotation}
+
+
+def header_audio_s(probe: VideoProbe) -> Optional[float]:
+    """The audio duration the stream header gives, measured from the video's first frame
+    (None when the container records none)."""
+    if probe.audio_duration_s is None:
+        return None
+    return float(probe.audio_duration_s) - max(0.0, probe.video_start_s - probe.audio_start_s)
+
+
+def screen_probe(path: str, cfg: IngestConfig, info: dict, times: dict) -> VideoProbe:
+    """Open and probe the file (the only probe of it in the whole job), then the limits before
+    anything is decoded: pixels per frame from the stream header, streams, a cheap length check
+    from the container (the exact count is checked after decoding), max duration, frozen /
+    sparse frames, audio length from the headers. ``info`` collects the manifest facts
+    (``_stage``: the step running), ``times["probe"]`` the seconds. Raises
+    :class:`RejectedVideo`."""
+    info["_stage"] = "input"
+    if not Path(path).is_file():
+        raise RejectedVideo("input", f"{path}: file not found")
+    info["_stage"] = "probe"
+    t0 = time.perf_counter()
+    try:
+        probe = probe_video(path, max_pixels=cfg.max_pixels)
+    except ProbeLimitError as exc:
+        raise RejectedVideo("limits", error_text(path, exc)) from None
+    except ProbeError as exc:
+        raise RejectedVideo("probe", error_text(path, exc)) from None
+    info.update(probe_info(probe))
+    rej = check_streams(True, probe.has_audio)
+    if rej:
+        raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+    est = int(np.floor(probe.duration_s * cfg.fps + 1e-6))
+    rej = check_length(est, cfg)
+    if rej:
+        raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+    # limits before work: duration, frozen / sparse frames, audio length from the headers
+    rej = check_limits(probe.duration_s, probe.timestamps.pts_s, header_audio_s(probe), cfg)
+    if rej:
+        raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+    times["probe"] = time.perf_counter() - t0
+    return probe
+
+
+def screen_video(row: dict, cfg: IngestConfig) -> dict:
+    """The job's first phase for one video (a plain Ray task, no actor, no model, no torch):
+    :func:`screen_probe`. Returns ``{kind: "screened", video_id, path, probe (JSON of the probe,
+    :meth:`pipelines.probe.VideoProbe.to_record`), stream_pts_s f64 [n_src], probe_s (s)}`` for a
+    video that passed (the row the analysis stage takes, so it never probes the file again), or
+    a ``reject`` row (:func:`reject_row`, stage + reason naming the file). Any exception that
+    escapes is the worker's, not the file's (the caller records it as ``failed``)."""
+    video_id, path = str(row["video_id"]), str(row["path"])
+    info: dict = {}
+    times: dict[str, float] = {}
+    try:
+        probe = screen_probe(path, cfg, info, times)
+    except RejectedVideo as rej:
+        return reject_row(video_id, path, rej.rejection.stage, rej.rejection.why, _public(info))
+    except Exception as exc:  # noqa: BLE001 - an error reading this file: its rejection, as in the analysis
+        return reject_row(video_id, path, info.get("_stage", "probe"), error_text(path, exc), _public(info))
+    facts, pts = probe.to_record()
+    return {"kind": "screened", "video_id": video_id, "path": path, "probe": facts, "stream_pts_s": pts,
+            "probe_s": float(times.get("probe", 0.0))}
+
+
+def screen_video_steps(row: dict, cfg: IngestConfig) -> Iterator[dict]:
+    """:func:`screen_video` as a Ray generator task: first ``{"kind": "started"}`` (the worker
+    is up and this module imported), then the result. The job's per-video deadline starts at the
+    first item, so a worker's start-up on a loaded machine is never counted against the file (as
+    :class:`AnalyzerStage` starts its child outside the deadline)."""
+    yield {"kind": "started"}
+    yield screen_video(row, cfg)
+
+
+def _public(info: dict) -> dict:
+    """``info`` without its private (``_``-prefixed) keys."""
+    return {k: v for k, v in info.items() if not k.startswith("_")}
+
+
 # --- stage 1: probe, detection pass, audio, crop track, filters ------------------------------------
 
 
@@ -202,9 +292,11 @@ class CropTrack:
 class VideoAnalyzer:
     """Ray Data ``map`` UDF (callable class: the face detector is built once per actor).
 
-    In: ``{video_id, path}``. Out: a ``video`` row (crop track + audio samples + the probe's
-    decode facts) or a ``reject`` row. The steps, each its own method: :meth:`_probe` (the only
-    probe of the file, passed on to every later step), :meth:`_detection_pass`, :meth:`_audio`,
+    In: ``{video_id, path}``, with the probe of :func:`screen_video` (``probe``, ``stream_pts_s``,
+    ``probe_s``) in the job. Out: a ``video`` row (crop track + audio samples + the probe's
+    decode facts) or a ``reject`` row. The steps, each its own method: :meth:`begin` (the probe
+    of :func:`screen_video` from the row, or :func:`screen_probe`: the only probe of the file,
+    passed on to every later step), :meth:`_detection_pass`, :meth:`_audio`,
     :meth:`_length_filter`, :meth:`_crop_track`. Decoding for detection is a streaming pass at
     the scale that shows the face at ``detect_face_px`` (a scale search on a few frames first),
     so memory does not grow with the video's length beyond the small per-frame arrays.
@@ -222,18 +314,23 @@ class VideoAnalyzer:
         return first if first["kind"] != "probed" else self.finish(row)
 
     def begin(self, row: dict) -> dict:
-        """Step 1 (cheap, before any decoding): the probe and the limits. Returns a ``probed``
-        row ``{kind, video_id, duration_s}`` (the probe is kept for :meth:`finish`) or a
-        ``reject`` row."""
+        """Step 1 (cheap, before any decoding): the probe and the limits (:func:`screen_probe`),
+        or, when ``row`` carries the probe of :func:`screen_video` (``probe`` JSON +
+        ``stream_pts_s``), that probe (the file is not probed again). Returns a ``probed`` row
+        ``{kind, video_id, duration_s}`` (the probe is kept for :meth:`finish`) or a ``reject``
+        row."""
         video_id, path = str(row["video_id"]), str(row["path"])
         self._pending = None
         info: dict = {}
         times: dict[str, float] = {}
 
         def work() -> dict:
-            if not Path(path).is_file():
-                raise RejectedVideo("input", f"{path}: file not found")
-            probe = self._probe(path, info, times)
+            if row.get("probe"):
+                probe = VideoProbe.from_record(str(row["probe"]), np.asarray(row["stream_pts_s"], np.float64))
+                info.update(probe_info(probe))
+                times["probe"] = float(row.get("probe_s") or 0.0)
+            else:
+                probe = screen_probe(path, self.cfg, info, times)
             self._pending = (video_id, probe, info, times)
             return {"kind": "probed", "video_id": video_id, "duration_s": float(probe.duration_s)}
 
@@ -251,7 +348,7 @@ class VideoAnalyzer:
         def work() -> dict:
             out = self._analyze(video_id, path, probe, info, times)
             info[STAGE_TIMES_KEY] = times
-            out["info"] = json.dumps({k: v for k, v in info.items() if not k.startswith("_")})
+            out["info"] = json.dumps(_public(info))
             return out
 
         return self._guarded(video_id, path, info, work)
@@ -292,43 +389,6 @@ class VideoAnalyzer:
             "stream_pts_s": stream_pts_s,
             "samples": np.ascontiguousarray(audio.samples, np.float32),
         }
-
-    def _probe(self, path: str, info: dict, times: dict) -> VideoProbe:
-        """Open and probe the file (the only probe of it in the whole job); stream checks and a
-        cheap early length check from the container (the exact count is checked after
-        decoding)."""
-        cfg = self.cfg
-        info["_stage"] = "probe"
-        t0 = time.perf_counter()
-        try:
-            probe = probe_video(path, max_pixels=cfg.max_pixels)
-        except ProbeLimitError as exc:
-            raise RejectedVideo("limits", error_text(path, exc)) from None
-        except ProbeError as exc:
-            raise RejectedVideo("probe", error_text(path, exc)) from None
-        info.update(fps_in=probe.fps, duration_s=probe.duration_s, width=probe.width,
-                    height=probe.height, rotation=probe.rotation)
-        rej = check_streams(True, probe.has_audio)
-        if rej:
-            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
-        est = int(np.floor(probe.duration_s * cfg.fps + 1e-6))
-        rej = check_length(est, cfg)
-        if rej:
-            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
-        # limits before work: duration, frozen / sparse frames, audio length from the headers
-        rej = check_limits(probe.duration_s, probe.timestamps.pts_s, self._header_audio_s(probe), cfg)
-        if rej:
-            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
-        times["probe"] = time.perf_counter() - t0
-        return probe
-
-    @staticmethod
-    def _header_audio_s(probe: VideoProbe) -> Optional[float]:
-        """The audio duration the stream header gives, measured from the video's first frame
-        (None when the container records none)."""
-        if probe.audio_duration_s is None:
-            return None
-        return float(probe.audio_duration_s) - max(0.0, probe.video_start_s - probe.audio_start_s)
 
     def _detection_pass(self, path: str, probe: VideoProbe, info: dict, times: dict) -> Detections:
         """Detection at the right scale on every output frame: :meth:`_detection_scale` picks the
@@ -375,37 +435,55 @@ class VideoAnalyzer:
 
     def _detection_scale(self, path: str, probe: VideoProbe, plan: ResamplePlan, info: dict, times: dict
                          ) -> float:
-        """The detection pass's scale (detection image / display frame): ``scale_search_frames``
-        frames spread over the first ``scale_search_s`` seconds are decoded (at most at the
-        ``detect_max_pixels`` budget) and searched coarse to fine
-        (:func:`pipelines.face_detect.search_face_scale`); :func:`pipelines.face_detect.pass_scale`
-        turns the face size found into the scale that shows it at ``detect_face_px``."""
+        """The detection pass's scale (detection image / display frame), by the scale choice the
+        portrait uses too (:func:`pipelines.face_detect.choose_detection_scale`) on
+        ``scale_search_frames`` frames spread over the whole video (a face that shows up only
+        after the first seconds is still found; decoded at most at the ``detect_max_pixels``
+        budget, see :meth:`_sample_frames`)."""
         cfg = self.cfg
         info["_stage"] = "decode"
         t0 = time.perf_counter()
-        display = (probe.width, probe.height)
         if plan.num_frames == 0:
             raise RejectedVideo("decode", f"{path}: no frames to decode")
-        n_window = min(plan.num_frames, max(1, int(round(cfg.scale_search_s * cfg.fps))))
-        sel = np.unique(np.linspace(0, n_window - 1, max(1, cfg.scale_search_frames)).round().astype(np.int64))
+        sel = np.unique(np.linspace(0, plan.num_frames - 1, max(1, cfg.scale_search_frames)).round().astype(np.int64))
         sub = replace(plan, source_indices=plan.source_indices[sel], times_s=plan.times_s[sel])
-        cap = min(1.0, max_detection_scale(display, cfg.detect_max_pixels, cfg.detect_max_upscale))
-        side = int(round(max(display) * cap)) if cap < 1.0 else None
-        try:
-            frames = np.concatenate([c.frames for c in iter_frames(
-                path, fps=cfg.fps, chunk_frames=len(sel), max_side=side, backend=cfg.detect_decode_backend,
-                plan=sub, geometry=probe.geometry)])
-        except DecodeError as exc:
-            raise RejectedVideo("decode", error_text(path, exc)) from None
-        info["_stage"] = "face"
-        search = search_face_scale(self.detector, frames, display, cfg.detect_max_pixels,
-                                   cfg.detect_max_upscale, cfg.similar_face_ratio)
-        scale = pass_scale(search, display, cfg.detect_face_px, cfg.detect_max_pixels,
-                           cfg.detect_max_upscale, min_face_px=self.detector.min_face_px)
-        info.update(detect_scale=round(scale, 4),
+
+        def sample(side: Optional[int]) -> np.ndarray:
+            frames = self._sample_frames(path, sub, side, probe.geometry)
+            info["_stage"] = "face"
+            return frames
+
+        choice = choose_detection_scale(self.detector, sample, (probe.width, probe.height), cfg.detect_face_px,
+                                        cfg.detect_max_pixels, cfg.detect_max_upscale, cfg.similar_face_ratio)
+        search = choice.search
+        info.update(detect_scale=round(choice.scale, 4),
                     search_face_px=None if search.face_px is None else round(search.face_px, 1))
         times["scale_search"] = time.perf_counter() - t0
-        return scale
+        return choice.scale
+
+    def _sample_frames(self, path: str, sub: ResamplePlan, side: Optional[int], geometry: FrameGeometry
+                       ) -> np.ndarray:
+        """The frames of ``sub`` (a few output frames spread over the video) uint8 [k, h, w, 3],
+        long side at most ``side``. decord first: it seeks to each frame (from its key frame), where
+        the sequential PyAV decoder would decode the whole video for frames spread over it; PyAV
+        (``detect_decode_backend``) when decord cannot (rotation, a codec or index it does not
+        handle). Raises :class:`RejectedVideo` (stage ``decode``) when neither decodes them."""
+        cfg = self.cfg
+
+        def decode(backend: str) -> np.ndarray:
+            return np.concatenate([c.frames for c in iter_frames(
+                path, fps=cfg.fps, chunk_frames=sub.num_frames, max_side=side, backend=backend, plan=sub,
+                geometry=geometry)])
+
+        if cfg.detect_decode_backend == "auto" and not geometry.rotation:
+            try:
+                return decode("decord")
+            except DecodeError:
+                pass  # the configured decoder below
+        try:
+            return decode(cfg.detect_decode_backend)
+        except DecodeError as exc:
+            raise RejectedVideo("decode", error_text(path, exc)) from None
 
     def _audio(self, path: str, probe: VideoProbe, video_frames: int, info: dict, times: dict
                ) -> AlignedAudio:
@@ -493,13 +571,15 @@ class AnalyzerStage:
         if cfg.fault_kill_match and cfg.fault_kill_match in Path(path).name:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: this actor dies (as under the OOM killer)
         plain = {"video_id": video_id, "path": path}
+        # the probe of screen_video, when the row carries it (the job's rows do): not probed again
+        screened = {k: row[k] for k in ("probe", "stream_pts_s", "probe_s") if k in row}
         budget = cfg.deadline_base_s
         try:
             self.worker.ensure_started()  # after a timeout / death: outside the deadline
         except (DeadlineExceeded, WorkerDied, RemoteError) as exc:
             return failed_row(video_id, path, "analyze", f"{path}: the analysis process did not start: {exc}")
         try:
-            first = self.worker.call("begin", plain, deadline_s=budget)
+            first = self.worker.call("begin", {**plain, **screened}, deadline_s=budget)
             if first["kind"] != "probed":
                 return first
             budget = cfg.deadline_base_s + cfg.deadline_per_s * float(first["duration_s"])

@@ -15,6 +15,7 @@ to start at 0.0 s (FFmpeg's convention for such streams); this is logged, never 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -118,6 +119,29 @@ class VideoProbe:
         out = asdict(self)
         out.pop("timestamps", None)
         return out
+
+    def to_record(self) -> tuple[str, np.ndarray]:
+        """The whole probe as (JSON of the scalars incl. the timestamps' ``last_duration_s`` /
+        ``start_ticks`` / ``time_base``, ``pts_s`` f64 [n] seconds), for a row of a later task
+        that must not probe the file again; :meth:`from_record` is the inverse."""
+        facts = self.to_dict()
+        stamps = self.timestamps
+        if stamps is not None:
+            facts["timestamps"] = {"last_duration_s": float(stamps.last_duration_s),
+                                   "start_ticks": int(stamps.start_ticks), "time_base": float(stamps.time_base)}
+            pts = np.asarray(stamps.pts_s, np.float64)
+        else:
+            pts = np.zeros((0,), np.float64)
+        return json.dumps(facts), pts
+
+    @classmethod
+    def from_record(cls, facts_json: str, pts_s: np.ndarray) -> "VideoProbe":
+        """Inverse of :meth:`to_record`."""
+        facts = json.loads(facts_json)
+        ts = facts.pop("timestamps", None)
+        stamps = None if ts is None else VideoTimestamps(np.asarray(pts_s, np.float64), float(ts["last_duration_s"]),
+                                                         int(ts["start_ticks"]), float(ts["time_base"]))
+        return cls(**facts, timestamps=stamps)
 
 
 def open_media(path: Path):

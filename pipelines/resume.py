@@ -38,7 +38,7 @@ from typing import Optional
 
 import pyarrow.parquet as pq
 
-from core.atomic_files import write_json_atomic
+from core.atomic_files import temp_files_of, write_json_atomic
 from core.sections import PlatformConfig
 from core.weights import WeightPaths
 from pipelines.errors import PipelineError
@@ -196,7 +196,8 @@ def remove_video_files(out_dir: str | Path, video_id: str) -> None:
     """A video's frame file, its temp file and its chunk folder (redo or reject)."""
     path = frames_path(Path(out_dir), video_id)
     path.unlink(missing_ok=True)
-    path.with_suffix(".parquet.tmp").unlink(missing_ok=True)
+    for tmp in temp_files_of(path):  # a crashed writer's (core.atomic_files names them)
+        tmp.unlink(missing_ok=True)
     shutil.rmtree(parts_dir(out_dir, video_id), ignore_errors=True)
 
 

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from core.atomic_files import AtomicFile
 from pipelines.errors import PipelineError
 
 SCHEMA_VERSION = 1
@@ -126,16 +127,22 @@ def frames_path(out_dir: Path, video_id: str) -> Path:
 class FrameFileWriter:
     """Writes one video's frames in order, one row group per ``ROW_GROUP_FRAMES`` frames.
 
-    Writes to ``<name>.parquet.tmp`` and renames on :meth:`close`, so a crashed job never leaves
-    a file that looks complete (resume relies on it).
+    Writes to a temp file beside it and renames it on :meth:`close`
+    (:class:`core.atomic_files.AtomicFile`), so a crashed job never leaves a file that looks
+    complete (resume relies on it); :meth:`abort` removes the temp file.
     """
 
     def __init__(self, out_dir: Path, video_id: str, schema: pa.Schema):
         self.path = frames_path(out_dir, video_id)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_suffix(".parquet.tmp")
+        self._file = AtomicFile(self.path)
+        self.tmp = self._file.tmp
         self.schema = schema
-        self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        try:
+            self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        except BaseException:
+            self._file.discard()
+            raise
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self.num_rows = 0
@@ -159,12 +166,13 @@ class FrameFileWriter:
         if self._pending_rows:
             self._flush(self._pending_rows)
         self._writer.close()
-        self.tmp.replace(self.path)
-        return self.path
+        return self._file.commit()
 
     def abort(self) -> None:
-        self._writer.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self._writer.close()
+        finally:
+            self._file.discard()
 
 
 class FrameStore:

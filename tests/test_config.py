@@ -70,3 +70,16 @@ def test_removed_key_null_is_dropped_and_set_value_names_its_new_place(tmp_path)
         load_platform_config(secret)
     assert "serve.auth_token" in str(err.value) and "LOOPY_SERVE_TOKENS" in str(err.value)
     assert "s3cr3t" not in str(err.value)
+
+
+def test_retired_key_is_dropped_whatever_its_value(tmp_path):
+    """Packages and ingest folders written while ingest.scale_search_s existed (5.0 there) still
+    load; a typo beside it is still an error."""
+    old = tmp_path / "old.yaml"
+    old.write_text("ingest:\n  scale_search_s: 5.0\n  scale_search_frames: 7\n")
+    cfg = load_platform_config(old)
+    assert cfg.ingest.scale_search_frames == 7 and not hasattr(cfg.ingest, "scale_search_s")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("ingest:\n  scale_search_s: 5.0\n  scale_serch_frames: 7\n")
+    with pytest.raises(ConfigError, match="ingest.scale_serch_frames"):
+        load_platform_config(typo)

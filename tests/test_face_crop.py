@@ -298,6 +298,33 @@ def test_small_face_is_found_at_the_searched_scale(detector):
     assert np.linalg.norm((box[:2] + box[2:]) / 2 - centre) < 0.25 * width
 
 
+def test_scale_search_samples_the_whole_video_so_a_face_shown_late_is_found(tmp_path):
+    """The detection-scale search samples frames spread over the whole video, not only its first
+    seconds: a small face (6 % of the short side of 1280x720, ~43 px) shown only after 6 s of an
+    empty frame is found and sets the scale (the no-face fallback scale, ~1.1, would miss it)."""
+    import subprocess
+
+    from core.sections import IngestConfig
+    from pipelines.face_scenes import ScenePerson, SceneSpec, write_scene
+    from pipelines.ingest_stages import VideoAnalyzer
+    from pipelines.probe import probe_video
+    from pipelines.video_decode import plan_from_timestamps
+
+    scene, _ = write_scene(tmp_path, SceneSpec("late", 1280, 720, (ScenePerson(0.6, 0.4, 0.06),), seconds=8.0))
+    late = tmp_path / "late_face.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(scene), "-vf",
+                    "tpad=start_duration=6:start_mode=add:color=gray", "-an", "-c:v", "libx264", "-preset",
+                    "ultrafast", "-pix_fmt", "yuv420p", str(late)], check=True, timeout=120)
+    analyzer = VideoAnalyzer(IngestConfig())
+    probe = probe_video(late)
+    assert probe.duration_s == pytest.approx(14.0, abs=0.1)
+    info: dict = {}
+    scale = analyzer._detection_scale(str(late), probe, plan_from_timestamps(late, probe.timestamps, 25.0), info, {})
+    assert info["search_face_px"] is not None, info
+    assert 0.7 * 43 < info["search_face_px"] < 1.5 * 43, info
+    assert scale > 1.4 and info["detect_scale"] == pytest.approx(scale, abs=1e-4)
+
+
 def test_large_face_search_stops_at_the_coarse_level(detector):
     from pipelines.face_detect import pass_scale, search_face_scale
     from pipelines.face_scenes import ScenePerson, SceneSpec, render_scene

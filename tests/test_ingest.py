@@ -463,7 +463,14 @@ def test_chunk_rows_become_frame_rows_in_order_with_jpeg(tmp_path):
         asm.add(rows[c])
     asm.end = {"num_chunks": n_chunks}
     assert asm.complete
+    frames_dir = tmp_path / "frames"
+    assert not (frames_dir / "vid.parquet").exists()  # a temp file until closed (core.atomic_files)
     asm.writer.close()
+    assert [p.name for p in frames_dir.iterdir()] == ["vid.parquet"]
+    aborted = VideoAssembly(tmp_path, "gone", schema)
+    aborted.add(rows[0])
+    aborted.writer.abort()
+    assert [p.name for p in frames_dir.iterdir()] == ["vid.parquet"]  # nothing left of the aborted file
     IngestMeta(1, 25.0, 16, [4, 2, 2], [2, 3], 16000, {}, 0.18215).write(tmp_path)
     store = FrameStore(tmp_path)
     data = store.read("vid", range(n_chunks * per), ["frame_index", "latent", "audio"])

@@ -141,6 +141,33 @@ def test_audio_much_shorter_than_video_is_refused_from_the_headers(media, monkey
     assert rej["stage"] == "audio" and "stream headers, before decoding" in rej["reason"], rej["reason"]
 
 
+def test_the_screened_probe_is_passed_on_and_the_analysis_never_probes_again(media, monkeypatch):
+    """screen_video (the job's first phase, a plain task) probes once; the analysis takes that
+    probe from its row: probing again there fails the test."""
+    import pipelines.ingest_stages as stages
+
+    cfg = IngestConfig()
+    screened = stages.screen_video({"video_id": "g", "path": str(media["good"])}, cfg)
+    assert screened["kind"] == "screened" and screened["stream_pts_s"].shape == (150,)
+    assert screened["probe_s"] > 0
+    refused = stages.screen_video({"video_id": "h", "path": str(media["hostile"])}, cfg)
+    assert (refused["kind"], refused["stage"]) == ("reject", "limits") and "max_duration_s" in refused["reason"]
+    assert json.loads(refused["info"])["duration_s"] == pytest.approx(3600.0, abs=1.0)
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("probed again although the row carries the probe")
+
+    monkeypatch.setattr(stages, "probe_video", no_probe)
+    analyzer = stages.VideoAnalyzer(cfg)
+    row = {k: screened[k] for k in ("video_id", "path", "probe", "stream_pts_s", "probe_s")}
+    assert analyzer.begin(row) == {"kind": "probed", "video_id": "g", "duration_s": pytest.approx(6.0, abs=0.05)}
+    out = analyzer.finish(row)
+    assert out["kind"] == "video" and int(out["num_frames"]) == 150, out["reason"]
+    info = json.loads(out["info"])
+    assert info["width"] == 320 and info[stages.STAGE_TIMES_KEY]["probe"] == screened["probe_s"]
+    np.testing.assert_array_equal(out["stream_pts_s"], screened["stream_pts_s"])
+
+
 def test_distinct_source_frames_rule():
     from pipelines.quality import check_limits, distinct_source_frames
 
@@ -333,6 +360,8 @@ def fault_runs(ray_local, tiny_weights, media, tmp_path_factory) -> dict:
     """Run 1 (with faults): a good video, the clicks file and its no-click reference, a video whose
     analysis hangs, one whose actor is killed every time it is tried, a copy of the good video in
     another folder, the hostile file. Run 2: the same inputs without the faults."""
+    import ray._private.state as ray_state  # the GCS actor table (the state API needs the dashboard, off here)
+
     from pipelines.ingest_job import run_ingest
 
     root = tmp_path_factory.mktemp("fault_job")
@@ -355,21 +384,72 @@ def fault_runs(ray_local, tiny_weights, media, tmp_path_factory) -> dict:
                               max_task_retries=1)
     out = root / "out"
     first_msgs: list[str] = []
+    actors_before = set(ray_state.actors())
     t0 = time.perf_counter()
     first = run_ingest(inputs, out, cfg, echo=first_msgs.append)
     first_wall = time.perf_counter() - t0
+    first_actors = [a.get("ActorClassName") for k, a in ray_state.actors().items() if k not in actors_before]
     first_rows = {Path(r["source"]).name: r for r in pq.read_table(out / "videos.parquet").to_pylist()}
     cfg.ingest.fault_hang_match = cfg.ingest.fault_kill_match = None
     second = run_ingest(inputs, out, cfg, echo=lambda s: None)
     second_rows = {Path(r["source"]).name: r for r in pq.read_table(out / "videos.parquet").to_pylist()}
     return {"out": out, "cfg": cfg, "first": first, "first_rows": first_rows, "first_msgs": first_msgs,
-            "first_wall": first_wall, "second": second, "second_rows": second_rows}
+            "first_wall": first_wall, "first_actors": first_actors, "second": second, "second_rows": second_rows}
+
+
+def test_a_probe_past_its_deadline_is_a_timeout_and_the_next_probe_runs(ray_local, media, tmp_path):
+    """The first phase's deadline (``deadline_base_s``, from the task's start): a probe still
+    running past it is cancelled (its worker killed) and recorded at stage ``timeout``; the
+    next probes run as usual."""
+    from pipelines.ingest_job import screen_inputs
+    from pipelines.manifest import plan_inputs
+
+    shutil.copyfile(media["hostile"], tmp_path / "hostile.mp4")
+    videos = plan_inputs(tmp_path, 0.0, "video")
+    ((video, row),) = list(screen_inputs(videos, IngestConfig(deadline_base_s=0.001)))  # the probe takes > 50 ms
+    assert (row["kind"], row["stage"]) == ("reject", "timeout"), row
+    assert row["reason"].startswith("timeout: ") and "hostile.mp4" in row["reason"] and "killed" in row["reason"]
+    ((_, row),) = list(screen_inputs(videos, IngestConfig()))
+    assert (row["kind"], row["stage"]) == ("reject", "limits") and "max_duration_s" in row["reason"], row
+
+
+@pytest.mark.slow
+def test_a_job_whose_every_input_fails_the_cheap_checks_starts_no_actor(ray_local, tiny_weights, media, tmp_path):
+    """Probe + limits run as plain Ray tasks before the pipeline is built: when no video passes,
+    no actor (analysis process, wav2vec2, decode, VAE) is ever started, as Ray's actor table
+    shows (the mixed job of ``fault_runs`` starts its pools, seen the same way). The rejects keep
+    their stages and reasons."""
+    import ray._private.state as ray_state  # the GCS actor table (the state API needs the dashboard, off here)
+
+    from pipelines.ingest_job import run_ingest
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copyfile(media["hostile"], inputs / "hostile.mp4")
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=25:duration=7", "-f", "lavfi", "-i",
+            "sine=frequency=300:sample_rate=16000:duration=2", "-c:v", "libx264", "-preset", "ultrafast",
+            "-pix_fmt", "yuv420p", "-c:a", "aac", str(inputs / "short_audio.mp4"))
+    (inputs / "empty.mp4").write_bytes(b"")
+    cfg = PlatformConfig()
+    cfg.weights = tiny_weights[0]
+    before = set(ray_state.actors())
+    summary = run_ingest(inputs, tmp_path / "out", cfg, echo=lambda s: None)
+    started = [a.get("ActorClassName") for k, a in ray_state.actors().items() if k not in before]
+    assert started == [], started
+    rows = {Path(r["source"]).name: r for r in pq.read_table(tmp_path / "out" / "videos.parquet").to_pylist()}
+    assert {n: (r["status"], r["stage"]) for n, r in rows.items()} == {
+        "hostile.mp4": ("rejected", "limits"), "short_audio.mp4": ("rejected", "audio"),
+        "empty.mp4": ("rejected", "probe")}
+    assert "max_duration_s" in rows["hostile.mp4"]["reason"] and "empty" in rows["empty.mp4"]["reason"]
+    assert rows["hostile.mp4"]["duration_s"] == pytest.approx(3600.0, abs=1.0)
+    assert summary.rejected == 3 and summary.processed == 3 and summary.ok == 0
 
 
 @pytest.mark.slow
 def test_hang_costs_one_video_a_killed_worker_is_failed_and_retried(fault_runs):
     rows = fault_runs["first_rows"]
     assert rows["good.mp4"]["status"] == "ok", rows["good.mp4"]["reason"]
+    assert fault_runs["first_actors"], "a job with good videos starts its actor pools"
     hang = rows["hang_me.mp4"]
     assert (hang["status"], hang["stage"]) == ("rejected", "timeout"), hang
     assert "deadline" in hang["reason"] and "hang_me.mp4" in hang["reason"]
