@@ -55,6 +55,18 @@ def downscale(image: np.ndarray, max_side: Optional[int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR), dtype=np.uint8)
 
 
+def check_landmarks(landmarks, image_shape: tuple[int, ...]) -> np.ndarray:
+    """``landmarks`` as float32 [68, 2] (x, y pixels) checked against an image of ``image_shape``
+    ([H, W, ...]): the shape, finite values, every point within the image (1 px of slack)."""
+    lm = np.asarray(landmarks, dtype=np.float32)
+    if lm.shape != (68, 2) or not np.all(np.isfinite(lm)):
+        raise ValueError(f"landmarks must be 68 finite (x, y) points, got shape {lm.shape}")
+    h, w = image_shape[:2]
+    if lm[:, 0].min() < -1 or lm[:, 1].min() < -1 or lm[:, 0].max() > w + 1 or lm[:, 1].max() > h + 1:
+        raise ValueError(f"landmarks fall outside the {w}x{h} image")
+    return lm
+
+
 class PortraitCropper:
     """Face detection + crop of one image with the ingest code and the ingest settings."""
 
@@ -104,10 +116,15 @@ class PortraitCropper:
     def has_face(self, image: np.ndarray) -> bool:
         return self.landmarks(image) is not None
 
-    def crop(self, image: np.ndarray) -> np.ndarray:
+    def crop(self, image: np.ndarray, landmarks: Optional[np.ndarray] = None) -> np.ndarray:
         """uint8 [H, W, 3] -> face crop uint8 [S, S, 3] (S = ``ingest.crop_size``).
-        Raises :class:`NoFaceError` when no face is found."""
-        lm = self.landmarks(image)
+
+        ``landmarks``: the subject's 68 landmarks [68, 2] in ``image`` pixels when already found
+        (by :meth:`landmarks`, e.g. in the service's upload check); the face search, the costly
+        part (seconds for a phone photo on a CPU), is then not run again. Raises
+        :class:`NoFaceError` when no face is found, ``ValueError`` for landmarks of the wrong shape,
+        not finite, or outside the image."""
+        lm = self.landmarks(image) if landmarks is None else check_landmarks(landmarks, image.shape)
         if lm is None:
             raise NoFaceError("no face found in the portrait image")
         h, w = image.shape[:2]

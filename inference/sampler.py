@@ -118,10 +118,12 @@ class LoopySampler:
         return cls.from_loaded(load_package(location, device, platform_overrides, tracking_uri))
 
     # --- inputs --------------------------------------------------------------------------------
-    def prepare_portrait(self, image: np.ndarray) -> torch.Tensor:
+    def prepare_portrait(self, image: np.ndarray, landmarks: Optional[np.ndarray] = None) -> torch.Tensor:
         """uint8 RGB image [H, W, 3] (any size) -> reference latent [1, 4, h, w] on the device.
-        Raises :class:`inference.portrait.NoFaceError` when no face is found."""
-        crop = self.portrait.crop(image)  # [S, S, 3]
+        ``landmarks``: the face's 68 landmarks [68, 2] in image pixels when already found (the
+        face search is then skipped). Raises :class:`inference.portrait.NoFaceError` when no face
+        is found."""
+        crop = self.portrait.crop(image, landmarks)  # [S, S, 3]
         latent = self.codec.encode(crop[None])  # [1, 4, h, w]
         return torch.as_tensor(np.asarray(latent), dtype=torch.float32).to(self.device)
 
@@ -272,13 +274,15 @@ class LoopySampler:
 
     def generate(self, image: np.ndarray | str | Path, audio_path: str | Path, out_path: str | Path,
                  options: Optional[SamplerConfig] = None,
-                 progress: Optional[ProgressCallback] = None) -> SampleResult:
-        """Portrait (uint8 [H, W, 3] or an image file) + audio file -> mp4 at ``out_path``."""
+                 progress: Optional[ProgressCallback] = None,
+                 landmarks: Optional[np.ndarray] = None) -> SampleResult:
+        """Portrait (uint8 [H, W, 3] or an image file) + audio file -> mp4 at ``out_path``.
+        ``landmarks``: see :meth:`prepare_portrait`."""
         options = options or self.default_options
         started = time.perf_counter()
         if not isinstance(image, np.ndarray):
             image = load_image(image)
-        ref_latent = self.prepare_portrait(image)
+        ref_latent = self.prepare_portrait(image, landmarks)
         _, feats = self.prepare_audio(audio_path, options.fps, options.max_audio_s)
         latents = self.generate_latents(ref_latent, feats, options, progress)
         n = latents.shape[0]

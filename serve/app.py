@@ -40,6 +40,7 @@ Entry points: ``serve run serve/serve_config.yaml`` (application builder :func:`
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -50,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import ray
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -209,7 +211,8 @@ class LoopyWorker:
         return {"model": self.model, "version": self.version}
 
     # --- jobs ----------------------------------------------------------------------------------
-    def _run(self, image_png: bytes, audio_wav: bytes, options: dict, on_progress) -> bytes:
+    def _run(self, image_png: bytes, audio_wav: bytes, options: dict, landmarks: Optional[list],
+             on_progress) -> bytes:
         with self._swap:
             sampler = self.sampler
         opts = dataclasses.replace(sampler.default_options, **options)
@@ -219,7 +222,8 @@ class LoopyWorker:
             if not is_pcm_wav(audio_path):  # the ingress sends only the WAV it wrote itself
                 raise ServeError("the job's audio is not the service's PCM WAV")
             out = Path(tmp) / "result.mp4"
-            sampler.generate(read_png(image_png), audio_path, out, opts, on_progress)
+            face = None if landmarks is None else np.asarray(landmarks, np.float32)  # [68, 2] px
+            sampler.generate(read_png(image_png), audio_path, out, opts, on_progress, landmarks=face)
             return out.read_bytes()
 
     def _run_locked(self, timeout_s: float, *args) -> bytes:
@@ -230,7 +234,8 @@ class LoopyWorker:
             self._busy_deadline = None
             self._run_lock.release()
 
-    async def generate(self, image_png: bytes, audio_wav: bytes, options: dict, timeout_s: float):
+    async def generate(self, image_png: bytes, audio_wav: bytes, options: dict, timeout_s: float,
+                       landmarks: Optional[list] = None):
         if not self._run_lock.acquire(blocking=False):
             raise WorkerBusyError("the previous job on this worker is still stopping")
         loop = asyncio.get_running_loop()
@@ -252,7 +257,7 @@ class LoopyWorker:
 
         try:
             future = loop.run_in_executor(None, self._run_locked, timeout_s, image_png, audio_wav, options,
-                                          on_progress)
+                                          landmarks, on_progress)
         except BaseException:
             self._run_lock.release()
             raise
@@ -361,7 +366,8 @@ class LoopyIngress:
             finally:
                 self._streams.pop(job_id, None)
 
-    async def _open_stream(self, job_id: str, image: bytes, audio: bytes, options: dict):
+    async def _open_stream(self, job_id: str, image: bytes, audio: bytes, options: dict,
+                           landmarks: Optional[list] = None):
         """Offer the job to a worker until one takes it (a replica still stopping its previous job,
         or one being replaced, is asked again after ``BUSY_RETRY_S``). Returns (stream, its first
         event), or (None, None) when the job was deleted meanwhile. Raises the last error when
@@ -371,7 +377,7 @@ class LoopyIngress:
         while True:
             if self.store.get(job_id) is None:
                 return None, None
-            stream = self.worker.options(stream=True).generate.remote(image, audio, options, timeout_s)
+            stream = self.worker.options(stream=True).generate.remote(image, audio, options, timeout_s, landmarks)
             self._streams[job_id] = stream
             try:
                 return stream, await stream.__anext__()
@@ -380,13 +386,23 @@ class LoopyIngress:
                     raise
                 await asyncio.sleep(BUSY_RETRY_S)
 
+    @staticmethod
+    def _face_of(job) -> Optional[list]:
+        """The landmarks the upload check found ([68][2] pixels), or None (a job queued by an older
+        version of the service, without the file: the worker searches the face itself)."""
+        path = job.file("face")
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text())["landmarks"]
+
     async def _run_job(self, job_id: str) -> None:
         job = self.store.get(job_id)
         if job is None or job.state != JobState.queued:
             return
         image = await asyncio.to_thread(job.file("image").read_bytes)
         audio = await asyncio.to_thread(job.file("audio").read_bytes)
-        stream, first = await self._open_stream(job_id, image, audio, job.options)
+        landmarks = await asyncio.to_thread(self._face_of, job)
+        stream, first = await self._open_stream(job_id, image, audio, job.options, landmarks)
         if stream is None:
             return
         timeout_s = self.sc.job_timeout_s
@@ -480,7 +496,7 @@ class LoopyIngress:
         rgb = decode_image(job.file("upload_image").read_bytes(), "image",
                            max_pixels=int(sc.max_image_megapixels * 1e6))
         with self._detect_lock:  # one detector shared by the request threads
-            check_face(rgb, self.cropper.has_face, "image")
+            landmarks = check_face(rgb, self.cropper.landmarks, "image")
         audio = decode_audio_upload(job.file("upload_audio"), sc.max_audio_s, "audio",
                                     max_channels=sc.max_audio_channels, max_rate_hz=sc.max_audio_rate_hz)
         check_audio(audio, "audio")
@@ -488,6 +504,9 @@ class LoopyIngress:
         check_budget(num_frames, options.steps, sc.max_frame_steps)
         job.file("image").write_bytes(encode_png(rgb))
         job.file("audio").write_bytes(encode_wav(audio.samples, audio.sample_rate))
+        # the worker crops with these (the PNG holds exactly the pixels searched): the face search
+        # is the costly part of the check (seconds for a phone photo), run once per request
+        job.file("face").write_text(json.dumps({"landmarks": landmarks.round(3).tolist()}))
         for kind in ("upload_image", "upload_audio"):
             job.file(kind).unlink(missing_ok=True)
         self.store.set_frames(job.id, num_frames, num_clips(num_frames, self.clip_frames))

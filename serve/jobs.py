@@ -40,10 +40,11 @@ JOB_FILES = {
     "upload_audio": "upload_audio.bin",
     "image": "portrait.png",  # the checked image, re-encoded by the service
     "audio": "audio.wav",  # the checked audio: 16 kHz mono PCM written by the service
+    "face": "face.json",  # the face the check found: 68 landmarks in portrait pixels (no second search)
     "video": "result.mp4",
 }
 """The only file names a job folder ever holds (server-chosen)."""
-INPUT_FILES = ("upload_image", "upload_audio", "image", "audio")
+INPUT_FILES = ("upload_image", "upload_audio", "image", "audio", "face")
 
 
 class JobState(str, Enum):

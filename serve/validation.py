@@ -98,15 +98,19 @@ def read_png(data: bytes) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def check_face(image: np.ndarray, has_face: Callable[[np.ndarray], bool], field: str = "image") -> None:
-    """422 when the ingest face detector finds no face in ``image`` (uint8 [H, W, 3]), or several
-    faces of similar size (:class:`inference.portrait.SeveralFacesError`, a message with no path)."""
+def check_face(image: np.ndarray, find_landmarks: Callable[[np.ndarray], Optional[np.ndarray]],
+               field: str = "image") -> np.ndarray:
+    """The subject's 68 landmarks [68, 2] (pixels of ``image``, uint8 [H, W, 3]) found by the
+    ingest face detector (``find_landmarks``: :meth:`inference.portrait.PortraitCropper.landmarks`).
+    422 when it finds no face, or several faces of similar size
+    (:class:`inference.portrait.SeveralFacesError`, a message with no path)."""
     try:
-        found = has_face(image)
+        found = find_landmarks(image)
     except BadInputError as exc:
         raise UploadError(422, field, str(exc)) from None
-    if not found:
+    if found is None:
         raise UploadError(422, field, "no face found in the image (a frontal portrait is needed)")
+    return np.asarray(found, np.float32)
 
 
 # --- audio -----------------------------------------------------------------------------------------

@@ -235,6 +235,30 @@ def test_portrait_without_face_is_refused(full_sampler, tmp_path):
         full_sampler.prepare_portrait(noise)
 
 
+def test_portrait_with_landmarks_found_earlier_skips_the_search_and_crops_the_same(full_sampler, tmp_path,
+                                                                                     monkeypatch):
+    """The service searches the face once (upload check) and hands the landmarks to the worker."""
+    from inference.portrait import load_image
+
+    image = load_image(make_portrait(tmp_path / "portrait.png"))
+    cropper = full_sampler.portrait
+    landmarks = cropper.landmarks(image)
+    assert landmarks is not None and landmarks.shape == (68, 2)
+    searched = cropper.crop(image)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the face was searched again although its landmarks were given")
+
+    monkeypatch.setattr(cropper, "landmarks", no_search)
+    assert np.array_equal(cropper.crop(image, landmarks), searched)
+    latent = full_sampler.prepare_portrait(image, landmarks)
+    assert latent.shape[0] == 1
+    h, w = image.shape[:2]
+    for bad in (landmarks[:10], np.full((68, 2), np.nan), landmarks + [w, 0]):
+        with pytest.raises(ValueError, match="landmarks"):
+            cropper.crop(image, bad)
+
+
 def test_audio_too_short_or_too_long_is_bad_input_naming_the_file(full_sampler, tmp_path):
     from inference.errors import BadInputError, InferenceError
 
