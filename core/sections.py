@@ -263,8 +263,21 @@ class EvaluationConfig:
     output_dir: str = "work/evaluation"  # JSON and side-by-side videos; relative paths under the project root
     side_by_side_videos: int = 1  # real | generated mp4s (with audio) logged to MLflow
     # --- optional learned metrics: only from weights given by path, never downloaded ---
-    syncnet_path: Optional[str] = None  # SyncNet (LSE-C / LSE-D); not implemented yet: recorded as skipped
-    fid_weights_path: Optional[str] = None  # Inception / I3D weights (FID / FVD); not implemented yet: skipped
+    # SyncNet (LSE-D / LSE-C per video): TorchScript net(lip [B, 3, 5, 224, 224] BGR 0..255,
+    # mfcc [B, 1, 13, 20]) -> (lip_emb [B, D], audio_emb [B, D]); None = skipped
+    syncnet_path: Optional[str] = None
+    # FID / FVD (inference/learned_metrics.py, docs/EVALUATION.md): TorchScript files; None = skipped.
+    # FID: frames float32 [N, 3, S, S] in [0, 1] -> features [N, D] (e.g. Inception-v3 pool3, 2048-d,
+    # S = 299), pooled over every frame of the split
+    fid_weights_path: Optional[str] = None
+    fid_input_size: int = 299  # S of the FID network: frames are resized (bilinear) to S x S
+    # FVD: clips float32 [N, 3, T, S, S] in [-1, 1] -> features [N, D] (e.g. i3d_torchscript.pt, 400-d)
+    fvd_weights_path: Optional[str] = None
+    fvd_input_size: int = 224  # S of the FVD network
+    fvd_clip_frames: int = 16  # T: non-overlapping clips of each video (a shorter tail is dropped)
+    # i3d: net(x, rescale=False, resize=False, return_features=True) (the I3D TorchScript); plain: net(x)
+    fvd_call_convention: Literal["i3d", "plain"] = "i3d"
+    feature_batch_size: int = 32  # frames per FID call (FVD: this // fvd_clip_frames clips; SyncNet: // 5)
     # --- registry alias ---
     alias: Optional[str] = "champion"  # None: never move an alias
     min_sync: Optional[float] = 0.30

@@ -76,7 +76,10 @@ def test_evaluate_package_scores_the_split_against_the_source_frames(ingested, t
     assert video["face_found_ratio_gt"] >= 0.9
     assert video["sync_gt"] >= 0.3
     assert result["mean"]["videos"] == 1 and result["mean"]["psnr"] == video["psnr"]
+    # no weights paths given: the learned metrics are skipped, each reason naming its setting
     assert set(result["skipped"]) == {"lse_c", "lse_d", "fid", "fvd"}
+    assert "evaluation.fid_weights_path" in result["skipped"]["fid"]
+    assert "evaluation.fvd_weights_path" in result["skipped"]["fvd"]
 
     # the frames decoded from the source line up with the ingest's: landmarks found on them match
     # the stored (crop-normalised) landmarks of the same frames

@@ -17,7 +17,12 @@ loss plot, and a short sample video of the current model.
 * The evaluation job's metrics (:func:`evaluate_package`, docs/EVALUATION.md): whole test videos
   generated from a reference frame and their own audio, scored by
   :func:`pipelines.video_metrics.score_video` (psnr, ssim, lmd, sync, sync_control, glo, exp, ...);
-  the same per-video function (:func:`evaluate_row`) runs in the job's Ray Data actors.
+  the same per-video function (:func:`evaluate_row`) runs in the job's Ray Data actors. FID / FVD
+  (``evaluation.fid_weights_path`` / ``fvd_weights_path``, :mod:`inference.learned_metrics`): each
+  video's generated and real features come back with its record and the distances are computed
+  over the whole split at the end (:func:`learned_metric_results`). LSE-D / LSE-C
+  (``evaluation.syncnet_path``) are per video (``lse_d``, ``lse_c`` and ``_gt`` for the real
+  frames), averaged into ``mean``.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import torch
 from core.sections import EvaluationConfig
 from inference.errors import InferenceError
 from inference.evaluate_video import evaluate_video, read_eval_video, split_videos
+from inference.learned_metrics import FeatureNetworks, learned_metric_values, load_feature_networks, lse_means
 from inference.sampler import LoopySampler
 from pipelines.errors import PipelineError
 from pipelines.face_detect import make_detector
@@ -134,6 +140,10 @@ def motion_statistics(frames: np.ndarray, gt_landmarks: np.ndarray, detector) ->
 
 # --- the evaluation job's metrics ------------------------------------------------------------------
 
+#: Key of a record's per-video FID / FVD features (``{name: float32 [N, D]}``); popped by
+#: :func:`learned_metric_results`, never written to the JSON.
+FEATURES_KEY = "learned_features"
+
 #: Metrics averaged into ``mean`` (per-video keys of score_video plus ``sync_margin``).
 MEAN_KEYS = ("psnr", "ssim", "lmd", "sync", "sync_control", "sync_margin", "glo", "exp", "glo_gt", "exp_gt",
              "sync_gt", "sync_control_gt", "face_found_ratio", "face_found_ratio_gt", "frames",
@@ -146,12 +156,14 @@ def metric_detector(eval_cfg: EvaluationConfig, dwpose_dir: Optional[str] = None
 
 
 def evaluate_row(sampler: LoopySampler, detector, data_dir: str | Path, row: dict, eval_cfg: EvaluationConfig,
-                 steps: Optional[int] = None, keep_frames: bool = False) -> dict[str, Any]:
+                 steps: Optional[int] = None, keep_frames: bool = False,
+                 networks: Optional[FeatureNetworks] = None) -> dict[str, Any]:
     """Generate and score one manifest row (``video_id``, ``source``) of an ingest output.
 
     Returns ``{"video_id", "status": "ok", "real_from", "notes", **metrics}`` (plus
     ``"evaluation"``: the :class:`inference.evaluate_video.VideoEvaluation` with the frames and
-    ``"samples"`` when ``keep_frames``) or, for a video that cannot be evaluated (an input error:
+    ``"samples"`` when ``keep_frames``; ``FEATURES_KEY``: the FID / FVD features of the
+    generated and real frames when ``networks`` has any) or, for a video that cannot be evaluated (an input error:
     bad file, too short, features that do not fit the model), ``{"video_id", "status":
     "rejected", "reason"}``; other exceptions (infrastructure) propagate so they are retried."""
     vid = str(row["video_id"])
@@ -167,6 +179,13 @@ def evaluate_row(sampler: LoopySampler, detector, data_dir: str | Path, row: dic
     metrics["sync_margin"] = metrics["sync"] - metrics["sync_control"]
     out: dict[str, Any] = {"video_id": vid, "status": "ok", "real_from": result.real_from,
                            "notes": list(result.notes), **metrics}
+    if networks is not None and networks.any:  # outside the try: a failure here is not the video's fault
+        out[FEATURES_KEY] = networks.video_features(result.generated, result.real)
+    if networks is not None and networks.syncnet is not None:
+        lse, note = networks.syncnet.scores(result.generated, result.real, video.samples, video.sample_rate, video.fps)
+        out.update(lse)
+        if note:
+            out["notes"].append(note)
     if keep_frames:
         out["evaluation"] = result
         out["samples"] = video.samples
@@ -186,20 +205,37 @@ def mean_metrics(videos: Sequence[dict]) -> dict[str, float]:
     return out
 
 
-def skipped_metrics(eval_cfg: EvaluationConfig) -> dict[str, str]:
-    """The learned metrics not computed, each with its reason: their weights are only ever read
-    from a given path (never downloaded), and this version does not implement them yet."""
+def skipped_metrics(eval_cfg: EvaluationConfig, notes: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The learned metrics with no value, each with its reason: those whose weights are not given
+    (they are only ever read from a path, never downloaded) and those ``notes`` (from
+    :func:`learned_metric_results`) says are NaN."""
     out = {}
-    for names, key, what in ((("lse_c", "lse_d"), "syncnet_path", "SyncNet"),
-                             (("fid", "fvd"), "fid_weights_path", "Inception / I3D")):
-        path = getattr(eval_cfg, key)
-        if path:
-            reason = f"{what} weights given ({path}), but this metric is not implemented in this version"
-        else:
-            reason = f"no {what} weights given (evaluation.{key}); weights are never downloaded"
-        for name in names:
-            out[name] = reason
+    if not eval_cfg.syncnet_path:
+        for name in ("lse_c", "lse_d"):
+            out[name] = "no SyncNet given (evaluation.syncnet_path); weights are never downloaded"
+    for name in ("lse_c", "lse_d"):
+        if eval_cfg.syncnet_path and notes and name in notes:
+            out[name] = notes[name]
+    for name, key, what in (("fid", "fid_weights_path", "FID network (e.g. Inception-v3 pool3 TorchScript)"),
+                            ("fvd", "fvd_weights_path", "FVD network (e.g. the I3D TorchScript)")):
+        if not getattr(eval_cfg, key):
+            out[name] = f"no {what} given (evaluation.{key}); weights are never downloaded"
+        elif notes and name in notes:
+            out[name] = notes[name]
     return out
+
+
+def learned_metric_results(eval_cfg: EvaluationConfig, records: Sequence[dict]
+                           ) -> tuple[dict[str, float], dict[str, str]]:
+    """FID / FVD over the ``ok`` records (their :data:`FEATURES_KEY` features pooled over the
+    videos; the key is popped from every record) -> ``(values for mean, skipped)``: ``values``
+    has ``fid`` / ``fvd`` and ``fid_frames`` / ``fvd_clips`` for the configured networks (NaN
+    with its reason in ``skipped`` when there are too few frames / clips) and, with a SyncNet,
+    the means of the per-video ``lse_d``, ``lse_c``, ``lse_d_gt``, ``lse_c_gt``."""
+    features = [r.pop(FEATURES_KEY) for r in records if FEATURES_KEY in r]
+    values, notes = learned_metric_values(features, eval_cfg)
+    lse_values, lse_notes = lse_means(records, eval_cfg)
+    return {**values, **lse_values}, skipped_metrics(eval_cfg, {**notes, **lse_notes})
 
 
 def evaluate_package(package_dir: str | Path, data_dir: str | Path, split: str = "test",
@@ -212,15 +248,20 @@ def evaluate_package(package_dir: str | Path, data_dir: str | Path, split: str =
 
     ``evaluation``: the settings (default: the package's ``evaluation`` section). Returns
     ``{"videos": [per-video dicts of evaluate_row], "mean": {...}, "rejected": [...],
-    "skipped": {metric: reason}, "split": split}``; metrics NaN where undefined."""
+    "skipped": {metric: reason}, "split": split}``; metrics NaN where undefined. With
+    ``evaluation.fid_weights_path`` / ``fvd_weights_path`` set, ``mean`` also has ``fid`` /
+    ``fvd`` (over the whole split) and ``fid_frames`` / ``fvd_clips``; a broken weights file raises
+    :class:`inference.learned_metrics.LearnedMetricError` before any video is generated."""
     sampler = LoopySampler.from_package(str(package_dir), device=device)
     eval_cfg = evaluation or sampler.cfg.evaluation
+    networks = load_feature_networks(eval_cfg, sampler.device)  # a broken weights path fails here
     rows = split_videos(data_dir, split)
     limit = max_videos if max_videos is not None else eval_cfg.max_videos
     if limit is not None:
         rows = rows[: int(limit)]
     detector = metric_detector(eval_cfg, sampler.cfg.weights.dwpose_dir)
-    results = [evaluate_row(sampler, detector, data_dir, row, eval_cfg, steps) for row in rows]
+    results = [evaluate_row(sampler, detector, data_dir, row, eval_cfg, steps, networks=networks) for row in rows]
     ok = [r for r in results if r["status"] == "ok"]
-    return {"split": split, "videos": ok, "mean": mean_metrics(ok),
-            "rejected": [r for r in results if r["status"] != "ok"], "skipped": skipped_metrics(eval_cfg)}
+    learned, skipped = learned_metric_results(eval_cfg, ok)
+    return {"split": split, "videos": ok, "mean": {**mean_metrics(ok), **learned},
+            "rejected": [r for r in results if r["status"] != "ok"], "skipped": skipped}

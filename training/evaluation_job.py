@@ -4,7 +4,7 @@ the configured thresholds pass (docs/EVALUATION.md).
 
 1. :func:`prepare_evaluation` (no Ray): the model URI resolved to a package, its registered
    version and MLflow run looked up, the split's videos listed; every problem a user can fix is a
-   :class:`EvaluationSetupError` before Ray starts.
+   :class:`EvaluationSetupError` before Ray starts (a broken FID / FVD / SyncNet weights file included).
 2. :func:`run_evaluation`: ``ray.data.from_items(videos).map_batches(VideoEvaluator)``, an actor
    pool of ``evaluation.num_actors`` samplers (``evaluation.gpus_per_actor`` GPUs each when
    ``evaluation.use_gpu``; on a laptop CPU actors). Each actor loads the package once (from the
@@ -12,7 +12,9 @@ the configured thresholds pass (docs/EVALUATION.md).
    :func:`training.evaluation.evaluate_row` per video; a video that cannot be evaluated becomes a
    ``rejected`` row with its reason, an actor that dies is restarted and its video retried
    (``max_task_retries``). The first ``evaluation.side_by_side_videos`` videos also come back as
-   a real | generated mp4 (with the video's audio).
+   a real | generated mp4 (with the video's audio). With FID / FVD networks configured, each
+   video's generated and real features (``[frames or clips, D]`` float32, never the frames) come
+   back as an npz beside the record and the distances are computed over the split on the driver.
 3. The JSON (per-video metrics, ``mean``, ``rejected``, ``skipped``, ``thresholds``, ``alias``)
    is written, logged with the metrics (``eval_<split>_<metric>``) and the mp4s to the version's
    run (a new run in ``tracking.experiment`` for a plain package folder), and the alias
@@ -22,6 +24,7 @@ the configured thresholds pass (docs/EVALUATION.md).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -39,19 +42,20 @@ from core.paths import project_path, resolve_tracking_uri
 from core.ray_runtime import init_ray
 from core.sections import EvaluationConfig, PlatformConfig
 from inference.evaluate_video import split_videos, write_side_by_side
+from inference.learned_metrics import LearnedMetricError, load_feature_networks
 from inference.loading import package_root
 from inference.sampler import LoopySampler
 from models.registry import ModelPackageError, read_package_config
 from pipelines.schema import IngestFormatError, IngestMeta
 from training.errors import TrainingError
-from training.evaluation import evaluate_row, mean_metrics, metric_detector, skipped_metrics
+from training.evaluation import FEATURES_KEY, evaluate_row, learned_metric_results, mean_metrics, metric_detector
 from training.tracking import client_for, ensure_experiment
 
 log = logging.getLogger(__name__)
 
 #: Columns of a result row coming back from an actor (one video): a fixed schema whatever the
-#: video's outcome, the per-video dict as JSON.
-RESULT_COLUMNS = ("video_id", "record_json", "side_by_side_mp4")
+#: video's outcome, the per-video dict as JSON, its FID / FVD features as npz bytes (b"" when none).
+RESULT_COLUMNS = ("video_id", "record_json", "side_by_side_mp4", "features_npz")
 
 
 class EvaluationSetupError(TrainingError, ValueError):
@@ -122,6 +126,10 @@ def prepare_evaluation(model_uri: str, data_dir: str | Path, cfg: PlatformConfig
         videos = videos[: ev.max_videos]
     if not videos:
         raise EvaluationSetupError(f"--data {data_dir}: no ok videos in split {split!r}")
+    try:  # the FID / FVD / SyncNet files load and give [N, D] outputs (CPU here; the actors use theirs)
+        load_feature_networks(ev, "cpu")
+    except LearnedMetricError as exc:
+        raise EvaluationSetupError(str(exc)) from exc
     ref = lookup_model_version(str(model_uri), cfg)
     root = None
     # a registered version was checked by the lookup (the actors fetch it themselves); a folder or
@@ -148,6 +156,7 @@ class VideoEvaluator:
         self.data_dir = data_dir
         self.sampler = LoopySampler.from_package(model_uri, device=self.eval_cfg.device, tracking_uri=tracking_uri)
         self.detector = metric_detector(self.eval_cfg, self.sampler.cfg.weights.dwpose_dir)
+        self.networks = load_feature_networks(self.eval_cfg, self.sampler.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {c: [] for c in RESULT_COLUMNS}
@@ -155,7 +164,12 @@ class VideoEvaluator:
             row = {"video_id": str(batch["video_id"][i]), "source": str(batch["source"][i])}
             want_video = bool(batch["side_by_side"][i])
             record = evaluate_row(self.sampler, self.detector, self.data_dir, row, self.eval_cfg,
-                                  keep_frames=want_video)
+                                  keep_frames=want_video, networks=self.networks)
+            features = b""
+            if FEATURES_KEY in record:
+                buf = io.BytesIO()
+                np.savez(buf, **record.pop(FEATURES_KEY))
+                features = buf.getvalue()
             mp4 = b""
             if want_video and record["status"] == "ok":
                 ev = record.pop("evaluation")
@@ -166,6 +180,7 @@ class VideoEvaluator:
             out["video_id"].append(row["video_id"])
             out["record_json"].append(json.dumps(_json_safe(record)))
             out["side_by_side_mp4"].append(mp4)
+            out["features_npz"].append(features)
         return out
 
 
@@ -183,7 +198,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def evaluate_on_ray(prep: PreparedEvaluation) -> list[tuple[dict, bytes]]:
-    """The per-video records (manifest order) and side-by-side mp4 bytes (b"" when none)."""
+    """The per-video records (manifest order; FID / FVD features under ``FEATURES_KEY``) and
+    side-by-side mp4 bytes (b"" when none)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -209,7 +225,13 @@ def evaluate_on_ray(prep: PreparedEvaluation) -> list[tuple[dict, bytes]]:
                             compute=ActorPoolStrategy(min_size=1, max_size=max(1, min(ev.num_actors, len(items)))),
                             num_cpus=ev.cpus_per_actor, **gpus, **retry)
         rows = ds.take_all()
-    by_id = {str(r["video_id"]): (json.loads(r["record_json"]), bytes(r["side_by_side_mp4"] or b"")) for r in rows}
+    by_id = {}
+    for r in rows:
+        record = json.loads(r["record_json"])
+        if r["features_npz"]:
+            with np.load(io.BytesIO(bytes(r["features_npz"]))) as npz:
+                record[FEATURES_KEY] = {k: npz[k] for k in npz.files}
+        by_id[str(r["video_id"])] = (record, bytes(r["side_by_side_mp4"] or b""))
     return [by_id[v["video_id"]] for v in prep.videos if v["video_id"] in by_id]
 
 
@@ -297,6 +319,14 @@ def format_table(result: dict) -> str:
     lines += ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in rows]
     for rej in result["rejected"]:
         lines.append(f"rejected {rej['video_id']}: {rej['reason']}")
+    for name, count in (("fid", "fid_frames"), ("fvd", "fvd_clips")):
+        if name in result["mean"]:
+            n = int(result["mean"].get(count) or 0)
+            lines.append(f"{name} (pooled over the split, {n} {count.split('_')[1]}): {cell(result['mean'][name])}")
+    for name in ("lse_d", "lse_c"):
+        if name in result["mean"]:
+            lines.append(f"{name} (mean over videos): {cell(result['mean'][name])} "
+                         f"(real frames: {cell(result['mean'].get(name + '_gt'))})")
     for name, reason in result["skipped"].items():
         lines.append(f"skipped {name}: {reason}")
     return "\n".join(lines)
@@ -313,12 +343,14 @@ def run_evaluation(prep: PreparedEvaluation, echo: Callable[[str], None] = print
     missing = {v["video_id"] for v in prep.videos} - {r["video_id"] for r, _ in records}
     rejected += [{"video_id": vid, "status": "rejected", "reason": "no result came back from Ray Data"}
                  for vid in sorted(missing)]
+    learned, skipped = learned_metric_results(ev, ok)  # pops the features from the records
     mean = mean_metrics([{k: (float("nan") if v is None else v) for k, v in r.items()} for r in ok])
+    mean.update(learned)
     checks = check_thresholds(mean, ev)
     result: dict[str, Any] = {
         "model": prep.model_uri, "registered_model": prep.ref.registered_name, "version": prep.ref.version,
         "data": str(prep.data_dir), "split": prep.split, "videos": ok, "mean": mean, "rejected": rejected,
-        "skipped": skipped_metrics(ev), "thresholds": checks, "evaluation": to_dict(ev),
+        "skipped": skipped, "thresholds": checks, "evaluation": to_dict(ev),
         "wall_s": time.perf_counter() - started,
     }
     result["alias"] = decide_alias(prep, checks)
