@@ -4,16 +4,18 @@ the training steps of stage 2, as a table and a PNG plot logged to MLflow.
 Set-up: the demo's own first steps (``demo.step_commands``: sample videos with one held out as the
 test split, the tiny VAE fitted to the training faces, the ingest), then one ``train.py`` run of
 stage 1 and stage 2 (``LOOPY_BENCH_LEARNING_STEPS`` each, default 400: the demo's) with the
-demo's learning rate, evaluated every ``LOOPY_BENCH_LEARNING_EVERY`` steps (default 100) by the
+demo's learning rate and EMA decay (``DemoSettings.ema_decay``: from the step count; the checkpoint
+evaluator scores the EMA weights, as the package holds them), evaluated every ``LOOPY_BENCH_LEARNING_EVERY`` steps (default 100) by the
 checkpoint evaluator with ``train.eval_videos=1``: the evaluation job's metrics
-(``training.evaluation.evaluate_package``: the first ``DemoSettings.audio_seconds`` of the test
-video generated from its reference frame and its own audio, the demo's DDIM steps, dlib landmarks
+(``training.evaluation.evaluate_package``: the first ``DemoSettings.audio_seconds`` (5 s, 125
+frames) of the test video generated from its reference frame and its own audio, the demo's DDIM steps, dlib landmarks
 on frames upscaled to >= 256 px) land in the stage-2 MLflow run as ``eval_face_found_ratio``,
 ``eval_sync``, ``eval_sync_control``, ``eval_psnr`` at each evaluated step (``eval_sync`` is
 missing at a step where no face was found: NaN is not logged). The table has one row per (step,
 metric); the plot (``learning_curve.png``) goes to that run's artifacts.
 ``LOOPY_BENCH_LEARNING_OVERRIDES`` adds ``section.key=value`` overrides to the train command
-(e.g. ``train.lr=0.0002`` or ``sampler.audio_ratio=1``) for another point of the design space.
+(e.g. ``train.lr=0.0002``, ``sampler.audio_ratio=1`` or ``train.ema_decay=0.99``) for another
+point of the design space.
 
 Targets (issue 12, on the demo's output): ``sync`` >= 0.30 and >= 0.15 above ``sync_control``.
 Everything is written under ``LOOPY_BENCH_LEARNING_WORK`` (default: a temporary folder; point it
@@ -76,7 +78,8 @@ def prepare(work: Path, steps: int, every: int) -> tuple[list[str], list[str]]:
     if not (paths.ingested / "videos.parquet").is_file():
         _run(cmds["ingest"] + tracking, paths.logs / "ingest.log")
     train = [sys.executable, "train.py", "--data", str(paths.ingested), "--stages", "1,2", *common,
-             f"train.max_steps={steps}", f"train.lr={settings.train_lr:g}", f"train.checkpoint_every={every}",
+             f"train.max_steps={steps}", f"train.lr={settings.train_lr:g}", *settings.ema_overrides(),
+             f"train.checkpoint_every={every}",
              f"train.eval_every={every}", "train.eval_videos=1", f"train.eval_sample_steps={settings.sample_steps}",
              f"evaluation.max_seconds={settings.audio_seconds:g}", *_extra_overrides()]
     return train, common

@@ -24,6 +24,7 @@ pickled code). RNG states are stored as tensors / lists for that reason.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ import torch
 from training.errors import CheckpointError
 from training.step import trainable
 
+log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -144,12 +146,47 @@ def load_checkpoint(folder: str | Path, *, rank: int, model: torch.nn.Module, op
     unwrap(model).load_state_dict(torch.load(folder / MODEL_FILE, map_location=loc, weights_only=True))
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location=loc, weights_only=True))
     lr_scheduler.load_state_dict(torch.load(folder / LR_SCHEDULER_FILE, map_location=loc, weights_only=True))
-    if ema is not None and (folder / EMA_FILE).is_file():
-        ema.load_state_dict(torch.load(folder / EMA_FILE, map_location=loc, weights_only=True))
+    if ema is not None:
+        restore_ema(folder, ema, unwrap(model), loc)
     rng = folder / rng_file(rank)
     if rng.is_file():
         restore_rng_state(torch.load(rng, weights_only=True))
     return state
+
+
+def restore_ema(folder: Path, ema, net: torch.nn.Module, map_location: Any = "cpu") -> None:
+    """Resume ``ema`` (a diffusers ``EMAModel`` of ``trainable(net)``; ``net`` already holds the
+    checkpoint's weights).
+
+    * ``ema.pt`` present: its shadow weights and step count (so the warm-up continues where it
+      was). The configured decay is kept: diffusers' ``load_state_dict`` would silently replace
+      it with the checkpoint's, and a resume with another ``train.ema_decay`` means that one.
+    * no ``ema.pt`` (the run that wrote it had no EMA): the average starts afresh at the restored
+      weights. Without this the shadow would stay the weights the model was built with before the
+      checkpoint was loaded (stage 1: the initial U-Net), and the package would get them.
+    """
+    params = trainable(net)
+    path = folder / EMA_FILE
+    if not path.is_file():
+        log.warning("%s has no %s: the EMA starts at the checkpoint's weights", folder, EMA_FILE)
+        ema.shadow_params = [p.detach().clone() for p in params]
+        ema.optimization_step = 0
+        return
+    decay = ema.decay
+    ema.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+    check_ema_fits(ema, params, path)
+    if ema.decay != decay:
+        log.warning("%s: EMA decay %s in the checkpoint, %s configured: using %s", path, ema.decay, decay, decay)
+        ema.decay = decay
+
+
+def check_ema_fits(ema, params: list[torch.nn.Parameter], source: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``ema``'s shadow weights match ``params`` one to one
+    (``EMAModel.copy_to`` zips them: a shorter list would copy a prefix and leave the rest raw)."""
+    shadow = ema.shadow_params
+    if len(shadow) != len(params) or any(s.shape != p.shape for s, p in zip(shadow, params)):
+        raise CheckpointError(f"{source}: {len(shadow)} EMA weights do not match the model's "
+                              f"{len(params)} trainable parameters (another model or stage?)")
 
 
 def load_weights(folder: str | Path, net: torch.nn.Module, use_ema: bool = True) -> TrainState:
@@ -163,5 +200,6 @@ def load_weights(folder: str | Path, net: torch.nn.Module, use_ema: bool = True)
 
         ema = EMAModel(trainable(net))
         ema.load_state_dict(torch.load(folder / EMA_FILE, map_location="cpu", weights_only=True))
+        check_ema_fits(ema, trainable(net), folder / EMA_FILE)
         ema.copy_to(trainable(net))
     return state

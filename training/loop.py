@@ -78,7 +78,13 @@ class StageJob:
 def build_model(job: StageJob, device: torch.device):
     """Stage 1: ``LoopyModel.from_sd15`` on the configured U-Net; stage 2: ``from_stage1`` on the
     package ``job.init_from``. Seeded, so every rank builds the same weights. Always float32
-    (master weights): ``model.dtype`` is for inference, ``train.mixed_precision`` autocasts."""
+    (master weights): ``model.dtype`` is for inference, ``train.mixed_precision`` autocasts.
+
+    With ``train.ema_decay`` stage 1's package holds its EMA weights
+    (:func:`training.checkpointing.save_final_model`), so stage 2 starts from those: the stage-1
+    model that was registered and evaluated, not the last, noisier raw step. Stage 2's own
+    optimizer and EMA start fresh at these weights (its new temporal and audio modules have no
+    stage-1 optimizer state to continue)."""
     cfg = job.cfg
     torch.manual_seed(cfg.train.seed)
     if job.stage == 1:
@@ -235,7 +241,11 @@ def _train(job: StageJob, rank: int, world: int, device: torch.device, logger: O
     params = trainable(model)  # == LoopyModel.trainable_parameters(), in module order
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=tc.warmup_steps)
-    ema = EMAModel(params, decay=tc.ema_decay) if tc.ema_decay else None
+    # diffusers' default EMA warm-up applies: decay min(ema_decay, (1 + t) / (10 + t)) at step t
+    # (shadow = weights at step 1), so early steps are averaged over ~t / 9 steps, never the init.
+    # foreach: one fused update over all tensors instead of a Python loop over ~560 of them (same
+    # values; measured on the tiny stage-2 model, 1 thread: 7.5 ms a step instead of 14 ms)
+    ema = EMAModel(params, decay=tc.ema_decay, foreach=True) if tc.ema_decay else None
     noise_scheduler = make_noise_scheduler(tc)
     fp16_scaler: Union[torch.amp.GradScaler, None] = (
         torch.amp.GradScaler("cuda") if device.type == "cuda" and tc.mixed_precision == "fp16" else None)
