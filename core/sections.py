@@ -227,10 +227,12 @@ class TrainConfig:
     eval_videos: int = 0  # > 0: also the evaluation job's metrics on this many test videos (evaluate_package)
     max_failures: int = 1  # Ray Train FailureConfig: worker failures recovered from the last checkpoint
     storage_path: str = "work/ray_results"  # relative paths are under the project root
-    # --- fault injection (tests / drills only), once per job: before step ``fault_at_step`` rank
-    # ``fault_rank`` exits ("exit": a killed worker), gets a NaN batch ("nan": the NaN guard) or
-    # loses its MLflow server for ``fault_steps`` steps ("mlflow_outage": a dead 127.0.0.1 port) ---
+    # --- fault injection (tests / drills only), once per stage (only stage ``fault_stage`` when
+    # set): before step ``fault_at_step`` rank ``fault_rank`` exits ("exit": a killed worker), gets
+    # a NaN batch ("nan": the NaN guard) or loses its MLflow server for ``fault_steps`` steps
+    # ("mlflow_outage": a dead 127.0.0.1 port) ---
     fault_at_step: Optional[int] = None
+    fault_stage: Optional[int] = None  # 1 or 2: only in that stage; None: in each stage of the job
     fault_rank: int = 1
     fault_kind: Literal["exit", "nan", "mlflow_outage"] = "exit"
     fault_steps: int = 1

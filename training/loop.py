@@ -126,12 +126,13 @@ def _ray_batches(job: StageJob, skip: int) -> Iterator[dict]:
 
 def _maybe_inject_fault(job: StageJob, step: int, rank: int, batch: dict,
                         logger: Optional[AsyncRunLogger] = None) -> None:
-    """Test / drill hook, once per job: before step ``fault_at_step`` rank ``fault_rank`` exits
+    """Test / drill hook, once per stage (only in stage ``fault_stage`` when that is set; the
+    marker file in the stage's work dir makes it once): before step ``fault_at_step`` rank ``fault_rank`` exits
     (``fault_kind="exit"``, a killed worker), its batch latents become NaN (``"nan"``), or its
     MLflow server becomes unreachable for ``fault_steps`` steps (``"mlflow_outage"``: the
     logger's client points at a dead loopback port, then back)."""
     tc = job.cfg.train
-    if tc.fault_at_step is None or rank != tc.fault_rank:
+    if tc.fault_at_step is None or rank != tc.fault_rank or tc.fault_stage not in (None, job.stage):
         return
     marker = Path(job.work_dir) / f"fault_injected_stage{job.stage}_step{tc.fault_at_step}_rank{rank}"
     if tc.fault_kind == "mlflow_outage" and step == tc.fault_at_step + tc.fault_steps and logger is not None:
