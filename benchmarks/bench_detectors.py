@@ -9,15 +9,16 @@ and a face print on a shirt for false positives.
 Detectors: dlib HOG (upsample 0 and 1), dlib CNN (MMOD, ``face_recognition_models``) and
 DWPose when ``LOOPY_DWPOSE_DIR`` names a folder with its ONNX files (skipped otherwise, with
 the reason in the table). Resolutions: ``480 long side`` (the old fixed ingest setting),
-``full`` (display size) and ``scale search`` (what ingest does now: search_face_scale on the
-case's frames, then the pass at pass_scale; the search's own cost is reported apart).
+``full`` (display size) and ``scale search`` (what ingest and the portrait do:
+face_detect.choose_detection_scale on 3 of the case's frames, then the pass at its scale; the
+search's own cost is reported apart).
 
 Recall: share of frames with a candidate whose centre is within 0.5 face widths of the drawn
 face centre and whose width is 0.5-2x the drawn width. False positives: candidates on no drawn
 face, per frame. ms/frame: wall and CPU (the machine is shared: CPU time is the fairer figure).
 The CNN runs on 2 frames per case only (it costs seconds per frame on CPU).
 ``LOOPY_BENCH_QUICK=1``: 2 frames per case (CNN: 1), HOG upsample 1 and the CNN at the 480 px
-setting only.
+setting only. ``LOOPY_BENCH_CNN_ONLY=1``: only the CNN at the searched scale, 1 frame per case.
 """
 from __future__ import annotations
 
@@ -31,8 +32,7 @@ from pipelines.face_detect import (
     DlibCnnDetector,
     DlibDetector,
     DWPoseDetector,
-    pass_scale,
-    search_face_scale,
+    choose_detection_scale,
 )
 from pipelines.face_scenes import ScenePerson, SceneSpec, render_scene
 
@@ -111,12 +111,14 @@ def _measure(name: str, det, cases, modes: tuple[str, ...], max_frames: int, cfg
                 s = min(1.0, 480 / max(w, h))
             elif mode == "full":
                 s = 1.0
-            else:
-                search, sw, sc = _timed(search_face_scale, det, frames[:3], (w, h), cfg.detect_max_pixels,
-                                        cfg.detect_max_upscale, cfg.similar_face_ratio)
+            else:  # the ingest's own choice (also the portrait's), on 3 sample frames
+                def samples(max_side, f=frames, long_side=max(w, h)):  # [3, h', w', 3], long side <= max_side
+                    return _frames_at(f[:3], 1.0 if max_side is None else min(1.0, max_side / long_side))
+
+                choice, sw, sc = _timed(choose_detection_scale, det, samples, (w, h), cfg.detect_face_px,
+                                        cfg.detect_max_pixels, cfg.detect_max_upscale, cfg.similar_face_ratio)
                 search_wall, search_cpu = search_wall + sw, search_cpu + sc
-                s = pass_scale(search, (w, h), cfg.detect_face_px, cfg.detect_max_pixels, cfg.detect_max_upscale,
-                               min_face_px=det.min_face_px)
+                s = choice.scale
             # decode-equivalent: frames shrunk to the scale (the ingest decodes at it), upsampling
             # done by the detector (as in the ingest pass)
             small = _frames_at(frames, min(s, 1.0))
@@ -153,6 +155,9 @@ def run() -> list[dict]:
         for r in new:
             print(f"[bench_detectors] {r['metric']}: {r['value']} {r['unit']} ({r['note']})", flush=True)
 
+    if os.environ.get("LOOPY_BENCH_CNN_ONLY") == "1":  # the CNN at the searched scale, 1 frame a case
+        add(_measure("dlib CNN (MMOD)", DlibCnnDetector(), cases, ("scale search",), 1, cfg))
+        return rows
     add(_measure("dlib HOG", DlibDetector(), cases, all_modes, frames, cfg))
     add(_measure("dlib HOG upsample 1", DlibDetector(upsample=1), cases,
                  all_modes[:1] if quick else (all_modes[0], all_modes[2]), frames, cfg))
