@@ -31,6 +31,21 @@ def _steps(net, opt, ema, n: int) -> None:
             ema.step(list(net.parameters()))
 
 
+def _trained_checkpoint(folder, ema_decay=None, steps: int = 20):
+    """A linear model trained ``steps`` steps (with an EMA of ``ema_decay`` unless None) and saved
+    as a rank-0 checkpoint in ``folder``. Returns (net, ema or None)."""
+    from diffusers.training_utils import EMAModel
+
+    from training.checkpointing import TrainState, save_checkpoint
+
+    net, opt, sched = _linear()
+    ema = EMAModel(list(net.parameters()), decay=ema_decay) if ema_decay is not None else None
+    _steps(net, opt, ema, steps)
+    save_checkpoint(folder, rank=0, state=TrainState(stage=1, step=steps), model=net, optimizer=opt,
+                    lr_scheduler=sched, ema=ema)
+    return net, ema
+
+
 def test_ema_warm_up_caps_the_decay_of_a_short_run():
     """diffusers' EMAModel (as training/loop.py builds it) uses decay min(d, (1 + t) / (10 + t)):
     in a 400-step run 0.9999 averages exactly like 0.99 (the warm-up is below both), and the
@@ -106,13 +121,9 @@ def test_save_final_model_writes_ema_weights_and_keeps_the_raw_ones(tmp_path, ti
 def test_resume_restores_ema_state_and_keeps_the_configured_decay(tmp_path, caplog):
     from diffusers.training_utils import EMAModel
 
-    from training.checkpointing import TrainState, load_checkpoint, save_checkpoint
+    from training.checkpointing import load_checkpoint
 
-    net, opt, sched = _linear()
-    ema = EMAModel(list(net.parameters()), decay=0.9)
-    _steps(net, opt, ema, 20)
-    save_checkpoint(tmp_path, rank=0, state=TrainState(stage=1, step=20), model=net, optimizer=opt,
-                    lr_scheduler=sched, ema=ema)
+    net, ema = _trained_checkpoint(tmp_path, ema_decay=0.9)
     net2, opt2, sched2 = _linear(seed=1)
     ema2 = EMAModel(list(net2.parameters()), decay=0.95)
     with caplog.at_level(logging.WARNING, logger="training.checkpointing"):
@@ -127,12 +138,9 @@ def test_resume_without_ema_file_starts_the_ema_at_the_restored_weights(tmp_path
     checkpoint's weights, not at the weights the model was built with."""
     from diffusers.training_utils import EMAModel
 
-    from training.checkpointing import TrainState, load_checkpoint, save_checkpoint
+    from training.checkpointing import load_checkpoint
 
-    net, opt, sched = _linear()
-    _steps(net, opt, None, 20)
-    save_checkpoint(tmp_path, rank=0, state=TrainState(stage=1, step=20), model=net, optimizer=opt,
-                    lr_scheduler=sched)
+    net, _ = _trained_checkpoint(tmp_path)
     net2, opt2, sched2 = _linear(seed=1)
     ema2 = EMAModel(list(net2.parameters()), decay=0.9)  # built before the checkpoint is loaded
     load_checkpoint(tmp_path, rank=0, model=net2, optimizer=opt2, lr_scheduler=sched2, ema=ema2)
@@ -143,16 +151,10 @@ def test_resume_without_ema_file_starts_the_ema_at_the_restored_weights(tmp_path
 
 
 def test_load_weights_swaps_in_ema_and_rejects_an_ema_of_another_model(tmp_path):
-    from diffusers.training_utils import EMAModel
-
-    from training.checkpointing import TrainState, load_weights, save_checkpoint
+    from training.checkpointing import load_weights
     from training.errors import CheckpointError
 
-    net, opt, sched = _linear()
-    ema = EMAModel(list(net.parameters()), decay=0.9)
-    _steps(net, opt, ema, 20)
-    save_checkpoint(tmp_path, rank=0, state=TrainState(stage=1, step=20), model=net, optimizer=opt,
-                    lr_scheduler=sched, ema=ema)
+    net, ema = _trained_checkpoint(tmp_path, ema_decay=0.9)
     fresh, _, _ = _linear(seed=2)
     load_weights(tmp_path, fresh, use_ema=True)
     assert torch.equal(fresh.weight, ema.shadow_params[0]) and not torch.equal(fresh.weight, net.weight)
