@@ -210,18 +210,14 @@ def skipped_metrics(eval_cfg: EvaluationConfig, notes: Optional[dict[str, str]] 
     (they are only ever read from a path, never downloaded) and those ``notes`` (from
     :func:`learned_metric_results`) says are NaN."""
     out = {}
-    if not eval_cfg.syncnet_path:
-        for name in ("lse_c", "lse_d"):
-            out[name] = "no SyncNet given (evaluation.syncnet_path); weights are never downloaded"
-    for name in ("lse_c", "lse_d"):
-        if eval_cfg.syncnet_path and notes and name in notes:
-            out[name] = notes[name]
-    for name, key, what in (("fid", "fid_weights_path", "FID network (e.g. Inception-v3 pool3 TorchScript)"),
-                            ("fvd", "fvd_weights_path", "FVD network (e.g. the I3D TorchScript)")):
-        if not getattr(eval_cfg, key):
-            out[name] = f"no {what} given (evaluation.{key}); weights are never downloaded"
-        elif notes and name in notes:
-            out[name] = notes[name]
+    for names, key, what in ((("lse_c", "lse_d"), "syncnet_path", "SyncNet"),
+                             (("fid",), "fid_weights_path", "FID network (e.g. Inception-v3 pool3 TorchScript)"),
+                             (("fvd",), "fvd_weights_path", "FVD network (e.g. the I3D TorchScript)")):
+        for name in names:
+            if not getattr(eval_cfg, key):
+                out[name] = f"no {what} given (evaluation.{key}); weights are never downloaded"
+            elif notes and name in notes:
+                out[name] = notes[name]
     return out
 
 
