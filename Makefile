@@ -47,9 +47,15 @@ $(STAMP): pyproject.toml | sysdeps
 	@mkdir -p $(RAY_TMPDIR)
 	@touch $(STAMP)
 
+# The suite runs in TEST_WORKERS pytest-xdist processes (2 fits CI's 2 cores: one process alone
+# keeps them only ~65 % busy, waiting on Ray start-ups, deadlines and polls). --dist loadfile keeps
+# a module on one worker (its module fixtures are built once); tests/conftest.py hands the
+# modules out longest first. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+
 test: install sysdeps browser
 	@mkdir -p $(RAY_TMPDIR)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test-fast: install sysdeps
 	$(PY) -m pytest -q -m "not slow" tests
