@@ -61,7 +61,7 @@ test-fast: install sysdeps
 	$(PY) -m pytest -q -m "not slow" tests
 
 sample-data: install sysdeps
-	$(PY) -m pipelines.sample_data --output $(SAMPLES)
+	$(PY) -m pipelines.samples --output $(SAMPLES)
 
 ingest: sample-data
 	$(PY) pipelines/ingest.py --input $(SAMPLES) --output $(INGESTED)

@@ -3,7 +3,7 @@
 Runs the whole platform on one machine, each step through the same command line a user or a
 cluster job would run, with the venv's Python:
 
-1. ``samples``  - ``python -m pipelines.sample_data --output WORK/samples --heldout 1``
+1. ``samples``  - ``python -m pipelines.samples --output WORK/samples --heldout 1``
    (talking-head videos; the first in ``WORK/samples/heldout`` is the test split, the others in
    ``WORK/samples/train``: ``ingest.split_key=folder``)
 2. ``fit_vae``  - ``python -m training.fit_vae --samples WORK/samples/train --out WORK/fitted_vae``
@@ -21,7 +21,7 @@ cluster job would run, with the venv's Python:
 8. ``generate`` - POST /v1/videos (the first frame of the test-split video and a sentence that is
    in no sample video, spoken by espeak-ng), poll GET /v1/videos/{id}, download
    GET /v1/videos/{id}/file (:class:`serve.client.VideoClient`)
-9. ``score``    - the demo video's own metrics (``pipelines.video_metrics.score_video``: face found,
+9. ``score``    - the demo video's own metrics (``pipelines.metrics.video_metrics.score_video``: face found,
    sync and sync_control against its audio, dlib on frames upscaled to >= 256 px)
 10. stop the service; print the metrics beside the video path, and where the MLflow UI, the logs
     and the service are.
@@ -56,16 +56,21 @@ from typing import Iterator, Optional, Sequence, TextIO
 from core.config import load_platform_config
 from core.paths import PROJECT_ROOT, resolve_tracking_uri
 from models.registry import latest_version
-from pipelines.face_detect import make_detector
-from pipelines.sample_data import SPLIT_FOLDERS, SPLIT_TEST_FRACTION, SampleDataError, synthesize_speech
-from pipelines.video_decode import iter_frames
-from pipelines.video_metrics import score_video
+from pipelines.faces.detect import make_detector
+from pipelines.media.video_decode import iter_frames
+from pipelines.metrics.video_metrics import score_video
+from pipelines.samples.talking_heads import (
+    SPLIT_FOLDERS,
+    SPLIT_TEST_FRACTION,
+    SampleDataError,
+    synthesize_speech,
+)
 from serve.client import ClientError, VideoClient
 
 STEPS = ("samples", "fit_vae", "ingest", "train", "register", "evaluate", "serve", "generate", "score")
 #: What the demo's voice says: a sentence that is in no sample video (tests/test_demo.py checks it).
 DEMO_SENTENCE = "Bright yellow kites were dancing above the harbour while the children laughed."
-#: Metrics printed beside the video (keys of pipelines.video_metrics.score_video / the evaluation JSON).
+#: Metrics printed beside the video (keys of pipelines.metrics.video_metrics.score_video / the evaluation JSON).
 SHOWN_METRICS = ("face_found_ratio", "sync", "sync_control", "psnr", "ssim", "lmd")
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".webm", ".avi"}
 TAIL_LINES = 15  # of a failing step's log, in its error message
@@ -213,7 +218,7 @@ def step_commands(paths: DemoPaths, settings: DemoSettings, python: str = sys.ex
     """The command line of each subprocess step (the same CLIs users and cluster jobs run)."""
     common = config_overrides(paths, settings)
     return {
-        "samples": [python, "-m", "pipelines.sample_data", "--output", str(paths.samples),
+        "samples": [python, "-m", "pipelines.samples", "--output", str(paths.samples),
                     "--heldout", str(settings.heldout_videos)],
         "fit_vae": [python, "-m", "training.fit_vae", "--samples", str(paths.train_samples),
                     "--out", str(paths.fitted_vae), "--steps", str(settings.vae_steps),
@@ -616,7 +621,7 @@ def make_request_inputs(video: Path, out_dir: Path, audio_seconds: float,
                         sentence: Optional[str] = None) -> tuple[Path, Path]:
     """A portrait (first frame of ``video``, PNG) and ``audio_seconds`` of speech (16 kHz mono
     WAV): the video's own audio (ffmpeg), or with ``sentence`` that sentence spoken by espeak-ng
-    (:func:`pipelines.sample_data.synthesize_speech`, fixed voice: seed 0)."""
+    (:func:`pipelines.samples.talking_heads.synthesize_speech`, fixed voice: seed 0)."""
     import numpy as np
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -646,7 +651,7 @@ def make_request_inputs(video: Path, out_dir: Path, audio_seconds: float,
 def score_demo_video(video: Path, audio: Path, fps: float = 25.0) -> dict[str, float]:
     """The generated video's own metrics against its request audio (no real frames exist for a
     new sentence): ``face_found_ratio``, ``sync``, ``sync_control``, ``glo``, ``exp`` of
-    :func:`pipelines.video_metrics.score_video` with dlib on frames upscaled to >= 256 px."""
+    :func:`pipelines.metrics.video_metrics.score_video` with dlib on frames upscaled to >= 256 px."""
     import numpy as np
     import soundfile as sf
 

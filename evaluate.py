@@ -24,7 +24,11 @@ import sys
 from typing import Optional, Sequence
 
 from core.config import ConfigError, add_config_arguments, load_platform_config
-from training.evaluation_job import EvaluationSetupError, prepare_evaluation, run_evaluation
+from training.evaluation_job import (
+    EvaluationSetupError,
+    prepare_evaluation,
+    run_evaluation,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

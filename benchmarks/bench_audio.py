@@ -72,7 +72,7 @@ def _extract_child(location: str, seconds: float, window_s: float, dtype_name: s
     _child_setup()
     import torch
 
-    from pipelines.audio_features import AudioFeatureExtractor, frame_count_for
+    from pipelines.encoders.audio_features import AudioFeatureExtractor, frame_count_for
 
     ex = AudioFeatureExtractor(location, window_s=window_s, dtype=getattr(torch, dtype_name))
     rng = np.random.default_rng(0)
@@ -141,7 +141,7 @@ def _vae_rows(quick: bool, full: bool) -> list[dict]:
 
     from core.sections import WeightsConfig
     from core.weights import resolve_weights
-    from pipelines.latents import LatentCodec
+    from pipelines.encoders.latents import LatentCodec
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

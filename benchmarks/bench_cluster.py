@@ -117,10 +117,10 @@ def cpu_seconds_per_frame(seconds: float = 4.0) -> dict[str, float]:
 
     import numpy as np
 
-    from pipelines.crop import crop_frames
-    from pipelines.face_detect import DlibDetector
-    from pipelines.sample_data import TalkingHeadRenderer
-    from pipelines.video_decode import iter_frames
+    from pipelines.faces.crop import crop_frames
+    from pipelines.faces.detect import DlibDetector
+    from pipelines.media.video_decode import iter_frames
+    from pipelines.samples.talking_heads import TalkingHeadRenderer
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench_cluster_") as tmp:

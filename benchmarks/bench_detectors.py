@@ -1,7 +1,7 @@
 """Face detectors compared on rendered scenes (issue 11): recall of the true face, false
 positives and ms per frame, per detector and detection resolution.
 
-Corpus (pipelines/face_scenes.py, rendered in memory, no encoding): one astronaut face at 5 %,
+Corpus (pipelines/samples/face_scenes.py, rendered in memory, no encoding): one astronaut face at 5 %,
 10 %, 20 %, 40 % and 70 % of the short side, in a 1280x720 landscape and a 1080x1920 portrait
 frame, ``FRAMES`` frames each (the head moves); plus a two-person interview (second face 0.55x)
 and a face print on a shirt for false positives.
@@ -28,13 +28,13 @@ import time
 import numpy as np
 
 from core.sections import IngestConfig
-from pipelines.face_detect import (
+from pipelines.faces.detect import (
     DlibCnnDetector,
     DlibDetector,
     DWPoseDetector,
     choose_detection_scale,
 )
-from pipelines.face_scenes import ScenePerson, SceneSpec, render_scene
+from pipelines.samples.face_scenes import ScenePerson, SceneSpec, render_scene
 
 FRACTIONS = (0.05, 0.10, 0.20, 0.40, 0.70)
 SIZES = ((1280, 720), (1080, 1920))

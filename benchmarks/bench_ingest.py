@@ -54,7 +54,7 @@ def _env() -> dict:
 
 def sample_videos() -> Path:
     """The sample set (cached): 4 talking heads at 25, 30, 29.97 fps and VFR."""
-    from pipelines.sample_data import SAMPLE_SPECS, generate_samples
+    from pipelines.samples.talking_heads import SAMPLE_SPECS, generate_samples
 
     folder = MEDIA / "samples"
     names = ("talk_25fps_16k", "talk_30fps_22k", "talk_29.97fps_44k", "talk_vfr_44k")
@@ -118,7 +118,7 @@ def hostile_video() -> Path:
 
 def hostile_rows() -> list[dict]:
     from core.sections import IngestConfig
-    from pipelines.ingest_stages import screen_video
+    from pipelines.ingestion.stages import screen_video
 
     video = hostile_video()
     t0 = time.perf_counter()  # the frozen-frames check, not the duration

@@ -49,8 +49,8 @@ def _one_thread():
 
 
 def _measure_reader(data_dir: Path, num_samples: int) -> dict:
-    from pipelines.reader import LoopySampleSource
-    from pipelines.schema import FrameStore
+    from pipelines.dataset.schema import FrameStore
+    from pipelines.reader.source import LoopySampleSource
 
     src = LoopySampleSource(data_dir, _reader_cfg(samples_per_video=64))
     specs = src.epoch_specs(0)[:num_samples]
@@ -128,7 +128,7 @@ def _vm_hwm_mib() -> float:
 
 def _rss_child(data_dir: str, num_samples: int) -> None:
     """Run in a fresh process: prints peak RSS (MiB) after opening the source and after reading."""
-    from pipelines.reader import LoopySampleSource
+    from pipelines.reader.source import LoopySampleSource
 
     _one_thread()
     src = LoopySampleSource(data_dir, _reader_cfg(samples_per_video=64))
@@ -146,7 +146,7 @@ def _peak_rss(data_dir: Path, num_samples: int) -> tuple[float, float]:
 
 
 def run() -> list[dict]:
-    from pipelines.synthetic import write_synthetic_ingest
+    from pipelines.samples.synthetic_ingest import write_synthetic_ingest
 
     n_videos, frames, n_samples = (3, 200, 24) if QUICK else (6, 300, 64)
     few, many = (2, 8) if QUICK else (2, 16)

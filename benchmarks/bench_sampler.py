@@ -59,7 +59,7 @@ def _inputs(folder: Path, seconds: float) -> tuple[Path, Path]:
 
 
 def _clip_inputs(sampler, latent_hw: int, device):
-    from pipelines.audio_features import audio_windows
+    from pipelines.encoders.audio_features import audio_windows
 
     cfg = sampler.model.config
     g = torch.Generator().manual_seed(0)

@@ -36,7 +36,7 @@ def _stage1_package(root: Path, cfg) -> Path:
 
 def _tiny_runs(root: Path) -> list[dict]:
     from core.config import load_platform_config
-    from pipelines.synthetic import write_synthetic_ingest
+    from pipelines.samples.synthetic_ingest import write_synthetic_ingest
     from training.stages import prepare_job, run_job
     from training.tracking import JobTracker
 

@@ -51,8 +51,8 @@ def loop_to(src: Path, dst: Path, minutes: float) -> Path:
 def ours_throughput(path: Path, backend: str) -> tuple[float, float, int]:
     """(output frames per wall second, per CPU second of this process, frames) of iter_frames
     (25 fps) + crop_frames (fixed box -> 512)."""
-    from pipelines.crop import crop_frames
-    from pipelines.video_decode import iter_frames
+    from pipelines.faces.crop import crop_frames
+    from pipelines.media.video_decode import iter_frames
 
     w, h, x, y = CROP
     box = np.array([x, y, x + w, y + h], np.float32)
@@ -85,7 +85,7 @@ def ffmpeg_throughput(path: Path, n_frames: int) -> tuple[float, float]:
 # video; chunks of 50 frames at 1080p are 311 MB, the consumer holds one while the next is filled
 _RSS_SCRIPT = """
 import json, sys
-from pipelines.video_decode import iter_frames
+from pipelines.media.video_decode import iter_frames
 def hwm_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
@@ -108,8 +108,8 @@ def peak_rss(path: Path, backend: str) -> dict:
 def dlib_per_frame_ms(detect_max_side: int) -> tuple[float, float]:
     """(ms per 1080p frame with the detector's own downscale, ms per frame already at
     ``detect_max_side``), over rendered astronaut frames."""
-    from pipelines.face_detect import DlibDetector
-    from pipelines.sample_data import TalkingHeadRenderer
+    from pipelines.faces.detect import DlibDetector
+    from pipelines.samples.talking_heads import TalkingHeadRenderer
 
     big = TalkingHeadRenderer(1920, 1080, np.random.default_rng(0))
     frames = np.stack([big.render(t, 0.3) for t in np.linspace(0, 2, 8)])

@@ -187,7 +187,7 @@ def sampler_rows(size: Size, device: torch.device, steps: int, frames: int, rati
                  f"peak {peak}")]
 
     # one clip, interleaved pairs: now vs before issue 14, cached vs recomputed reference
-    from pipelines.audio_features import audio_windows
+    from pipelines.encoders.audio_features import audio_windows
 
     audio = sampler.clip_audio(audio_windows(feats, radius=sampler.audio_radius), 0)
     history = torch.randn((sampler.clip_frames, 4, hw, hw), generator=g).to(device)

@@ -73,13 +73,13 @@ class IngestConfig:
     write_jpeg: bool = False  # also store the JPEG of each crop
     detector: Literal["dlib", "dlib_cnn", "dwpose"] = "dlib"  # dlib = HOG (benchmarks/bench_detectors.py)
     detect_max_side: int = 480  # make_detector's detect(): frames downscaled to this longest side (metrics, VAE fit)
-    # ingest detection scale (pipelines/face_detect.py search_face_scale / pass_scale): a search on
+    # ingest detection scale (pipelines/faces/detect.py search_face_scale / pass_scale): a search on
     # a few sampled frames finds the face size, the whole pass shows it at detect_face_px
     detect_face_px: float = 100.0  # face box width in the detection image (px)
     detect_max_pixels: int = 3_200_000  # detection image budget (px): 5 % faces of 720p-1080p reach ~64 px
     detect_max_upscale: float = 2.0  # largest detection image / display frame ratio
     scale_search_frames: int = 5  # sampled frames of the scale search, spread over the whole video
-    # face tracks (pipelines/face_tracks.py): subject = most persistent x largest track
+    # face tracks (pipelines/faces/tracks.py): subject = most persistent x largest track
     track_max_gap_s: float = 0.5  # a face unseen this long still continues its track
     min_track_coverage: float = 0.5  # share of frames a track needs to count as a person
     similar_face_ratio: float = 0.7  # a 2nd person's face this large (x subject's): rejected
@@ -103,11 +103,11 @@ class IngestConfig:
     model_num_gpus: float = 1.0  # GPUs per wav2vec2 / VAE actor when use_gpu
     max_task_retries: int = 1  # a video whose worker dies this often more is recorded as rejected
     max_chunk_mb: int = 128  # full-resolution pass: fewer than chunk_frames frames per chunk for big sources
-    # decoders (pipelines.video_decode backends): decord's full-resolution get_batch grew to ~4.5 GB
+    # decoders (pipelines.media.video_decode backends): decord's full-resolution get_batch grew to ~4.5 GB
     # on a 1-minute 1080p file (PyAV: flat ~1 GB), so the full-resolution pass uses PyAV
     detect_decode_backend: Literal["auto", "decord", "pyav"] = "auto"  # low-res detection pass
     decode_backend: Literal["auto", "decord", "pyav"] = "pyav"  # full-resolution crop pass
-    # limits checked from the probe before any decoding (pipelines/quality.py check_limits)
+    # limits checked from the probe before any decoding (pipelines/ingestion/quality.py check_limits)
     max_duration_s: float = 1800.0  # longer videos are refused (stage "limits")
     max_pixels: int = 3840 * 2160  # coded width x height from the stream header
     min_source_frames_ratio: float = 0.3  # distinct source frames / output frames (below: frozen/sparse)

@@ -16,7 +16,7 @@ docs/CONTRACTS.md) :func:`read_eval_video` collects
   ingest aligns it, ``T / fps`` seconds (None without the source: then ``sync`` is NaN).
 
 :func:`evaluate_video` generates ``T`` frames with :class:`inference.sampler.LoopySampler` and
-scores them with :func:`pipelines.video_metrics.score_video`. Units: frames at ``fps`` (25),
+scores them with :func:`pipelines.metrics.video_metrics.score_video`. Units: frames at ``fps`` (25),
 samples at 16 kHz, pixels.
 """
 from __future__ import annotations
@@ -37,13 +37,13 @@ from core.sections import SamplerConfig
 from inference.errors import InferenceError
 from inference.sampler import LoopySampler
 from inference.video_io import write_video
-from pipelines.audio_decode import decode_audio
-from pipelines.crop import crop_frames
-from pipelines.face_detect import FaceLandmarkDetector
-from pipelines.probe import probe_video
-from pipelines.schema import FrameStore, frames_path
-from pipelines.video_decode import iter_frames, plan_from_timestamps
-from pipelines.video_metrics import MIN_DETECT_SIDE, score_video
+from pipelines.dataset.schema import FrameStore, frames_path
+from pipelines.faces.crop import crop_frames
+from pipelines.faces.detect import FaceLandmarkDetector
+from pipelines.media.audio_decode import decode_audio
+from pipelines.media.probe import probe_video
+from pipelines.media.video_decode import iter_frames, plan_from_timestamps
+from pipelines.metrics.video_metrics import MIN_DETECT_SIDE, score_video
 
 
 class EvalVideoError(InferenceError, ValueError):
@@ -76,7 +76,7 @@ class EvalVideo:
 @dataclass
 class VideoEvaluation:
     """One video's metrics (floats, NaN where undefined; keys of
-    :func:`pipelines.video_metrics.score_video` plus ``generate_s`` and ``score_s``) and the frames
+    :func:`pipelines.metrics.video_metrics.score_video` plus ``generate_s`` and ``score_s``) and the frames
     that were compared (uint8 [T, S, S, 3])."""
 
     video_id: str

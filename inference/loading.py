@@ -28,8 +28,8 @@ from core.weights import resolve_weights
 from inference.portrait import PortraitCropper
 from models.loopy import LoopyModel
 from models.registry import ModelPackageError, resolve_model_location
-from pipelines.audio_features import AudioFeatureExtractor
-from pipelines.latents import LatentCodec
+from pipelines.encoders.audio_features import AudioFeatureExtractor
+from pipelines.encoders.latents import LatentCodec
 
 
 @dataclass

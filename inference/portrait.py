@@ -2,14 +2,14 @@
 
 Exactly the ingest steps for one frame (same modules, same settings from the package's
 ``platform.yaml``): the face size is searched coarse to fine
-(:func:`pipelines.face_detect.search_face_scale`, the ingest's ``detect_max_pixels`` /
+(:func:`pipelines.faces.detect.search_face_scale`, the ingest's ``detect_max_pixels`` /
 ``detect_max_upscale`` budget), the image is detected at the scale that shows that face at
-``ingest.detect_face_px`` (:func:`pipelines.face_detect.pass_scale`), so a face of 5 % of a phone
+``ingest.detect_face_px`` (:func:`pipelines.faces.detect.pass_scale`), so a face of 5 % of a phone
 photo's width is found as well as one that fills the frame. The subject is the largest face; a
 second face at least ``ingest.similar_face_ratio`` x its width is an error (which person?), as in
-ingest. ``pipelines.crop.plan_crop_track`` plans the crop box (``ingest.crop_margin``) and
-``pipelines.crop.crop_frames`` cuts and resizes it to ``ingest.crop_size``. The VAE encode of the
-crop is done by the sampler (same :class:`pipelines.latents.LatentCodec` as ingest).
+ingest. ``pipelines.faces.crop.plan_crop_track`` plans the crop box (``ingest.crop_margin``) and
+``pipelines.faces.crop.crop_frames`` cuts and resizes it to ``ingest.crop_size``. The VAE encode of the
+crop is done by the sampler (same :class:`pipelines.encoders.latents.LatentCodec` as ingest).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Optional
 import numpy as np
 
 from inference.errors import BadInputError
-from pipelines.crop import crop_frames, plan_crop_track
-from pipelines.face_detect import choose_detection_scale, make_detector
+from pipelines.faces.crop import crop_frames, plan_crop_track
+from pipelines.faces.detect import choose_detection_scale, make_detector
 
 
 class NoFaceError(BadInputError):

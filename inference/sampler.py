@@ -38,8 +38,8 @@ from inference.loading import LoadedPackage, load_package
 from inference.portrait import load_image
 from inference.video_io import write_video
 from models.reference_attention import with_reference_kv
-from pipelines.audio_decode import decode_audio
-from pipelines.audio_features import audio_windows, frame_count_for
+from pipelines.encoders.audio_features import audio_windows, frame_count_for
+from pipelines.media.audio_decode import decode_audio
 
 __all__ = ["SD15_SCHEDULER", "ClipProgress", "LoopySampler", "ProgressCallback", "SampleResult", "num_clips"]
 
@@ -130,7 +130,7 @@ class LoopySampler:
     def prepare_audio(self, audio_path: str | Path, fps: float, max_audio_s: Optional[float] = None):
         """Decode (ingest decoder, 16 kHz mono) and featurise (ingest wav2vec2 extractor).
         Returns (AudioTrack, features float32 [N, L, D]) with ``N = floor(duration_s * fps)``
-        (the ingest rule, :func:`pipelines.audio_features.frame_count_for`); as in ingest the
+        (the ingest rule, :func:`pipelines.encoders.audio_features.frame_count_for`); as in ingest the
         samples are cut to exactly ``N / fps`` seconds before featurising. Audio longer than
         ``max_audio_s`` seconds (None: no limit) is refused with :class:`BadInputError` after
         decoding at most ``max_audio_s + 1`` seconds of it."""

@@ -3,7 +3,7 @@
 Timing rule: a video of ``N`` frames at ``fps`` lasts exactly ``N / fps`` seconds (one frame per
 40 ms at 25 fps), and the audio track is cut (or padded with silence) to that same duration, so
 audio and video end together. The sampler takes ``N`` from the audio with the ingest rule
-(:func:`pipelines.audio_features.frame_count_for`: the whole frames the audio covers).
+(:func:`pipelines.encoders.audio_features.frame_count_for`: the whole frames the audio covers).
 
 Encoding is done by the ``ffmpeg`` binary (H.264 yuv420p + AAC, ``+faststart`` so browsers can
 play while loading); the raw RGB frames go to it through a pipe. ffmpeg never probes a file: the
@@ -27,7 +27,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from inference.errors import InferenceError
-from pipelines.audio_decode import decode_audio
+from pipelines.media.audio_decode import decode_audio
 
 DEFAULT_TIMEOUT_S = 600.0  # one ffmpeg call: longer means it hangs
 STDERR_KEEP_BYTES = 64 * 1024  # of ffmpeg's stderr kept for the error message

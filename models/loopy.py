@@ -47,7 +47,12 @@ from torch import nn
 
 from core.temporal_segment import make_plan
 from core.weights import load_pretrained
-from models.audio_modules import A2L_KINDS, AudioCrossAttention, AudioProjection, AudioToLatents
+from models.audio_modules import (
+    A2L_KINDS,
+    AudioCrossAttention,
+    AudioProjection,
+    AudioToLatents,
+)
 from models.errors import IncompatibleWeightsError
 from models.reference_attention import (
     ContextAttnProcessor,

@@ -14,24 +14,24 @@ A wrong ``--input``, an unwritable ``--output`` (or one holding another format),
 an unreadable model config is a one-line error on stderr and exit status 2, before Ray starts.
 Otherwise every per-video failure becomes a rejected manifest row, the job finishes the rest,
 prints the summary as one JSON line and exits 0. The job itself (stages, resume, output files)
-is :func:`pipelines.ingest_job.run_ingest`; the module layout is:
+is :func:`pipelines.ingestion.job.run_ingest`; the module layout is:
 
-* ``pipelines/ingest_job.py``: ``run_ingest``, the Ray Data graph, the driver's stream loop;
-* ``pipelines/ingest_stages.py``: the CPU stages (analysis, decode + crop), no torch;
-* ``pipelines/ingest_model_stages.py``: the model stages (wav2vec2 features, VAE latents);
-* ``pipelines/frame_writer.py``: per-chunk rows -> ``frames/<video_id>.parquet`` in frame order;
-* ``pipelines/resume.py``: output-directory checks and the per-video records of finished videos;
-* ``pipelines/ingest_meta.py``: ``ingest_meta.json`` and the model-config facts it records;
-* ``pipelines/manifest.py``: inputs, video ids, splits, ``videos.parquet``;
-* ``pipelines/watchdog.py``: the per-video deadline (analysis in a killable child process).
+* ``pipelines/ingestion/job.py``: ``run_ingest``, the Ray Data graph, the driver's stream loop;
+* ``pipelines/ingestion/stages.py``: the CPU stages (analysis, decode + crop), no torch;
+* ``pipelines/ingestion/model_stages.py``: the model stages (wav2vec2 features, VAE latents);
+* ``pipelines/ingestion/frame_writer.py``: per-chunk rows -> ``frames/<video_id>.parquet`` in frame order;
+* ``pipelines/ingestion/resume.py``: output-directory checks and the per-video records of finished videos;
+* ``pipelines/ingestion/meta.py``: ``ingest_meta.json`` and the model-config facts it records;
+* ``pipelines/dataset/manifest.py``: inputs, video ids, splits, ``videos.parquet``;
+* ``pipelines/ingestion/watchdog.py``: the per-video deadline (analysis in a killable child process).
 
 Tracking: each run of :func:`main` is an MLflow run (``tracking.*``; tag ``loopy.job=ingest``):
 params = the ``ingest``, ``weights`` and ``ray`` sections and the output fingerprint; metrics =
 counts by status, stage and reason, hours kept and offered, wall time; artifacts = the manifest,
 ``ingest_meta.json``, the fingerprint and the summary. ``DIR/ingest_run.json`` (``run_id``,
 ``tracking_uri``, ``experiment``, ``fingerprint``) is written when the run starts, atomically, so
-training can log the dataset as an input of its runs. This lives in the entry point because the
-MLflow helpers are ``training/tracking.py``'s (layer 4), which ``pipelines/`` may not import.
+training can log the dataset as an input of its runs. The run is written with the ground floor's
+run logger (:mod:`core.run_logging`), the same one training uses.
 """
 from __future__ import annotations
 
@@ -47,18 +47,24 @@ from typing import Callable, Optional
 from core.atomic_files import write_json_atomic
 from core.config import ConfigError, add_config_arguments, flatten, load_platform_config
 from core.paths import resolve_tracking_uri
+from core.run_logging import INGEST_RUN_FILE, JOB_TAG, RunLogger, ensure_experiment
+from pipelines.dataset.manifest import IngestInputError
+from pipelines.dataset.schema import MANIFEST_NAME, META_NAME
 from pipelines.errors import PipelineError
-from pipelines.ingest_job import IngestSummary, PreparedIngest, prepare_ingest, run_ingest, run_prepared
-from pipelines.ingest_meta import ModelConfigError
-from pipelines.manifest import IngestInputError
-from pipelines.resume import FINGERPRINT_NAME, IngestOutputError
-from pipelines.schema import MANIFEST_NAME, META_NAME
-from training.tracking import JOB_TAG, RunLogger, ensure_experiment
+from pipelines.ingestion.job import (
+    IngestSummary,
+    PreparedIngest,
+    prepare_ingest,
+    run_ingest,
+    run_prepared,
+)
+from pipelines.ingestion.meta import ModelConfigError
+from pipelines.ingestion.resume import FINGERPRINT_NAME, IngestOutputError
 
 __all__ = ["IngestInputError", "IngestOutputError", "IngestSummary", "ModelConfigError", "main", "run_ingest",
            "run_tracked"]
 
-RUN_FILE = "ingest_run.json"  # DIR/ingest_run.json: the MLflow run that wrote DIR last
+RUN_FILE = INGEST_RUN_FILE  # DIR/ingest_run.json: the MLflow run that wrote DIR last
 
 
 def _metric_key(prefix: str, name: str) -> str:

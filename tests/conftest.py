@@ -30,7 +30,7 @@ def ray_local():
 def data_dir(tmp_path_factory) -> Path:
     """A synthetic ingest output (4 videos x 60 frames, 3 train + 1 test) for the training tests,
     one per test module (a module may define its own ``data_dir`` instead)."""
-    from pipelines.synthetic import write_synthetic_ingest
+    from pipelines.samples.synthetic_ingest import write_synthetic_ingest
 
     out = tmp_path_factory.mktemp("ingest")
     write_synthetic_ingest(out, num_frames=(60, 60, 60, 60), latent_shape=(4, 8, 8), audio_shape=(2, 32),

@@ -6,7 +6,12 @@ import json
 
 import pytest
 
-from core.atomic_files import AtomicFile, atomic_path, write_json_atomic, write_text_atomic
+from core.atomic_files import (
+    AtomicFile,
+    atomic_path,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 def test_write_replaces_and_leaves_no_temp(tmp_path):

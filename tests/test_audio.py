@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.audio_features import audio_window_indices, audio_windows
+from pipelines.encoders.audio_features import audio_window_indices, audio_windows
 
 
 def test_audio_window_indices_edge_replication():
@@ -48,13 +48,18 @@ def test_audio_windows_replicate_edges_not_zero():
 # ---------------------------------------------------------------------------------------------
 import subprocess  # noqa: E402
 
-from pipelines.audio_decode import AudioDecodeError, audio_level_dbfs, decode_audio, is_silent  # noqa: E402
-from pipelines.audio_features import (  # noqa: E402
+from pipelines.encoders.audio_features import (  # noqa: E402
     AudioFeatureExtractor,
     AudioLengthError,
     feature_positions,
     frame_count_for,
     frame_times,
+)
+from pipelines.media.audio_decode import (  # noqa: E402
+    AudioDecodeError,
+    audio_level_dbfs,
+    decode_audio,
+    is_silent,
 )
 
 TONE_HZ = 440.0

@@ -380,7 +380,7 @@ def test_mlflow_server_postgres_backend_object_store_and_service(objects, cluste
     assert uri.hostname in (f"mlflow.{NAMESPACE}.svc.cluster.local", f"mlflow.{NAMESPACE}", "mlflow")
     assert uri.port in {p["port"] for p in service["spec"]["ports"]}
     assert f"{uri.hostname}:{uri.port}" in command, "--allowed-hosts must admit the tracking URI"
-    from training.tracking import resolve_artifact_root, resolve_tracking_uri
+    from core.paths import resolve_artifact_root, resolve_tracking_uri
 
     assert resolve_tracking_uri(cluster_cfg.tracking.tracking_uri) == cluster_cfg.tracking.tracking_uri
     artifacts = urlparse(resolve_artifact_root(cluster_cfg.tracking.artifact_root))
@@ -618,7 +618,6 @@ def test_launcher_shm_holds_rays_default_object_store():
 
 def ray_requirement():
     import tomllib
-
     from packaging.requirements import Requirement
 
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
@@ -656,7 +655,7 @@ def test_the_ray_apis_the_project_calls_exist():
     def params(fn):
         return inspect.signature(fn).parameters
 
-    # ingest (pipelines/ingest_job.py): actor / task pools with retry limits as remote args
+    # ingest (pipelines/ingestion/job.py): actor / task pools with retry limits as remote args
     for method in (ray.data.Dataset.map, ray.data.Dataset.map_batches, ray.data.Dataset.flat_map):
         p = params(method)
         assert "compute" in p and "num_cpus" in p, method.__name__

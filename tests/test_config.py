@@ -1,6 +1,12 @@
 import pytest
 
-from core.config import ConfigError, PlatformConfig, flatten, load_platform_config, parse_overrides
+from core.config import (
+    ConfigError,
+    PlatformConfig,
+    flatten,
+    load_platform_config,
+    parse_overrides,
+)
 
 
 def test_defaults_are_the_tiny_embedded_setting():

@@ -44,8 +44,12 @@ from demo import (
     stop_process,
     video_summary,
 )
-from pipelines.manifest import split_for, split_key_of
-from pipelines.sample_data import SENTENCES, SPLIT_FOLDERS, SPLIT_TEST_FRACTION
+from pipelines.dataset.manifest import split_for, split_key_of
+from pipelines.samples.talking_heads import (
+    SENTENCES,
+    SPLIT_FOLDERS,
+    SPLIT_TEST_FRACTION,
+)
 from serve.client import JobFailed, RequestRejected, ServiceUnavailable, VideoClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,8 +68,8 @@ def test_step_commands_run_the_makefile_clis(tmp_path):
     paths, settings = DemoPaths(tmp_path), DemoSettings(train_steps=7)
     cmds = step_commands(paths, settings, python="/venv/bin/python")
     makefile = (ROOT / "Makefile").read_text()
-    assert cmds["samples"][:3] == ["/venv/bin/python", "-m", "pipelines.sample_data"]
-    assert "-m pipelines.sample_data --output" in makefile
+    assert cmds["samples"][:3] == ["/venv/bin/python", "-m", "pipelines.samples.talking_heads"]
+    assert "-m pipelines.samples --output" in makefile
     assert cmds["ingest"][1] == str(ROOT / "pipelines" / "ingest.py") and "pipelines/ingest.py --input" in makefile
     assert cmds["train"][1] == str(ROOT / "train.py") and "train.py --data" in makefile
     ingest, train = cmds["ingest"], cmds["train"]

@@ -23,8 +23,8 @@ def ingested(tmp_path_factory, tiny_weights, ray_local):
     the test split (``ingest.test_fraction=1``)."""
     pytest.importorskip("dlib")
     from core.config import load_platform_config
-    from pipelines.ingest_job import run_ingest
-    from pipelines.sample_data import SampleSpec, generate_samples
+    from pipelines.ingestion.job import run_ingest
+    from pipelines.samples.talking_heads import SampleSpec, generate_samples
 
     root = tmp_path_factory.mktemp("eval_ingest")
     generate_samples(root / "videos", seconds=6.0, seed=3, specs=(SampleSpec("eval_talk", "25", 16000, 1, 192, 192),))
@@ -59,9 +59,9 @@ def registry(tmp_path_factory, tiny_package):
 def test_evaluate_package_scores_the_split_against_the_source_frames(ingested, tiny_package):
     from core.sections import EvaluationConfig
     from inference.evaluate_video import read_eval_video, split_videos
-    from pipelines.face_detect import make_detector
-    from pipelines.schema import FrameStore
-    from pipelines.video_metrics import detect_landmarks
+    from pipelines.dataset.schema import FrameStore
+    from pipelines.faces.detect import make_detector
+    from pipelines.metrics.video_metrics import detect_landmarks
     from training.evaluation import evaluate_package
 
     result = evaluate_package(tiny_package, ingested, split="test", steps=1, device="cpu",
@@ -161,7 +161,7 @@ def test_bad_arguments_exit_2_before_ray(tmp_path, capsys, tiny_package):
 
     assert evaluate.main(["--model", str(tiny_package), "--data", str(tmp_path / "missing")]) == 2
     assert "--data" in capsys.readouterr().err
-    from pipelines.synthetic import write_synthetic_ingest
+    from pipelines.samples.synthetic_ingest import write_synthetic_ingest
 
     write_synthetic_ingest(tmp_path / "data", num_frames=(40,), splits=["test"])
     assert evaluate.main(["--model", str(tmp_path / "nope"), "--data", str(tmp_path / "data")]) == 2
@@ -173,7 +173,7 @@ def test_bad_arguments_exit_2_before_ray(tmp_path, capsys, tiny_package):
 
 def test_unknown_registered_version_exits_2(tmp_path, capsys, registry):
     import evaluate
-    from pipelines.synthetic import write_synthetic_ingest
+    from pipelines.samples.synthetic_ingest import write_synthetic_ingest
 
     _, _, _, tracking = registry
     write_synthetic_ingest(tmp_path / "data", num_frames=(40,), splits=["test"])

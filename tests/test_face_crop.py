@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.crop import crop_frames, landmarks_to_crop, plan_crop_track
-from pipelines.face_detect import (
+from pipelines.faces.crop import crop_frames, landmarks_to_crop, plan_crop_track
+from pipelines.faces.detect import (
     DlibDetector,
     DWPoseDetector,
     FaceCandidateDetector,
@@ -16,7 +16,7 @@ from pipelines.face_detect import (
     pose_input_to_image,
     simcc_decode,
 )
-from pipelines.landmarks import (
+from pipelines.faces.landmarks import (
     CHIN,
     MOUTH,
     NOSE_TIP,
@@ -34,7 +34,7 @@ def detector():
 @pytest.fixture(scope="module")
 def astronaut_video(tmp_path_factory):
     """1.2 s, 25 fps, 320x320 talking head (one short sample video)."""
-    from pipelines.sample_data import SampleSpec, write_talking_head
+    from pipelines.samples.talking_heads import SampleSpec, write_talking_head
 
     root = tmp_path_factory.mktemp("face")
     spec = SampleSpec("face", "25", 16000, 1, 320, 320)
@@ -44,7 +44,7 @@ def astronaut_video(tmp_path_factory):
 
 # ---------------------------------------------------------------- detection
 def test_dlib_finds_68_points_where_the_face_was_rendered(detector):
-    from pipelines.sample_data import _FACE_SIZE, TalkingHeadRenderer
+    from pipelines.samples.talking_heads import _FACE_SIZE, TalkingHeadRenderer
 
     renderer = TalkingHeadRenderer(320, 320, np.random.default_rng(1))
     times = [0.0, 0.7, 1.9, 3.1]
@@ -67,7 +67,7 @@ def test_dlib_finds_68_points_where_the_face_was_rendered(detector):
 
 
 def test_detection_on_downscaled_copy_matches_full_size(detector):
-    from pipelines.sample_data import TalkingHeadRenderer
+    from pipelines.samples.talking_heads import TalkingHeadRenderer
 
     frame = TalkingHeadRenderer(360, 640, np.random.default_rng(2)).render(0.3, 0.2)[None]
     try:
@@ -94,7 +94,7 @@ def test_no_face_frame_reports_not_found(detector):
 
 
 def test_short_video_detect_and_crop(astronaut_video, detector):
-    from pipelines.video_decode import iter_frames
+    from pipelines.media.video_decode import iter_frames
 
     lms, founds, frames = [], [], []
     for chunk in iter_frames(astronaut_video, chunk_frames=12):
@@ -259,7 +259,7 @@ def _drawn_centre_and_width(box):
 
 
 def test_candidates_are_every_face_with_scores_and_landmarks(detector):
-    from pipelines.face_scenes import ScenePerson, SceneSpec, render_scene
+    from pipelines.samples.face_scenes import ScenePerson, SceneSpec, render_scene
 
     spec = SceneSpec("two", 960, 540, (ScenePerson(0.3, 0.45, 0.3), ScenePerson(0.75, 0.5, 0.2)), seconds=0.08)
     frames, truth = render_scene(spec, mouth=[0.3, 0.3])
@@ -279,8 +279,8 @@ def test_candidates_are_every_face_with_scores_and_landmarks(detector):
 
 
 def test_small_face_is_found_at_the_searched_scale(detector):
-    from pipelines.face_detect import pass_scale, search_face_scale
-    from pipelines.face_scenes import ScenePerson, SceneSpec, render_scene
+    from pipelines.faces.detect import pass_scale, search_face_scale
+    from pipelines.samples.face_scenes import ScenePerson, SceneSpec, render_scene
 
     # a face 6 % of the short side of a 1280x720 frame (~43 px): below HOG's window at full size
     spec = SceneSpec("small", 1280, 720, (ScenePerson(0.6, 0.4, 0.06),), seconds=0.12)
@@ -305,10 +305,10 @@ def test_scale_search_samples_the_whole_video_so_a_face_shown_late_is_found(tmp_
     import subprocess
 
     from core.sections import IngestConfig
-    from pipelines.face_scenes import ScenePerson, SceneSpec, write_scene
-    from pipelines.ingest_stages import VideoAnalyzer
-    from pipelines.probe import probe_video
-    from pipelines.video_decode import plan_from_timestamps
+    from pipelines.ingestion.stages import VideoAnalyzer
+    from pipelines.media.probe import probe_video
+    from pipelines.media.video_decode import plan_from_timestamps
+    from pipelines.samples.face_scenes import ScenePerson, SceneSpec, write_scene
 
     scene, _ = write_scene(tmp_path, SceneSpec("late", 1280, 720, (ScenePerson(0.6, 0.4, 0.06),), seconds=8.0))
     late = tmp_path / "late_face.mp4"
@@ -326,8 +326,8 @@ def test_scale_search_samples_the_whole_video_so_a_face_shown_late_is_found(tmp_
 
 
 def test_large_face_search_stops_at_the_coarse_level(detector):
-    from pipelines.face_detect import pass_scale, search_face_scale
-    from pipelines.face_scenes import ScenePerson, SceneSpec, render_scene
+    from pipelines.faces.detect import pass_scale, search_face_scale
+    from pipelines.samples.face_scenes import ScenePerson, SceneSpec, render_scene
 
     spec = SceneSpec("big", 720, 1280, (ScenePerson(0.5, 0.45, 0.7),), seconds=0.08)
     frames, truth = render_scene(spec)
@@ -338,8 +338,8 @@ def test_large_face_search_stops_at_the_coarse_level(detector):
 
 
 def test_dlib_cnn_detector_finds_the_face():
-    from pipelines.face_detect import DlibCnnDetector
-    from pipelines.sample_data import TalkingHeadRenderer
+    from pipelines.faces.detect import DlibCnnDetector
+    from pipelines.samples.talking_heads import TalkingHeadRenderer
 
     cnn = make_detector("dlib_cnn")
     assert isinstance(cnn, DlibCnnDetector) and isinstance(cnn, FaceCandidateDetector)
@@ -367,7 +367,7 @@ def test_portrait_face_is_found_at_any_scale_and_cropped_around_it(width, height
     old fixed detection size) or most of the frame: found, and the crop is centred on the true face."""
     from core.sections import IngestConfig
     from inference.portrait import PortraitCropper
-    from pipelines.face_scenes import ScenePerson, SceneSpec, render_scene
+    from pipelines.samples.face_scenes import ScenePerson, SceneSpec, render_scene
 
     spec = SceneSpec("p", width, height, (ScenePerson(0.4, 0.45, face_frac),), seconds=0.04)
     frames, boxes = render_scene(spec, seed=1)
@@ -387,7 +387,7 @@ def test_portrait_face_is_found_at_any_scale_and_cropped_around_it(width, height
 def test_portrait_with_two_similar_faces_is_refused_and_a_small_background_face_ignored():
     from core.sections import IngestConfig
     from inference.portrait import PortraitCropper, SeveralFacesError
-    from pipelines.face_scenes import ScenePerson, SceneSpec, render_scene
+    from pipelines.samples.face_scenes import ScenePerson, SceneSpec, render_scene
 
     ic = IngestConfig()
     cropper = PortraitCropper(DlibDetector(), ic.crop_size, ic.crop_margin, ic.fps, ic.detect_face_px,

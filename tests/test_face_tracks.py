@@ -1,15 +1,20 @@
-"""Face tracks (pipelines/face_tracks.py) on constructed candidate sequences: the subject is the
+"""Face tracks (pipelines/faces/tracks.py) on constructed candidate sequences: the subject is the
 persistent, large track; spurious boxes, a distractor on clothing, a second smaller person and a
 poster are ignored; two similar faces are rivals; gaps are bridged. Plus the scale rules of
-pipelines/face_detect.py and the subject check of pipelines/quality.py."""
+pipelines/faces/detect.py and the subject check of pipelines/ingestion/quality.py."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from core.sections import IngestConfig
-from pipelines.face_detect import ScaleSearch, max_detection_scale, pass_scale, search_levels
-from pipelines.face_tracks import (
+from pipelines.faces.detect import (
+    ScaleSearch,
+    max_detection_scale,
+    pass_scale,
+    search_levels,
+)
+from pipelines.faces.tracks import (
     FaceCandidates,
     TrackParams,
     box_iou,
@@ -17,7 +22,7 @@ from pipelines.face_tracks import (
     subject_track,
     track_landmarks,
 )
-from pipelines.quality import check_subject
+from pipelines.ingestion.quality import check_subject
 
 N = 100
 

@@ -9,7 +9,7 @@ import pytest
 
 from core.sections import WeightsConfig
 from core.weights import resolve_weights
-from pipelines.sample_data import SAMPLE_SPECS, generate_samples
+from pipelines.samples.talking_heads import SAMPLE_SPECS, generate_samples
 from training.fit_vae import FitSettings, VaeFitError, fit_vae, main
 
 pytestmark = [

@@ -40,7 +40,11 @@ def shared_ingest_run(tmp_path_factory, tiny_weights) -> dict:
     resumes (nothing left to do, no Ray work).
     """
     from pipelines.ingest import run_ingest
-    from pipelines.sample_data import SAMPLE_SPECS, generate_samples, make_bad_inputs
+    from pipelines.samples.talking_heads import (
+        SAMPLE_SPECS,
+        generate_samples,
+        make_bad_inputs,
+    )
 
     base = tmp_path_factory.getbasetemp()
     inputs, out = base / "ingest_shared_inputs", base / "ingest_shared_out"
@@ -84,8 +88,8 @@ def _manifest(out: Path):
 
 def _expected_frames(path: Path, fps: float = 25.0) -> int:
     """floor(duration * 25) of the video, limited to the frames the audio covers."""
-    from pipelines.audio_decode import decode_audio
-    from pipelines.probe import probe_video
+    from pipelines.media.audio_decode import decode_audio
+    from pipelines.media.probe import probe_video
 
     video = math.floor(probe_video(path).duration_s * fps + 1e-6)
     audio = math.floor(decode_audio(path).duration_s * fps + 1e-6)
@@ -123,7 +127,7 @@ def test_fps_in_and_rotation_recorded(ingested):
 
 @pytest.mark.slow
 def test_frame_files_hold_latents_audio_landmarks(ingested):
-    from pipelines.schema import FrameStore
+    from pipelines.dataset.schema import FrameStore
 
     out, _, cfg = ingested
     store = FrameStore(out)
@@ -172,7 +176,7 @@ def test_workers_write_the_frames_the_driver_gets_only_small_rows(ingested):
 
 @pytest.mark.slow
 def test_split_is_deterministic_and_by_folder(ingested, good_videos):
-    from pipelines.manifest import plan_inputs, split_for
+    from pipelines.dataset.manifest import plan_inputs, split_for
 
     out, _, cfg = ingested
     rows = {r["source"]: r for r in _manifest(out)}
@@ -197,8 +201,8 @@ def test_resume_skips_finished_redoes_deleted_and_survives_a_worker_crash(ingest
     infrastructure failure, not a rejection) while the job finishes normally."""
     import os
 
-    import pipelines.ingest_job as ingest_job
-    from pipelines.schema import FrameStore
+    import pipelines.ingestion.job as ingest_job
+    from pipelines.dataset.schema import FrameStore
 
     out_src, _, cfg = ingested
     out = tmp_path / "resumed"
@@ -321,12 +325,16 @@ def test_vae_scaling_factor_is_read_or_the_stated_diffusers_default(tmp_path, ca
 
     from diffusers import AutoencoderKL
 
-    from pipelines.ingest_meta import DIFFUSERS_VAE_SCALING_FACTOR, ModelConfigError, vae_scaling_factor
+    from pipelines.ingestion.meta import (
+        DIFFUSERS_VAE_SCALING_FACTOR,
+        ModelConfigError,
+        vae_scaling_factor,
+    )
 
     assert vae_scaling_factor(str(_write_config(tmp_path / "a", scaling_factor=0.13025)), True) == 0.13025
     # the rule: no field -> the value diffusers loads the VAE with (so the one the latents used), logged
     assert DIFFUSERS_VAE_SCALING_FACTOR == inspect.signature(AutoencoderKL.__init__).parameters["scaling_factor"].default
-    with caplog.at_level(logging.WARNING, logger="pipelines.ingest_meta"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.ingestion.meta"):
         assert vae_scaling_factor(str(_write_config(tmp_path / "b", latent_channels=4)), True) == 0.18215
     assert any("no scaling_factor" in r.getMessage() and "b/config.json" in r.getMessage() for r in caplog.records)
     # no silent 0.18215 any more: unreadable config, bad field, unknown location are errors naming them
@@ -347,7 +355,12 @@ def test_vae_scaling_factor_is_read_or_the_stated_diffusers_default(tmp_path, ca
 def test_audio_shape_of_an_empty_ingest_comes_from_the_wav2vec2_config_never_0_0(tmp_path, tiny_weights):
     """With nothing ingested the meta's audio shape is the wav2vec2 config's [layers, width]; a
     config without those fields is an error naming the file and field (once ``[0, 0]``)."""
-    from pipelines.ingest_meta import ModelConfigError, read_model_facts, wav2vec2_feature_shape, write_ingest_meta
+    from pipelines.ingestion.meta import (
+        ModelConfigError,
+        read_model_facts,
+        wav2vec2_feature_shape,
+        write_ingest_meta,
+    )
 
     weights_cfg, weights = tiny_weights
     assert wav2vec2_feature_shape(weights.wav2vec2, True) == [2, 32]
@@ -383,7 +396,7 @@ def test_video_id_is_stable_and_changes_with_the_content(tmp_path):
     """Content ids (issue 13): touching or copying a file keeps its id; new bytes give a new one."""
     import os
 
-    from pipelines.manifest import video_id_for
+    from pipelines.dataset.manifest import video_id_for
 
     f = tmp_path / "a.mp4"
     f.write_bytes(b"1234")
@@ -399,7 +412,12 @@ def test_video_id_is_stable_and_changes_with_the_content(tmp_path):
 
 
 def test_expand_inputs_folder_list_and_split(tmp_path):
-    from pipelines.manifest import IngestInputError, expand_inputs, plan_inputs, split_for
+    from pipelines.dataset.manifest import (
+        IngestInputError,
+        expand_inputs,
+        plan_inputs,
+        split_for,
+    )
 
     (tmp_path / "p1").mkdir()
     (tmp_path / "p1" / "x.MP4").write_bytes(b"a")
@@ -421,7 +439,7 @@ def test_expand_inputs_folder_list_and_split(tmp_path):
 
 
 def test_audio_coverage_rule():
-    from pipelines.quality import frames_covered_by_audio
+    from pipelines.ingestion.quality import frames_covered_by_audio
 
     cfg = IngestConfig(max_audio_video_offset_s=0.5)
     assert frames_covered_by_audio(150, 6.2, cfg)[:2] == (150, pytest.approx(0.2))  # longer audio: all frames
@@ -438,9 +456,9 @@ def test_chunk_rows_become_frame_rows_in_order_with_jpeg(tmp_path):
 
     from PIL import Image
 
-    from pipelines.frame_writer import VideoAssembly
-    from pipelines.ingest_model_stages import encode_jpegs
-    from pipelines.schema import FrameStore, IngestMeta, frame_schema
+    from pipelines.dataset.schema import FrameStore, IngestMeta, frame_schema
+    from pipelines.ingestion.frame_writer import VideoAssembly
+    from pipelines.ingestion.model_stages import encode_jpegs
 
     rng = np.random.default_rng(0)
     n_chunks, per = 3, 10
@@ -485,11 +503,11 @@ def test_chunk_rows_become_frame_rows_in_order_with_jpeg(tmp_path):
 
 def test_the_cpu_stages_never_import_torch():
     """The analysis / decode workers (hundreds on a cluster) stay light: only the wav2vec2 and VAE
-    actors (pipelines/ingest_model_stages.py) load torch."""
+    actors (pipelines/ingestion/model_stages.py) load torch."""
     import subprocess
     import sys
 
-    code = ("import sys, pipelines.ingest_stages; "
+    code = ("import sys, pipelines.ingestion.stages; "
             "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

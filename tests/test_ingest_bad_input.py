@@ -46,7 +46,7 @@ def test_one_manifest_row_per_input_file(bad_run):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(EXPECTED_STAGE))
 def test_bad_input_rejected_with_stage_and_file(bad_run, case):
-    from pipelines.schema import frames_path
+    from pipelines.dataset.schema import frames_path
 
     bad, _, rows, summary, _ = bad_run
     path = bad[case].resolve()
@@ -71,7 +71,7 @@ def test_specific_reasons(bad_run):
 
 @pytest.mark.slow
 def test_good_file_ingested_beside_bad_ones(bad_run):
-    from pipelines.schema import FrameStore
+    from pipelines.dataset.schema import FrameStore
 
     _, good, rows, summary, messages = bad_run
     for path in good:
@@ -123,7 +123,7 @@ def test_bad_override_is_one_line_error(tmp_path):
 
 def test_output_of_another_format_is_refused(tmp_path):
     """Resuming into a directory ingested with another crop size would mix two formats."""
-    from pipelines.schema import IngestMeta
+    from pipelines.dataset.schema import IngestMeta
 
     out = tmp_path / "o"
     out.mkdir()

@@ -79,7 +79,7 @@ def make_click_pair(video: Path, folder: Path, seconds: float = 6.0) -> tuple[Pa
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> dict:
-    from pipelines.sample_data import SAMPLE_SPECS, generate_samples
+    from pipelines.samples.talking_heads import SAMPLE_SPECS, generate_samples
 
     root = tmp_path_factory.mktemp("limits_media")
     spec = [s for s in SAMPLE_SPECS if s.name == "talk_25fps_16k"]
@@ -93,7 +93,7 @@ def media(tmp_path_factory) -> dict:
 
 def _no_decoding(monkeypatch) -> None:
     """Any decode of frames or audio in the analysis fails the test."""
-    import pipelines.ingest_stages as stages
+    import pipelines.ingestion.stages as stages
 
     def forbidden(*args, **kwargs):
         raise AssertionError("decoded although a limit should have refused the file first")
@@ -103,7 +103,7 @@ def _no_decoding(monkeypatch) -> None:
 
 
 def test_hostile_frozen_file_is_refused_from_the_probe_before_any_decoding(media, monkeypatch):
-    from pipelines.ingest_stages import VideoAnalyzer
+    from pipelines.ingestion.stages import VideoAnalyzer
 
     _no_decoding(monkeypatch)
     row = {"video_id": "h", "path": str(media["hostile"])}
@@ -117,8 +117,8 @@ def test_hostile_frozen_file_is_refused_from_the_probe_before_any_decoding(media
 
 
 def test_max_pixels_comes_from_the_stream_header_before_demuxing(media, monkeypatch):
-    import pipelines.probe as probe
-    from pipelines.ingest_stages import VideoAnalyzer
+    import pipelines.media.probe as probe
+    from pipelines.ingestion.stages import VideoAnalyzer
 
     def no_demux(*args, **kwargs):
         raise AssertionError("demuxed or decoded although the header is over max_pixels")
@@ -130,7 +130,7 @@ def test_max_pixels_comes_from_the_stream_header_before_demuxing(media, monkeypa
 
 
 def test_audio_much_shorter_than_video_is_refused_from_the_headers(media, monkeypatch, tmp_path):
-    from pipelines.ingest_stages import VideoAnalyzer
+    from pipelines.ingestion.stages import VideoAnalyzer
 
     short = tmp_path / "short_audio.mp4"
     _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=25:duration=7", "-f", "lavfi", "-i",
@@ -144,7 +144,7 @@ def test_audio_much_shorter_than_video_is_refused_from_the_headers(media, monkey
 def test_the_screened_probe_is_passed_on_and_the_analysis_never_probes_again(media, monkeypatch):
     """screen_video (the job's first phase, a plain task) probes once; the analysis takes that
     probe from its row: probing again there fails the test."""
-    import pipelines.ingest_stages as stages
+    import pipelines.ingestion.stages as stages
 
     cfg = IngestConfig()
     screened = stages.screen_video({"video_id": "g", "path": str(media["good"])}, cfg)
@@ -169,7 +169,7 @@ def test_the_screened_probe_is_passed_on_and_the_analysis_never_probes_again(med
 
 
 def test_distinct_source_frames_rule():
-    from pipelines.quality import check_limits, distinct_source_frames
+    from pipelines.ingestion.quality import check_limits, distinct_source_frames
 
     cfg = IngestConfig()
     for src_fps, expected in ((30.0, 150), (25.0, 150), (10.0, 60), (5.0, 30)):
@@ -185,10 +185,10 @@ def test_distinct_source_frames_rule():
 
 
 def test_a_hung_analysis_is_killed_at_its_deadline_and_the_next_call_gets_a_fresh_child(media):
-    from pipelines.watchdog import DeadlineExceeded, WatchedWorker
+    from pipelines.ingestion.watchdog import DeadlineExceeded, WatchedWorker
 
     cfg = IngestConfig(fault_hang_match=media["good"].name)
-    worker = WatchedWorker("pipelines.ingest_stages:VideoAnalyzer", {"cfg": cfg})
+    worker = WatchedWorker("pipelines.ingestion.stages:VideoAnalyzer", {"cfg": cfg})
     row = {"video_id": "g", "path": str(media["good"])}
     assert worker.call("begin", row, deadline_s=60)["kind"] == "probed"
     hung = worker.proc
@@ -203,10 +203,10 @@ def test_a_hung_analysis_is_killed_at_its_deadline_and_the_next_call_gets_a_fres
 def test_a_killed_analysis_process_is_a_worker_death_not_a_bad_file(media):
     """Kill the child from outside (as the OOM killer does) during a call: WorkerDied naming
     the signal; the stage turns it into a ``failed`` row."""
-    from pipelines.watchdog import WatchedWorker, WorkerDied
+    from pipelines.ingestion.watchdog import WatchedWorker, WorkerDied
 
     cfg = IngestConfig(fault_hang_match=media["good"].name)
-    worker = WatchedWorker("pipelines.ingest_stages:VideoAnalyzer", {"cfg": cfg})
+    worker = WatchedWorker("pipelines.ingestion.stages:VideoAnalyzer", {"cfg": cfg})
     row = {"video_id": "g", "path": str(media["good"])}
     worker.call("begin", row, deadline_s=60)
     pid = worker.proc.pid
@@ -221,7 +221,7 @@ def test_a_killed_analysis_process_is_a_worker_death_not_a_bad_file(media):
 
 def _analysed_row(cfg: IngestConfig, path: Path) -> dict:
     """The analysis row of ``path`` (in this process) with zero audio features: the decode stage's input."""
-    from pipelines.ingest_stages import VideoAnalyzer
+    from pipelines.ingestion.stages import VideoAnalyzer
 
     analyzer = VideoAnalyzer(cfg)
     row = {"video_id": path.stem, "path": str(path)}
@@ -236,7 +236,7 @@ def test_a_hung_full_resolution_decode_is_killed_at_its_deadline_and_costs_only_
     """The decode + crop stage runs in a watched child too: a decoder that hangs on one video is
     rejected at stage ``timeout`` after ``deadline_base_s + deadline_per_s x duration``, and the
     next video gets a fresh child and all its chunks."""
-    from pipelines.ingest_stages import DecodeStage
+    from pipelines.ingestion.stages import DecodeStage
 
     cfg = IngestConfig(deadline_base_s=3.0, deadline_per_s=0.0, chunk_frames=40)
     good = _analysed_row(cfg, media["good"])
@@ -261,7 +261,7 @@ def test_a_hung_full_resolution_decode_is_killed_at_its_deadline_and_costs_only_
 
 
 def test_a_killed_decode_process_is_failed_not_rejected(media):
-    from pipelines.ingest_stages import DecodeStage
+    from pipelines.ingestion.stages import DecodeStage
 
     cfg = IngestConfig(fault_decode_hang_match=media["good"].name)
     row = _analysed_row(IngestConfig(), media["good"])
@@ -281,7 +281,12 @@ def test_a_killed_decode_process_is_failed_not_rejected(media):
 
 
 def test_fingerprint_is_claimed_at_the_start_and_another_configuration_is_refused(tmp_path, tiny_weights):
-    from pipelines.resume import FINGERPRINT_NAME, IngestOutputError, claim_output_dir, ingest_fingerprint
+    from pipelines.ingestion.resume import (
+        FINGERPRINT_NAME,
+        IngestOutputError,
+        claim_output_dir,
+        ingest_fingerprint,
+    )
 
     weights_cfg, weights = tiny_weights
     cfg = PlatformConfig(weights=weights_cfg)
@@ -304,8 +309,8 @@ def test_fingerprint_is_claimed_at_the_start_and_another_configuration_is_refuse
 
 
 def test_prepare_refuses_a_directory_written_with_another_crop_before_any_work(tmp_path, tiny_weights):
-    from pipelines.ingest_job import prepare_ingest
-    from pipelines.resume import IngestOutputError
+    from pipelines.ingestion.job import prepare_ingest
+    from pipelines.ingestion.resume import IngestOutputError
 
     listing = tmp_path / "list.txt"
     listing.write_text("missing.mp4\n")
@@ -320,7 +325,7 @@ def test_prepare_refuses_a_directory_written_with_another_crop_before_any_work(t
 def test_video_ids_come_from_content_and_copies_are_duplicates_in_one_split(tmp_path):
     import os
 
-    from pipelines.manifest import plan_inputs, video_id_for
+    from pipelines.dataset.manifest import plan_inputs, video_id_for
 
     rng = np.random.default_rng(0)
     data = rng.integers(0, 255, 6 * 1024 * 1024, dtype=np.uint8).tobytes()  # bigger than the hashed head
@@ -344,7 +349,7 @@ def test_video_ids_come_from_content_and_copies_are_duplicates_in_one_split(tmp_
 
 
 def test_reason_keys_count_reasons_without_file_names():
-    from pipelines.manifest import reason_key
+    from pipelines.dataset.manifest import reason_key
 
     a = reason_key("filter: /data/x/a.mp4: too short: 100 frames at 25 fps < min_frames 136 (5.44 s)", "/data/x/a.mp4")
     b = reason_key("filter: /data/y/b c.mp4: too short: 90 frames at 25 fps < min_frames 136 (5.44 s)", "/data/y/b c.mp4")
@@ -362,7 +367,7 @@ def fault_runs(ray_local, tiny_weights, media, tmp_path_factory) -> dict:
     another folder, the hostile file. Run 2: the same inputs without the faults."""
     import ray._private.state as ray_state  # the GCS actor table (the state API needs the dashboard, off here)
 
-    from pipelines.ingest_job import run_ingest
+    from pipelines.ingestion.job import run_ingest
 
     root = tmp_path_factory.mktemp("fault_job")
     inputs = root / "in"
@@ -401,8 +406,8 @@ def test_a_probe_past_its_deadline_is_a_timeout_and_the_next_probe_runs(ray_loca
     """The first phase's deadline (``deadline_base_s``, from the task's start): a probe still
     running past it is cancelled (its worker killed) and recorded at stage ``timeout``; the
     next probes run as usual."""
-    from pipelines.ingest_job import screen_inputs
-    from pipelines.manifest import plan_inputs
+    from pipelines.dataset.manifest import plan_inputs
+    from pipelines.ingestion.job import screen_inputs
 
     shutil.copyfile(media["hostile"], tmp_path / "hostile.mp4")
     videos = plan_inputs(tmp_path, 0.0, "video")
@@ -421,7 +426,7 @@ def test_a_job_whose_every_input_fails_the_cheap_checks_starts_no_actor(ray_loca
     their stages and reasons."""
     import ray._private.state as ray_state  # the GCS actor table (the state API needs the dashboard, off here)
 
-    from pipelines.ingest_job import run_ingest
+    from pipelines.ingestion.job import run_ingest
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -495,7 +500,7 @@ def test_yield_report_counts_by_status_stage_reason_and_hours(fault_runs):
 
 @pytest.mark.slow
 def test_the_driver_receives_no_frame_data_and_the_reader_layout_holds(fault_runs):
-    from pipelines.schema import FrameStore
+    from pipelines.dataset.schema import FrameStore
 
     out, s = fault_runs["out"], fault_runs["first"]
     assert not {"latent", "features", "crops", "jpeg", "samples", "landmarks", "boxes"} & set(s.driver_columns)
@@ -511,7 +516,7 @@ def test_the_driver_receives_no_frame_data_and_the_reader_layout_holds(fault_run
 
 @pytest.mark.slow
 def test_clicks_stand_out_in_the_stored_audio_features_within_one_frame(fault_runs):
-    from pipelines.schema import FrameStore
+    from pipelines.dataset.schema import FrameStore
 
     out, rows = fault_runs["out"], fault_runs["second_rows"]
     ref, clicks = rows["ref_talk.mov"], rows["clicks_talk.mov"]
@@ -533,7 +538,7 @@ def test_one_video_per_actor_pools_are_fixed_at_their_size():
     """Ray Data grows an actor pool only past 175 % utilisation, which one task per actor never
     reaches: the analysis and decode pools (one video per actor) are fixed at their configured
     size, so ``num_detect_actors: 300`` on the cluster means 300 actors, not one."""
-    from pipelines.ingest_job import actor_pool_strategy, decode_pool_size
+    from pipelines.ingestion.job import actor_pool_strategy, decode_pool_size
 
     fixed = actor_pool_strategy(300, one_task_per_actor=True)
     assert fixed.min_size == fixed.max_size == 300 and fixed.max_tasks_in_flight_per_actor == 1
@@ -547,11 +552,11 @@ def test_one_video_per_actor_pools_are_fixed_at_their_size():
 def test_a_decode_process_that_cannot_start_is_failed_not_rejected(media):
     """A child that cannot build its object is an infrastructure failure: ``failed`` (retried by
     the next run), never a rejection of the file."""
-    from pipelines.ingest_stages import DecodeStage
+    from pipelines.ingestion.stages import DecodeStage
 
     row = _analysed_row(IngestConfig(), media["good"])
     stage = DecodeStage(IngestConfig())
-    stage.worker.factory = "pipelines.ingest_stages:NoSuchClass"
+    stage.worker.factory = "pipelines.ingestion.stages:NoSuchClass"
     (out,) = list(stage(row))
     assert out["kind"] == "failed" and "did not start" in out["reason"], out["reason"]
     assert out["reason"].startswith("failed: decode: ") and media["good"].name in out["reason"]

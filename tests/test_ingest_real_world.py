@@ -1,6 +1,6 @@
 """Issue 11: ingest keeps ordinary real-world videos (face tracks, detection at any scale).
 
-The corpus is made here (pipelines/face_scenes.py: astronaut talking heads pasted into scenes
+The corpus is made here (pipelines/samples/face_scenes.py: astronaut talking heads pasted into scenes
 at known places; no downloads): portrait 720x1280 and 1080x1920 phone videos with small faces
 (1/5 of the width; the 1080x1920 one with a smaller static face, a poster, above), a 1280x720
 interview with a clearly dominant person and a smaller one, a 1280x720 one with two people of
@@ -20,7 +20,7 @@ import pytest
 
 from core.config import PlatformConfig
 from core.sections import IngestConfig
-from pipelines.face_scenes import ScenePerson, SceneSpec, write_scene
+from pipelines.samples.face_scenes import ScenePerson, SceneSpec, write_scene
 
 SECONDS = 2.0  # 50 frames at 25 fps; min_frames is lowered to 40 for these short clips
 GOOD = (
@@ -44,7 +44,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def real_world_run(ray_local, tiny_weights, tmp_path_factory):
-    from pipelines.ingest_job import run_ingest
+    from pipelines.ingestion.job import run_ingest
 
     root = tmp_path_factory.mktemp("real_world")
     inputs, out = root / "inputs", root / "out"

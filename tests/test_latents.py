@@ -1,11 +1,11 @@
-"""LatentCodec (pipelines/latents.py): SD's KL autoencoder, scaled posterior mean, uint8 round trip."""
+"""LatentCodec (pipelines/encoders/latents.py): SD's KL autoencoder, scaled posterior mean, uint8 round trip."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from pipelines.latents import LatentCodec
+from pipelines.encoders.latents import LatentCodec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

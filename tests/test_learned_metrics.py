@@ -271,7 +271,7 @@ def test_a_syncnet_of_the_wrong_convention_names_the_field(nets):
 def synthetic_split(tmp_path_factory):
     """Two test videos (40 and 50 frames) of a synthetic ingest output that fits the tiny package;
     their real frames are the stored latents decoded by the package's VAE (no source videos)."""
-    from pipelines.synthetic import write_synthetic_ingest
+    from pipelines.samples.synthetic_ingest import write_synthetic_ingest
 
     out = tmp_path_factory.mktemp("learned_ingest")
     write_synthetic_ingest(out, num_frames=(40, 50), latent_shape=(4, 8, 8), audio_shape=(2, 32),

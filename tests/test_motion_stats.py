@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.motion_stats import (
+from pipelines.faces.motion_stats import (
     NOSE_TIP,
     UPPER_FACE,
     MotionStats,

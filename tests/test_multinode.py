@@ -3,7 +3,7 @@
 and a second ``ray start --address`` (its own temp dir, resources ``{"node2": 1}``) run with
 ``RAY_AUTH_MODE=token``, and the jobs go through ``ray job submit`` to the dashboard on 127.0.0.1:
 
-1. ingest of three sample videos (pipelines/sample_data.py); the second node is killed (SIGKILL of
+1. ingest of three sample videos (pipelines/samples/talking_heads.py); the second node is killed (SIGKILL of
    its whole process group: a lost machine) while the job runs. The job still finishes and every
    video is accounted for in the manifest, as ``ok`` or ``failed`` (an infrastructure failure is
    never recorded as a bad file); Ray's state API shows the job's tasks ran on both nodes;
@@ -271,7 +271,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def samples(cluster) -> list[Path]:
-    from pipelines.sample_data import SAMPLE_SPECS, generate_samples
+    from pipelines.samples.talking_heads import SAMPLE_SPECS, generate_samples
 
     return generate_samples(cluster.root / "samples", seconds=6.0, specs=SAMPLE_SPECS[:3])
 

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from core.ray_runtime import RAY_SOCKET_SUFFIX, SOCKET_PATH_MAX, RayTempDirError, socket_safe_temp_dir
+from core.ray_runtime import (
+    RAY_SOCKET_SUFFIX,
+    SOCKET_PATH_MAX,
+    RayTempDirError,
+    socket_safe_temp_dir,
+)
 
 # The longest socket a Ray 2.5x node makes under its temp dir (a 7-digit pid), as in the CI failure
 # "Module MetricsHead failed to start" with a 43-byte temp dir.

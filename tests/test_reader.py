@@ -12,7 +12,17 @@ import torch
 
 from core.sections import ReaderConfig
 from inference.guidance import CONDITIONS, guidance_switches
-from pipelines.reader import (
+from pipelines.dataset.schema import META_NAME, IngestFormatError, frames_path
+from pipelines.reader.sample_spec import (
+    A2L_KINDS,
+    SampleSpec,
+    VideoEntry,
+    draw_video_specs,
+    epoch_plan,
+    shard,
+    valid_clip_starts,
+)
+from pipelines.reader.source import (
     SAMPLE_DTYPES,
     LoopySampleSource,
     LoopyTorchDataset,
@@ -23,17 +33,11 @@ from pipelines.reader import (
     main,
     ray_collate_fn,
 )
-from pipelines.sample_spec import (
-    A2L_KINDS,
-    SampleSpec,
-    VideoEntry,
-    draw_video_specs,
-    epoch_plan,
-    shard,
-    valid_clip_starts,
+from pipelines.samples.synthetic_ingest import (
+    synthetic_landmarks,
+    video_id_of,
+    write_synthetic_ingest,
 )
-from pipelines.schema import META_NAME, IngestFormatError, frames_path
-from pipelines.synthetic import synthetic_landmarks, video_id_of, write_synthetic_ingest
 
 # ok videos in manifest order; 20 frames < 12 + 12 is too short, 24 is the minimum; the last is test
 FRAMES = (40, 80, 136, 200, 20, 24, 60)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from core.config import PlatformConfig
+from core.paths import resolve_tracking_uri
 from core.sections import TrackingConfig
 from inference.mlflow_model import log_model_package
 from models.registry import (
@@ -17,7 +18,7 @@ from models.registry import (
     resolve_model_location,
     write_model_package,
 )
-from training.tracking import JobTracker, resolve_tracking_uri
+from training.tracking import JobTracker
 
 
 @pytest.fixture()

@@ -9,8 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.probe import ProbeError, probe_video
-from pipelines.sample_data import SAMPLE_SPECS, generate_samples, loudness_envelope, make_vfr_video
+from pipelines.media.probe import ProbeError, probe_video
+from pipelines.samples.talking_heads import (
+    SAMPLE_SPECS,
+    generate_samples,
+    loudness_envelope,
+    make_vfr_video,
+)
 
 SECONDS = 2.0
 
@@ -19,7 +24,7 @@ SECONDS = 2.0
 def sample_dir(tmp_path_factory):
     """The CLI, as ``make sample-data`` runs it (short videos), with the bad inputs."""
     out = tmp_path_factory.mktemp("samples")
-    proc = subprocess.run([sys.executable, "-m", "pipelines.sample_data", "--output", str(out),
+    proc = subprocess.run([sys.executable, "-m", "pipelines.samples.talking_heads", "--output", str(out),
                            "--seconds", str(SECONDS), "--with-bad"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     listed = [Path(p) for p in proc.stdout.split()]
@@ -96,7 +101,7 @@ def test_mouth_opens_with_the_speech(sample_dir):
     """Dark mouth-interior pixels per 25 fps frame correlate with the decoded audio's loudness."""
     import av
 
-    from pipelines.video_decode import iter_frames
+    from pipelines.media.video_decode import iter_frames
 
     path = sample_dir / "talk_25fps_16k.mp4"  # mono
     frames = np.concatenate([c.frames for c in iter_frames(path)]).astype(np.int16)

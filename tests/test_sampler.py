@@ -107,7 +107,7 @@ def test_guidance_switches_and_stacking_order():
 def test_batched_guidance_forward_equals_three_separate_forwards(core_sampler):
     s = core_sampler
     ref, feats = random_inputs(s, 12, seed=1)
-    from pipelines.audio_features import audio_windows
+    from pipelines.encoders.audio_features import audio_windows
 
     windows = audio_windows(feats, radius=s.audio_radius)
     generated = torch.randn(12, 4, 8, 8)
@@ -188,7 +188,7 @@ def test_output_length_for_several_lengths_and_determinism(core_sampler):
 def test_cached_reference_equals_recomputed_reference(core_sampler):
     s = core_sampler
     ref, feats = random_inputs(s, 12, seed=4)
-    from pipelines.audio_features import audio_windows
+    from pipelines.encoders.audio_features import audio_windows
 
     audio = s.clip_audio(audio_windows(feats, radius=s.audio_radius), 0)
     motion, mask = s.motion_history(torch.zeros(12, 4, 8, 8), 0, ref)
@@ -204,7 +204,7 @@ def test_cached_reference_equals_recomputed_reference(core_sampler):
 
 @pytest.mark.parametrize("seconds, container", [(0.3, "wav"), (1.03, "m4a")])
 def test_generate_mp4_one_frame_per_40ms_with_audio(full_sampler, tmp_path, seconds, container):
-    from pipelines.audio_decode import decode_audio
+    from pipelines.media.audio_decode import decode_audio
 
     image = make_portrait(tmp_path / "portrait.png")
     audio = make_audio(tmp_path / "speech.wav", seconds)
@@ -322,7 +322,12 @@ def test_sampler_loads_a_registered_mlflow_model(tiny_package, tmp_path):
 def test_attend_without_mask_equals_boolean_masked_sdpa():
     """Grouping rows by mask pattern (unmasked SDPA over the kept keys) equals SDPA with the
     boolean mask, for mixed, all-True and single-pattern masks, with gradients."""
-    from models.reference_attention import AttentionProjections, attend, attention_mode, boolean_masks
+    from models.reference_attention import (
+        AttentionProjections,
+        attend,
+        attention_mode,
+        boolean_masks,
+    )
 
     torch.manual_seed(0)
     attn = AttentionProjections(16, 2, zero_out=False)
@@ -355,7 +360,7 @@ def test_split_attention_and_cached_reference_kv_give_the_same_frames(core_sampl
     reference K/V projected per frame in every call), with history partly real (mixed motion
     masks) and the base condition dropping the reference."""
     from models.reference_attention import attention_mode, boolean_masks
-    from pipelines.audio_features import audio_windows
+    from pipelines.encoders.audio_features import audio_windows
 
     s = core_sampler
     ref, feats = random_inputs(s, 12, seed=6)

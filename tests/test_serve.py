@@ -320,7 +320,7 @@ def test_cross_origin_browser_posts_are_refused(service, media):
 def test_polyglot_and_playlist_uploads_never_open_another_file(service, media, tmp_path):
     """An HLS playlist naming a local file, glued to real MP3 bytes, and a pure playlist: either
     422 or a video whose audio is the check's own decode; the named file is never opened."""
-    from pipelines.audio_decode import decode_audio
+    from pipelines.media.audio_decode import decode_audio
 
     client, _ = service
     with FifoWatch(tmp_path / "secret.wav") as fifo:

@@ -194,7 +194,7 @@ def test_polyglot_check_and_mux_open_no_other_file(tmp_path):
     """The check decodes the MP3 half of an HLS-playlist + MP3 polyglot (or refuses it) and the
     muxer reads only a WAV: the local file the playlist names is never opened."""
     from inference.video_io import write_video
-    from pipelines.audio_decode import decode_audio
+    from pipelines.media.audio_decode import decode_audio
 
     mp3 = mp3_tone(tmp_path / "tone.mp3", 300.0, 1.0)
     with FifoWatch(tmp_path / "secret.wav") as fifo:

@@ -12,8 +12,9 @@ from train_setup import train_cfg, train_overrides
 
 import train
 from core.config import ConfigError
+from core.paths import resolve_tracking_uri
 from training.stages import JobRecord, TrainSetupError, prepare_job, run_job
-from training.tracking import JobTracker, resolve_tracking_uri
+from training.tracking import JobTracker
 
 # --- checks before any worker starts -------------------------------------------------------------
 
@@ -46,7 +47,7 @@ def test_setup_errors_are_reported_before_training(tmp_path, data_dir, tiny_weig
 def _stage1_batch(data_dir, cfg, n=2):
     import dataclasses
 
-    from pipelines.reader import LoopyTorchDataset, collate
+    from pipelines.reader.source import LoopyTorchDataset, collate
 
     ds = LoopyTorchDataset(data_dir, dataclasses.replace(cfg.reader, stage=1), "train")
     return collate([ds[i] for i in range(n)])
@@ -238,7 +239,7 @@ class _KnownLandmarks:
 
 
 def test_glo_exp_of_generated_vs_ground_truth():
-    from pipelines.motion_stats import clip_motion_stats
+    from pipelines.faces.motion_stats import clip_motion_stats
     from training.evaluation import motion_statistics
 
     rng = np.random.default_rng(0)

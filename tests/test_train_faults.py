@@ -39,7 +39,7 @@ def test_sd15_precision_step_moves_a_pretrained_weight(tmp_path, data_dir, tiny_
 
     from diffusers.optimization import get_scheduler
 
-    from pipelines.reader import LoopyTorchDataset, collate
+    from pipelines.reader.source import LoopyTorchDataset, collate
     from training.loop import StageJob, build_model
     from training.step import make_noise_scheduler, train_step
 

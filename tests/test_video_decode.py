@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.probe import ProbeError, probe_video
-from pipelines.video_decode import (
+from pipelines.media.probe import ProbeError, probe_video
+from pipelines.media.video_decode import (
     DecodeError,
     iter_frames,
     num_output_frames,
@@ -171,7 +171,7 @@ def test_plan_matches_decode_and_max_side(cfr_videos):
 
 
 def test_pyav_failure_mid_video_continues_with_decord(cfr_videos, monkeypatch):
-    from pipelines import video_decode
+    from pipelines.media import video_decode
 
     path, pts, duration = cfr_videos["60"]
     real = video_decode._iter_pyav

@@ -1,12 +1,12 @@
-"""Metrics of pipelines/video_metrics.py on constructed inputs and on a real sample video (issue 12)."""
+"""Metrics of pipelines/metrics/video_metrics.py on constructed inputs and on a real sample video (issue 12)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipelines import video_metrics as vm
-from pipelines.landmarks import MOUTH
-from pipelines.motion_stats import clip_motion_stats
+from pipelines.faces.landmarks import MOUTH
+from pipelines.faces.motion_stats import clip_motion_stats
+from pipelines.metrics import video_metrics as vm
 
 FPS = 25.0
 
@@ -110,9 +110,9 @@ def sample_video(tmp_path_factory):
     """The first sample video (25 fps, 16 kHz, 320x320, 7 s): frames uint8 [175, 320, 320, 3] and
     its audio (mono 16 kHz); its mouth opens with the loudness of the speech."""
     pytest.importorskip("dlib")
-    from pipelines.audio_decode import decode_audio
-    from pipelines.sample_data import SAMPLE_SPECS, generate_samples
-    from pipelines.video_decode import iter_frames
+    from pipelines.media.audio_decode import decode_audio
+    from pipelines.media.video_decode import iter_frames
+    from pipelines.samples.talking_heads import SAMPLE_SPECS, generate_samples
 
     (path,) = generate_samples(tmp_path_factory.mktemp("metrics_sample"), seconds=7.0, seed=0,
                                specs=SAMPLE_SPECS[:1])
@@ -123,7 +123,7 @@ def sample_video(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def detector():
-    from pipelines.face_detect import make_detector
+    from pipelines.faces.detect import make_detector
 
     return make_detector("dlib")
 

@@ -31,15 +31,15 @@ from typing import Any, Optional
 
 import torch
 
+from core.run_logging import RunLogger
 from core.weights import resolve_weights
 from inference.video_io import write_video
 from models.loopy import LoopyModel
 from models.registry import write_model_package
-from pipelines.face_detect import make_detector
+from pipelines.faces.detect import make_detector
 from training import evaluation
 from training.checkpointing import MODEL_CONFIG_FILE, load_weights
 from training.step import make_noise_scheduler
-from training.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ loss plot, and a short sample video of the current model.
   statistics are NaN (not logged).
 * The evaluation job's metrics (:func:`evaluate_package`, docs/EVALUATION.md): whole test videos
   generated from a reference frame and their own audio, scored by
-  :func:`pipelines.video_metrics.score_video` (psnr, ssim, lmd, sync, sync_control, glo, exp, ...);
+  :func:`pipelines.metrics.video_metrics.score_video` (psnr, ssim, lmd, sync, sync_control, glo, exp, ...);
   the same per-video function (:func:`evaluate_row`) runs in the job's Ray Data actors. FID / FVD
   (``evaluation.fid_weights_path`` / ``fvd_weights_path``, :mod:`inference.learned_metrics`): each
   video's generated and real features come back with its record and the distances are computed
@@ -38,12 +38,17 @@ import torch
 from core.sections import EvaluationConfig
 from inference.errors import InferenceError
 from inference.evaluate_video import evaluate_video, read_eval_video, split_videos
-from inference.learned_metrics import FeatureNetworks, learned_metric_values, load_feature_networks, lse_means
+from inference.learned_metrics import (
+    FeatureNetworks,
+    learned_metric_values,
+    load_feature_networks,
+    lse_means,
+)
 from inference.sampler import LoopySampler
 from pipelines.errors import PipelineError
-from pipelines.face_detect import make_detector
-from pipelines.motion_stats import clip_motion_stats, motion_stats_ratio
-from pipelines.reader import LoopySampleSource, collate
+from pipelines.faces.detect import make_detector
+from pipelines.faces.motion_stats import clip_motion_stats, motion_stats_ratio
+from pipelines.reader.source import LoopySampleSource, collate
 from training.step import diffusion_loss, to_device
 
 log = logging.getLogger(__name__)

@@ -40,16 +40,22 @@ import numpy as np
 from core.config import to_dict
 from core.paths import project_path, resolve_tracking_uri
 from core.ray_runtime import init_ray
+from core.run_logging import client_for, ensure_experiment
 from core.sections import EvaluationConfig, PlatformConfig
 from inference.evaluate_video import split_videos, write_side_by_side
 from inference.learned_metrics import LearnedMetricError, load_feature_networks
 from inference.loading import package_root
 from inference.sampler import LoopySampler
 from models.registry import ModelPackageError, read_package_config
-from pipelines.schema import IngestFormatError, IngestMeta
+from pipelines.dataset.schema import IngestFormatError, IngestMeta
 from training.errors import TrainingError
-from training.evaluation import FEATURES_KEY, evaluate_row, learned_metric_results, mean_metrics, metric_detector
-from training.tracking import client_for, ensure_experiment
+from training.evaluation import (
+    FEATURES_KEY,
+    evaluate_row,
+    learned_metric_results,
+    mean_metrics,
+    metric_detector,
+)
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ writes it with ``save_pretrained``; the tiny preset then uses it through ``weigh
 (``core.weights.resolve_weights``), so ingest, training, the sampler and the model package all go
 through the usual ``from_pretrained`` path.
 
-Data: every video under ``--samples`` is decoded at 25 fps (``pipelines.video_decode``), faces
+Data: every video under ``--samples`` is decoded at 25 fps (``pipelines.media.video_decode``), faces
 are found with dlib on every ``detect_every``-th frame, the crop track is planned and the crops
-cut exactly as the ingest does (``pipelines.crop``: ``ingest.crop_margin``, ``ingest.crop_size``
+cut exactly as the ingest does (``pipelines.faces.crop``: ``ingest.crop_margin``, ``ingest.crop_size``
 from the config). The last ``holdout_fraction`` of each video's frames are held out: the PSNR
 this command reports (and writes to ``fit_vae.json``) is measured on them.
 
@@ -44,10 +44,10 @@ import torch
 
 from core.config import load_platform_config
 from core.weights import tiny_vae_config
-from pipelines.crop import crop_frames, plan_crop_track
-from pipelines.face_detect import make_detector
-from pipelines.video_decode import iter_frames
-from pipelines.video_metrics import psnr
+from pipelines.faces.crop import crop_frames, plan_crop_track
+from pipelines.faces.detect import make_detector
+from pipelines.media.video_decode import iter_frames
+from pipelines.metrics.video_metrics import psnr
 from training.errors import TrainingError
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")

@@ -42,13 +42,19 @@ import torch
 
 from core.atomic_files import write_json_atomic
 from core.paths import resolve_tracking_uri
+from core.run_logging import RunLogger, client_for, configure_http_client
 from core.weights import resolve_weights
 from models.loopy import LoopyModel
 from models.registry import resolve_model_location
-from pipelines.reader import LoopyTorchDataset, collate, ray_collate_fn
+from pipelines.reader.source import LoopyTorchDataset, collate, ray_collate_fn
 from training.checkpointing import TrainState, load_checkpoint, save_checkpoint
-from training.step import NonFiniteLossError, make_noise_scheduler, train_step, trainable
-from training.tracking import AsyncRunLogger, RunLogger, client_for, configure_http_client, gpu_memory_metrics
+from training.step import (
+    NonFiniteLossError,
+    make_noise_scheduler,
+    train_step,
+    trainable,
+)
+from training.tracking import AsyncRunLogger, gpu_memory_metrics
 
 log = logging.getLogger(__name__)
 

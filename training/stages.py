@@ -35,21 +35,24 @@ from core.atomic_files import write_text_atomic
 from core.config import PlatformConfig
 from core.paths import project_path, resolve_tracking_uri
 from core.ray_runtime import init_ray
+from core.run_logging import RunLogger
 from core.weights import resolve_weights
-from inference.mlflow_model import log_model_package  # registers the package as a pyfunc model
+from inference.mlflow_model import (
+    log_model_package,  # registers the package as a pyfunc model
+)
 from models.registry import (
     ModelPackageError,
     latest_version,
     resolve_model_location,
     write_model_package,
 )
-from pipelines.reader import LoopySampleSource, load_spec_batch
-from pipelines.schema import IngestFormatError
+from pipelines.dataset.schema import IngestFormatError
+from pipelines.reader.source import LoopySampleSource, load_spec_batch
 from training.checkpoint_eval import CheckpointEvaluator
 from training.checkpointing import FINAL_MODEL_DIR, STATE_FILE
 from training.errors import StageResultError, TerminatedError, TrainingError
 from training.loop import NAN_STOP_PREFIX, StageJob, train_loop_per_worker
-from training.tracking import JobTracker, RunLogger
+from training.tracking import JobTracker
 
 log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
@@ -235,7 +238,7 @@ def plan_offset_steps(done_steps: int, batch_size: int, block_rows: int) -> int:
 def _ray_dataset(cfg: PlatformConfig, data_dir: Path, offset_steps: int):
     """The training plan (epochs 0, 1, ... of spec rows, as many as ``max_steps`` needs) minus the
     first ``offset_steps`` steps' rows, as a Ray Dataset of ``train.block_rows``-sample blocks
-    whose samples are read in Ray Data tasks (``pipelines.reader.load_spec_batch``). The block
+    whose samples are read in Ray Data tasks (``pipelines.reader.source.load_spec_batch``). The block
     count follows the plan length, not the batch size."""
     import ray.data
 
@@ -318,7 +321,13 @@ def run_stage(prep: PreparedJob, stage: int, tracker: JobTracker, parent: RunLog
 
 def _run_stage(prep: PreparedJob, stage: int, cfg: PlatformConfig, rec: StageRecord, run: RunLogger,
                tracker: JobTracker, resumed: bool) -> StageRecord:
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ValidationConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        RunConfig,
+        ValidationConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     work_dir = prep.job_dir / f"stage{stage}_work"

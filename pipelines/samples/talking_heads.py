@@ -11,7 +11,7 @@ frame rate), audio sample rates (16, 22.05, 44.1, 48 kHz, one stereo), sizes (32
 360x640 portrait) and one file whose pixels are stored sideways with a 90 degree rotation in
 the container's display matrix.
 
-CLI: ``python -m pipelines.sample_data --output DIR [--seconds S] [--seed N] [--with-bad]
+CLI: ``python -m pipelines.samples --output DIR [--seconds S] [--seed N] [--with-bad]
 [--heldout K]``. ``--heldout K`` writes the first K videos of the set to ``DIR/heldout/`` and the
 rest to ``DIR/train/``: ingested with ``ingest.split_key=folder ingest.test_fraction=0.5`` the
 ``heldout`` folder is the test split and ``train`` the training split (``folder:heldout`` hashes

@@ -7,7 +7,7 @@ The driver never receives frame data (issue 14): the Ray Data stream's last stag
 rewrites it) and passes on a small row: ids, counts and shapes only (:data:`SMALL_COLUMNS`). When
 the driver has seen every chunk and the ``end`` row of a video, a Ray task on a worker,
 :func:`assemble_frame_file`, concatenates the parts in frame order into the video's frame file
-(:class:`pipelines.schema.FrameFileWriter`: row groups of 25 frames, a ``.tmp`` file renamed
+(:class:`pipelines.dataset.schema.FrameFileWriter`: row groups of 25 frames, a ``.tmp`` file renamed
 when complete, the layout the reader expects), checks the row count and removes the parts.
 Workers and driver share the output directory (a local disk, or a shared volume on a cluster).
 """
@@ -24,10 +24,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.atomic_files import atomic_path
+from pipelines.dataset.schema import (
+    FRAMES_DIR,
+    FrameFileWriter,
+    frame_schema,
+    frames_path,
+)
 from pipelines.errors import PipelineError
-from pipelines.schema import FRAMES_DIR, FrameFileWriter, frame_schema, frames_path
 
-PARTS_SUFFIX = ".parts"  # frames/<video_id>.parts/ (pipelines/resume.py cleans leftovers)
+PARTS_SUFFIX = ".parts"  # frames/<video_id>.parts/ (pipelines/ingestion/resume.py cleans leftovers)
 
 # the columns of the rows that reach the driver (scalars and short strings only)
 SMALL_COLUMNS = ("kind", "video_id", "path", "stage", "reason", "info", "chunk_index", "start_index",
@@ -50,7 +55,7 @@ def _fixed_list(values: np.ndarray, width: int) -> pa.FixedSizeListArray:
 
 def chunk_table(row: dict, schema: pa.Schema) -> pa.Table:
     """A ``chunk`` row (numpy arrays of n frames) -> its n frame-table rows (``schema``, a
-    :func:`pipelines.schema.frame_schema`): ``latent`` f16 [n, 4, h, w] and ``features`` f16
+    :func:`pipelines.dataset.schema.frame_schema`): ``latent`` f16 [n, 4, h, w] and ``features`` f16
     [n, L, D] flattened per frame, ``landmarks`` f32 [n, 68, 2], ``boxes`` f32 [n, 4], times in
     seconds; ``jpeg`` bytes split by ``jpeg_sizes`` when the schema has the column."""
     n = int(row["num_frames"])

@@ -26,7 +26,7 @@ honoured: frames come out in display orientation.
 
 Opens per ``iter_frames`` call: one for the decoding itself, plus one to read the timestamps
 (``plan``) and one to read the first frame's geometry (``geometry``) unless the caller passes
-them; the ingest passes both from its one :func:`pipelines.probe.probe_video` of the file
+them; the ingest passes both from its one :func:`pipelines.media.probe.probe_video` of the file
 (:func:`plan_from_timestamps`, ``VideoProbe.geometry``), so each of its decode passes opens the
 file once.
 """
@@ -40,7 +40,14 @@ from typing import Iterator, Optional
 import numpy as np
 
 from pipelines.errors import PipelineError
-from pipelines.probe import FrameGeometry, ProbeError, VideoTimestamps, first_frame_geometry, open_media, read_video_pts
+from pipelines.media.probe import (
+    FrameGeometry,
+    ProbeError,
+    VideoTimestamps,
+    first_frame_geometry,
+    open_media,
+    read_video_pts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +189,7 @@ def iter_frames(path: str | Path, fps: float = 25.0, chunk_frames: int = 50,
     downsizes so that the longest side is at most that many pixels (aspect kept). ``backend``:
     ``"auto"`` (PyAV, then decord from the failing frame on if PyAV fails), ``"pyav"`` or
     ``"decord"`` (alone). ``plan`` reuses a :func:`plan_resample` / :func:`plan_from_timestamps`
-    result and ``geometry`` a probe's :class:`~pipelines.probe.FrameGeometry` (coded size and
+    result and ``geometry`` a probe's :class:`~pipelines.media.probe.FrameGeometry` (coded size and
     rotation); each one given saves an open of the file. Raises :class:`DecodeError` naming the
     file and the output frame where decoding failed.
     """

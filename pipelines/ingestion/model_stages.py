@@ -1,7 +1,7 @@
 """The model stages of the ingest job: wav2vec2 features and VAE latents (Ray Data actor pools,
-on GPUs when ``ingest.use_gpu``). Apart from :mod:`pipelines.ingest_stages` because they load
+on GPUs when ``ingest.use_gpu``). Apart from :mod:`pipelines.ingestion.stages` because they load
 torch and a model per actor; the CPU stages' workers stay light. Row kinds and columns: see
-:mod:`pipelines.ingest_stages`.
+:mod:`pipelines.ingestion.stages`.
 """
 from __future__ import annotations
 
@@ -11,9 +11,16 @@ import time
 
 import numpy as np
 
-from pipelines.audio_features import AudioFeatureExtractor
-from pipelines.ingest_stages import STAGE_TIMES_KEY, as_batch, chunk_row, error_text, first_value, reject_row
-from pipelines.latents import LatentCodec
+from pipelines.encoders.audio_features import AudioFeatureExtractor
+from pipelines.encoders.latents import LatentCodec
+from pipelines.ingestion.stages import (
+    STAGE_TIMES_KEY,
+    as_batch,
+    chunk_row,
+    error_text,
+    first_value,
+    reject_row,
+)
 
 # --- ingest stage 2: wav2vec2 features -----------------------------------------------------------------
 

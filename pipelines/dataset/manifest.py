@@ -2,7 +2,7 @@
 
 The manifest is ``DIR/videos.parquet`` (``schema.MANIFEST_SCHEMA``), one row per input file.
 The per-video records a running job keeps for resuming (``DIR/records/``) are
-``pipelines/resume.py``'s.
+``pipelines/ingestion/resume.py``'s.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.atomic_files import atomic_path
+from pipelines.dataset.schema import MANIFEST_NAME, MANIFEST_SCHEMA
 from pipelines.errors import PipelineError
-from pipelines.schema import MANIFEST_NAME, MANIFEST_SCHEMA
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm")
 

@@ -41,10 +41,17 @@ import pyarrow.parquet as pq
 from core.atomic_files import temp_files_of, write_json_atomic
 from core.sections import PlatformConfig
 from core.weights import WeightPaths
+from pipelines.dataset.manifest import InputVideo, manifest_row
+from pipelines.dataset.schema import (
+    FRAMES_DIR,
+    META_NAME,
+    SCHEMA_VERSION,
+    IngestFormatError,
+    IngestMeta,
+    frames_path,
+)
 from pipelines.errors import PipelineError
-from pipelines.frame_writer import PARTS_SUFFIX
-from pipelines.manifest import InputVideo, manifest_row
-from pipelines.schema import FRAMES_DIR, META_NAME, SCHEMA_VERSION, IngestFormatError, IngestMeta, frames_path
+from pipelines.ingestion.frame_writer import PARTS_SUFFIX
 
 RECORDS_DIR = "records"
 FINGERPRINT_NAME = "ingest_fingerprint.json"

@@ -7,12 +7,12 @@ single-image inference)::
     detect(frames: uint8 [n, H, W, 3] RGB) -> (landmarks float32 [n, 68, 2], found bool [n])
 
 and :class:`FaceCandidateDetector` (every face of each frame, with scores; used by the ingest
-tracker, ``pipelines.face_tracks``)::
+tracker, ``pipelines.faces.tracks``)::
 
     detect_candidates(frames: uint8 [n, H, W, 3], scale: float = 1.0) -> FaceCandidates
 
 ``landmarks`` / boxes are pixel (x, y) in the coordinates of the given frames, iBUG-300W order
-(``pipelines.landmarks``); rows where ``found`` is False are NaN. ``scale`` resizes the frames
+(``pipelines.faces.landmarks``); rows where ``found`` is False are NaN. ``scale`` resizes the frames
 for the box search only (> 1 finds smaller faces); the 68 points are fitted on the given frames.
 Detector objects (dlib models, onnxruntime sessions) are built once per instance, never per
 frame; frames are fed as RGB.
@@ -34,8 +34,14 @@ from typing import Callable, Optional, Protocol, runtime_checkable
 import numpy as np
 
 from pipelines.errors import PipelineError
-from pipelines.face_tracks import FaceCandidates, TrackParams, box_iou, link_tracks, summarize_tracks
-from pipelines.landmarks import NUM_LANDMARKS, wholebody_to_face68
+from pipelines.faces.landmarks import NUM_LANDMARKS, wholebody_to_face68
+from pipelines.faces.tracks import (
+    FaceCandidates,
+    TrackParams,
+    box_iou,
+    link_tracks,
+    summarize_tracks,
+)
 
 
 class FaceDetectorError(PipelineError, RuntimeError):
@@ -459,7 +465,7 @@ def search_face_scale(detector: FaceCandidateDetector, frames: np.ndarray, displ
     """Find the face size on a few sampled frames uint8 [k, h, w, 3] (any size; ``display_wh``
     is the display frame size they were scaled from), coarse to fine (:func:`search_levels`),
     stopping at the first level with a persistent face (one found in at least half the samples,
-    linked with :func:`pipelines.face_tracks.link_tracks`). ``face_px`` is the smallest width
+    linked with :func:`pipelines.faces.tracks.link_tracks`). ``face_px`` is the smallest width
     among the persistent faces at least ``similar_size_ratio`` x the largest (the faces that
     decide the subject), in display pixels."""
     frames = _check_frames(frames)

@@ -10,7 +10,7 @@ video timed out). A child process kept by each actor costs one Python start per 
 per timeout), keeps the detector warm across videos, and turns a hang into an ordinary result:
 :class:`DeadlineExceeded` for that video, after which the next call gets a fresh child.
 
-:class:`WatchedWorker` (parent side) starts ``python -m pipelines.watchdog``, which builds one
+:class:`WatchedWorker` (parent side) starts ``python -m pipelines.ingestion.watchdog``, which builds one
 object from a ``module:Class`` factory and then serves method calls. Messages on the pipes are
 8-byte little-endian length + pickle. The child dies with its parent (``PR_SET_PDEATHSIG``), so a
 killed actor leaves no hung decoder behind. A child that dies (killed by the kernel's OOM killer,
@@ -102,7 +102,7 @@ class WatchedWorker:
         start-up (imports, detector) never counts against a video's deadline. Raises
         :class:`WorkerDied` / :class:`RemoteError` when the child cannot start or build."""
         self.kill()
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.watchdog"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.ingestion.watchdog"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, close_fds=True)
         self.starts += 1
         _send(self.proc.stdin, (self.factory, self.kwargs))

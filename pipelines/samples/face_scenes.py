@@ -2,7 +2,7 @@
 benchmark (offline, deterministic by seed).
 
 A scene is a textured background with one or more "people": each is a talking-head patch of
-``pipelines.sample_data.TalkingHeadRenderer`` (the astronaut photo, which dlib detects; smooth
+``pipelines.samples.talking_heads.TalkingHeadRenderer`` (the astronaut photo, which dlib detects; smooth
 head motion, the mouth following the speech loudness) pasted with a soft elliptical edge at a
 known place and size. A person can be shown only in some frames (``visible_period`` /
 ``visible_frames``): a face-like print that the detector sees now and then (the distractor on
@@ -10,7 +10,7 @@ clothing of issue 11). :func:`render_scene` returns the frames and, per frame an
 true face box; :func:`write_scene` encodes them (H.264/AAC mp4, VP9/Opus webm, or HEVC 10-bit
 with a rotation in the display matrix) with espeak-ng speech a little longer than the video.
 
-Face sizes are landmark-box widths (the 68-point box side, as in ``pipelines.crop``).
+Face sizes are landmark-box widths (the 68-point box side, as in ``pipelines.faces.crop``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 
-from pipelines.sample_data import (
+from pipelines.samples.talking_heads import (
     _FACE_SIZE,
     SENTENCES,
     TalkingHeadRenderer,

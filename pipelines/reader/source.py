@@ -1,4 +1,4 @@
-"""The training reader: an ingest output directory (``pipelines/schema.py``) -> Loopy samples.
+"""The training reader: an ingest output directory (``pipelines/dataset/schema.py``) -> Loopy samples.
 
 One sample (stage 2; F = ``clip_frames`` = 12, M = motion latents = 20, L x D audio, h = w =
 crop/8), keys and dtypes as in docs/CONTRACTS.md "A training batch" (without the batch axis):
@@ -12,9 +12,9 @@ key                        dtype    shape               meaning
 ``motion_mask``            bool     [M]                 True where from real history
 ``audio``                  float32  [F, 5, L, D]        frames t-2..t+2, edge-replicated
 ``landmarks``              float32  [F, 68, 2]          crop-normalised
-``head_motion_var``        float32  []                  c_mov (pipelines.motion_stats)
-``expression_var``         float32  []                  c_exp (pipelines.motion_stats)
-``drop_audio`` ...         bool     []                  condition switches (pipelines.sample_spec)
+``head_motion_var``        float32  []                  c_mov (pipelines.faces.motion_stats)
+``expression_var``         float32  []                  c_exp (pipelines.faces.motion_stats)
+``drop_audio`` ...         bool     []                  condition switches (pipelines.reader.sample_spec)
 ``a2l_kind``               int64    []                  0 audio, 1 landmarks, 2 c_mov, 3 c_exp
 ``clip_frame_indices``     int64    [F]                 provenance
 ``ref_frame_index``        int64    []                  provenance
@@ -24,7 +24,7 @@ key                        dtype    shape               meaning
 
 Stage 1 (``reader.stage == 1``): F = 1 and the keys ``motion_latents``, ``motion_mask``,
 ``motion_source_indices`` and ``audio`` are **absent** (nothing is read for them); the variances
-are 0 (one frame) and the switches are fixed as documented in :mod:`pipelines.sample_spec`.
+are 0 (one frame) and the switches are fixed as documented in :mod:`pipelines.reader.sample_spec`.
 
 Reading: a sample reads only the row groups holding its frames (``FrameStore.read``): latents of
 the clip, the reference and the motion source frames (20 frames for ``uniform``, the 124-frame
@@ -54,10 +54,11 @@ import torch
 from core.config import ConfigError, add_config_arguments, load_platform_config
 from core.sections import ReaderConfig
 from core.temporal_segment import TemporalSegmentModule
-from pipelines.audio_features import audio_window_indices
+from pipelines.dataset.schema import FrameStore, IngestFormatError, frames_path
+from pipelines.encoders.audio_features import audio_window_indices
 from pipelines.errors import PipelineError
-from pipelines.motion_stats import expression_var, head_motion_var
-from pipelines.sample_spec import (
+from pipelines.faces.motion_stats import expression_var, head_motion_var
+from pipelines.reader.sample_spec import (
     SampleSpec,
     VideoEntry,
     clip_length,
@@ -66,7 +67,6 @@ from pipelines.sample_spec import (
     shard,
     validate_reader_config,
 )
-from pipelines.schema import FrameStore, IngestFormatError, frames_path
 
 #: dtype of every sample key (the contract with the train step and the model)
 SAMPLE_DTYPES: dict[str, np.dtype] = {

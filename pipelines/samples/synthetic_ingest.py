@@ -1,5 +1,5 @@
 """Synthetic ingest outputs (schema version 1) for tests and benchmarks, written with the real
-writers of :mod:`pipelines.schema` so the reader is exercised on exactly the ingest format.
+writers of :mod:`pipelines.dataset.schema` so the reader is exercised on exactly the ingest format.
 
 With ``content="index"`` every value says where it came from, so a test can check which frames a
 reader returned:
@@ -24,8 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.motion_stats import NOSE_TIP, UPPER_FACE
-from pipelines.schema import (
+from pipelines.dataset.schema import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA,
     SCHEMA_VERSION,
@@ -34,6 +33,7 @@ from pipelines.schema import (
     frame_schema,
     frames_path,
 )
+from pipelines.faces.motion_stats import NOSE_TIP, UPPER_FACE
 
 FPS = 25.0
 _MOUTH = np.arange(48, 68)

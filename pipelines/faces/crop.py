@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.landmarks import estimate_yaw_deg
+from pipelines.faces.landmarks import estimate_yaw_deg
 
 _RAISE = 0.1  # crop centre above the landmark-box centre, in landmark-box sides
 _FIT_TOL_PX = 0.5

@@ -1,6 +1,6 @@
 """The CPU stages of the ingest job: analysis and full-resolution decode + crop (the two model
-stages, wav2vec2 and VAE, are :mod:`pipelines.ingest_model_stages`, so these workers never import
-torch); ``pipelines/ingest_job.py`` wires them together.
+stages, wav2vec2 and VAE, are :mod:`pipelines.ingestion.model_stages`, so these workers never import
+torch); ``pipelines/ingestion/job.py`` wires them together.
 
 Every stage passes a failing video on as a ``reject`` row (stage + a reason naming the file)
 instead of raising, so one bad file never stops the batch (docs/SEED_DEFECTS.md, defect 20).
@@ -17,11 +17,11 @@ Row kinds flowing through the pipeline (one Ray Data row each):
   exactly ``N / fps`` seconds), and what the full-resolution decode needs from the probe so it
   does not probe the file again: ``stream_pts_s`` f64 [n_src] (presentation time of every source
   frame, seconds from the first) and ``info["decode_source"]`` (:data:`DECODE_SOURCE_KEY`);
-* after ``AudioFeatureStage`` (:mod:`pipelines.ingest_model_stages`): ``samples`` replaced by ``features`` f16 [N, L, D];
+* after ``AudioFeatureStage`` (:mod:`pipelines.ingestion.model_stages`): ``samples`` replaced by ``features`` f16 [N, L, D];
 * after :class:`DecodeStage` (many rows per video): ``chunk`` rows (``chunk_index``,
   ``start_index``, ``crops`` u8 [n, S, S, 3] and the chunk's slices of every per-frame array),
   then one ``end`` row (``num_chunks``, ``num_frames``), or a ``reject`` row;
-* after ``VaeStage`` (:mod:`pipelines.ingest_model_stages`): ``crops`` replaced by ``latent`` f16 [n, 4, S/8, S/8] (and JPEGs when
+* after ``VaeStage`` (:mod:`pipelines.ingestion.model_stages`): ``crops`` replaced by ``latent`` f16 [n, 4, S/8, S/8] (and JPEGs when
   asked: ``jpeg`` u8 [bytes] concatenated, ``jpeg_sizes`` i64 [n]).
 
 Every row carries every column (empty arrays of the right rank where unused) so Ray Data blocks
@@ -47,12 +47,15 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from core.sections import IngestConfig
-from pipelines.audio_decode import AudioDecodeError, decode_audio, is_silent
-from pipelines.crop import crop_frames, landmarks_to_crop, plan_crop_track
-from pipelines.face_detect import choose_detection_scale, make_detector
-from pipelines.face_tracks import FaceCandidates, TrackParams, subject_track, track_landmarks
-from pipelines.probe import FrameGeometry, ProbeError, ProbeLimitError, VideoProbe, VideoTimestamps, probe_video
-from pipelines.quality import (
+from pipelines.faces.crop import crop_frames, landmarks_to_crop, plan_crop_track
+from pipelines.faces.detect import choose_detection_scale, make_detector
+from pipelines.faces.tracks import (
+    FaceCandidates,
+    TrackParams,
+    subject_track,
+    track_landmarks,
+)
+from pipelines.ingestion.quality import (
     RejectedVideo,
     check_length,
     check_limits,
@@ -62,8 +65,27 @@ from pipelines.quality import (
     check_track,
     frames_covered_by_audio,
 )
-from pipelines.video_decode import DecodeError, ResamplePlan, iter_frames, plan_from_timestamps
-from pipelines.watchdog import DeadlineExceeded, RemoteError, WatchedWorker, WorkerDied
+from pipelines.ingestion.watchdog import (
+    DeadlineExceeded,
+    RemoteError,
+    WatchedWorker,
+    WorkerDied,
+)
+from pipelines.media.audio_decode import AudioDecodeError, decode_audio, is_silent
+from pipelines.media.probe import (
+    FrameGeometry,
+    ProbeError,
+    ProbeLimitError,
+    VideoProbe,
+    VideoTimestamps,
+    probe_video,
+)
+from pipelines.media.video_decode import (
+    DecodeError,
+    ResamplePlan,
+    iter_frames,
+    plan_from_timestamps,
+)
 
 # --- row helpers ----------------------------------------------------------------------------------
 
@@ -217,7 +239,7 @@ def screen_probe(path: str, cfg: IngestConfig, info: dict, times: dict) -> Video
 def screen_video(row: dict, cfg: IngestConfig) -> dict:
     """The job's first phase for one video (a plain Ray task, no actor, no model, no torch):
     :func:`screen_probe`. Returns ``{kind: "screened", video_id, path, probe (JSON of the probe,
-    :meth:`pipelines.probe.VideoProbe.to_record`), stream_pts_s f64 [n_src], probe_s (s)}`` for a
+    :meth:`pipelines.media.probe.VideoProbe.to_record`), stream_pts_s f64 [n_src], probe_s (s)}`` for a
     video that passed (the row the analysis stage takes, so it never probes the file again), or
     a ``reject`` row (:func:`reject_row`, stage + reason naming the file). Any exception that
     escapes is the worker's, not the file's (the caller records it as ``failed``)."""
@@ -256,7 +278,7 @@ def _public(info: dict) -> dict:
 class Detections:
     """The detection pass over every output frame (N frames at ``fps``).
 
-    candidates: every face candidate of every frame (:class:`pipelines.face_tracks.FaceCandidates`:
+    candidates: every face candidate of every frame (:class:`pipelines.faces.tracks.FaceCandidates`:
     frame index, box, score, iBUG-68 landmarks), in source (display) pixels; num_frames: N;
     source_times_s: f64 [N] presentation time of the source frame each output frame shows (s);
     scale: detection image / display frame of the pass.
@@ -436,7 +458,7 @@ class VideoAnalyzer:
     def _detection_scale(self, path: str, probe: VideoProbe, plan: ResamplePlan, info: dict, times: dict
                          ) -> float:
         """The detection pass's scale (detection image / display frame), by the scale choice the
-        portrait uses too (:func:`pipelines.face_detect.choose_detection_scale`) on
+        portrait uses too (:func:`pipelines.faces.detect.choose_detection_scale`) on
         ``scale_search_frames`` frames spread over the whole video (a face that shows up only
         after the first seconds is still found; decoded at most at the ``detect_max_pixels``
         budget, see :meth:`_sample_frames`)."""
@@ -521,7 +543,7 @@ class VideoAnalyzer:
     def _crop_track(self, path: str, probe: VideoProbe, detections: Detections, num_frames: int,
                     info: dict, times: dict) -> CropTrack:
         """The subject's face track over the first ``num_frames`` frames
-        (:func:`pipelines.face_tracks.subject_track`: candidates linked across frames, the most
+        (:func:`pipelines.faces.tracks.subject_track`: candidates linked across frames, the most
         persistent x largest track; several persistent faces of similar size are rejected), its
         crop track and the quality filters on it (missing face, out of frame, yaw, head motion:
         all on the chosen track only)."""
@@ -552,7 +574,7 @@ class VideoAnalyzer:
 
 class AnalyzerStage:
     """Ray Data ``map`` UDF of the analysis with a per-video deadline: :class:`VideoAnalyzer`
-    runs in a child process of the actor (:class:`pipelines.watchdog.WatchedWorker`, built once
+    runs in a child process of the actor (:class:`pipelines.ingestion.watchdog.WatchedWorker`, built once
     per actor, the detector kept warm). :meth:`VideoAnalyzer.begin` (probe + limits) gets
     ``deadline_base_s``; :meth:`VideoAnalyzer.finish` gets ``deadline_base_s + deadline_per_s x
     duration``. Past a deadline the child is killed and the video becomes a ``reject`` row at
@@ -562,7 +584,7 @@ class AnalyzerStage:
 
     def __init__(self, cfg: IngestConfig, dwpose_dir: Optional[str] = None):
         self.cfg = cfg
-        self.worker = WatchedWorker("pipelines.ingest_stages:VideoAnalyzer", {"cfg": cfg, "dwpose_dir": dwpose_dir})
+        self.worker = WatchedWorker("pipelines.ingestion.stages:VideoAnalyzer", {"cfg": cfg, "dwpose_dir": dwpose_dir})
         self.worker.start()  # start-up (imports, detector) here, not inside a video's deadline
 
     def __call__(self, row: dict) -> dict:
@@ -681,7 +703,7 @@ class ChunkCropper:
 class DecodeStage:
     """Ray Data ``flat_map`` UDF (actor pool) of the full-resolution decode and crop, with the same
     per-video deadline as the analysis (``deadline_base_s + deadline_per_s x duration``, see
-    :class:`AnalyzerStage` and pipelines/watchdog.py for why a child process): :class:`ChunkCropper`
+    :class:`AnalyzerStage` and pipelines/ingestion/watchdog.py for why a child process): :class:`ChunkCropper`
     runs in a watched child of the actor. Yields one ``chunk`` row per chunk
     (:func:`frames_per_chunk`) and then one ``end`` row; a video whose decode fails is a ``reject``
     row at stage ``decode``, one past its deadline a ``reject`` at stage ``timeout`` (the child is
@@ -693,7 +715,7 @@ class DecodeStage:
         self.cfg = cfg
         # started on the first video, outside its deadline (a job whose videos were all refused
         # by the analysis never starts one)
-        self.worker = WatchedWorker("pipelines.ingest_stages:ChunkCropper", {"cfg": cfg})
+        self.worker = WatchedWorker("pipelines.ingestion.stages:ChunkCropper", {"cfg": cfg})
 
     def __call__(self, row: dict) -> Iterator[dict]:
         if row["kind"] != "video":  # reject / failed rows pass on as they are

@@ -31,8 +31,14 @@ import pyarrow.parquet as pq
 
 from core.sections import PlatformConfig
 from core.weights import WeightPaths
+from pipelines.dataset.schema import (
+    META_NAME,
+    SCHEMA_VERSION,
+    IngestFormatError,
+    IngestMeta,
+    frames_path,
+)
 from pipelines.errors import PipelineError
-from pipelines.schema import META_NAME, SCHEMA_VERSION, IngestFormatError, IngestMeta, frames_path
 
 log = logging.getLogger(__name__)
 

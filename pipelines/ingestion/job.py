@@ -5,10 +5,10 @@ Pipeline:
 
 1. driver: expand the input, content ``video_id`` (hash of size + first and last MBs: a copy in
    another folder is recorded as ``duplicate`` and never ingested twice), deterministic split
-   (``ingest.split_key``: ``video`` or ``folder``) (``pipelines/manifest.py``); read the model
-   configs (``pipelines/ingest_meta.py``); refuse an output directory written with another
+   (``ingest.split_key``: ``video`` or ``folder``) (``pipelines/dataset/manifest.py``); read the model
+   configs (``pipelines/ingestion/meta.py``); refuse an output directory written with another
    configuration and claim a new one with the run's fingerprint, before any work; skip videos
-   finished by an earlier run (``pipelines/resume.py``);
+   finished by an earlier run (``pipelines/ingestion/resume.py``);
 2. plain Ray tasks, one per video, before any actor exists (:func:`screen_inputs`): probe (the
    file's only probe) and the limits (pixels from the stream header, duration, frozen/sparse
    frames, audio length from the headers) before anything is decoded, each within
@@ -18,7 +18,7 @@ Pipeline:
    when none passed (a job of hostile files starts no actor, no model). Steps 3-7 are that
    Ray Data pipeline (streaming; each video is its own input block):
 3. ``map(AnalyzerStage)`` actor pool (``ingest.num_detect_actors``): in a watched child process
-   per actor (``pipelines/watchdog.py``; per-video deadline ``deadline_base_s + deadline_per_s x
+   per actor (``pipelines/ingestion/watchdog.py``; per-video deadline ``deadline_base_s + deadline_per_s x
    duration``, past it: stage ``timeout``): on the probe of step 2, the detection-scale search and
    the detection pass, 16 kHz audio checked against the video, crop track, quality filters;
 4. ``map_batches(AudioFeatureStage)`` actor pool (``ingest.num_audio_actors``): wav2vec2
@@ -30,7 +30,7 @@ Pipeline:
 6. ``map_batches(VaeStage)`` actor pool (``ingest.num_vae_actors``, GPUs when ``ingest.use_gpu``):
    VAE latents (fp16), crop pixels dropped;
 7. ``map_batches(write_chunk_parts)`` tasks: each chunk written by the worker as a part file
-   (``pipelines/frame_writer.py``); only small rows (ids, counts, shapes) go on;
+   (``pipelines/ingestion/frame_writer.py``); only small rows (ids, counts, shapes) go on;
 8. driver: consumes the small rows (``iter_rows``: no frame data); when a video's chunks are all
    written, a Ray task on a worker assembles ``frames/<video_id>.parquet``; the driver records
    the video (``DIR/records``). At the end ``videos.parquet`` (one row per input file) and
@@ -57,12 +57,23 @@ from typing import Callable, Iterator, Optional
 from core.ray_runtime import init_ray
 from core.sections import PlatformConfig
 from core.weights import WeightPaths, resolve_weights
-from pipelines.frame_writer import FrameWriteError, PartsTracker, assemble_frame_file, write_chunk_parts
-from pipelines.ingest_meta import read_model_facts, write_ingest_meta
-from pipelines.ingest_model_stages import AudioFeatureStage, VaeStage
-from pipelines.ingest_stages import STAGE_TIMES_KEY, AnalyzerStage, DecodeStage, screen_video_steps
-from pipelines.manifest import InputVideo, duplicate_row, manifest_row, plan_inputs, write_manifest
-from pipelines.resume import (
+from pipelines.dataset.manifest import (
+    InputVideo,
+    duplicate_row,
+    manifest_row,
+    plan_inputs,
+    write_manifest,
+)
+from pipelines.dataset.schema import FRAMES_DIR
+from pipelines.ingestion.frame_writer import (
+    FrameWriteError,
+    PartsTracker,
+    assemble_frame_file,
+    write_chunk_parts,
+)
+from pipelines.ingestion.meta import read_model_facts, write_ingest_meta
+from pipelines.ingestion.model_stages import AudioFeatureStage, VaeStage
+from pipelines.ingestion.resume import (
     RecordStore,
     check_output_dir,
     claim_output_dir,
@@ -71,7 +82,12 @@ from pipelines.resume import (
     plan_resume,
     remove_video_files,
 )
-from pipelines.schema import FRAMES_DIR
+from pipelines.ingestion.stages import (
+    STAGE_TIMES_KEY,
+    AnalyzerStage,
+    DecodeStage,
+    screen_video_steps,
+)
 
 
 @dataclass
@@ -145,9 +161,9 @@ SCREEN_START_TIMEOUT_S = 600.0  # a probe task not running after this long: fail
 
 
 def screen_inputs(todo: list[InputVideo], ing) -> Iterator[tuple[InputVideo, dict]]:
-    """Phase 1 of the job: :func:`pipelines.ingest_stages.screen_video` (probe + limits, before
+    """Phase 1 of the job: :func:`pipelines.ingestion.stages.screen_video` (probe + limits, before
     anything is decoded) as one plain Ray task per video (a generator task,
-    :func:`~pipelines.ingest_stages.screen_video_steps`), no actor and no model, at most
+    :func:`~pipelines.ingestion.stages.screen_video_steps`), no actor and no model, at most
     :func:`screen_window` at once. Yields (video, result) as they finish, result one of
 
     * the ``screened`` dict of ``screen_video`` (the probe, for the pipeline's input row);
@@ -212,7 +228,7 @@ def build_dataset(rows: list[dict], cfg: PlatformConfig, vae: str, wav2vec2: str
                   local_files_only: bool, dwpose_dir: Optional[str], out_dir: str):
     """The Ray Data pipeline over ``rows`` = the ``screened`` rows of :func:`screen_inputs`
     ({video_id, path, probe, stream_pts_s, probe_s}: the videos that passed the limits, one block
-    per video); its rows are the small rows of ``pipelines/frame_writer.py`` (``SMALL_COLUMNS``).
+    per video); its rows are the small rows of ``pipelines/ingestion/frame_writer.py`` (``SMALL_COLUMNS``).
     The one-video-per-actor pools are sized by ``len(rows)`` (never more actors than videos)."""
     import ray
 
@@ -319,8 +335,8 @@ class PreparedIngest:
 def prepare_ingest(input_path: str | Path, output_dir: str | Path,
                    cfg: Optional[PlatformConfig] = None) -> PreparedIngest:
     """Every check that needs no Ray and reads no video. Raises
-    :class:`~pipelines.manifest.IngestInputError` / :class:`~pipelines.resume.IngestOutputError` /
-    :class:`~pipelines.ingest_meta.ModelConfigError` for a bad ``--input`` / ``--output`` / weights
+    :class:`~pipelines.dataset.manifest.IngestInputError` / :class:`~pipelines.ingestion.resume.IngestOutputError` /
+    :class:`~pipelines.ingestion.meta.ModelConfigError` for a bad ``--input`` / ``--output`` / weights
     config (the CLI turns them into one line and exit status 2)."""
     started = time.perf_counter()
     cfg = cfg or PlatformConfig()

@@ -23,7 +23,7 @@ Rules (units: frames of the output rate, pixels of the frames the boxes are in):
   subject is the persistent track with the largest coverage x width (ties: higher score).
   Other persistent tracks whose width is >= ``similar_size_ratio`` x the subject's are
   *rivals*: the subject is not clearly dominant (the ingest rejects such a video,
-  ``pipelines.quality.check_subject``). Without a persistent track the best track by the
+  ``pipelines.ingestion.quality.check_subject``). Without a persistent track the best track by the
   same weight is returned (the missing-face filter then speaks). Detections outside every
   persistent track (spurious boxes) are ignored.
 """

@@ -109,7 +109,7 @@ def check_track(missing_ratio: float, out_of_frame_ratio: float, max_abs_yaw_deg
 def check_subject(subject_width_px: Optional[float], rival_widths_px: list[float],
                   cfg: IngestConfig) -> Optional[Rejection]:
     """The subject face track must exist and be clearly dominant: other persistent face tracks
-    (``pipelines.face_tracks.choose_subject`` rivals, each at least ``similar_face_ratio`` x the
+    (``pipelines.faces.tracks.choose_subject`` rivals, each at least ``similar_face_ratio`` x the
     subject's median face width) make the video ambiguous. Widths in source pixels."""
     if subject_width_px is None:
         return Rejection("face", "no face found in any frame")

@@ -28,8 +28,8 @@ from typing import Optional
 import numpy as np
 
 # The 68-point layout (NOSE_TIP = 30, UPPER_FACE = the 37 points above) has one definition, in
-# pipelines/landmarks.py; tests/test_motion_stats.py checks it against docs/METHOD.md.
-from pipelines.landmarks import NOSE_TIP, NUM_LANDMARKS, UPPER_FACE  # noqa: E402,F401
+# pipelines/faces/landmarks.py; tests/test_motion_stats.py checks it against docs/METHOD.md.
+from pipelines.faces.landmarks import NOSE_TIP, NUM_LANDMARKS, UPPER_FACE  # noqa: E402,F401
 
 
 def _check(landmarks: np.ndarray) -> np.ndarray:

@@ -1,10 +1,10 @@
 """Metrics of a generated talking-head video against its audio and (optionally) the real video.
 
-Torch-free (numpy, scikit-image, dlib through :mod:`pipelines.face_detect`), so the evaluation
+Torch-free (numpy, scikit-image, dlib through :mod:`pipelines.faces.detect`), so the evaluation
 job, training callbacks and benchmarks share one definition. Shapes and units:
 
 * frames: uint8 ``[T, H, W, 3]`` RGB, one row per video frame at ``fps`` frames per second;
-* landmarks: float ``[T, 68, 2]`` (iBUG-300W order, :mod:`pipelines.landmarks`), any consistent
+* landmarks: float ``[T, 68, 2]`` (iBUG-300W order, :mod:`pipelines.faces.landmarks`), any consistent
   unit (pixels or crop fractions); rows of NaN = no face in that frame;
 * audio: float ``[n]`` mono samples in -1..1 at ``sample_rate`` Hz, starting with frame 0.
 
@@ -20,7 +20,7 @@ Metrics (docs/EVALUATION.md has the full definitions):
 * ``lmd``: mouth landmark distance, the 20 mouth points (48-67) relative to their centroid,
   divided by the face width, mean Euclidean distance (dimensionless, fraction of face width);
 * ``glo`` / ``exp``: the paper's head-motion and expression variances, exactly
-  :func:`pipelines.motion_stats.clip_motion_stats` on crop-normalised landmarks.
+  :func:`pipelines.faces.motion_stats.clip_motion_stats` on crop-normalised landmarks.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ from typing import Optional
 
 import numpy as np
 
-from pipelines.face_detect import FaceLandmarkDetector
-from pipelines.landmarks import MOUTH, NUM_LANDMARKS
-from pipelines.motion_stats import clip_motion_stats
+from pipelines.faces.detect import FaceLandmarkDetector
+from pipelines.faces.landmarks import MOUTH, NUM_LANDMARKS
+from pipelines.faces.motion_stats import clip_motion_stats
 
 #: PSNR of identical frames (dB): MSE 0 has no finite PSNR, so every frame's PSNR is capped here.
 PSNR_CAP_DB = 100.0
@@ -190,7 +190,7 @@ def lmd(lm_gen: np.ndarray, lm_real: np.ndarray) -> float:
 
 
 def motion_variances(landmarks: np.ndarray, valid: Optional[np.ndarray] = None) -> dict[str, float]:
-    """The paper's Glo / Exp of one clip: :func:`pipelines.motion_stats.clip_motion_stats` on
+    """The paper's Glo / Exp of one clip: :func:`pipelines.faces.motion_stats.clip_motion_stats` on
     crop-normalised landmarks ``[T, 68, 2]`` (crop fractions; squared crop fractions out).
     ``valid`` [T] bool selects frames (default: the frames without NaN). Keys ``glo``, ``exp``
     (NaN with fewer than 2 frames)."""
@@ -247,7 +247,7 @@ def score_video(gen_frames: np.ndarray, real_frames: Optional[np.ndarray], sampl
     ``gen_frames`` uint8 [T, H, W, 3] at ``fps``; ``real_frames`` the real video's frames
     [T', H', W', 3] (same crop; resized to gen's size and cut to the common length) or None;
     ``samples`` float [n] mono audio at ``sample_rate`` Hz starting at frame 0;
-    ``landmark_detector`` a :class:`pipelines.face_detect.FaceLandmarkDetector` (dlib by default
+    ``landmark_detector`` a :class:`pipelines.faces.detect.FaceLandmarkDetector` (dlib by default
     in the platform), run on frames upscaled to >= ``min_detect_side`` px; ``max_lag`` frames is
     the lag search of :func:`sync_score`.
 
