@@ -24,6 +24,7 @@ import sys
 from typing import Optional, Sequence
 
 from core.config import ConfigError, add_config_arguments, load_platform_config
+from core.job_paths import EVALUATION_RESULT_KEYS, check_job_paths
 from training.evaluation_job import (
     EvaluationSetupError,
     prepare_evaluation,
@@ -48,6 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_platform_config(args.config, args.overrides)
+        check_job_paths(cfg, EVALUATION_RESULT_KEYS)  # results outside Ray's copy of a --working-dir
         prep = prepare_evaluation(args.model, args.data, cfg, split=args.split, out_path=args.out)
     except (ConfigError, EvaluationSetupError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)

@@ -6,8 +6,12 @@
 Without ``--config`` the embedded laptop setting is used (tiny preset, local Ray on 127.0.0.1
 with 2 CPU workers, MLflow on ``sqlite:///mlflow.db`` in the project folder). The same command
 runs on a cluster under ``ray job submit -- python train.py ...`` (RAY_ADDRESS is honoured by
-``core.ray_runtime.init_ray``). Config, dataset and stage-1-model problems are reported before
-any worker starts (exit code 2).
+``core.ray_runtime.init_ray``). Config, dataset and stage-1-model problems, result paths that
+would land in Ray's temporary copy of a ``--working-dir`` (``core/job_paths.py``) and a
+placement the cluster cannot hold (workers and the reader's tasks; docs/TRAINING.md) are
+reported in one line before any worker starts (exit code 2); a stage that fails (a stalled
+input, a NaN stop, workers lost beyond ``train.max_failures``) in one line with exit code 1, so
+``ray job submit`` exits non-zero too.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import sys
 from typing import Optional, Sequence
 
 from core.config import ConfigError, add_config_arguments, load_platform_config
-from training.errors import TerminatedError
+from core.job_paths import TRAIN_RESULT_KEYS, check_job_paths
+from training.errors import TerminatedError, TrainingError
 from training.stages import TrainSetupError, prepare_job, run_job
 
 
@@ -58,6 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_platform_config(args.config, args.overrides)
+        check_job_paths(cfg, TRAIN_RESULT_KEYS)
         prep = prepare_job(cfg, args.data, parse_stages(args), resume=args.resume,
                            init_from=args.init_from, job_name=args.job_name)
     except (ConfigError, TrainSetupError) as exc:
@@ -71,6 +77,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TerminatedError as exc:
         print(f"train.py: stopped: {exc}", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except TrainSetupError as exc:  # the cluster cannot hold the placement: before any worker
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:  # a stage that stopped or failed (Ray Train logged the tracebacks)
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     for stage, rec in sorted(record.stages.items()):

@@ -67,6 +67,11 @@ class IngestConfig:
     fps: float = 25.0  # output frame rate; resampling is by timestamp
     crop_size: int = 64  # output portrait side in pixels (512 for sd15)
     crop_margin: float = 0.6  # extra context around the landmark box, as a fraction of its side
+    # where the asked crop (crop_margin) does not fit the frame but the head does (close-ups;
+    # docs/INGEST.md "Close-ups"), one rule per video and for the portrait: "reduce" = one smaller
+    # margin for the whole video, every pixel real (default: a filled border would be learnt and
+    # drawn); "reflect" / "blur" / "constant" (black) = the asked crop with the border filled
+    crop_fill: Literal["reduce", "reflect", "blur", "constant"] = "reduce"
     sample_rate: int = 16000  # audio, Hz, mono
     chunk_frames: int = 50  # frames decoded and processed per block: bounds peak memory
     min_frames: int = 136  # 12 clip + 124 motion frames: shorter videos are rejected
@@ -94,7 +99,10 @@ class IngestConfig:
     use_gpu: bool = False  # put the VAE / wav2vec2 actors on GPUs
     # ingest job (pipelines/ingest.py): splits, resume, Ray Data stage sizes
     split_key: Literal["video", "folder"] = "video"  # folder: one person's folder never spans both splits
-    max_out_of_frame_ratio: float = 0.1  # share of frames whose face crop leaves the frame
+    # share of the frames with a face whose head leaves the frame (landmark box + 0.1 of its side
+    # of forehead above, 0.05 below the chin: pipelines/faces/crop.py); a crop margin that does not
+    # fit is never counted (crop_fill)
+    max_out_of_frame_ratio: float = 0.1
     retry_rejected: bool = False  # resume: also redo videos rejected by an earlier run
     num_detect_actors: int = 1  # actor pool: probe + face detection + crop track + audio decode
     num_audio_actors: int = 1  # actor pool: wav2vec2 features
@@ -144,6 +152,17 @@ class ReaderConfig:
     seed: int = 0
     stage: int = 2  # 1: one target frame + reference, no motion frames or audio
     split: str = "train"
+    # Appearance augmentation (ours, not the paper's; docs/METHOD.md): one random change of colour
+    # and geometry per training sample, the same for its reference, clip and motion frames, so a
+    # model that memorises a look instead of reading the reference pays for it in the loss.
+    # Applied to the cached latents through the dataset's latent colour map (ingest_meta.json).
+    appearance_aug: bool = True  # the tiny preset (the embedded default); configs/sd15.yaml turns it off
+    aug_prob: float = 0.8  # share of training samples changed
+    aug_hue_deg: float = 180.0  # hue rotation drawn from [-x, x] degrees (about the grey axis)
+    aug_saturation: float = 0.4  # saturation scale drawn from [1 - x, 1 + x]
+    aug_brightness: float = 0.25  # brightness offset drawn from [-x, x] (RGB in -1..1)
+    aug_contrast: float = 0.25  # contrast scale drawn from [1 - x, 1 + x]
+    aug_flip_prob: float = 0.5  # horizontal flip (latents and landmarks)
 
 
 # --- networks and inference -------------------------------------------------------------------------
@@ -182,11 +201,24 @@ class SamplerConfig:
 class TrainConfig:
     """Ray Train DDP training of both stages (``train.*``). Steps are optimizer steps per stage."""
 
-    # --- Ray Train scaling (ScalingConfig) ---
+    # --- Ray Train scaling (ScalingConfig; docs/TRAINING.md) ---
     num_workers: int = 2  # DDP workers (processes); CPU + gloo unless use_gpu
     use_gpu: bool = False  # one NCCL worker per GPU
-    gpus_per_worker: float = 1.0
-    cpus_per_worker: float = 0.5  # leaves CPUs for the Ray Data read tasks on a 2-CPU laptop
+    gpus_per_worker: float = 1.0  # GPUs per worker when use_gpu: a whole number (NCCL: one rank per GPU)
+    cpus_per_worker: float = 0.5  # logical CPUs per worker; leaves CPUs for the reader tasks beside it
+    # where the workers go (ScalingConfig.placement_strategy): "pack" (PACK: as few nodes as
+    # possible), "spread" (SPREAD: one per node while nodes last), "strict-spread" (STRICT_SPREAD:
+    # one per node, or the job is refused); "auto": spread for CPU workers and on GPU nodes of
+    # one GPU each, pack on nodes of several GPUs (NVLink inside a node)
+    placement: Literal["auto", "pack", "spread", "strict-spread"] = "auto"
+    # worker-group start attempts Ray Train makes when the placement group is not ready within its
+    # start timeout (60 s each; FailureConfig.controller_failure_limit); -1 = wait forever
+    # (a cluster whose autoscaler adds nodes)
+    placement_retries: int = 5
+    reader_cpus: float = 0.5  # logical CPUs per Ray Data read task of data_loader "ray_data"
+    # seconds a worker waits for its next batch; longer: the stage ends with an error naming this
+    # key (a starved or stuck input pipeline never hangs the job); counted as a worker failure
+    batch_timeout_s: float = 600.0
     # --- data ---
     # "ray_data": the reader's Ray Dataset streamed into each worker (get_dataset_shard);
     # "torch": the reader's torch Dataset sharded by rank (bit-exact resume: every rank always
@@ -234,7 +266,7 @@ class TrainConfig:
     fault_at_step: Optional[int] = None
     fault_stage: Optional[int] = None  # 1 or 2: only in that stage; None: in each stage of the job
     fault_rank: int = 1
-    fault_kind: Literal["exit", "nan", "mlflow_outage"] = "exit"
+    fault_kind: Literal["exit", "nan", "mlflow_outage", "stall"] = "exit"  # "stall": its input blocks forever
     fault_steps: int = 1
 
 
@@ -279,6 +311,11 @@ class EvaluationConfig:
     fvd_clip_frames: int = 16  # T: non-overlapping clips of each video (a shorter tail is dropped)
     # i3d: net(x, rescale=False, resize=False, return_features=True) (the I3D TorchScript); plain: net(x)
     fvd_call_convention: Literal["i3d", "plain"] = "i3d"
+    # csim (pipelines/metrics/identity.py): ArcFace TorchScript net(faces [N, 3, 112, 112] RGB in -1..1,
+    # aligned to the five-point template) -> embeddings [N, D]; None = skipped. The dlib descriptor
+    # metrics (identity, identity_gt, identity_control) need no weights and always run.
+    arcface_path: Optional[str] = None
+    identity_frames: int = 25  # frames per video (spread over it) described for the identity metrics
     feature_batch_size: int = 32  # frames per FID call (FVD: this // fvd_clip_frames clips; SyncNet: // 5)
     # --- registry alias ---
     alias: Optional[str] = "champion"  # None: never move an alias
@@ -287,6 +324,8 @@ class EvaluationConfig:
     min_face_found_ratio: Optional[float] = 0.90
     min_psnr: Optional[float] = None  # dB
     max_lmd: Optional[float] = None  # fraction of face width
+    max_identity: Optional[float] = 0.6  # dlib descriptor distance, generated frames to their reference
+    min_identity_margin: Optional[float] = 0.10  # identity_control - identity
 
 
 # --- serving -------------------------------------------------------------------------------------
@@ -307,6 +346,7 @@ class ServeConfig:
     num_replicas: int = 1
     gpus_per_replica: float = 0.0
     max_queue: int = 8  # jobs queued or running at once; more answer 429
+    max_queue_per_client: int = 4  # one client's share of max_queue (with client tokens); more answer 429
     max_upload_mb: int = 20  # per uploaded file
     max_audio_s: float = 30.0
     job_dir: str = "work/serve_jobs"
@@ -315,19 +355,29 @@ class ServeConfig:
     # --- auth and browsers ---
     tokens_file: Optional[str] = None  # path of a `client_id token` file (the env variables win)
     allowed_origins: list[str] = field(default_factory=list)  # browser origins besides the page's own
+    # Host header values accepted besides the loopback names (127.0.0.1, localhost, [::1], any
+    # port): the service's public names, "name" (any port) or "name:port"; others answer 421
+    allowed_hosts: list[str] = field(default_factory=list)
     docs: bool = False  # serve /docs and /openapi.json
     # --- request limits (ingress and HTTP proxy) ---
     max_ongoing_requests: int = 32  # requests one ingress replica handles at once
     max_queued_requests: int = 64  # requests waiting for the ingress; beyond it the proxy answers 503
     request_timeout_s: float = 120.0  # Serve HTTP proxy: one request, end to end
     body_timeout_s: float = 60.0  # reading one upload body (slow clients get 408)
+    # --- the front listener (serve/front.py) on host:port, before Serve's proxy reads a byte ---
+    max_header_bytes: int = 16384  # request line + headers, bytes; more answer 431
+    max_headers: int = 64  # header fields per request; more answer 431
+    header_timeout_s: float = 10.0  # the request line and headers must arrive within this (408)
+    proxy_port: Optional[int] = None  # Serve's HTTP proxy, on 127.0.0.1 behind the front; None: a free port
     max_frame_steps: int = 20000  # frames x DDIM steps one job may ask for (750 frames x 25 steps = 18750)
     max_image_megapixels: float = 16.0  # JPEG / PNG / WebP header size checked before decoding
     max_audio_channels: int = 2
     max_audio_rate_hz: int = 96000
+    min_audio_rate_hz: int = 8000  # audio sampled below this answers 422
     # --- deadlines ---
     job_timeout_s: float = 900.0  # a running job fails after this and frees its worker
     hang_grace_s: float = 30.0  # the worker's health check fails this long after a job's deadline
+    drain_grace_s: float = 60.0  # on SIGINT/SIGTERM running jobs may finish this long; then interrupted
     # --- job store ---
     job_db: Optional[str] = None  # SQLAlchemy URL without password; None = sqlite file in job_dir
     sweep_every_s: float = 30.0  # expired jobs and orphan folders are removed on this timer

@@ -11,6 +11,8 @@ step until ``train.max_steps``:
   (``get_dataset_shard("train")``, all epochs in one pass, batches the driver already dropped
   from the plan on a resume are not read again; the few left are skipped);
   ``"torch"``: the reader's ``LoopyTorchDataset`` of (epoch, rank), position = (epoch, batch);
+  either way each batch is awaited at most ``train.batch_timeout_s`` (:func:`watched_batches`):
+  a starved or stuck input ends the worker with :class:`InputStalledError`, never a silent hang;
 * every ``checkpoint_every`` / ``eval_every`` steps (and the last): the checkpoint is written to
   a local temp folder and ``ray.train.report(metrics, checkpoint, checkpoint_upload_mode=...)``
   uploads it (``train.checkpoint_upload``: sync, or async in a background thread); at ``eval_every`` steps and the last with
@@ -19,7 +21,9 @@ step until ``train.max_steps``:
 * every ``log_every`` steps (rank 0): metrics to the stage's MLflow run through
   :class:`training.tracking.AsyncRunLogger` (never blocks, never fails training): ``loss`` (mean
   over ranks), ``lr``, ``grad_norm``, ``samples_per_s``, ``data_wait_share``, GPU memory when
-  present; rank 0 also prints ``[train] stage S step N/T loss L``;
+  present; rank 0 also writes ``[train] stage S step N/T loss L`` (once: straight to stdout,
+  not through ``print``, which Ray Train copies into its logger as well), and at the start
+  ``[train] stage S: DDP world size W on N node(s)`` from the process group and Ray's node ids;
 * a non-finite loss on any rank: the ranks agree on it (``training/step.py``) and every rank
   stops at that step without a new checkpoint; each rank writes ``nan_stop_rank<r>.json`` to the
   stage's work folder (the driver's signal, independent of MLflow) and, best effort, tags
@@ -31,12 +35,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 
@@ -48,6 +55,7 @@ from models.loopy import LoopyModel
 from models.registry import resolve_model_location
 from pipelines.reader.source import LoopyTorchDataset, collate, ray_collate_fn
 from training.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from training.errors import InputStalledError
 from training.step import (
     NonFiniteLossError,
     make_noise_scheduler,
@@ -130,6 +138,71 @@ def _ray_batches(job: StageJob, skip: int) -> Iterator[dict]:
             yield batch
 
 
+def progress_line(text: str) -> None:
+    """One ``[train]`` line on this process's stdout. Not ``print``: in a Ray Train worker
+    ``print`` is patched to log through Train's logger and also to print when stdout is wrapped,
+    which showed every line twice in the driver's output."""
+    sys.stdout.write(f"{PROGRESS_PREFIX} {text}\n")
+    sys.stdout.flush()
+
+
+def watched_batches(batches: Iterable, timeout_s: float, stalled: Callable[[float], str],
+                    device: Optional[torch.device] = None) -> Iterator:
+    """``batches``, each ``next()`` run in a helper thread while this thread waits for it at most
+    ``timeout_s`` seconds; longer raises :class:`InputStalledError` with ``stalled(timeout_s)``.
+
+    Hand-written (a queue and a thread) because neither Ray Data's iterator nor torch's
+    DataLoader (``num_workers=0``) has a timeout. The helper fetches only on request, so batches
+    are read one at a time in the same order as without the watch (the RNG use, and so a resumed
+    run, is unchanged); a stalled helper is left blocked (a daemon thread) and the worker ends."""
+    it = iter(batches)
+    requests: queue.Queue = queue.Queue()
+    results: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)  # the current device is per thread
+        while requests.get() is not None:
+            try:
+                results.put((True, next(it)))
+            except StopIteration:
+                results.put((False, None))
+                return
+            except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread as is
+                results.put((None, exc))
+                return
+
+    threading.Thread(target=pump, name="loopy-batch-reader", daemon=True).start()
+    try:
+        while True:
+            requests.put(True)
+            try:
+                ok, item = results.get(timeout=timeout_s)
+            except queue.Empty:
+                raise InputStalledError(stalled(timeout_s)) from None
+            if ok is None:
+                raise item
+            if not ok:
+                return
+            yield item
+    finally:
+        requests.put(None)  # an idle helper exits; a blocked one stays blocked
+
+
+def _stall_before(batches: Iterable, job: StageJob, rank: int, first_step: int) -> Iterator:
+    """Fault ``stall``: the input blocks forever before the batch of step ``fault_at_step``
+    (once per stage, like the other faults: a marker in the work folder)."""
+    tc = job.cfg.train
+    marker = Path(job.work_dir) / f"fault_injected_stage{job.stage}_step{tc.fault_at_step}_rank{rank}"
+    for i, batch in enumerate(batches):
+        if first_step + i == tc.fault_at_step and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(tc.fault_kind)
+            log.warning("fault injection: rank %d, step %d: stall", rank, first_step + i)
+            threading.Event().wait()
+        yield batch
+
+
 def _maybe_inject_fault(job: StageJob, step: int, rank: int, batch: dict,
                         logger: Optional[AsyncRunLogger] = None) -> None:
     """Test / drill hook, once per stage (only in stage ``fault_stage`` when that is set; the
@@ -138,7 +211,8 @@ def _maybe_inject_fault(job: StageJob, step: int, rank: int, batch: dict,
     MLflow server becomes unreachable for ``fault_steps`` steps (``"mlflow_outage"``: the
     logger's client points at a dead loopback port, then back)."""
     tc = job.cfg.train
-    if tc.fault_at_step is None or rank != tc.fault_rank or tc.fault_stage not in (None, job.stage):
+    if (tc.fault_at_step is None or rank != tc.fault_rank or tc.fault_stage not in (None, job.stage)
+            or tc.fault_kind == "stall"):
         return
     marker = Path(job.work_dir) / f"fault_injected_stage{job.stage}_step{tc.fault_at_step}_rank{rank}"
     if tc.fault_kind == "mlflow_outage" and step == tc.fault_at_step + tc.fault_steps and logger is not None:
@@ -240,6 +314,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def _train(job: StageJob, rank: int, world: int, device: torch.device, logger: Optional[AsyncRunLogger],
            get_scheduler, EMAModel) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -271,16 +346,38 @@ def _train(job: StageJob, rank: int, world: int, device: torch.device, logger: O
         "find_unused_parameters": tc.find_unused_parameters})
     if ema is not None:
         ema.to(device)
-    if logger is not None and state.step == 0:
-        logger.set_tags({"loopy.world_size": world, "loopy.device": str(device)})
+    # the process group as it is (not the config): its size, and the Ray nodes its ranks run on
+    ddp_world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    nodes = [None] * ddp_world
+    node_id = ray.get_runtime_context().get_node_id()
+    if ddp_world > 1:
+        torch.distributed.all_gather_object(nodes, node_id)
+    else:
+        nodes = [node_id]
+    if rank == 0:
+        progress_line(f"stage {job.stage}: DDP world size {ddp_world} on {len(set(nodes))} node(s)")
+    if logger is not None:
+        logger.set_tags({"loopy.world_size": ddp_world, "loopy.ddp_nodes": len(set(nodes)),
+                         "loopy.device": str(device)})
 
     global_batch = tc.batch_size * world
     ray_skip = state.step - job.plan_offset_steps  # ray_data: batches of this shard already trained on
     if tc.data_loader == "ray_data" and ray_skip < 0:
         raise RuntimeError(f"stage {job.stage}: checkpoint at step {state.step} is older than the data plan "
                            f"(starts after step {job.plan_offset_steps})")
+
+    def stalled(timeout_s: float) -> str:
+        return (f"no training batch for {timeout_s:g} s (train.batch_timeout_s) on rank {rank} before step "
+                f"{state.step + 1} of stage {job.stage}; the input (train.data_loader={tc.data_loader}) is stalled: "
+                f"its read tasks may have no CPU free to run on (train.reader_cpus, train.cpus_per_worker) "
+                f"or its files may be unreachable")
+
     while state.step < tc.max_steps:
         batches = _ray_batches(job, ray_skip) if tc.data_loader == "ray_data" else _torch_batches(job, state, rank, world)
+        if tc.fault_kind == "stall" and tc.fault_at_step is not None and rank == tc.fault_rank \
+                and tc.fault_stage in (None, job.stage):
+            batches = _stall_before(batches, job, rank, state.step + 1)
+        batches = watched_batches(batches, tc.batch_timeout_s, stalled, device)
         exhausted = True
         t_wait = time.perf_counter()
         for batch in batches:
@@ -315,8 +412,7 @@ def _train(job: StageJob, rank: int, world: int, device: torch.device, logger: O
             if rank == 0 and log_now:
                 # one stable progress line per logged step (read by the demo's console; the
                 # metrics themselves go to MLflow, asynchronously)
-                print(f"{PROGRESS_PREFIX} stage {job.stage} step {state.step}/{tc.max_steps} "
-                      f"loss {metrics['loss']:.6f}", flush=True)
+                progress_line(f"stage {job.stage} step {state.step}/{tc.max_steps} loss {metrics['loss']:.6f}")
                 if logger is not None:
                     logger.log_metrics(metrics, state.step)
             if checkpoint_now:

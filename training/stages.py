@@ -17,7 +17,11 @@ The training data (``videos.parquet`` / ``ingest_run.json``) is logged as an inp
 
 Every check that can fail without training (config values, the dataset, the stage-1 model a
 stage-2 run starts from) runs in :func:`prepare_job` before any worker starts, and fails with one
-:class:`TrainSetupError` naming the file, key or URI.
+:class:`TrainSetupError` naming the file, key or URI. :func:`run_job` then joins Ray and checks,
+before any MLflow run or worker starts, that the workers (``train.placement``, per-worker
+resources) and the reader's tasks fit the cluster's nodes at once (:func:`plan_placement`); a
+placement the cluster cannot hold is one :class:`TrainSetupError` naming the resource and the
+figures, never a placement group that waits forever (docs/TRAINING.md).
 """
 from __future__ import annotations
 
@@ -50,8 +54,18 @@ from pipelines.dataset.schema import IngestFormatError
 from pipelines.reader.source import LoopySampleSource, load_spec_batch
 from training.checkpoint_eval import CheckpointEvaluator
 from training.checkpointing import FINAL_MODEL_DIR, STATE_FILE
-from training.errors import StageResultError, TerminatedError, TrainingError
-from training.loop import NAN_STOP_PREFIX, StageJob, train_loop_per_worker
+from training.errors import (
+    StageFailedError,
+    StageResultError,
+    TerminatedError,
+    TrainingError,
+)
+from training.loop import (
+    NAN_STOP_PREFIX,
+    PROGRESS_PREFIX,
+    StageJob,
+    train_loop_per_worker,
+)
 from training.tracking import JobTracker
 
 log = logging.getLogger(__name__)
@@ -128,6 +142,17 @@ def _check_train_config(cfg: PlatformConfig) -> None:
         raise TrainSetupError(f"train.ema_decay must be in (0, 1), got {tc.ema_decay}")
     if tc.mixed_precision != "no" and not tc.use_gpu:
         raise TrainSetupError(f"train.mixed_precision={tc.mixed_precision} needs train.use_gpu=true")
+    for name in ("cpus_per_worker", "reader_cpus", "eval_num_cpus"):
+        if getattr(tc, name) < 0:
+            raise TrainSetupError(f"train.{name} must be >= 0, got {getattr(tc, name)}")
+    if tc.batch_timeout_s <= 0:
+        raise TrainSetupError(f"train.batch_timeout_s must be > 0 seconds, got {tc.batch_timeout_s}")
+    if tc.placement_retries < -1:
+        raise TrainSetupError(f"train.placement_retries must be >= -1, got {tc.placement_retries}")
+    if tc.use_gpu and (tc.gpus_per_worker < 1 or tc.gpus_per_worker != int(tc.gpus_per_worker)):
+        # NCCL refuses two ranks of one process group on one device ("Duplicate GPU detected")
+        raise TrainSetupError(f"train.gpus_per_worker={tc.gpus_per_worker}: a DDP worker needs whole GPUs of "
+                              f"its own (NCCL runs one rank per GPU); use 1")
 
 
 def steps_per_epoch(cfg: PlatformConfig, data_dir: Path, stage: int) -> int:
@@ -212,14 +237,196 @@ def prepare_job(cfg: PlatformConfig, data_dir: str | Path, stages: Sequence[int]
     return PreparedJob(cfg, data, stages, record, job_dir, per_epoch, init_from)
 
 
-def _scaling(cfg: PlatformConfig):
+# train.placement -> Ray's placement group strategy (ScalingConfig.placement_strategy)
+PLACEMENT_STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict-spread": "STRICT_SPREAD"}
+_EPS = 1e-6  # Ray's logical resources are fixed-point (1/10000): compare with a little slack
+
+
+@dataclass(frozen=True)
+class NodeShape:
+    """One alive Ray node: its id, address and total logical resources (``ray.nodes()``)."""
+
+    node_id: str
+    address: str
+    resources: dict
+
+
+@dataclass
+class PlacementPlan:
+    """Where a stage's workers go (one node index per worker, in ``nodes`` order) and what each
+    node has left for the reader's tasks and the checkpoint evaluation task."""
+
+    placement: str  # pack | spread | strict-spread (``auto`` resolved)
+    strategy: str  # Ray's name: PACK | SPREAD | STRICT_SPREAD
+    worker: dict  # resources of one worker
+    nodes: list
+    worker_nodes: list
+    left: list  # per node: resources left once the workers are placed
+
+    def describe(self) -> str:
+        used = sorted({self.nodes[i].address for i in self.worker_nodes})
+        return (f"{len(self.worker_nodes)} workers ({_fmt(self.worker)} each), placement {self.placement} "
+                f"({self.strategy}) -> {len(used)} node(s): {', '.join(used)}")
+
+
+def _fmt(resources: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()))
+
+
+def worker_resources(cfg: PlatformConfig) -> dict:
+    """One DDP worker's reservation (``ScalingConfig.resources_per_worker``)."""
+    tc = cfg.train
+    resources = {"CPU": float(tc.cpus_per_worker)}
+    if tc.use_gpu:
+        resources["GPU"] = float(tc.gpus_per_worker)
+    return resources
+
+
+def cluster_nodes() -> list[NodeShape]:
+    """The alive nodes of the connected Ray cluster with their total logical resources."""
+    import ray
+
+    return [NodeShape(n["NodeID"], n.get("NodeManagerAddress", "?"), dict(n.get("Resources") or {}))
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def resolve_placement(cfg: PlatformConfig, nodes: Sequence[NodeShape]) -> str:
+    """``train.placement`` with ``auto`` resolved: CPU workers spread (each gets a node's cores
+    to itself); GPU workers spread when every GPU node has one GPU, else pack (ranks of one node
+    talk over NVLink / PCIe, not the network)."""
+    tc = cfg.train
+    if tc.placement != "auto":
+        return tc.placement
+    if not tc.use_gpu:
+        return "spread"
+    gpus = [n.resources.get("GPU", 0.0) for n in nodes if n.resources.get("GPU", 0.0) > 0]
+    return "spread" if gpus and max(gpus) <= 1 else "pack"
+
+
+def _fits(free: dict, need: dict) -> bool:
+    return all(free.get(k, 0.0) + _EPS >= v for k, v in need.items() if v > 0)
+
+
+def _take(free: dict, need: dict) -> None:
+    for k, v in need.items():
+        free[k] = free.get(k, 0.0) - v
+
+
+def _nodes_text(nodes: Sequence[NodeShape], keys: Sequence[str], left: Optional[list] = None) -> str:
+    parts = []
+    for i, n in enumerate(nodes):
+        total = ", ".join(f"{k} {n.resources.get(k, 0.0):g}" for k in keys)
+        parts.append(f"{n.address} ({total}" + (f"; {_fmt({k: left[i].get(k, 0.0) for k in keys})} left"
+                                                if left is not None else "") + ")")
+    return "; ".join(parts)
+
+
+def _short_resource(nodes: Sequence[NodeShape], need: dict, count: int) -> str:
+    """The resource that keeps ``count`` reservations of ``need`` off the nodes, with its figures."""
+    keys = sorted(k for k, v in need.items() if v > 0)
+    for k in keys:
+        total = sum(n.resources.get(k, 0.0) for n in nodes)
+        if total <= 0:
+            return f"no node has {k} (asked: {k} {need[k]:g} per worker)"
+    for k in keys:
+        per_node = sum(int((n.resources.get(k, 0.0) + _EPS) // need[k]) for n in nodes)
+        if per_node < count:
+            return (f"{k}: {count} x {need[k]:g} asked, the nodes hold {per_node} "
+                    f"({k} {sum(n.resources.get(k, 0.0) for n in nodes):g} in all)")
+    return "no node holds all of one worker's resources at once"
+
+
+def plan_placement(cfg: PlatformConfig, nodes: Sequence[NodeShape]) -> PlacementPlan:
+    """Where Ray will put the workers and whether the reader fits beside them, from the nodes'
+    total resources; :class:`TrainSetupError` (one line, resource and figures) otherwise.
+
+    Mirrors Ray's placement group strategies on the nodes' totals: ``strict-spread`` one worker
+    per node (more workers than nodes that can hold one is refused), ``spread`` round-robin over
+    the nodes that still fit one, ``pack`` as few nodes as possible (fullest first). With
+    ``train.data_loader=ray_data`` one read task (``train.reader_cpus``) must fit on a node beside
+    the workers: Ray Data's tasks are scheduled outside the workers' placement group, and a task no
+    node can hold waits forever. Resources other jobs hold at the moment are not counted: Ray
+    Train's start timeout (``train.placement_retries``) and ``train.batch_timeout_s`` cover those."""
+    tc = cfg.train
+    placement = resolve_placement(cfg, nodes)
+    need = worker_resources(cfg)
+    keys = sorted(need)
+    n = tc.num_workers
+    if not nodes:
+        raise TrainSetupError("the Ray cluster has no alive node")
+    if placement == "strict-spread" and n > len(nodes):
+        raise TrainSetupError(f"train.placement=strict-spread puts each of train.num_workers={n} workers on a "
+                              f"node of its own; the cluster has {len(nodes)} alive node(s): "
+                              f"{_nodes_text(nodes, keys)}")
+    free = [dict(node.resources) for node in nodes]
+    on_node = [0] * len(nodes)
+    assigned: list[int] = []
+    for _ in range(n):
+        if placement == "pack":  # stay on the node already used when it still fits, else the roomiest
+            order = sorted(range(len(nodes)), key=lambda i: (-on_node[i], -free[i].get("GPU", 0.0),
+                                                             -free[i].get("CPU", 0.0)))
+        else:  # spread: the node with the fewest workers so far
+            order = sorted(range(len(nodes)), key=lambda i: (on_node[i], -free[i].get("CPU", 0.0)))
+        if placement == "strict-spread":
+            order = [i for i in order if on_node[i] == 0]
+        chosen = next((i for i in order if _fits(free[i], need)), None)
+        if chosen is None:
+            what = (f"{sum(1 for i in range(len(nodes)) if _fits(nodes[i].resources, need))} of "
+                    f"{len(nodes)} nodes can hold one" if placement == "strict-spread"
+                    else _short_resource(nodes, need, n))
+            raise TrainSetupError(
+                f"train.num_workers={n} workers of {_fmt(need)} each (train.cpus_per_worker"
+                f"{', train.gpus_per_worker' if tc.use_gpu else ''}) do not fit the cluster with "
+                f"train.placement={placement}: {what}; nodes: {_nodes_text(nodes, keys)}")
+        _take(free[chosen], need)
+        on_node[chosen] += 1
+        assigned.append(chosen)
+    plan = PlacementPlan(placement, PLACEMENT_STRATEGIES[placement], need, list(nodes), assigned, free)
+    if tc.data_loader == "ray_data":
+        reader = {"CPU": float(tc.reader_cpus)}
+        if not any(_fits(f, reader) for f in free):
+            best = max(f.get("CPU", 0.0) for f in free)
+            raise TrainSetupError(
+                f"the training data reader (train.data_loader=ray_data) needs CPU {tc.reader_cpus:g} per read "
+                f"task (train.reader_cpus) beside the workers, but {n} workers of CPU {tc.cpus_per_worker:g} "
+                f"with train.placement={placement} leave at most CPU {max(best, 0.0):g} free on any node "
+                f"({_nodes_text(nodes, ['CPU'], free)}): lower train.cpus_per_worker or train.reader_cpus, "
+                f"add a node, or use train.data_loader=torch (the workers read their own samples)")
+    return plan
+
+
+def evaluation_fits(cfg: PlatformConfig, plan: PlacementPlan) -> bool:
+    """Whether the checkpoint evaluation task fits beside the workers and one read task."""
+    res = _evaluation_resources(cfg)
+    need = {"CPU": float(res["num_cpus"]), "GPU": float(res["num_gpus"])}
+    reader = {"CPU": float(cfg.train.reader_cpus) if cfg.train.data_loader == "ray_data" else 0.0}
+    for j, left in enumerate(plan.left):
+        if not _fits(left, need):
+            continue
+        after = dict(left)
+        _take(after, need)
+        if any(_fits(after if i == j else f, reader) for i, f in enumerate(plan.left)):
+            return True
+    return False
+
+
+def check_cluster(cfg: PlatformConfig) -> PlacementPlan:
+    """The placement plan on the connected cluster (Ray must be up), printed as one line."""
+    plan = plan_placement(cfg, cluster_nodes())
+    print(f"{PROGRESS_PREFIX} {plan.describe()}", flush=True)
+    if not evaluation_fits(cfg, plan):  # the last step always evaluates
+        log.warning("the checkpoint evaluation task (train.eval_num_cpus=%g, train.eval_num_gpus=%g) does not "
+                    "fit beside the workers and the reader: it waits until resources are free",
+                    cfg.train.eval_num_cpus, cfg.train.eval_num_gpus if cfg.train.use_gpu else 0)
+    return plan
+
+
+def _scaling(cfg: PlatformConfig, placement: str):
     from ray.train import ScalingConfig
 
     tc = cfg.train
-    resources = {"CPU": tc.cpus_per_worker}
-    if tc.use_gpu:
-        resources["GPU"] = tc.gpus_per_worker
-    return ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources)
+    return ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=worker_resources(cfg),
+                         placement_strategy=PLACEMENT_STRATEGIES[placement])
 
 
 def plan_offset_steps(done_steps: int, batch_size: int, block_rows: int) -> int:
@@ -258,14 +465,19 @@ def _ray_dataset(cfg: PlatformConfig, data_dir: Path, offset_steps: int):
         epoch += 1
     rows = rows[start:start + need]
     ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / rows_per_block))
-    return ds.map_batches(load_spec_batch, batch_size=rows_per_block, batch_format="numpy",
+    # num_cpus: Ray Data's default of 1 CPU a task is more than a node beside a worker may have
+    # left (plan_placement checks train.reader_cpus fits)
+    return ds.map_batches(load_spec_batch, batch_size=rows_per_block, batch_format="numpy", num_cpus=tc.reader_cpus,
                           fn_kwargs=dict(data_dir=str(data_dir), reader_cfg=dataclasses.asdict(cfg.reader),
                                          split="train"))
 
 
 def resumed_step(run_dir: Path) -> int:
     """Step of the checkpoint Ray Train will resume ``run_dir`` from (its checkpoint manager's
-    snapshot, then our ``state.json`` in that checkpoint); 0 for a new run or an unreadable record."""
+    snapshot, then our ``state.json`` in that checkpoint); 0 for a new run (no snapshot yet, no
+    warning) or an unreadable record (a warning)."""
+    if not (run_dir / RAY_SNAPSHOT_FILE).exists():
+        return 0
     try:
         snapshot = json.loads((run_dir / RAY_SNAPSHOT_FILE).read_text())
         name = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
@@ -303,7 +515,8 @@ def _evaluation_resources(cfg: PlatformConfig) -> dict:
     return {"num_cpus": tc.eval_num_cpus, "num_gpus": tc.eval_num_gpus if tc.use_gpu else 0}
 
 
-def run_stage(prep: PreparedJob, stage: int, tracker: JobTracker, parent: RunLogger) -> StageRecord:
+def run_stage(prep: PreparedJob, stage: int, tracker: JobTracker, parent: RunLogger,
+              placement: str) -> StageRecord:
     """One Ray Train run for ``stage``, then its package logged and registered in MLflow. Any
     error leaves the stage run FAILED (KILLED for an interrupt) and is raised."""
     cfg = stage_config(prep.cfg, stage)
@@ -313,19 +526,20 @@ def run_stage(prep: PreparedJob, stage: int, tracker: JobTracker, parent: RunLog
     rec.run_id = run.run_id
     prep.record.save(prep.job_dir)
     try:
-        return _run_stage(prep, stage, cfg, rec, run, tracker, resumed)
+        return _run_stage(prep, stage, cfg, rec, run, tracker, resumed, placement)
     except BaseException as exc:
         run.end_quietly(run_status(exc))
         raise
 
 
 def _run_stage(prep: PreparedJob, stage: int, cfg: PlatformConfig, rec: StageRecord, run: RunLogger,
-               tracker: JobTracker, resumed: bool) -> StageRecord:
+               tracker: JobTracker, resumed: bool, placement: str) -> StageRecord:
     from ray.train import (
         CheckpointConfig,
         DataConfig,
         FailureConfig,
         RunConfig,
+        TrainingFailedError,
         ValidationConfig,
     )
     from ray.train.torch import TorchTrainer
@@ -365,10 +579,11 @@ def _run_stage(prep: PreparedJob, stage: int, cfg: PlatformConfig, rec: StageRec
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
-        scaling_config=_scaling(cfg),
+        scaling_config=_scaling(cfg, placement),
         run_config=RunConfig(
             name=f"stage{stage}", storage_path=str(prep.job_dir),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures,
+                                         controller_failure_limit=cfg.train.placement_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
         ),
         datasets=datasets,
@@ -376,7 +591,10 @@ def _run_stage(prep: PreparedJob, stage: int, cfg: PlatformConfig, rec: StageRec
         validation_config=ValidationConfig(fn=CheckpointEvaluator(cfg, stage, str(prep.data_dir), run),
                                            ray_remote_kwargs=_evaluation_resources(cfg)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:  # Ray's report is a long traceback per rank: one line first
+        raise StageFailedError(f"stage {stage} failed: {failure_summary(exc)}") from exc
     # A NaN stop ends the workers without a new checkpoint (Ray Train's result then shows the last
     # checkpoint's metrics); the ranks' reports in the work folder are the signal.
     reports = _nan_reports(work_dir)
@@ -406,22 +624,43 @@ def _run_stage(prep: PreparedJob, stage: int, cfg: PlatformConfig, rec: StageRec
     return rec
 
 
+def failure_summary(exc: BaseException) -> str:
+    """One line per failed rank of Ray Train's error: the last line of each rank's traceback
+    (``InputStalledError: rank 1: no training batch for ...``), or Ray's own message."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    lines = []
+    for rank, err in sorted(failures.items()):
+        text = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        last = text[-1] if text else ""
+        name = type(err).__name__
+        if not last.startswith(name):
+            last = f"{name}: {last}" if last else name
+        lines.append(f"rank {rank}: {last}")
+    if not lines:
+        text = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        lines.append(text[-1] if text else type(exc).__name__)
+    return "; ".join(lines)[:4000]
+
+
 def run_job(prep: PreparedJob) -> JobRecord:
-    """Run the job's stages in order (stages already done in a resumed job are skipped)."""
+    """Join Ray and check the placement (before any MLflow run), then run the job's stages in
+    order (stages already done in a resumed job are skipped)."""
+    init_ray(prep.cfg.ray)
+    plan = check_cluster(prep.cfg)
     tracker = JobTracker(prep.cfg.tracking)
     parent = tracker.start_job(prep.record.name, prep.cfg, parent_run_id=prep.record.parent_run_id)
     prep.record.parent_run_id = parent.run_id
     prep.record.save(prep.job_dir)
     write_text_atomic(prep.job_dir.parent / LATEST_FILE, prep.record.name)
-    parent.set_tags({"loopy.stages": ",".join(map(str, prep.stages)), "loopy.data": str(prep.data_dir)})
-    init_ray(prep.cfg.ray)
+    parent.set_tags({"loopy.stages": ",".join(map(str, prep.stages)), "loopy.data": str(prep.data_dir),
+                     "loopy.placement": plan.placement})
     try:
         for stage in prep.stages:
             rec = prep.record.stages.get(str(stage))
             if rec is not None and rec.done:
                 log.info("stage %d already done in job %s (%s)", stage, prep.record.name, rec.model_uri)
                 continue
-            run_stage(prep, stage, tracker, parent)
+            run_stage(prep, stage, tracker, parent, plan.placement)
     except BaseException as exc:
         parent.end_quietly(run_status(exc))
         raise

@@ -112,6 +112,7 @@ class IngestSummary:
     by_status: dict = field(default_factory=dict)  # status -> count (every row of the manifest)
     by_stage: dict = field(default_factory=dict)  # stage -> count (rejected and failed rows)
     by_reason: dict = field(default_factory=dict)  # reason_key -> count (rejected and failed rows)
+    by_note: dict = field(default_factory=dict)  # note_key -> count (ok rows kept with a note: crop reduced / filled)
     driver_bytes: int = 0  # bytes of the rows the driver received from the stream (no frame data)
     driver_columns: list = field(default_factory=list)  # the columns of those rows
     stage_seconds: dict = field(default_factory=dict)
@@ -120,7 +121,8 @@ class IngestSummary:
 
 def _manifest_facts(info: dict) -> dict:
     """The probe facts of a stage's ``info`` that go into the manifest row."""
-    keys = ("fps_in", "duration_s", "width", "height", "rotation", "audio_offset_s")
+    keys = ("fps_in", "duration_s", "width", "height", "rotation", "audio_offset_s", "head_cut_ratio", "crop_fill",
+            "crop_margin", "crop_adjusted_ratio", "crop_fill_max", "note")  # the crop's: stages.VideoAnalyzer._crop_track
     return {k: info[k] for k in keys if k in info and info[k] is not None}
 
 
@@ -396,12 +398,14 @@ def run_prepared(prep: PreparedIngest, echo: Callable[[str], None] = print) -> I
          f"{summary.hours_kept:.3f} h of {summary.hours_input:.3f} h of video -> {out}")
     for source, reason in sorted(summary.rejections.items()):
         echo(f"[ingest]   rejected {source}: {reason}")
+    for r in sorted((r for r in rows if r["status"] == "ok" and r.get("note")), key=lambda r: r["source"]):
+        echo(f"[ingest]   kept {r['source']}: {r['note']}")  # a crop reduced / filled (docs/INGEST.md "Close-ups")
     return summary
 
 
 def fill_yield(summary: IngestSummary, rows: list[dict], fps: float) -> None:
     """The yield report of ``summary`` from the manifest ``rows``: counts by status, by stage and
-    by reason (``reason_key``), frames and hours kept, hours offered."""
+    by reason (``reason_key``), kept videos by note (``note_key``), frames and hours kept, hours offered."""
     def count(key) -> dict:
         out: dict = {}
         for r in rows:
@@ -414,6 +418,7 @@ def fill_yield(summary: IngestSummary, rows: list[dict], fps: float) -> None:
     summary.by_status = count(lambda r: r["status"])
     summary.by_stage = count(lambda r: r["stage"] if r["status"] in bad else None)
     summary.by_reason = count(lambda r: r.get("reason_key") if r["status"] in bad else None)
+    summary.by_note = count(lambda r: r.get("note_key") if r["status"] == "ok" else None)
     summary.ok = summary.by_status.get("ok", 0)
     summary.rejected = summary.by_status.get("rejected", 0)
     summary.failed = summary.by_status.get("failed", 0)
@@ -459,8 +464,10 @@ def _stream(todo: list[InputVideo], cfg: PlatformConfig, weights: WeightPaths, o
             what = f"ok, {rec['num_frames']} frames"
         else:
             what = f"{rec['status']} ({rec['reason']})"
-        n_rej = sum(1 for r in records.values() if r["status"] != "ok" and r["video_id"] in by_id)
-        echo(f"[ingest] {done}/{len(todo)} done ({n_rej} rejected): {by_id[video_id].source}: {what}")
+        mine = [r["status"] for r in records.values() if r["video_id"] in by_id]
+        n_rej, n_failed = mine.count("rejected"), mine.count("failed")  # a bad file / an infrastructure failure
+        failed = f", {n_failed} failed" if n_failed else ""  # "(r rejected)" stays as the demo's console reads it
+        echo(f"[ingest] {done}/{len(todo)} done ({n_rej} rejected){failed}: {by_id[video_id].source}: {what}")
 
     def reject(video_id: str, stage: str, reason: str, info: dict, status: str = "rejected") -> None:
         tracker.drop(video_id)
