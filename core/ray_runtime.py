@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from core.paths import PROJECT_ROOT
@@ -52,7 +53,9 @@ def socket_safe_temp_dir(path: Path, reserve: int = 0) -> Path:
 
 def init_ray(cfg: RayConfig) -> None:
     """Join a cluster (``RAY_ADDRESS`` set by ``ray job submit``, or ``cfg.address`` not ``local``),
-    else start an embedded Ray on 127.0.0.1 with its temp dir inside the work tree.
+    else start an embedded Ray as a 127.0.0.1 node (every port it opens listens on loopback only,
+    :func:`loopback_node`; the one exception, Serve's replica gRPC port, is in docs/SERVICE.md)
+    with its temp dir inside the work tree.
     Idempotent: does nothing when Ray is already up in this process."""
     import ray
 
@@ -75,4 +78,27 @@ def init_ray(cfg: RayConfig) -> None:
         kwargs["num_gpus"] = cfg.num_gpus
     if cfg.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
-    ray.init(**kwargs)
+    with loopback_node():
+        ray.init(**kwargs)
+
+
+@contextmanager
+def loopback_node():
+    """While inside, ``ray.init(_node_ip_address="127.0.0.1")`` starts a 127.0.0.1 node.
+
+    Ray 2.5x/2.6x replaces a loopback ``_node_ip_address`` by the host's routable address
+    (``services.resolve_ip_for_localhost``) unless ``ray_constants.ENABLE_RAY_CLUSTER`` is false
+    (the setting behind ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``), and its servers bind to the node
+    address: GCS, raylet, core-worker gRPC, dashboard agent, runtime-env agent and the metrics
+    endpoints then listen on every interface. Ray reads the constant at call time, so it is set
+    around the one ``ray.init`` and restored after (an env variable would be inherited by a
+    ``ray start`` this process launches, which then refuses to form a cluster). Processes started
+    by the node get ``--node-ip-address=127.0.0.1`` and need nothing else."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before

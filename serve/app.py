@@ -30,21 +30,38 @@ HTTP API (``/v1`` needs ``Authorization: Bearer <token>`` when client tokens are
 * ``GET /v1/videos/{id}``: state (queued, running, done, failed), progress (clips), queue position;
 * ``GET /v1/videos/{id}/file``: the mp4 (409 until done);
 * ``DELETE /v1/videos/{id}``: cancel (if running) and remove the job and its files (204);
-* ``GET /healthz``; ``GET /``: the web page (``serve/static/index.html``); ``/docs`` only with
-  ``serve.docs=true``.
+* ``GET /v1/stats``: jobs per state, the queue bound and the caller's share of it;
+* ``GET /healthz`` (no token: ``{"status": "ok"}`` and nothing else); ``GET /``: the web page
+  (``serve/static/index.html``); ``/docs`` only with ``serve.docs=true``.
+
+Every answer goes through :class:`Guard`: a ``Host`` outside the allowlist is 421 (DNS
+rebinding); every answer carries ``X-Content-Type-Options: nosniff``, ``X-Frame-Options: DENY``,
+``Referrer-Policy: no-referrer`` and a Content-Security-Policy (the page's own, with hashes of its
+inline script and style; ``default-src 'none'`` for the rest); API answers ``Cache-Control:
+no-store``. Request heads are bounded before Serve's proxy reads them by the front listener
+(:mod:`serve.front`, started by :func:`start_service`).
+
+Stopping (:func:`run_service`, SIGINT / SIGTERM): the ingress drains (:meth:`LoopyIngress.drain`):
+new jobs answer 503, running jobs get ``serve.drain_grace_s`` to finish and are recorded done, the
+others are put back as ``interrupted`` without spending an attempt and run after the next start.
 
 Entry points: ``serve run serve/serve_config.yaml`` (application builder :func:`app`, args
-``config`` and ``overrides``), or ``python -m serve.app [--config FILE] [overrides]``.
+``config`` and ``overrides``; no front listener, docs/SERVICE.md), or
+``python -m serve.app [--config FILE] [overrides]``.
 """
 
 import argparse
 import asyncio
+import base64
 import dataclasses
+import hashlib
 import json
+import re
 import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -66,9 +83,10 @@ from core.sections import ServeConfig
 from inference.portrait import PortraitCropper
 from inference.sampler import LoopySampler, num_clips
 from inference.video_io import is_pcm_wav
-from serve.auth import Authenticator, load_tokens, origin_allowed, require_auth_for
+from serve.auth import Authenticator, HostAllowlist, load_tokens, origin_allowed, require_auth_for
 from serve.errors import ServeConfigError, ServeError, UploadError
-from serve.jobs import DiskFullError, JobState, JobStore, QueueFullError
+from serve.front import FrontLimits, FrontListener
+from serve.jobs import ClientShareFullError, DiskFullError, JobState, JobStore, QueueFullError, open_private, write_private
 from serve.model_source import is_alias, resolve_model
 from serve.validation import (
     check_audio,
@@ -109,9 +127,74 @@ def _error(exc: UploadError, headers: Optional[dict] = None) -> JSONResponse:
     return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
 
 
-def http_options(sc: ServeConfig) -> dict[str, Any]:
-    """Serve's HTTP proxy options for ``serve.start`` (host, port, request time limit)."""
-    return {"host": sc.host, "port": sc.port, "request_timeout_s": sc.request_timeout_s}
+def http_options(sc: ServeConfig, proxy_port: Optional[int] = None) -> dict[str, Any]:
+    """Serve's HTTP proxy options for ``serve.start``: on 127.0.0.1 at ``proxy_port`` (default
+    ``serve.proxy_port``) behind the front listener, which owns ``serve.host:serve.port``; the
+    request time limit."""
+    port = proxy_port if proxy_port is not None else sc.proxy_port
+    if port is None:
+        raise ServeConfigError("serve.proxy_port is not set and no port was chosen (start_service picks one)")
+    return {"host": "127.0.0.1", "port": port, "request_timeout_s": sc.request_timeout_s}
+
+
+def _inline_hashes(html: str, tag: str) -> str:
+    """CSP source expressions (``'sha256-...'``) of the inline ``<tag>`` blocks of ``html``."""
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+    return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+
+def page_csp(html: str) -> str:
+    """The web page's Content-Security-Policy: its own inline script and style (by hash) and
+    nothing else; fetches to the service only; images and video from ``blob:`` (the chosen portrait
+    and the downloaded result); no framing, no plugins, no form posts, no ``<base>``."""
+    return (f"default-src 'none'; script-src {_inline_hashes(html, 'script')}; "
+            f"style-src {_inline_hashes(html, 'style')}; connect-src 'self'; img-src 'self' blob:; "
+            "media-src 'self' blob:; form-action 'none'; base-uri 'none'; object-src 'none'; "
+            "frame-ancestors 'none'")
+
+
+API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer")]
+
+
+class Guard:
+    """ASGI middleware around every route: the ``Host`` allowlist (421 otherwise, before any
+    route runs) and the headers a browser-facing service sends (``nosniff``, no framing, no
+    referrer, a CSP; ``Cache-Control: no-store`` on the API: job states, results, stats).
+    Hand-written: Starlette's TrustedHostMiddleware answers 400 and cuts ``[::1]:8000`` at the
+    first colon; it has no security-header middleware."""
+
+    hosts: Optional[HostAllowlist] = None  # set by the ingress replica from serve.allowed_hosts / serve.port
+    page_csp: str = API_CSP
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        is_page = path == "/"
+        no_store = not is_page
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", [])
+                           if k.lower() not in (b"cache-control", b"content-security-policy")]
+                headers += SECURITY_HEADERS
+                headers.append((b"content-security-policy", (self.page_csp if is_page else API_CSP).encode()))
+                headers.append((b"cache-control", b"no-store" if no_store else b"no-cache"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        hosts = self.hosts
+        host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), None)
+        if hosts is not None and not hosts.host_allowed(host):
+            resp = JSONResponse({"field": "host", "error": "host: this service does not answer for that name"},
+                                status_code=421)
+            return await resp(scope, receive, send_with_headers)
+        await self.app(scope, receive, send_with_headers)
 
 
 class RequestDeadline:
@@ -144,6 +227,7 @@ class RequestDeadline:
 
 
 fastapi_app.add_middleware(RequestDeadline)
+fastapi_app.add_middleware(Guard)  # added last: outermost, so 408 answers get its headers too
 
 
 # --- the worker ------------------------------------------------------------------------------------
@@ -301,12 +385,17 @@ class LoopyIngress:
         tokens = load_tokens(sc.tokens_file)  # read here, in the replica: never in a config or app args
         require_auth_for(sc.host, tokens)
         self.auth = Authenticator(tokens)
+        self.hosts = HostAllowlist(sc.allowed_hosts, sc.port)
+        Guard.hosts = self.hosts
+        Guard.page_csp = page_csp((STATIC_DIR / "index.html").read_text())
         RequestDeadline.timeout_s = sc.request_timeout_s
         self.max_upload_bytes = int(sc.max_upload_mb * 2**20)
         self.max_body_bytes = 2 * self.max_upload_bytes + FORM_OVERHEAD_BYTES
         self.store = JobStore(project_path(sc.job_dir), max_pending=sc.max_queue, ttl_s=sc.job_ttl_s,
                               db_url=os.environ.get(JOB_DB_ENV) or sc.job_db,
-                              max_disk_bytes=int(sc.max_disk_mb * 2**20), max_attempts=sc.max_attempts)
+                              max_disk_bytes=int(sc.max_disk_mb * 2**20), max_attempts=sc.max_attempts,
+                              # one client's share of the queue; without tokens there is one client
+                              max_per_client=min(sc.max_queue_per_client, sc.max_queue) if self.auth.enabled else None)
         self.default_options = cfg.sampler
         self.clip_frames = cfg.reader.clip_frames
         self.cropper = PortraitCropper.from_config(cfg)  # face presence: the ingest detector
@@ -316,6 +405,7 @@ class LoopyIngress:
         self._queue: Optional[asyncio.Queue] = None
         self._tasks: list[asyncio.Task] = []
         self._streams: dict[str, Any] = {}  # job id -> the worker's response stream while running
+        self._draining = False  # set by drain(): no new jobs are taken or started
         try:
             asyncio.get_running_loop()
             self._ensure_background()
@@ -358,6 +448,8 @@ class LoopyIngress:
     async def _dispatch_loop(self) -> None:
         while True:
             job_id = await self._queue.get()
+            if self._draining:
+                continue  # stays queued in the database; the next start's recover() queues it
             try:
                 await self._run_job(job_id)
             except Exception as exc:  # noqa: BLE001 - recorded on the job, the loop goes on
@@ -375,7 +467,7 @@ class LoopyIngress:
         timeout_s = self.sc.job_timeout_s
         give_up = time.monotonic() + timeout_s + self.sc.hang_grace_s + 120.0
         while True:
-            if self.store.get(job_id) is None:
+            if self.store.get(job_id) is None or self._draining:
                 return None, None
             stream = self.worker.options(stream=True).generate.remote(image, audio, options, timeout_s, landmarks)
             self._streams[job_id] = stream
@@ -437,7 +529,7 @@ class LoopyIngress:
                 job = self.store.get(job_id)
                 if job is None:
                     return
-                await asyncio.to_thread(job.file("video").write_bytes, event["video"])
+                await asyncio.to_thread(write_private, job.file("video"), event["video"])
                 self.store.progress(job_id, job.clips_done, job.clips_total, 0, event.get("model_version"))
                 self.store.finish(job_id)
                 return
@@ -459,7 +551,7 @@ class LoopyIngress:
 
     def _origin_denied(self, request: Request) -> Optional[JSONResponse]:
         h = request.headers
-        if origin_allowed(h.get("origin"), h.get("host"), self.sc.allowed_origins, h.get("sec-fetch-site")):
+        if origin_allowed(h.get("origin"), self.hosts, self.sc.allowed_origins, h.get("sec-fetch-site")):
             return None
         return JSONResponse({"field": "origin", "error": "origin: cross-origin requests are refused"},
                             status_code=403)
@@ -498,15 +590,16 @@ class LoopyIngress:
         with self._detect_lock:  # one detector shared by the request threads
             landmarks = check_face(rgb, self.cropper.landmarks, "image")
         audio = decode_audio_upload(job.file("upload_audio"), sc.max_audio_s, "audio",
-                                    max_channels=sc.max_audio_channels, max_rate_hz=sc.max_audio_rate_hz)
-        check_audio(audio, "audio")
+                                    max_channels=sc.max_audio_channels, max_rate_hz=sc.max_audio_rate_hz,
+                                    min_rate_hz=sc.min_audio_rate_hz)
+        check_audio(audio, "audio", fps=options.fps)
         num_frames = frames_for(audio.duration_s, options.fps)
         check_budget(num_frames, options.steps, sc.max_frame_steps)
-        job.file("image").write_bytes(encode_png(rgb))
-        job.file("audio").write_bytes(encode_wav(audio.samples, audio.sample_rate))
+        write_private(job.file("image"), encode_png(rgb))
+        write_private(job.file("audio"), encode_wav(audio.samples, audio.sample_rate))
         # the worker crops with these (the PNG holds exactly the pixels searched): the face search
         # is the costly part of the check (seconds for a phone photo), run once per request
-        job.file("face").write_text(json.dumps({"landmarks": landmarks.round(3).tolist()}))
+        write_private(job.file("face"), json.dumps({"landmarks": landmarks.round(3).tolist()}).encode())
         for kind in ("upload_image", "upload_audio"):
             job.file(kind).unlink(missing_ok=True)
         self.store.set_frames(job.id, num_frames, num_clips(num_frames, self.clip_frames))
@@ -530,8 +623,41 @@ class LoopyIngress:
     # --- routes --------------------------------------------------------------------------------
     @fastapi_app.get("/healthz")
     async def healthz(self) -> dict:
+        """Liveness for anyone (load balancers, the client's wait): nothing about the jobs."""
         self._ensure_background()
-        return {"status": "ok", "jobs": self.store.counts(), "max_queue": self.store.max_pending}
+        return {"status": "ok"}
+
+    @fastapi_app.get("/v1/stats")
+    async def stats(self, request: Request):
+        """Jobs per state, the queue bound, the caller's share of it and its own pending jobs."""
+        client, denied = self._client(request)
+        if denied:
+            return denied
+        return {"jobs": self.store.counts(), "max_queue": self.store.max_pending,
+                "max_queue_per_client": self.store.max_per_client, "mine": self.store.pending(client),
+                "draining": self._draining}
+
+    async def drain(self, grace_s: float) -> dict:
+        """Stop taking jobs (submissions answer 503), give the running ones ``grace_s`` seconds to
+        finish (recorded done as usual), then stop the rest and put them back as ``interrupted``
+        without spending their attempt (:meth:`JobStore.interrupt`). Called by
+        :meth:`ServiceHandle.stop` through a deployment handle. Returns the job ids of each kind."""
+        self._draining = True
+        running = set(self.store.ids(JobState.running))
+        until = time.monotonic() + max(0.0, grace_s)
+        while self.store.ids(JobState.running) and time.monotonic() < until:
+            await asyncio.sleep(0.1)
+        streams = list(self._streams.values())
+        for task in self._tasks:  # dispatchers and the sweeper: no handler runs on a cancelled task
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        interrupted = [job_id for job_id in self.store.ids(JobState.running) if self.store.interrupt(job_id)]
+        for stream in streams:
+            stream.cancel()  # the worker stops its sampler after the current clip
+        finished = [job_id for job_id in running if (job := self.store.get(job_id)) and job.state == JobState.done]
+        log.info("drained: %d finished within %.0f s, %d interrupted", len(finished), grace_s, len(interrupted))
+        return {"finished": sorted(finished), "interrupted": sorted(interrupted)}
 
     @fastapi_app.get("/", response_class=HTMLResponse)
     async def index(self) -> HTMLResponse:
@@ -558,11 +684,17 @@ class LoopyIngress:
         denied = self._origin_denied(request)
         if denied:
             return denied
+        if self._draining:
+            return JSONResponse({"field": "service", "error": "service: stopping, not taking jobs",
+                                 "retry_after_s": 30}, status_code=503, headers={"Retry-After": "30"})
         try:
             check_content_length(request.headers.get("content-length"), self.max_body_bytes)
         except UploadError as exc:
             return _error(exc)
-        if self.store.pending() >= self.store.max_pending:  # cheap early refusal before reading the body
+        share = self.store.max_per_client
+        if share is not None and self.store.pending(client) >= share:  # cheap early refusals, before the body
+            return self._retry_later("queue", ClientShareFullError(self.store.pending(client), share, 5), 429)
+        if self.store.pending() >= self.store.max_pending:
             return self._retry_later("queue", QueueFullError(self.store.pending(), 5), 429)
         job = None
         form = None
@@ -574,7 +706,7 @@ class LoopyIngress:
                 upload = parsed.files[key]
                 check_size(upload.size, key, self.max_upload_bytes)
                 await upload.seek(0)
-                with job.file(f"upload_{key}").open("wb") as fh:
+                with open_private(job.file(f"upload_{key}")) as fh:
                     await asyncio.to_thread(shutil.copyfileobj, upload.file, fh)
             await form.close()
             form = None
@@ -673,31 +805,94 @@ def app(args: dict[str, Any]):
     return build_app(load_platform_config(config, overrides))
 
 
-def run_service(cfg: PlatformConfig, blocking: bool = True, name: str = "loopy") -> str:
-    """Start Ray (``cfg.ray``), Serve's HTTP proxy on ``serve.host:serve.port`` and the app.
-    Returns the base URL."""
-    application = build_app(cfg)  # refuses bad settings before Ray starts
-    init_ray(cfg.ray)
-    serve.start(http_options=http_options(cfg.serve))
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for Serve's proxy behind the front listener)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class ServiceHandle:
+    """A running service: ``url`` (the front listener's), the ``front`` and the Serve app ``name``."""
+
+    url: str
+    front: FrontListener
+    name: str
+    proxy_port: int
+
+    def drain(self, grace_s: float) -> dict:
+        """Ask the ingress to drain (:meth:`LoopyIngress.drain`); returns its summary."""
+        handle = serve.get_app_handle(self.name)
+        return handle.drain.remote(grace_s).result(timeout_s=grace_s + 120)
+
+    def stop(self, drain_s: Optional[float] = None) -> Optional[dict]:
+        """Drain for ``drain_s`` seconds (None: no drain), then stop the front and Serve. The front
+        keeps answering during the drain, so clients see 503 + Retry-After and can poll."""
+        summary = None
+        try:
+            if drain_s is not None:
+                summary = self.drain(drain_s)
+        finally:
+            self.front.stop()
+            serve.shutdown()
+        return summary
+
+
+def start_service(cfg: PlatformConfig, name: str = "loopy") -> ServiceHandle:
+    """Start Serve's proxy on ``127.0.0.1:serve.proxy_port`` (a free port when unset), the app, and
+    the front listener (:mod:`serve.front`) on ``serve.host:serve.port``. Ray must be up
+    (:func:`core.ray_runtime.init_ray`). Returns once the front listens (the app may still load)."""
+    sc = cfg.serve
+    application = build_app(cfg)
+    proxy_port = sc.proxy_port or free_loopback_port()
+    serve.start(http_options=http_options(sc, proxy_port))
     serve.run(application, name=name, route_prefix="/", blocking=False)
-    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    front = FrontListener(sc.host, sc.port, ("127.0.0.1", proxy_port),
+                          FrontLimits(sc.max_header_bytes, sc.max_headers, sc.header_timeout_s))
+    try:
+        front.start_in_thread()
+    except BaseException:
+        serve.shutdown()
+        raise
+    host = f"[{sc.host}]" if ":" in sc.host else sc.host
+    return ServiceHandle(f"http://{host}:{sc.port}", front, name, proxy_port)
+
+
+def run_service(cfg: PlatformConfig, blocking: bool = True, name: str = "loopy") -> str:
+    """Start Ray (``cfg.ray``), the service (:func:`start_service`) and, when ``blocking``, serve
+    until SIGINT / SIGTERM, then drain (``serve.drain_grace_s``) and shut Serve and Ray down. A
+    second signal during the drain stops at once. Returns the base URL."""
+    build_app(cfg)  # refuses bad settings before Ray starts
+    init_ray(cfg.ray)
+    service = start_service(cfg, name)
     if blocking:
-        def stop(signum, frame):  # SIGINT / SIGTERM: shut Serve and Ray down cleanly
+        def stop(signum, frame):  # SIGINT / SIGTERM: drain, then shut Serve and Ray down
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)  # set after ray.init, which may install its own
-        print(f"Loopy service at {url}/ (Ctrl-C to stop)", flush=True)
+        print(f"Loopy service at {service.url}/ (Ctrl-C to stop)", flush=True)
         try:
-            while True:
-                time.sleep(1.0)  # short: a signal landing on a Ray thread is handled within 1 s
-                signal.signal(signal.SIGINT, stop)  # Ray's native code may re-take SIGINT
+            try:
+                while True:
+                    time.sleep(1.0)  # short: a signal landing on a Ray thread is handled within 1 s
+                    signal.signal(signal.SIGINT, stop)  # Ray's native code may re-take SIGINT
+            except KeyboardInterrupt:
+                grace = cfg.serve.drain_grace_s
+                print(f"stopping the Loopy service: draining (up to {grace:g} s; signal again to stop now)",
+                      flush=True)
+                signal.signal(signal.SIGINT, stop)
+                summary = service.stop(drain_s=grace)
+                print(f"drained: {len(summary['finished'])} job(s) finished, {len(summary['interrupted'])} "
+                      f"interrupted (they run again after the next start)", flush=True)
         except KeyboardInterrupt:
-            print("stopping the Loopy service", flush=True)
-        finally:
+            print("stopped without waiting for running jobs", flush=True)
+            service.front.stop()
             serve.shutdown()
+        finally:
             ray.shutdown()
-    return url
+    return service.url
 
 
 def main(argv=None) -> int:

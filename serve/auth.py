@@ -13,9 +13,14 @@
 * Without any token the service runs only on a loopback host (``127.0.0.1``, ``::1``,
   ``localhost``), every request being the client :data:`LOCAL_CLIENT`; on any other host it
   refuses to start (:func:`require_auth_for`).
-* Browsers: a state-changing request (POST, DELETE) that carries an ``Origin`` other than the
-  service's own (the ``Host`` it was sent to) or one of ``serve.allowed_origins`` is refused, so a
-  web page elsewhere cannot drive a service on the user's loopback (:func:`origin_allowed`).
+* Host allowlist (:class:`HostAllowlist`), in both modes: a request whose ``Host`` is not a
+  loopback name (``127.0.0.1``, ``localhost``, ``[::1]``, with any port) or one of
+  ``serve.allowed_hosts`` is refused (421), so a page whose name was rebound to 127.0.0.1 (DNS
+  rebinding) reaches nothing: its requests carry its own name as ``Host``.
+* Browsers: a state-changing request (POST, DELETE) whose ``Origin`` is not the service's own
+  (a loopback name at ``serve.port``, or an allowed public name; compared with the allowlist,
+  never with the request's ``Host``) or one of ``serve.allowed_origins`` is refused, so a web page
+  elsewhere cannot drive a service on the user's loopback (:func:`origin_allowed`).
 """
 from __future__ import annotations
 
@@ -115,13 +120,17 @@ class Authenticator:
         return bool(self._tokens)
 
     def client_for(self, header: Optional[str]) -> Optional[str]:
-        """The client id for ``Bearer <token>``, :data:`LOCAL_CLIENT` when auth is off, else None.
+        """The client id for ``Bearer <token>`` (the scheme in any case), :data:`LOCAL_CLIENT` when
+        auth is off, else None.
         Every token is compared in constant time, so the answer time does not tell which matched."""
         if not self._tokens:
             return LOCAL_CLIENT
-        if not header or not header.startswith("Bearer "):
+        if not header:
             return None
-        sent = header[len("Bearer "):].strip().encode()
+        scheme, _, sent_text = header.strip().partition(" ")
+        if scheme.lower() != "bearer":  # auth schemes are case-insensitive (RFC 7235, section 2.1)
+            return None
+        sent = sent_text.strip().encode()
         found = None
         for client, token in self._tokens:
             if hmac.compare_digest(sent, token):
@@ -129,12 +138,84 @@ class Authenticator:
         return found
 
 
-def origin_allowed(origin: Optional[str], host: Optional[str], allowed: Sequence[str] = (),
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def split_host(value: str) -> Optional[tuple[str, Optional[int]]]:
+    """A ``Host`` header or URL netloc -> (lower-case name without brackets, port or None); None
+    when malformed (``a:b:c``, a port that is not a number, user info, an empty name)."""
+    value = value.strip().lower()
+    if not value or "@" in value or "/" in value:
+        return None
+    if value.startswith("["):  # [v6]:port
+        end = value.find("]")
+        if end < 0:
+            return None
+        name, rest = value[1:end], value[end + 1:]
+        if rest and not rest.startswith(":"):
+            return None
+        port_text = rest[1:] if rest else None
+    else:
+        name, sep, port_text = value.partition(":")
+        if ":" in port_text:
+            return None  # an IPv6 address must be in brackets
+        port_text = port_text if sep else None
+    if not name:
+        return None
+    if port_text is not None:
+        if not port_text.isdigit() or not port_text.isascii() or not 0 < int(port_text) < 65536:
+            return None
+        return name, int(port_text)
+    return name, None
+
+
+class HostAllowlist:
+    """The ``Host`` values a service answers: the loopback names with any port, and ``public``
+    (``serve.allowed_hosts``: ``name`` for any port or ``name:port``). ``port``: the service's
+    public port (``serve.port``), the one loopback port a browser origin may have."""
+
+    def __init__(self, public: Sequence[str] = (), port: Optional[int] = None):
+        self.port = port
+        self.public: list[tuple[str, Optional[int]]] = []
+        for entry in public:
+            parsed = split_host(entry)
+            if parsed is None:
+                raise ServeConfigError(f"serve.allowed_hosts: {entry!r} is not a host name or name:port")
+            self.public.append(parsed)
+
+    def _public_match(self, name: str, port: Optional[int]) -> bool:
+        return any(name == n and (p is None or p == port) for n, p in self.public)
+
+    def host_allowed(self, host: Optional[str]) -> bool:
+        """May a request with this ``Host`` header be answered?"""
+        parsed = split_host(host or "")
+        if parsed is None:
+            return False
+        name, port = parsed
+        return name in LOOPBACK_NAMES or self._public_match(name, port)
+
+    def origin_is_own(self, origin: str) -> bool:
+        """Is ``origin`` (``scheme://host[:port]``) the service's own page? A loopback name at the
+        service's port (another local port is another site), or an allowed public name."""
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or parts.path or parts.query:
+            return False
+        parsed = split_host(parts.netloc)
+        if parsed is None:
+            return False
+        name, port = parsed
+        if name in LOOPBACK_NAMES:
+            return port is not None and port == self.port
+        return self._public_match(name, port)
+
+
+def origin_allowed(origin: Optional[str], hosts: HostAllowlist, allowed: Sequence[str] = (),
                    fetch_site: Optional[str] = None) -> bool:
     """May a request with these headers change state? ``origin``: the ``Origin`` header (absent
-    for non-browser clients: allowed); ``host``: the ``Host`` header; ``allowed``: extra origins
-    (``https://app.example``); ``fetch_site``: ``Sec-Fetch-Site`` (``cross-site`` is refused unless
-    the origin is listed)."""
+    for non-browser clients: allowed); ``hosts``: the service's own names (compared with the
+    origin; the request's ``Host`` plays no part, a rebound name would match it); ``allowed``:
+    extra origins (``https://app.example``); ``fetch_site``: ``Sec-Fetch-Site`` (``cross-site`` is
+    refused unless the origin is listed)."""
     if origin is None:
         return fetch_site not in ("cross-site", "same-site")
     if origin in allowed:
@@ -143,4 +224,4 @@ def origin_allowed(origin: Optional[str], host: Optional[str], allowed: Sequence
         return False
     if fetch_site in ("cross-site", "same-site"):
         return False
-    return bool(host) and urlsplit(origin).netloc.lower() == host.lower()
+    return hosts.origin_is_own(origin)

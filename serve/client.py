@@ -32,7 +32,7 @@ import httpx
 from serve.errors import ServeError
 
 ACCEPTED = (200, 201, 202)
-ACTIVE_STATES = frozenset({"queued", "running"})
+ACTIVE_STATES = frozenset({"queued", "running", "interrupted"})  # interrupted: by a stop, runs again
 MAX_BODY_CHARS = 500  # of an error answer quoted in a message
 
 
@@ -143,8 +143,13 @@ class VideoClient:
 
     # --- health ----------------------------------------------------------------------------------
     def health(self) -> dict:
-        """``GET /healthz``: ``{"status": "ok", "jobs": {state: count}, "max_queue": N}``."""
+        """``GET /healthz`` (no token needed): ``{"status": "ok"}``."""
         return self._json("GET", "/healthz")
+
+    def stats(self) -> dict:
+        """``GET /v1/stats`` (this client's token): ``{"jobs": {state: count}, "max_queue": N,
+        "max_queue_per_client": M or None, "mine": this client's pending jobs}``."""
+        return self._json("GET", "/v1/stats")
 
     def is_healthy(self) -> bool:
         """True when ``GET /healthz`` answers 200 now (any error: False)."""

@@ -11,9 +11,15 @@
 * Every job owns one folder ``<root>/<uuid>/`` whose file names are fixed by the server
   (:data:`JOB_FILES`): the raw uploads (deleted once checked), the checked inputs (a re-encoded PNG
   and 16 kHz PCM WAV; deleted when the job ends) and the result.
-* Bounds: at most ``max_pending`` jobs checking, queued or running (:class:`QueueFullError`);
+* Bounds: at most ``max_pending`` jobs checking, queued or running (:class:`QueueFullError`), of
+  them at most ``max_per_client`` of one client (:class:`ClientShareFullError`: one client cannot
+  take the whole queue while others still get in);
   at most ``max_disk_bytes`` recorded on disk (:class:`DiskFullError`); finished jobs and their
   folders are removed ``ttl_s`` seconds after they end (:meth:`JobStore.sweep`, on a timer).
+* Privacy on disk: the job root and every job folder are ``0700``, every file the service writes
+  there (:func:`write_private`, :func:`open_private`) and a SQLite database are ``0600``.
+* A stop of the service (:meth:`JobStore.interrupt`) puts a running job back as ``interrupted``
+  without spending its attempt; :meth:`JobStore.recover` queues it again on the next start.
 
 Thread-safe (one lock around every statement); the ingress calls it from its event loop and threads.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import threading
 import time
@@ -53,9 +60,10 @@ class JobState(str, Enum):
     running = "running"
     done = "done"
     failed = "failed"
+    interrupted = "interrupted"  # stopped by a service stop; queued again (same attempt) on restart
 
 
-ACTIVE = (JobState.checking, JobState.queued, JobState.running)
+ACTIVE = (JobState.checking, JobState.queued, JobState.running, JobState.interrupted)
 
 
 class QueueFullError(ServeError, RuntimeError):
@@ -65,6 +73,29 @@ class QueueFullError(ServeError, RuntimeError):
         super().__init__(f"job queue is full ({pending} jobs pending); retry in {retry_after_s} s")
         self.pending = pending
         self.retry_after_s = retry_after_s
+
+
+class ClientShareFullError(QueueFullError):
+    """One client holds its whole share of the queue (``serve.max_queue_per_client``)."""
+
+    def __init__(self, mine: int, share: int, retry_after_s: int):
+        RuntimeError.__init__(self, f"you have {mine} jobs pending, your share of the queue is {share}; "
+                                    f"retry in {retry_after_s} s")
+        self.pending = mine
+        self.retry_after_s = retry_after_s
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable by the service user only (0600, whatever the umask)."""
+    with open_private(path) as fh:
+        fh.write(data)
+
+
+def open_private(path: Path):
+    """``path`` opened for binary writing (created or truncated), mode 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    return os.fdopen(fd, "wb")
 
 
 class DiskFullError(ServeError, RuntimeError):
@@ -176,12 +207,17 @@ class JobStore:
     """Jobs in the database at ``db_url`` (None: SQLite under ``root``), files under ``root``."""
 
     def __init__(self, root: str | Path, max_pending: int, ttl_s: float = 3600.0,
-                 db_url: Optional[str] = None, max_disk_bytes: Optional[int] = None, max_attempts: int = 2):
+                 db_url: Optional[str] = None, max_disk_bytes: Optional[int] = None, max_attempts: int = 2,
+                 max_per_client: Optional[int] = None):
         if max_pending < 1:
             raise ServeConfigError(f"serve.max_queue must be >= 1, got {max_pending}")
+        if max_per_client is not None and max_per_client < 1:
+            raise ServeConfigError(f"serve.max_queue_per_client must be >= 1, got {max_per_client}")
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
         self.max_pending = max_pending
+        self.max_per_client = max_per_client
         self.ttl_s = ttl_s
         self.max_disk_bytes = max_disk_bytes
         self.max_attempts = max(1, max_attempts)
@@ -193,6 +229,8 @@ class JobStore:
             kwargs["pool_pre_ping"] = True  # a restarted database server is reconnected to
         self.engine = sa.create_engine(url, **kwargs)
         metadata.create_all(self.engine)
+        if url == default_db_url(self.root):
+            os.chmod(self.root / "jobs.sqlite", 0o600)
         self._lock = threading.Lock()
         self._durations: deque[float] = deque(maxlen=20)
 
@@ -215,11 +253,16 @@ class JobStore:
     # --- creation and lookup -------------------------------------------------------------------
     def create(self, owner: str, options: dict[str, Any], reserve_bytes: int = 0) -> Job:
         """Reserve a queue slot, ``reserve_bytes`` of disk and a folder for a new job (state
-        ``checking``). Raises :class:`QueueFullError` / :class:`DiskFullError` at the bounds."""
+        ``checking``). Raises :class:`QueueFullError` (:class:`ClientShareFullError` for ``owner``'s
+        share) / :class:`DiskFullError` at the bounds."""
         now = time.time()
         job_id = str(uuid.uuid4())
         with self._lock, self.engine.begin() as conn:
             pending = self._pending(conn)
+            if self.max_per_client is not None:
+                mine = self._pending(conn, owner)
+                if mine >= self.max_per_client:
+                    raise ClientShareFullError(mine, self.max_per_client, self._retry_after(pending))
             if pending >= self.max_pending:
                 raise QueueFullError(pending, self._retry_after(pending))
             if self.max_disk_bytes is not None:
@@ -230,7 +273,8 @@ class JobStore:
                 id=job_id, owner=owner, state=JobState.checking.value, options=json.dumps(options),
                 created_s=now, clips_done=0, clips_total=0, num_frames=0, attempts=0, bytes=reserve_bytes))
         folder = self.root / job_id  # the row exists first: a folder without a row is an orphan
-        folder.mkdir(parents=True, exist_ok=False)
+        folder.mkdir(exist_ok=False, mode=0o700)
+        os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask; the service's folders are its own
         return Job(id=job_id, owner=owner, folder=folder, options=options, state=JobState.checking,
                    created_s=now, bytes=reserve_bytes)
 
@@ -259,22 +303,23 @@ class JobStore:
             return conn.execute(sa.select(sa.func.count()).select_from(jobs_table).where(
                 jobs_table.c.state == JobState.queued.value, jobs_table.c.created_s < row.created_s)).scalar_one()
 
-    def pending(self) -> int:
-        """Jobs checking, queued or running."""
+    def pending(self, owner: Optional[str] = None) -> int:
+        """Jobs checking, queued or running (of ``owner`` only, when given)."""
         with self._lock, self.engine.connect() as conn:
-            return self._pending(conn)
+            return self._pending(conn, owner)
 
     def used_bytes(self) -> int:
         with self._lock, self.engine.connect() as conn:
             return self._used_bytes(conn)
 
     def counts(self) -> dict[str, int]:
-        """Jobs per visible state (``checking`` counts as ``queued``)."""
+        """Jobs per visible state (``checking`` and ``interrupted`` count as ``queued``)."""
         with self._lock, self.engine.connect() as conn:
             rows = conn.execute(sa.select(jobs_table.c.state, sa.func.count()).group_by(jobs_table.c.state)).all()
-        out = {s.value: 0 for s in JobState if s != JobState.checking}
+        hidden = (JobState.checking.value, JobState.interrupted.value)
+        out = {s.value: 0 for s in JobState if s.value not in hidden}
         for state, n in rows:
-            out["queued" if state == JobState.checking.value else state] += n
+            out["queued" if state in hidden else state] += n
         return out
 
     def ids(self, *states: JobState) -> list[str]:
@@ -345,6 +390,14 @@ class JobStore:
         return self._update(job_id, jobs_table.c.state == JobState.running.value, state=JobState.queued.value,
                             started_s=None, deadline_s=None, clips_done=0) == 1
 
+    def interrupt(self, job_id: str) -> bool:
+        """``running`` -> ``interrupted`` (the service is stopping): the attempt it was on is given
+        back, so a stop never uses up a job's attempts; :meth:`recover` queues it again. False if
+        the job is not running."""
+        return self._update(job_id, jobs_table.c.state == JobState.running.value, state=JobState.interrupted.value,
+                            started_s=None, deadline_s=None, clips_done=0,
+                            attempts=sa.case((jobs_table.c.attempts > 0, jobs_table.c.attempts - 1), else_=0)) == 1
+
     def delete(self, job_id: str) -> None:
         """Forget a job and remove its folder (client DELETE, rejected upload, expiry)."""
         with self._lock, self.engine.begin() as conn:
@@ -361,6 +414,8 @@ class JobStore:
         dispatch (oldest first)."""
         for job_id in self.ids(JobState.checking):
             self.delete(job_id)
+        for job_id in self.ids(JobState.interrupted):  # stopped by a drain: its attempt was given back
+            self._update(job_id, jobs_table.c.state == JobState.interrupted.value, state=JobState.queued.value)
         for job_id in self.ids(JobState.running):
             if not self.requeue(job_id):
                 self.fail(job_id, "interrupted by a service restart")
@@ -411,9 +466,12 @@ class JobStore:
         with self._lock, self.engine.begin() as conn:
             conn.execute(sa.update(jobs_table).where(jobs_table.c.id == job_id).values(bytes=folder_bytes(folder)))
 
-    def _pending(self, conn) -> int:
-        return conn.execute(sa.select(sa.func.count()).select_from(jobs_table).where(
-            jobs_table.c.state.in_([s.value for s in ACTIVE]))).scalar_one()
+    def _pending(self, conn, owner: Optional[str] = None) -> int:
+        stmt = sa.select(sa.func.count()).select_from(jobs_table).where(
+            jobs_table.c.state.in_([s.value for s in ACTIVE]))
+        if owner is not None:
+            stmt = stmt.where(jobs_table.c.owner == owner)
+        return conn.execute(stmt).scalar_one()
 
     def _used_bytes(self, conn) -> int:
         return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(jobs_table.c.bytes), 0))).scalar_one())

@@ -15,14 +15,18 @@ Messages never carry a server path, a traceback or a decoder's own text (only it
   from the header before decoding; at most ``max_audio_s + 1`` seconds are decoded, within a wall
   time limit; it must not be silent. The service keeps only the decoded 16 kHz mono PCM as a WAV
   it writes itself (:func:`encode_wav`): the worker and its ``ffmpeg`` read nothing else;
-* options: only the known names, each parsed and range-checked (422 naming the option), and the
-  request's frames x steps within ``serve.max_frame_steps`` (:func:`check_budget`).
+* options: only the known names, each at most once (400 naming it), written in ASCII digits
+  (``12``, ``4.5``: no signs, exponents, underscores or other scripts' digits), parsed and
+  range-checked (422 naming the option), and the request's frames x steps within
+  ``serve.max_frame_steps`` (:func:`check_budget`); the audio must be sampled at
+  ``serve.min_audio_rate_hz`` or more and last at least one frame at the request's fps (422).
 """
 from __future__ import annotations
 
 import dataclasses
 import io
 import math
+import re
 import time
 import wave
 from dataclasses import dataclass, fields
@@ -132,10 +136,11 @@ class CheckedAudio:
 
 def decode_audio_upload(path: str | Path, max_audio_s: float, field: str = "audio", max_channels: int = 2,
                         max_rate_hz: int = 96000, sample_rate: int = AUDIO_RATE,
-                        max_decode_s: float = MAX_DECODE_S) -> CheckedAudio:
+                        max_decode_s: float = MAX_DECODE_S, min_rate_hz: int = 8000) -> CheckedAudio:
     """Decode the first audio stream of the client file ``path`` to mono float32 at
     ``sample_rate`` Hz. 422 for a demuxer outside :data:`AUDIO_DEMUXERS`, no audio stream, more
-    than ``max_channels`` channels or ``max_rate_hz`` Hz, a claimed duration above ``max_audio_s``,
+    than ``max_channels`` channels, a rate above ``max_rate_hz`` or below ``min_rate_hz`` Hz (a
+    phone line is 8 kHz; less holds no intelligible speech), a claimed duration above ``max_audio_s``,
     a decode error, more than ``max_audio_s`` seconds of decoded audio (at most ``max_audio_s + 1``
     seconds are decoded), or a decode slower than ``max_decode_s`` seconds."""
     import av
@@ -159,6 +164,8 @@ def decode_audio_upload(path: str | Path, max_audio_s: float, field: str = "audi
             raise UploadError(422, field, f"audio has {channels} channels; at most {max_channels} are accepted")
         if rate > max_rate_hz:
             raise UploadError(422, field, f"audio sample rate of {rate} Hz is above the limit of {max_rate_hz} Hz")
+        if rate < min_rate_hz:
+            raise UploadError(422, field, f"audio sample rate of {rate} Hz is below the floor of {min_rate_hz} Hz")
         claimed = _claimed_duration_s(container, stream)
         if claimed is not None and claimed > max_audio_s + 1.0:
             raise UploadError(422, field, f"audio is longer than the limit of {max_audio_s:g} s")
@@ -167,8 +174,9 @@ def decode_audio_upload(path: str | Path, max_audio_s: float, field: str = "audi
         kept = 0
         resampler = None
         for frame in container.decode(stream):
-            if frame.layout.nb_channels > max_channels or frame.sample_rate > max_rate_hz:
-                raise UploadError(422, field, "audio changes to more channels or a higher rate mid-stream")
+            if frame.layout.nb_channels > max_channels or not min_rate_hz <= frame.sample_rate <= max_rate_hz:
+                raise UploadError(422, field, f"audio changes to {frame.layout.nb_channels} channels at "
+                                              f"{frame.sample_rate} Hz mid-stream")
             if resampler is None:
                 resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
             for out in resampler.resample(frame):
@@ -202,11 +210,12 @@ def _claimed_duration_s(container, stream) -> Optional[float]:
     return None
 
 
-def check_audio(audio: CheckedAudio, field: str = "audio", silence_dbfs: float = -50.0) -> None:
-    """422 when the decoded audio is shorter than one frame (40 ms) or silent (RMS below
-    ``silence_dbfs``)."""
-    if audio.duration_s < 0.04:
-        raise UploadError(422, field, f"audio of {audio.duration_s:.3f} s is shorter than one frame (40 ms)")
+def check_audio(audio: CheckedAudio, field: str = "audio", silence_dbfs: float = -50.0, fps: float = 25.0) -> None:
+    """422 when the decoded audio is shorter than one video frame at ``fps`` (40 ms at 25 fps; the
+    video would have no frame) or silent (RMS below ``silence_dbfs``)."""
+    if frames_for(audio.duration_s, fps) < 1:
+        raise UploadError(422, field, f"audio of {audio.duration_s:.3f} s is shorter than one frame "
+                                      f"({1000.0 / fps:.0f} ms at {fps:g} fps)")
     rms = float(np.sqrt(np.mean(np.square(audio.samples, dtype=np.float64))))
     if rms <= 0 or 20 * math.log10(rms) < silence_dbfs:
         raise UploadError(422, field, f"audio is silent (RMS level below {silence_dbfs:g} dBFS)")
@@ -233,6 +242,10 @@ class OptionRule:
     hi: float
 
 
+INT_TEXT = re.compile(r"[0-9]{1,12}", re.ASCII)
+NUMBER_TEXT = re.compile(r"[0-9]{1,12}(\.[0-9]{1,12})?", re.ASCII)
+"""The only spellings an option value may have (all ranges are non-negative)."""
+
 OPTION_RULES: dict[str, OptionRule] = {
     "steps": OptionRule(int, 1, 200),
     "audio_ratio": OptionRule(float, 0.0, 20.0),
@@ -254,18 +267,15 @@ def parse_options(raw: Mapping[str, Any], defaults: SamplerConfig) -> SamplerCon
         if name not in OPTION_RULES:
             raise UploadError(422, name[:64], f"unknown option; valid options: {', '.join(sorted(OPTION_RULES))}")
         rule = OPTION_RULES[name]
-        if value is None or (isinstance(value, str) and value.strip() == ""):
+        if value is None or (isinstance(value, str) and value == ""):
             continue
-        try:
-            if rule.kind is int:
-                parsed: Any = int(str(value).strip())
-            else:
-                parsed = float(str(value).strip())
-                if parsed != parsed:  # NaN
-                    raise ValueError("NaN")
-        except ValueError:
-            raise UploadError(422, name, f"expected {'an integer' if rule.kind is int else 'a number'}, "
-                                        f"got {str(value)[:40]!r}") from None
+        text = str(value)
+        # Python's int() / float() also take other scripts' digits, '_', signs, spaces, 'inf', '1e3'
+        pattern = INT_TEXT if rule.kind is int else NUMBER_TEXT
+        if not pattern.fullmatch(text):
+            raise UploadError(422, name, f"expected {'an integer' if rule.kind is int else 'a number'} in ASCII "
+                                        f"digits{'' if rule.kind is int else ' (like 4.5)'}, got {text[:40]!r}")
+        parsed: Any = int(text) if rule.kind is int else float(text)
         if not rule.lo <= parsed <= rule.hi:
             raise UploadError(422, name, f"{parsed} is outside the allowed range [{rule.lo:g}, {rule.hi:g}]")
         if name == "size" and parsed % 2:
@@ -316,11 +326,14 @@ def check_content_length(header: Optional[str], limit_bytes: int) -> None:
 def parse_form(items: Iterable[tuple[str, Any]], defaults: SamplerConfig, max_upload_bytes: int) -> ParsedForm:
     """``items``: the form's ``(name, value)`` pairs (``FormData.multi_items()``); an upload has a
     ``read`` method and a ``size`` (bytes, or None when the parser does not know it).
-    422 for a file field other than ``image`` / ``audio``, a missing one, or a bad option; 413 for
-    an upload whose known size is above ``max_upload_bytes`` (checked again after reading)."""
+    400 for a field given twice (which one would count is the client's guess, not ours); 422 for a
+    file field other than ``image`` / ``audio``, a missing one, or a bad option; 413 for an upload
+    whose known size is above ``max_upload_bytes`` (checked again after reading)."""
     files: dict[str, Any] = {}
     raw_options: dict[str, Any] = {}
     for key, value in items:
+        if key in files or key in raw_options:
+            raise UploadError(400, key[:64], "field given more than once")
         if hasattr(value, "read"):
             if key not in FILE_FIELDS:
                 raise UploadError(422, key[:64], "unexpected file field; send 'image' and 'audio'")

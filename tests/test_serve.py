@@ -117,13 +117,12 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(ray_local, tiny_package, tiny_weights, tmp_path_factory):
-    """The Serve app on 127.0.0.1 at a free port: two clients (alice, bob) from a tokens file,
-    queue bound 2, 1 MB uploads, 3 s audio, 1000 frames x steps. Yields the raw ``httpx.Client``
-    of a :class:`VideoClient` without token (the tests send their own headers) and the job folder."""
-    from ray import serve
-
+    """The service on 127.0.0.1 at a free port (:func:`serve.app.start_service`): two clients
+    (alice, bob) from a tokens file, queue bound 2, 1 MB uploads, 3 s audio, 1000 frames x steps.
+    Yields the raw ``httpx.Client`` of a :class:`VideoClient` without token (the tests send their
+    own headers) and the job folder."""
     from core.config import load_platform_config
-    from serve.app import build_app, http_options
+    from serve.app import start_service
 
     port = free_port()
     job_dir = tmp_path_factory.mktemp("serve_jobs")
@@ -134,13 +133,12 @@ def service(ray_local, tiny_package, tiny_weights, tmp_path_factory):
         "serve.max_audio_s=3", f"serve.tokens_file={tokens}", "serve.cpus_per_replica=0", f"serve.port={port}",
         "serve.max_frame_steps=1000", "sampler.steps=2", f"weights.tiny_dir={tiny_weights[0].tiny_dir}",
     ])
-    serve.start(http_options=http_options(cfg.serve))
-    serve.run(build_app(cfg), name="loopy_test", route_prefix="/", blocking=False)
+    service = start_service(cfg, name="loopy_test")  # Serve's proxy behind the front listener
     api = VideoClient(f"http://127.0.0.1:{port}")  # no token: the tests send their own headers
     api.wait_healthy(120)
     yield api.http, job_dir
     api.close()
-    serve.shutdown()
+    service.stop()
 
 
 def post(client, image: bytes, audio: bytes, headers=AUTH, **options):

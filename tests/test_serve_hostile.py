@@ -20,11 +20,13 @@ from test_serve import FifoWatch, mp3_tone, playlist, portrait_bytes
 
 from serve.auth import (
     Authenticator,
+    HostAllowlist,
     is_loopback,
     load_tokens,
     origin_allowed,
     parse_tokens_file,
     require_auth_for,
+    split_host,
 )
 from serve.errors import ServeConfigError, UploadError
 from serve.jobs import JobState, JobStore
@@ -270,12 +272,30 @@ def test_non_loopback_host_needs_tokens_and_origin_rule():
     require_auth_for("0.0.0.0", {"a": "x" * 20})
     with pytest.raises(ServeConfigError, match="LOOPY_SERVE_TOKENS"):
         require_auth_for("0.0.0.0", {})
-    host = "127.0.0.1:8000"
-    assert origin_allowed(None, host) and origin_allowed("http://127.0.0.1:8000", host, (), "same-origin")
-    assert not origin_allowed("http://evil.example", host) and not origin_allowed("null", host)
-    assert not origin_allowed("http://127.0.0.1:9999", host)  # another loopback port is another origin
-    assert not origin_allowed(None, host, (), "cross-site")
-    assert origin_allowed("https://app.example", host, ["https://app.example"], "cross-site")
+    hosts = HostAllowlist(["loopy.example", "api.example:8443"], port=8000)
+    assert origin_allowed(None, hosts) and origin_allowed("http://127.0.0.1:8000", hosts, (), "same-origin")
+    assert origin_allowed("http://[::1]:8000", hosts) and origin_allowed("https://loopy.example", hosts)
+    assert not origin_allowed("http://evil.example", hosts) and not origin_allowed("null", hosts)
+    assert not origin_allowed("http://127.0.0.1:9999", hosts)  # another loopback port is another origin
+    assert not origin_allowed("https://api.example", hosts) and origin_allowed("https://api.example:8443", hosts)
+    assert not origin_allowed(None, hosts, (), "cross-site")
+    assert origin_allowed("https://app.example", hosts, ["https://app.example"], "cross-site")
+    # the Host allowlist: loopback names at any port, the public names; nothing that merely contains them
+    for host in ("127.0.0.1", "127.0.0.1:1", "localhost:8000", "[::1]:8000", "[::1]", "LoopY.example:1234",
+                 "api.example:8443"):
+        assert hosts.host_allowed(host), host
+    for host in (None, "", "evil.example", "127.0.0.1.evil.example", "::1", "127.0.0.1:", "127.0.0.1:x",
+                 "a@127.0.0.1", "api.example:8444", "api.example", "loopy.example.evil", "[::1]x"):
+        assert not hosts.host_allowed(host), host
+    assert split_host("[::1]:80") == ("::1", 80) and split_host("Name") == ("name", None)
+    with pytest.raises(ServeConfigError, match="allowed_hosts"):
+        HostAllowlist(["bad:host:name"])
+    # the Bearer scheme in any case (RFC 7235); the token itself is compared exactly
+    auth = Authenticator({"alice": "a" * 20})
+    for header in ("Bearer " + "a" * 20, "bearer " + "a" * 20, "BEARER  " + "a" * 20):
+        assert auth.client_for(header) == "alice", header
+    for header in ("Basic " + "a" * 20, "Bearer " + "A" * 20, "Bearer" + "a" * 20, "a" * 20):
+        assert auth.client_for(header) is None, header
 
 
 def test_token_never_reaches_configs_packages_or_serve_app_args(tmp_path, monkeypatch, tiny_package):

@@ -62,23 +62,20 @@ class DevTools:
 
 @pytest.fixture(scope="module")
 def page_service(ray_local, tiny_package, tiny_weights, tmp_path_factory):
-    from ray import serve
-
     from core.config import load_platform_config
-    from serve.app import build_app
+    from serve.app import start_service
 
     port = free_port()
     cfg = load_platform_config(None, [
         f"serve.model={tiny_package}", f"serve.job_dir={tmp_path_factory.mktemp('page_jobs')}",
         "serve.cpus_per_replica=0", f"serve.port={port}", f"weights.tiny_dir={tiny_weights[0].tiny_dir}",
     ])
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name="loopy_page", route_prefix="/", blocking=False)
+    service = start_service(cfg, name="loopy_page")  # the page's CSP and the front listener included
     url = f"http://127.0.0.1:{port}"
     with VideoClient(url) as api:
         api.wait_healthy(120)
     yield url
-    serve.shutdown()
+    service.stop()
 
 
 @pytest.fixture()
