@@ -101,7 +101,7 @@ def run_tracked(prepared: PreparedIngest, echo: Callable[[str], None] = print) -
                    "hours_kept": summary.hours_kept, "hours_input": summary.hours_input, "wall_s": summary.wall_s,
                    "driver_bytes": summary.driver_bytes}
         for prefix, counts in (("status", summary.by_status), ("stage", summary.by_stage),
-                               ("reason", summary.by_reason)):
+                               ("reason", summary.by_reason), ("note", summary.by_note)):
             for name, n in counts.items():
                 metrics[_metric_key(prefix, name)] = n
         logger.log_metrics(metrics, step=0)

@@ -105,7 +105,8 @@ def test_short_video_detect_and_crop(astronaut_video, detector):
     lm, found, frames = np.concatenate(lms), np.concatenate(founds), np.concatenate(frames)
     assert len(found) == 30 and found.all()
     track = plan_crop_track(lm, found, (320, 320), margin=0.6)
-    assert track.missing_ratio == 0.0 and track.out_of_frame_ratio == 0.0
+    assert track.missing_ratio == 0.0 and track.head_cut_ratio == 0.0
+    assert track.adjusted_ratio == 0.0 and track.margin == 0.6 and track.note() is None  # the asked crop fits
     assert 0.0 < track.head_motion < 0.5
     assert track.max_abs_yaw_deg < 20.0
     crops = crop_frames(frames, track.boxes, 64)
@@ -214,7 +215,7 @@ def test_crop_track_square_inside_frame_and_contains_landmarks():
     inside = ((lm[ok] >= b[ok, None, :2]) & (lm[ok] <= b[ok, None, 2:])).all()
     assert inside
     assert np.isclose(track.missing_ratio, 4 / 60)
-    assert track.out_of_frame_ratio == 0.0
+    assert track.head_cut_ratio == 0.0 and track.adjusted_ratio == 0.0 and track.shifted_ratio == 0.0
     # interpolated boxes of the missing frames sit between their neighbours
     assert min(b[9, 0], b[13, 0]) - 2 <= b[11, 0] <= max(b[9, 0], b[13, 0]) + 2
     # head motion: std of the centre in face widths (~100 px wide face)
@@ -230,7 +231,8 @@ def test_crop_track_square_inside_frame_and_contains_landmarks():
 def test_crop_track_head_out_of_frame_and_no_face():
     lm = np.repeat(_template()[None], 20, axis=0) + np.array([140.0, 0.0])  # face centre x = 290
     track = plan_crop_track(lm, np.ones(20, bool), (320, 240), margin=0.4)
-    assert track.out_of_frame_ratio == 1.0
+    assert track.head_cut_ratio == 1.0 and track.head_cut_parts == {"right side": 1.0}
+    assert track.head_cut_text() == "head cut by the frame edge in 100% of frames (right side outside"
     assert (track.boxes[:, 2] <= 320 + 1e-3).all()
     empty = plan_crop_track(np.full((5, 68, 2), np.nan), np.zeros(5, bool), (320, 240), margin=0.4)
     assert empty.missing_ratio == 1.0

@@ -165,6 +165,14 @@ def reason_key(reason: Optional[str], source: Optional[str] = None) -> Optional[
     return re.sub(r"\s+", " ", text).strip(" :")
 
 
+def note_key(note: Optional[str]) -> Optional[str]:
+    """A kept video's ``note`` without numbers, for counting: each ``"; "`` clause through
+    :func:`reason_key` (``"crop margin reduced to #"``). None for None."""
+    if not note:
+        return None
+    return "; ".join(k for k in (reason_key(part) for part in note.split("; ")) if k)
+
+
 def manifest_row(video: InputVideo, **fields) -> dict:
     """A manifest record with every MANIFEST_SCHEMA column (missing ones null)."""
     row = {name: None for name in MANIFEST_SCHEMA.names}
@@ -174,17 +182,20 @@ def manifest_row(video: InputVideo, **fields) -> dict:
             raise KeyError(f"manifest has no column {key!r}")
         row[key] = value
     row["reason_key"] = reason_key(row["reason"], video.source)
+    row["note_key"] = note_key(row["note"])
     return row
 
 
 def write_manifest(out_dir: str | Path, rows: Iterable[dict]) -> Path:
     """Write ``DIR/videos.parquet`` atomically (MANIFEST_SCHEMA), rows sorted by source."""
     rows = sorted(rows, key=lambda r: (r["source"], r["video_id"]))
-    # records of an earlier schema lack the newer columns: null (reason_key derived from reason)
+    # records of an earlier schema lack the newer columns: null (reason_key / note_key derived)
     rows = [{**{n: None for n in MANIFEST_SCHEMA.names}, **r} for r in rows]
     for r in rows:
         if r["reason_key"] is None and r["reason"]:
             r["reason_key"] = reason_key(r["reason"], r["source"])
+        if r["note_key"] is None and r["note"]:
+            r["note_key"] = note_key(r["note"])
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     path = Path(out_dir) / MANIFEST_NAME
     with atomic_path(path) as tmp:

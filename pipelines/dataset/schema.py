@@ -16,7 +16,14 @@ metadata (``loopy.latent_shape``, ``loopy.audio_shape``):
 * ``audio``: float16 [L, D], wav2vec2 hidden states of every transformer layer (L = 12, D = 768
   for base), one vector per 25 fps frame.
 * ``landmarks``: float32 [68, 2], iBUG-300W order, crop pixel coordinates / crop size (0..1).
-* ``crop_box``: float32 [4], x0, y0, x1, y1 of the square crop in source pixels (after rotation).
+* ``crop_box``: float32 [4], x0, y0, x1, y1 of the square crop in source pixels (after rotation);
+  inside the frame, except with ``ingest.crop_fill`` reflect / blur / constant, where it may reach
+  outside (the part outside was filled; the manifest's ``crop_fill_max`` says how much).
+
+Version rule (docs/CONTRACTS.md): ``SCHEMA_VERSION`` changes when a reader of the previous version
+would misread an output of this one (a frame-file column or layout changed, a manifest column
+renamed, retyped or given another meaning). New nullable manifest columns do not change it: an
+older output reads with them null.
 """
 from __future__ import annotations
 
@@ -93,6 +100,20 @@ MANIFEST_SCHEMA = pa.schema([
     ("frames_file", pa.string()),  # relative to DIR, null when rejected
     ("duplicate_of", pa.string()),  # status duplicate: source of the input with the same content
     ("reason_key", pa.string()),  # the reason without file names and numbers, for counting
+    # --- the crop (pipelines/faces/crop.py; docs/INGEST.md "Close-ups"); null on rows of outputs
+    # written before these columns existed and on rows rejected before the crop was planned ---
+    # share of the frames with a face whose head (landmark box + forehead / chin allowances) left the frame
+    ("head_cut_ratio", pa.float64()),
+    ("crop_fill", pa.string()),  # the rule where the asked crop did not fit: reduce | reflect | blur | constant
+    # margin of every crop of the video (landmark-box sides on each side): ingest.crop_margin, or
+    # the reduced one (crop_fill reduce)
+    ("crop_margin", pa.float64()),
+    ("crop_adjusted_ratio", pa.float64()),  # share of frames whose crop was reduced or filled (0..1)
+    ("crop_fill_max", pa.float64()),  # largest share of one crop's area filled (0 with reduce)
+    # ok rows: what was changed on the kept video, for a person ("crop margin reduced to 0.31
+    # (asked 0.6) in 100% of frames"); null when nothing
+    ("note", pa.string()),
+    ("note_key", pa.string()),  # the note without numbers, each "; " clause cut at its "(" (counting)
 ])
 
 

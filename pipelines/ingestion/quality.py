@@ -2,7 +2,8 @@
 a reason a person can act on, or ``None`` when the video passes.
 
 Stages named in reasons: ``probe`` (container/streams), ``audio`` (audio track), ``face``
-(detection), ``filter`` (quality thresholds: length, framing, rotation, head motion).
+(detection), ``filter`` (quality thresholds: length, framing (the head cut by the frame edge),
+rotation, head motion).
 Thresholds come from :class:`core.sections.IngestConfig`.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Optional
 
 from core.sections import IngestConfig
 from pipelines.errors import PipelineError
+from pipelines.faces.crop import CropTrack
 
 
 @dataclass(frozen=True)
@@ -76,32 +78,30 @@ def frames_covered_by_audio(video_frames: int, audio_duration_s: float, cfg: Ing
     return min(video_frames, covered), offset, None
 
 
-def check_track(missing_ratio: float, out_of_frame_ratio: float, max_abs_yaw_deg: float,
-                head_motion: float, cfg: IngestConfig) -> Optional[Rejection]:
-    """Thresholds on the face track (ratios 0..1 of frames, yaw in degrees, head motion in face
-    widths)."""
-    if missing_ratio >= 1.0:
+def check_track(track: CropTrack, cfg: IngestConfig) -> Optional[Rejection]:
+    """Thresholds on the subject's crop track (:func:`pipelines.faces.crop.plan_crop_track`):
+    missing face (share of frames), head cut by the frame edge (share of the frames with a face
+    whose head box, the landmark box plus the forehead and chin allowances, leaves the frame:
+    ``max_out_of_frame_ratio``; a crop margin that does not fit is never a rejection, the fill
+    rule handles it), yaw (degrees), head motion (face widths)."""
+    if track.missing_ratio >= 1.0:
         return Rejection("face", "no face found in any frame")
-    if missing_ratio > cfg.max_missing_face_ratio:
+    if track.missing_ratio > cfg.max_missing_face_ratio:
         return Rejection(
             "face",
-            f"face lost in {missing_ratio:.0%} of frames (max_missing_face_ratio "
+            f"face lost in {track.missing_ratio:.0%} of frames (max_missing_face_ratio "
             f"{cfg.max_missing_face_ratio:.0%})",
         )
-    if out_of_frame_ratio > cfg.max_out_of_frame_ratio:
+    if track.head_cut_ratio > cfg.max_out_of_frame_ratio:
+        return Rejection("filter", f"{track.head_cut_text()}; max_out_of_frame_ratio {cfg.max_out_of_frame_ratio:.0%})")
+    if not math.isfinite(track.max_abs_yaw_deg) or track.max_abs_yaw_deg > cfg.max_yaw_deg:
+        return Rejection(
+            "filter", f"extreme rotation: |yaw| up to {track.max_abs_yaw_deg:.0f} deg (max_yaw_deg {cfg.max_yaw_deg:g})"
+        )
+    if track.head_motion > cfg.max_head_motion:
         return Rejection(
             "filter",
-            f"face not fully in frame in {out_of_frame_ratio:.0%} of frames (max_out_of_frame_ratio "
-            f"{cfg.max_out_of_frame_ratio:.0%})",
-        )
-    if not math.isfinite(max_abs_yaw_deg) or max_abs_yaw_deg > cfg.max_yaw_deg:
-        return Rejection(
-            "filter", f"extreme rotation: |yaw| up to {max_abs_yaw_deg:.0f} deg (max_yaw_deg {cfg.max_yaw_deg:g})"
-        )
-    if head_motion > cfg.max_head_motion:
-        return Rejection(
-            "filter",
-            f"excessive head motion: {head_motion:.2f} face widths (max_head_motion {cfg.max_head_motion:g})",
+            f"excessive head motion: {track.head_motion:.2f} face widths (max_head_motion {cfg.max_head_motion:g})",
         )
     return None
 

@@ -545,8 +545,11 @@ class VideoAnalyzer:
         """The subject's face track over the first ``num_frames`` frames
         (:func:`pipelines.faces.tracks.subject_track`: candidates linked across frames, the most
         persistent x largest track; several persistent faces of similar size are rejected), its
-        crop track and the quality filters on it (missing face, out of frame, yaw, head motion:
-        all on the chosen track only)."""
+        crop track (``ingest.crop_margin`` with the ``ingest.crop_fill`` rule, one rule for the
+        whole video) and the quality filters on it (missing face, head cut by the frame edge, yaw,
+        head motion: all on the chosen track only). ``info`` gets ``head_cut_ratio`` and, for a
+        kept video, the crop's manifest facts (:meth:`pipelines.faces.crop.CropTrack.facts`:
+        ``crop_fill``, ``crop_margin``, ``crop_adjusted_ratio``, ``crop_fill_max``, ``note``)."""
         cfg = self.cfg
         info["_stage"] = "crop"
         t0 = time.perf_counter()
@@ -561,11 +564,13 @@ class VideoAnalyzer:
         if rej:
             raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
         landmarks, found = track_landmarks(cands, subject, num_frames)
-        track = plan_crop_track(landmarks, found, (probe.width, probe.height), cfg.crop_margin, fps=cfg.fps)
-        rej = check_track(track.missing_ratio, track.out_of_frame_ratio, track.max_abs_yaw_deg,
-                          track.head_motion, cfg)
+        track = plan_crop_track(landmarks, found, (probe.width, probe.height), cfg.crop_margin, fps=cfg.fps,
+                                fill=cfg.crop_fill)
+        info["head_cut_ratio"] = round(track.head_cut_ratio, 4)
+        rej = check_track(track, cfg)
         if rej:
             raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+        info.update(track.facts())  # the crop's manifest columns: margin, fill, share adjusted, note
         filled = interpolate_missing(landmarks, found)
         lm_crop = np.asarray(landmarks_to_crop(filled, track.boxes), np.float32)
         times["crop_plan"] = time.perf_counter() - t0
@@ -654,7 +659,8 @@ class ChunkCropper:
 
     def open(self, path: str, n_total: int, width: int, height: int, stream_pts_s: np.ndarray,
              decode_source: dict, boxes: np.ndarray) -> None:
-        """``boxes`` f32 [n_total, 4]: the crop track (source pixels) of every output frame."""
+        """``boxes`` f32 [n_total, 4]: the crop track (source pixels) of every output frame; a box
+        reaching outside the frame (``ingest.crop_fill`` reflect / blur / constant) is filled."""
         cfg = self.cfg
         chunk_frames = frames_per_chunk(cfg, width, height)
         stamps, geometry = decode_source_of(stream_pts_s, decode_source)
@@ -675,7 +681,8 @@ class ChunkCropper:
             stop = min(start + len(chunk.frames), n_total)
             if stop <= start:
                 return
-            crops = crop_frames(chunk.frames[: stop - start], boxes[start:stop], self.cfg.crop_size)
+            crops = crop_frames(chunk.frames[: stop - start], boxes[start:stop], self.cfg.crop_size,
+                                fill=self.cfg.crop_fill)
             t2 = time.perf_counter()
             yield {"start": start, "stop": stop, "crops": np.ascontiguousarray(crops, np.uint8),
                    "source_times_s": np.asarray(chunk.source_times_s[: stop - start], np.float64),
