@@ -43,13 +43,12 @@ def _free_port() -> int:
 
 def run() -> list[dict]:
     from PIL import Image
-    from ray import serve
     from skimage import data
 
     from core.config import load_platform_config
     from core.ray_runtime import init_ray
     from models.untrained_package import write_untrained_package
-    from serve.app import build_app, http_options
+    from serve.app import start_service
 
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         tmp = Path(tmp)
@@ -65,15 +64,14 @@ def run() -> list[dict]:
                                           f"serve.max_queue={MAX_QUEUE}", "serve.cpus_per_replica=0",
                                           f"serve.port={port}", "sampler.steps=2"])
         init_ray(cfg.ray)
-        serve.start(http_options=http_options(cfg.serve))
-        serve.run(build_app(cfg), name="loopy_bench", route_prefix="/", blocking=False)
+        service = start_service(cfg, name="loopy_bench")
         base = f"http://127.0.0.1:{port}"
         try:
             with VideoClient(base) as probe:
                 probe.wait_healthy(180)
             return _load(base, image, audio)
         finally:
-            serve.shutdown()
+            service.stop()
 
 
 def _load(base: str, image: bytes, audio: bytes) -> list[dict]:
@@ -104,7 +102,7 @@ def _load(base: str, image: bytes, audio: bytes) -> list[dict]:
         with VideoClient(base, timeout_s=30) as c:
             while not stop.is_set():
                 try:
-                    jobs = c.health()["jobs"]
+                    jobs = c.stats()["jobs"]
                     max_pending[0] = max(max_pending[0], jobs["queued"] + jobs["running"])
                 except (ClientError, KeyError):
                     pass

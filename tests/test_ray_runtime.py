@@ -62,3 +62,53 @@ def test_alias_taken_by_another_folder_is_repointed(tmp_path):
         assert socket_safe_temp_dir(deep).resolve() == deep.resolve()
     finally:
         alias.unlink(missing_ok=True)
+
+
+LIST_SOCKETS = """
+import json, socket, time
+import psutil
+from core.ray_runtime import init_ray
+from core.sections import RayConfig
+import ray
+
+init_ray(RayConfig(num_cpus=1, object_store_memory_mb=100))
+ray.get(ray.remote(lambda: 1).remote())  # a worker process too
+time.sleep(2.0)  # the agents and metrics endpoints open their ports a moment after init
+me = psutil.Process()
+out = []
+for proc in [me, *me.children(recursive=True)]:
+    try:
+        for c in proc.net_connections(kind="inet"):
+            if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr):
+                out.append([proc.name(), c.laddr.ip, c.laddr.port])
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        pass
+node_ip = ray.util.get_node_ip_address()
+ray.shutdown()
+print(json.dumps({"sockets": out, "node_ip": node_ip}))
+"""
+
+
+def test_embedded_ray_listens_on_loopback_only(tmp_path):
+    """The Ray that make demo, ingest, training and the service start (init_ray, address local):
+    a 127.0.0.1 node whose every listening socket (GCS, raylet, workers, dashboard and runtime-env
+    agents, metrics endpoints) is on loopback. Run in a fresh interpreter: its own process tree."""
+    import ipaddress
+    import json
+    import subprocess
+
+    env = {**os.environ, "RAY_TMPDIR": str(socket_safe_temp_dir(tmp_path / "ray"))}
+    out = subprocess.run([sys.executable, "-c", LIST_SOCKETS], capture_output=True, text=True, timeout=240,
+                         cwd=Path(__file__).resolve().parent.parent, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["node_ip"] == "127.0.0.1"
+
+    def loopback(ip: str) -> bool:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+        return (addr.ipv4_mapped or addr).is_loopback if addr.version == 6 else addr.is_loopback
+
+    names = {name for name, _, _ in result["sockets"]}
+    assert {"gcs_server", "raylet"} <= names, result["sockets"]
+    exposed = [s for s in result["sockets"] if not loopback(s[1])]
+    assert not exposed, f"listening beyond loopback: {exposed}"

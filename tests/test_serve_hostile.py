@@ -367,3 +367,45 @@ def test_job_store_recover_requeues_fails_and_removes_orphans(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(
         [queued, lost_inputs, running, running_twice])
     assert not any((tmp_path / i / "audio.wav").exists() for i in (lost_inputs, running_twice))
+
+
+def test_job_store_share_interrupt_and_private_files(tmp_path):
+    """One client's share of the queue; a stop gives the attempt back and recovery queues the job
+    again even on its last attempt; folders 0700 and files 0600 whatever the umask."""
+    import stat
+
+    from serve.jobs import ClientShareFullError, QueueFullError, write_private
+
+    old_umask = os.umask(0o002)  # a permissive umask: the store must not depend on it
+    try:
+        store = JobStore(tmp_path / "jobs", max_pending=3, max_attempts=1, max_per_client=2)
+        a1, a2 = store.create("alice", {}), store.create("alice", {})
+        with pytest.raises(ClientShareFullError, match="share"):
+            store.create("alice", {})
+        b1 = store.create("bob", {})  # bob still gets in
+        with pytest.raises(QueueFullError):
+            store.create("carol", {})  # the whole queue is full now
+        assert store.pending("alice") == 2 and store.pending("bob") == 1 and store.pending() == 3
+        for job in (a1, a2, b1):
+            write_private(job.file("image"), b"png")
+            write_private(job.file("audio"), b"wav")
+            store.mark_queued(job.id)
+            assert stat.S_IMODE(job.folder.stat().st_mode) == 0o700
+            assert stat.S_IMODE(job.file("image").stat().st_mode) == 0o600
+        assert stat.S_IMODE((tmp_path / "jobs").stat().st_mode) == 0o700
+        assert stat.S_IMODE((tmp_path / "jobs" / "jobs.sqlite").stat().st_mode) == 0o600
+        assert store.start(a1.id, time.time() + 60) and store.get(a1.id).attempts == 1  # its last attempt
+        assert store.interrupt(a1.id) and not store.interrupt(a2.id)  # only a running job
+        job = store.get(a1.id)
+        assert job.state == JobState.interrupted and job.attempts == 0 and job.started_s is None
+        assert store.counts()["queued"] == 3 and store.pending() == 3  # still holds its place
+        restarted = JobStore(tmp_path / "jobs", max_pending=3, max_attempts=1, max_per_client=2)
+        assert restarted.recover() == [a1.id, a2.id, b1.id]  # not failed: the stop spent no attempt
+        assert restarted.get(a1.id).state == JobState.queued
+        # a crash (no drain) on the last attempt still fails the job, as before
+        assert restarted.start(a2.id, time.time() + 60)
+        assert JobStore(tmp_path / "jobs", max_pending=3, max_attempts=1).recover() == [a1.id, b1.id]
+    finally:
+        os.umask(old_umask)
+    with pytest.raises(ServeConfigError, match="max_queue_per_client"):
+        JobStore(tmp_path / "other", max_pending=3, max_per_client=0)
