@@ -3,9 +3,9 @@
 Runs the whole platform on one machine, each step through the same command line a user or a
 cluster job would run, with the venv's Python:
 
-1. ``samples``  - ``python -m pipelines.samples --output WORK/samples --heldout 1``
-   (talking-head videos; the first in ``WORK/samples/heldout`` is the test split, the others in
-   ``WORK/samples/train``: ``ingest.split_key=folder``)
+1. ``samples``  - ``python -m pipelines.samples --output WORK/samples --heldout``
+   (talking-head videos of 15 people; the 3 test people's videos in ``WORK/samples/heldout`` are
+   the test split, the 12 others in ``WORK/samples/train``: ``ingest.split_key=folder``)
 2. ``fit_vae``  - ``python -m training.fit_vae --samples WORK/samples/train --out WORK/fitted_vae``
    (the tiny preset's VAE fitted to the training faces, so decoded frames can look like a face;
    cached: a rerun on the same videos returns at once); every later step uses it
@@ -22,7 +22,9 @@ cluster job would run, with the venv's Python:
    in no sample video, spoken by espeak-ng), poll GET /v1/videos/{id}, download
    GET /v1/videos/{id}/file (:class:`serve.client.VideoClient`)
 9. ``score``    - the demo video's own metrics (``pipelines.metrics.video_metrics.score_video``: face found,
-   sync and sync_control against its audio, dlib on frames upscaled to >= 256 px)
+   sync and sync_control against its audio, dlib on frames upscaled to >= 256 px) and whose face it
+   shows (``pipelines.metrics.identity``: ``identity`` = dlib descriptor distance to the request
+   portrait, ``identity_control`` = to the other test people's portraits)
 10. stop the service; print the metrics beside the video path, and where the MLflow UI, the logs
     and the service are.
 
@@ -58,6 +60,7 @@ from core.paths import PROJECT_ROOT, resolve_tracking_uri
 from models.registry import latest_version
 from pipelines.faces.detect import make_detector
 from pipelines.media.video_decode import iter_frames
+from pipelines.metrics.identity import FaceDescriber, mean_distance, video_identity
 from pipelines.metrics.video_metrics import score_video
 from pipelines.samples.talking_heads import (
     SPLIT_FOLDERS,
@@ -71,7 +74,8 @@ STEPS = ("samples", "fit_vae", "ingest", "train", "register", "evaluate", "serve
 #: What the demo's voice says: a sentence that is in no sample video (tests/test_demo.py checks it).
 DEMO_SENTENCE = "Bright yellow kites were dancing above the harbour while the children laughed."
 #: Metrics printed beside the video (keys of pipelines.metrics.video_metrics.score_video / the evaluation JSON).
-SHOWN_METRICS = ("face_found_ratio", "sync", "sync_control", "psnr", "ssim", "lmd")
+SHOWN_METRICS = ("face_found_ratio", "sync", "sync_control", "identity", "identity_control", "identity_nearest",
+                 "psnr", "ssim", "lmd")
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".webm", ".avi"}
 TAIL_LINES = 15  # of a failing step's log, in its error message
 VAE_KEY_FILE = "fitted_vae.key"  # in the ingest folder: the fit whose VAE encoded its latents
@@ -162,7 +166,6 @@ class DemoSettings:
 
     train_steps: int = 400  # optimizer steps per stage
     vae_steps: int = 600  # optimizer steps of the VAE fit (training.fit_vae; 600 x 0.22 CPU s, estimated)
-    heldout_videos: int = 1  # sample videos in the test split
     train_lr: float = 1e-3  # the tiny U-Net learns from random init (the paper's 1e-5 is for SD-1.5 fine-tuning)
     stages: tuple[int, ...] = (1, 2)  # training stages, in order
     num_cpus: int = 2
@@ -218,8 +221,7 @@ def step_commands(paths: DemoPaths, settings: DemoSettings, python: str = sys.ex
     """The command line of each subprocess step (the same CLIs users and cluster jobs run)."""
     common = config_overrides(paths, settings)
     return {
-        "samples": [python, "-m", "pipelines.samples", "--output", str(paths.samples),
-                    "--heldout", str(settings.heldout_videos)],
+        "samples": [python, "-m", "pipelines.samples", "--output", str(paths.samples), "--heldout"],
         "fit_vae": [python, "-m", "training.fit_vae", "--samples", str(paths.train_samples),
                     "--out", str(paths.fitted_vae), "--steps", str(settings.vae_steps),
                     "--threads", str(settings.num_cpus), *common],
@@ -648,16 +650,52 @@ def make_request_inputs(video: Path, out_dir: Path, audio_seconds: float,
     return image, audio
 
 
-def score_demo_video(video: Path, audio: Path, fps: float = 25.0) -> dict[str, float]:
+def read_image(path: Path):
+    """uint8 RGB [H, W, 3] of an image file."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def score_demo_video(video: Path, audio: Path, portrait: Path, other_portraits: Sequence[Path] = (),
+                     fps: float = 25.0) -> dict[str, float]:
     """The generated video's own metrics against its request audio (no real frames exist for a
     new sentence): ``face_found_ratio``, ``sync``, ``sync_control``, ``glo``, ``exp`` of
-    :func:`pipelines.metrics.video_metrics.score_video` with dlib on frames upscaled to >= 256 px."""
+    :func:`pipelines.metrics.video_metrics.score_video` with dlib on frames upscaled to >= 256 px;
+    ``identity`` (dlib descriptor distance to the request ``portrait``), ``identity_control`` (mean
+    distance to ``other_portraits``: the other test people) and ``identity_nearest`` (1.0 when the
+    request portrait is the nearest of them all)."""
     import numpy as np
     import soundfile as sf
 
     frames = np.concatenate([c.frames for c in iter_frames(video, fps=fps)])
     samples, rate = sf.read(str(audio), dtype="float32", always_2d=True)
-    return score_video(frames, None, samples.mean(axis=1), rate, fps, make_detector("dlib"))
+    out = score_video(frames, None, samples.mean(axis=1), rate, fps, make_detector("dlib"))
+    describer = FaceDescriber()
+    own = video_identity(describer, frames, None, read_image(portrait))
+    out.update(own.metrics)
+    others = [mean_distance(own.generated, describer.describe(read_image(p)[None])[0][0]) for p in other_portraits]
+    others = [d for d in others if np.isfinite(d)]
+    if others:
+        out["identity_control"] = float(np.mean(others))
+        out["identity_nearest"] = float(out["identity"] < min(others))
+    return out
+
+
+def first_frames(samples: Path, out_dir: Path) -> list[Path]:
+    """The first frame (PNG) of every test-split video under ``samples``, name order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    for video in sorted(p for p in samples.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES):
+        image = out_dir / f"{video.stem}.png"
+        result = subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(video), "-frames:v", "1", str(image)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise StepError("score", f"ffmpeg could not read the first frame of {video}: {result.stderr.strip()}")
+        images.append(image)
+    return images
 
 
 def format_metrics(metrics: dict, keys: Sequence[str] = SHOWN_METRICS) -> str:
@@ -919,10 +957,12 @@ def run_demo(work: Path, settings: DemoSettings, console: Optional[Console] = No
 
     t0 = time.monotonic()
     try:
-        demo_metrics = score_demo_video(paths.video, audio)
+        others = [p for p in first_frames(paths.test_samples, paths.request / "test_portraits")
+                  if p.stem != request_video.stem]
+        demo_metrics = score_demo_video(paths.video, audio, image, others)
     except Exception as exc:  # noqa: BLE001 - a metric problem names the step, never a bare traceback
         raise StepError("score", f"{type(exc).__name__}: {exc}") from exc
-    say(f"score: {_short(paths.video)}: {format_metrics(demo_metrics)} (dlib landmarks, "
+    say(f"score: {_short(paths.video)}: {format_metrics(demo_metrics)} (dlib landmarks and face descriptors, "
         f"{time.monotonic() - t0:.0f} s)")
 
     mlflow_ui = (f"make mlflow-ui, or {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "

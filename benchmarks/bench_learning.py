@@ -1,23 +1,27 @@
-"""Does the tiny preset learn? ``sync``, ``sync_control`` and ``psnr`` of the test split against
-the training steps of stage 2, as a table and a PNG plot logged to MLflow.
+"""Does the tiny preset learn? ``sync``, ``sync_control``, ``identity``, ``identity_control`` and
+``psnr`` of the test split against the training steps of stage 2, as a table and a PNG plot
+logged to MLflow.
 
 Set-up: the demo's own first steps (``demo.step_commands``: sample videos with one held out as the
 test split, the tiny VAE fitted to the training faces, the ingest), then one ``train.py`` run of
 stage 1 and stage 2 (``LOOPY_BENCH_LEARNING_STEPS`` each, default 400: the demo's) with the
 demo's learning rate and EMA decay (``DemoSettings.ema_decay``: from the step count; the checkpoint
 evaluator scores the EMA weights, as the package holds them), evaluated every ``LOOPY_BENCH_LEARNING_EVERY`` steps (default 100) by the
-checkpoint evaluator with ``train.eval_videos=1``: the evaluation job's metrics
+checkpoint evaluator with ``train.eval_videos=3`` (the three test people, so that
+``identity_control`` has other references to compare with): the evaluation job's metrics
 (``training.evaluation.evaluate_package``: the first ``DemoSettings.audio_seconds`` (5 s, 125
 frames) of the test video generated from its reference frame and its own audio, the demo's DDIM steps, dlib landmarks
 on frames upscaled to >= 256 px) land in the stage-2 MLflow run as ``eval_face_found_ratio``,
-``eval_sync``, ``eval_sync_control``, ``eval_psnr`` at each evaluated step (``eval_sync`` is
+``eval_sync``, ``eval_sync_control``, ``eval_identity``, ``eval_identity_control``, ``eval_psnr``
+at each evaluated step (``eval_sync`` is
 missing at a step where no face was found: NaN is not logged). The table has one row per (step,
 metric); the plot (``learning_curve.png``) goes to that run's artifacts.
 ``LOOPY_BENCH_LEARNING_OVERRIDES`` adds ``section.key=value`` overrides to the train command
 (e.g. ``train.lr=0.0002``, ``sampler.audio_ratio=1`` or ``train.ema_decay=0.99``) for another
 point of the design space.
 
-Targets (issue 12, on the demo's output): ``sync`` >= 0.30 and >= 0.15 above ``sync_control``.
+Targets (issues 12 and 22, on the demo's output): ``sync`` >= 0.30 and >= 0.15 above
+``sync_control``; ``identity`` <= 0.6 and >= 0.1 below ``identity_control``.
 Everything is written under ``LOOPY_BENCH_LEARNING_WORK`` (default: a temporary folder; point it
 at a demo's ``--work`` folder to reuse its samples, fitted VAE and ingest). Not in the test suite:
 on 2 CPU cores the default schedule takes about 20 minutes after the set-up (``LOOPY_BENCH_QUICK=1``:
@@ -31,12 +35,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-CURVE_METRICS = ("eval_face_found_ratio", "eval_sync", "eval_sync_control", "eval_psnr")
+CURVE_METRICS = ("eval_face_found_ratio", "eval_sync", "eval_sync_control", "eval_identity", "eval_identity_control",
+                 "eval_psnr")
+TARGET_IDENTITY = 0.6
+TARGET_IDENTITY_MARGIN = 0.1
 TARGET_SYNC = 0.30
 TARGET_MARGIN = 0.15
 TARGET_FACE_FOUND = 0.90
 UNITS = {"eval_psnr": "dB", "eval_face_found_ratio": "share"}
-TARGETS = {"eval_sync": f">= {TARGET_SYNC}", "eval_face_found_ratio": f">= {TARGET_FACE_FOUND}"}
+UNITS.update({"eval_identity": "distance", "eval_identity_control": "distance"})
+TARGETS = {"eval_sync": f">= {TARGET_SYNC}", "eval_face_found_ratio": f">= {TARGET_FACE_FOUND}",
+           "eval_identity": f"<= {TARGET_IDENTITY}"}
 
 
 def _schedule() -> tuple[int, int]:
@@ -80,7 +89,7 @@ def prepare(work: Path, steps: int, every: int) -> tuple[list[str], list[str]]:
     train = [sys.executable, "train.py", "--data", str(paths.ingested), "--stages", "1,2", *common,
              f"train.max_steps={steps}", f"train.lr={settings.train_lr:g}", *settings.ema_overrides(),
              f"train.checkpoint_every={every}",
-             f"train.eval_every={every}", "train.eval_videos=1", f"train.eval_sample_steps={settings.sample_steps}",
+             f"train.eval_every={every}", "train.eval_videos=3", f"train.eval_sample_steps={settings.sample_steps}",
              f"evaluation.max_seconds={settings.audio_seconds:g}", *_extra_overrides()]
     return train, common
 
@@ -103,13 +112,14 @@ def curve(tracking_uri: str, experiment: str) -> tuple[str, dict[str, list[tuple
 
 
 def plot(hist: dict[str, list[tuple[int, float]]], out: Path) -> Path:
-    """Two panels: sync and sync_control (left), psnr (right), against the stage-2 step."""
+    """Three panels: sync and sync_control (left), identity and identity_control (middle), psnr
+    (right), against the stage-2 step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
     for name, style in (("eval_face_found_ratio", "^:"), ("eval_sync", "o-"), ("eval_sync_control", "s--")):
         if hist.get(name):
             steps, values = zip(*hist[name])
@@ -118,6 +128,14 @@ def plot(hist: dict[str, list[tuple[int, float]]], out: Path) -> Path:
     left.set_xlabel("stage-2 training step")
     left.set_ylabel("correlation / share of frames")
     left.legend()
+    for name, style in (("eval_identity", "o-"), ("eval_identity_control", "s--")):
+        if hist.get(name):
+            steps, values = zip(*hist[name])
+            middle.plot(steps, values, style, label=name.removeprefix("eval_"))
+    middle.axhline(TARGET_IDENTITY, color="grey", lw=0.8, ls=":", label=f"target identity {TARGET_IDENTITY}")
+    middle.set_xlabel("stage-2 training step")
+    middle.set_ylabel("face descriptor distance (lower: nearer)")
+    middle.legend()
     if hist.get("eval_psnr"):
         steps, values = zip(*hist["eval_psnr"])
         right.plot(steps, values, "o-")
@@ -149,12 +167,16 @@ def run() -> list[dict]:
             for step, value in hist[name]:
                 rows.append({"benchmark": "learning", "metric": f"{name.removeprefix('eval_')} @ step {step}",
                              "value": value, "unit": UNITS.get(name, "corr"), "target": TARGETS.get(name, ""),
-                             "note": f"tiny preset, {steps} steps per stage, 1 test video"})
+                             "note": f"tiny preset, {steps} steps per stage, 3 test videos"})
         if hist.get("eval_sync") and hist.get("eval_sync_control"):
             last_sync, last_ctrl = hist["eval_sync"][-1][1], hist["eval_sync_control"][-1][1]
             rows.append({"benchmark": "learning", "metric": "sync - sync_control (last)",
                          "value": last_sync - last_ctrl, "unit": "corr", "target": f">= {TARGET_MARGIN}",
                          "note": f"plot: MLflow run {run_id} artifact bench/learning_curve.png"})
+        if hist.get("eval_identity") and hist.get("eval_identity_control"):
+            rows.append({"benchmark": "learning", "metric": "identity_control - identity (last)",
+                         "value": hist["eval_identity_control"][-1][1] - hist["eval_identity"][-1][1],
+                         "unit": "distance", "target": f">= {TARGET_IDENTITY_MARGIN}", "note": ""})
         return rows
     finally:
         if tmp is not None:

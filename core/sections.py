@@ -155,7 +155,6 @@ class ReaderConfig:
     # Appearance augmentation (ours, not the paper's; docs/METHOD.md): one random change of colour
     # and geometry per training sample, the same for its reference, clip and motion frames, so a
     # model that memorises a look instead of reading the reference pays for it in the loss.
-    # Applied to the cached latents through the dataset's latent colour map (ingest_meta.json).
     appearance_aug: bool = True  # the tiny preset (the embedded default); configs/sd15.yaml turns it off
     aug_prob: float = 0.8  # share of training samples changed
     aug_hue_deg: float = 180.0  # hue rotation drawn from [-x, x] degrees (about the grey axis)
@@ -163,6 +162,10 @@ class ReaderConfig:
     aug_brightness: float = 0.25  # brightness offset drawn from [-x, x] (RGB in -1..1)
     aug_contrast: float = 0.25  # contrast scale drawn from [1 - x, 1 + x]
     aug_flip_prob: float = 0.5  # horizontal flip (latents and landmarks)
+    # where the change is made (pipelines/reader/appearance.py): "latent" through the dataset's linear
+    # latent <-> RGB map (free; for VAEs near-linear in colour, like SD's), "pixel" by decoding and
+    # re-encoding with the dataset's VAE (exact; one VAE round trip per frame), "auto" by the map's fit
+    appearance_space: Literal["auto", "latent", "pixel"] = "auto"
 
 
 # --- networks and inference -------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import numpy as np
 from inference.errors import BadInputError
 from pipelines.faces.crop import FILL_MODES, CropTrack, crop_frames, plan_crop_track
 from pipelines.faces.detect import choose_detection_scale, make_detector
+from pipelines.media.images import image_to_rgb
 
 
 class NoFaceError(BadInputError):
@@ -50,7 +51,7 @@ def load_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return image_to_rgb(img)  # 16-bit, greyscale, transparent: one rule (pipelines/media/images.py)
     except (OSError, ValueError) as exc:
         raise BadInputError(f"{path}: not a decodable image ({type(exc).__name__}: {exc})") from exc
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from core.sections import SamplerConfig
 from inference.errors import BadInputError
+from pipelines.media.images import image_to_rgb
 from serve.errors import UploadError
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -73,7 +74,7 @@ def decode_image(data: bytes, field: str = "image", max_pixels: int = 16_000_000
             upright = ImageOps.exif_transpose(img)  # phone photos: apply the EXIF orientation
             if upright.size[0] * upright.size[1] > max_pixels:
                 raise UploadError(422, field, "image is larger than the pixel limit")
-            rgb = np.asarray(upright.convert("RGB"), dtype=np.uint8)
+            rgb = image_to_rgb(upright)  # 16-bit, greyscale, transparent: pipelines/media/images.py
     except UploadError:
         raise
     except Image.DecompressionBombError:  # Pillow's own guard, at twice its MAX_IMAGE_PIXELS

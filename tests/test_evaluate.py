@@ -14,7 +14,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # evaluation settings kept small for the laptop: 2 s of each video, one DDIM step
 FAST = ["evaluation.max_seconds=2", "evaluation.steps=1"]
 NO_THRESHOLDS = ["evaluation.min_sync=null", "evaluation.min_sync_margin=null",
-                 "evaluation.min_face_found_ratio=null"]
+                 "evaluation.min_face_found_ratio=null", "evaluation.max_identity=null",
+                 "evaluation.min_identity_margin=null"]
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,12 @@ def test_evaluate_package_scores_the_split_against_the_source_frames(ingested, t
     assert video["sync_gt"] >= 0.3
     assert result["mean"]["videos"] == 1 and result["mean"]["psnr"] == video["psnr"]
     # no weights paths given: the learned metrics are skipped, each reason naming its setting
-    assert set(result["skipped"]) == {"lse_c", "lse_d", "fid", "fvd"}
+    assert set(result["skipped"]) == {"lse_c", "lse_d", "fid", "fvd", "csim"}
     assert "evaluation.fid_weights_path" in result["skipped"]["fid"]
+    assert "evaluation.arcface_path" in result["skipped"]["csim"]
+    # identity: the real frames are the reference's person (dlib's descriptor, same-person < 0.6)
+    assert video["identity_gt"] < 0.4 and "identity" in video
+    assert math.isnan(video["identity_control"])  # one test video: no other reference to compare with
     assert "evaluation.fvd_weights_path" in result["skipped"]["fvd"]
 
     # the frames decoded from the source line up with the ingest's: landmarks found on them match
@@ -149,11 +154,20 @@ def test_thresholds_fail_on_nan_and_skip_unset():
     from core.sections import EvaluationConfig
     from training.evaluation_job import check_thresholds
 
-    ev = EvaluationConfig(min_sync=0.3, min_sync_margin=0.15, min_face_found_ratio=None, max_lmd=0.1)
+    ev = EvaluationConfig(min_sync=0.3, min_sync_margin=0.15, min_face_found_ratio=None, max_lmd=0.1,
+                          max_identity=None, min_identity_margin=None)
     checks = check_thresholds({"sync": 0.5, "sync_margin": float("nan"), "lmd": 0.05}, ev)
     assert [(c["metric"], c["passed"]) for c in checks] == [("sync", True), ("sync_margin", False), ("lmd", True)]
     assert check_thresholds({"lmd": 0.2}, EvaluationConfig(min_sync=None, min_sync_margin=None,
-                                                           min_face_found_ratio=None, max_lmd=0.1))[0]["passed"] is False
+                                                           min_face_found_ratio=None, max_lmd=0.1, max_identity=None,
+                                                           min_identity_margin=None))[0]["passed"] is False
+    # identity is part of the alias decision by default: near its reference and clearly nearer
+    # than to the other references
+    only_identity = EvaluationConfig(min_sync=None, min_sync_margin=None, min_face_found_ratio=None)
+    passed = {c["metric"]: c["passed"] for c in check_thresholds({"identity": 0.45, "identity_margin": 0.2}, only_identity)}
+    assert passed == {"identity": True, "identity_margin": True}
+    passed = {c["metric"]: c["passed"] for c in check_thresholds({"identity": 0.7, "identity_margin": 0.05}, only_identity)}
+    assert passed == {"identity": False, "identity_margin": False}
 
 
 def test_bad_arguments_exit_2_before_ray(tmp_path, capsys, tiny_package):

@@ -52,6 +52,9 @@ def data_dir(tmp_path_factory):
 
 
 def cfg(**kw) -> ReaderConfig:
+    """Reader settings; the appearance augmentation is off unless asked for, because these tests
+    read provenance out of the synthetic latents (tests/test_appearance.py tests it on)."""
+    kw.setdefault("appearance_aug", False)
     return ReaderConfig(**kw)
 
 

@@ -23,10 +23,16 @@ loss plot, and a short sample video of the current model.
   over the whole split at the end (:func:`learned_metric_results`). LSE-D / LSE-C
   (``evaluation.syncnet_path``) are per video (``lse_d``, ``lse_c`` and ``_gt`` for the real
   frames), averaged into ``mean``.
+* Identity (:mod:`pipelines.metrics.identity`): per video ``identity`` / ``identity_gt`` (dlib
+  descriptor distance of the generated / real frames to the reference frame) and ``csim`` (with
+  ``evaluation.arcface_path``); over the split ``identity_control`` (distance to the other
+  videos' references), ``identity_margin`` (control - identity) and ``identity_nearest`` (share
+  of videos whose own reference is the nearest) (:func:`add_split_identity`).
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import logging
 import math
 from pathlib import Path
@@ -48,6 +54,7 @@ from inference.sampler import LoopySampler
 from pipelines.errors import PipelineError
 from pipelines.faces.detect import make_detector
 from pipelines.faces.motion_stats import clip_motion_stats, motion_stats_ratio
+from pipelines.metrics.identity import ArcFaceEmbedder, FaceDescriber, VideoIdentity, split_identity, video_identity
 from pipelines.reader.source import LoopySampleSource, collate
 from training.step import diffusion_loss, to_device
 
@@ -152,7 +159,52 @@ FEATURES_KEY = "learned_features"
 #: Metrics averaged into ``mean`` (per-video keys of score_video plus ``sync_margin``).
 MEAN_KEYS = ("psnr", "ssim", "lmd", "sync", "sync_control", "sync_margin", "glo", "exp", "glo_gt", "exp_gt",
              "sync_gt", "sync_control_gt", "face_found_ratio", "face_found_ratio_gt", "frames",
-             "generate_s", "score_s")
+             "generate_s", "score_s", "identity", "identity_gt", "identity_control", "identity_margin",
+             "identity_nearest", "identity_found_ratio", "csim")
+IDENTITY_KEY = "identity_descriptors"  # per-video descriptors for the split-level figures, popped before the JSON
+
+
+@dataclass
+class IdentityScorer:
+    """The identity metrics' networks, built once per process: dlib's descriptor always, ArcFace
+    when ``evaluation.arcface_path`` is given."""
+
+    describer: FaceDescriber
+    arcface: Optional[ArcFaceEmbedder]
+    frames: int
+
+    @classmethod
+    def build(cls, eval_cfg: EvaluationConfig, device: Any = "cpu") -> "IdentityScorer":
+        arc = ArcFaceEmbedder(eval_cfg.arcface_path, str(device)) if eval_cfg.arcface_path else None
+        return cls(FaceDescriber(eval_cfg.min_detect_side), arc, eval_cfg.identity_frames)
+
+    def score(self, generated: np.ndarray, real: Optional[np.ndarray], reference: np.ndarray) -> dict[str, Any]:
+        """``identity``, ``identity_gt``, ``identity_found_ratio``, ``csim`` (with ArcFace) and the
+        descriptors under :data:`IDENTITY_KEY`."""
+        v = video_identity(self.describer, generated, real, reference, self.frames)
+        out: dict[str, Any] = dict(v.metrics)
+        if self.arcface is not None:
+            out["csim"] = self.arcface.csim(generated, reference, self.frames)
+        out[IDENTITY_KEY] = {"generated": v.generated.tolist(), "reference": v.reference.tolist()}
+        return out
+
+
+def _float_rows(rows: Sequence[Sequence[Optional[float]]]) -> np.ndarray:
+    """[k, 128] float64 from lists of floats with None for NaN."""
+    return np.asarray([[np.nan if v is None else v for v in row] for row in rows], np.float64).reshape(-1, 128)
+
+
+def add_split_identity(records: Sequence[dict]) -> None:
+    """Pop :data:`IDENTITY_KEY` from the ``ok`` records and add each one's ``identity_control``,
+    ``identity_margin`` and ``identity_nearest`` against the split's other videos."""
+    have = [r for r in records if IDENTITY_KEY in r]
+    videos = []
+    for r in have:
+        d = r.pop(IDENTITY_KEY)  # lists of floats; None where JSON carried a NaN (the Ray path)
+        own = float("nan") if r.get("identity") is None else float(r["identity"])
+        videos.append(VideoIdentity({"identity": own}, _float_rows(d["generated"]), _float_rows([d["reference"]])[0]))
+    for r, extra in zip(have, split_identity(videos)):
+        r.update(extra)
 
 
 def metric_detector(eval_cfg: EvaluationConfig, dwpose_dir: Optional[str] = None):
@@ -162,7 +214,8 @@ def metric_detector(eval_cfg: EvaluationConfig, dwpose_dir: Optional[str] = None
 
 def evaluate_row(sampler: LoopySampler, detector, data_dir: str | Path, row: dict, eval_cfg: EvaluationConfig,
                  steps: Optional[int] = None, keep_frames: bool = False,
-                 networks: Optional[FeatureNetworks] = None) -> dict[str, Any]:
+                 networks: Optional[FeatureNetworks] = None, identity: Optional[IdentityScorer] = None
+                 ) -> dict[str, Any]:
     """Generate and score one manifest row (``video_id``, ``source``) of an ingest output.
 
     Returns ``{"video_id", "status": "ok", "real_from", "notes", **metrics}`` (plus
@@ -191,6 +244,9 @@ def evaluate_row(sampler: LoopySampler, detector, data_dir: str | Path, row: dic
         out.update(lse)
         if note:
             out["notes"].append(note)
+    if identity is not None:  # outside the try, as above
+        ref = result.real[min(eval_cfg.reference_frame, len(result.real) - 1)]
+        out.update(identity.score(result.generated, result.real, ref))
     if keep_frames:
         out["evaluation"] = result
         out["samples"] = video.samples
@@ -217,7 +273,8 @@ def skipped_metrics(eval_cfg: EvaluationConfig, notes: Optional[dict[str, str]] 
     out = {}
     for names, key, what in ((("lse_c", "lse_d"), "syncnet_path", "SyncNet"),
                              (("fid",), "fid_weights_path", "FID network (e.g. Inception-v3 pool3 TorchScript)"),
-                             (("fvd",), "fvd_weights_path", "FVD network (e.g. the I3D TorchScript)")):
+                             (("fvd",), "fvd_weights_path", "FVD network (e.g. the I3D TorchScript)"),
+                             (("csim",), "arcface_path", "ArcFace network (TorchScript, aligned 112 px faces)")):
         for name in names:
             if not getattr(eval_cfg, key):
                 out[name] = f"no {what} given (evaluation.{key}); weights are never downloaded"
@@ -261,8 +318,11 @@ def evaluate_package(package_dir: str | Path, data_dir: str | Path, split: str =
     if limit is not None:
         rows = rows[: int(limit)]
     detector = metric_detector(eval_cfg, sampler.cfg.weights.dwpose_dir)
-    results = [evaluate_row(sampler, detector, data_dir, row, eval_cfg, steps, networks=networks) for row in rows]
+    identity = IdentityScorer.build(eval_cfg, sampler.device)
+    results = [evaluate_row(sampler, detector, data_dir, row, eval_cfg, steps, networks=networks, identity=identity)
+               for row in rows]
     ok = [r for r in results if r["status"] == "ok"]
     learned, skipped = learned_metric_results(eval_cfg, ok)
+    add_split_identity(ok)
     return {"split": split, "videos": ok, "mean": {**mean_metrics(ok), **learned},
             "rejected": [r for r in results if r["status"] != "ok"], "skipped": skipped}

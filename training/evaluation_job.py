@@ -52,6 +52,8 @@ from training.errors import TrainingError
 from training.evaluation import (
     FEATURES_KEY,
     evaluate_row,
+    IdentityScorer,
+    add_split_identity,
     learned_metric_results,
     mean_metrics,
     metric_detector,
@@ -163,6 +165,7 @@ class VideoEvaluator:
         self.sampler = LoopySampler.from_package(model_uri, device=self.eval_cfg.device, tracking_uri=tracking_uri)
         self.detector = metric_detector(self.eval_cfg, self.sampler.cfg.weights.dwpose_dir)
         self.networks = load_feature_networks(self.eval_cfg, self.sampler.device)
+        self.identity = IdentityScorer.build(self.eval_cfg, self.sampler.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {c: [] for c in RESULT_COLUMNS}
@@ -170,7 +173,7 @@ class VideoEvaluator:
             row = {"video_id": str(batch["video_id"][i]), "source": str(batch["source"][i])}
             want_video = bool(batch["side_by_side"][i])
             record = evaluate_row(self.sampler, self.detector, self.data_dir, row, self.eval_cfg,
-                                  keep_frames=want_video, networks=self.networks)
+                                  keep_frames=want_video, networks=self.networks, identity=self.identity)
             features = b""
             if FEATURES_KEY in record:
                 buf = io.BytesIO()
@@ -246,7 +249,8 @@ def check_thresholds(mean: dict[str, float], ev: EvaluationConfig) -> list[dict[
     "value", "passed"}``; a NaN / missing value fails."""
     specs = (("sync", ">=", ev.min_sync), ("sync_margin", ">=", ev.min_sync_margin),
              ("face_found_ratio", ">=", ev.min_face_found_ratio), ("psnr", ">=", ev.min_psnr),
-             ("lmd", "<=", ev.max_lmd))
+             ("lmd", "<=", ev.max_lmd), ("identity", "<=", ev.max_identity),
+             ("identity_margin", ">=", ev.min_identity_margin))
     checks = []
     for metric, op, threshold in specs:
         if threshold is None:
@@ -350,6 +354,7 @@ def run_evaluation(prep: PreparedEvaluation, echo: Callable[[str], None] = print
     rejected += [{"video_id": vid, "status": "rejected", "reason": "no result came back from Ray Data"}
                  for vid in sorted(missing)]
     learned, skipped = learned_metric_results(ev, ok)  # pops the features from the records
+    add_split_identity(ok)  # pops the identity descriptors from the records
     mean = mean_metrics([{k: (float("nan") if v is None else v) for k, v in r.items()} for r in ok])
     mean.update(learned)
     checks = check_thresholds(mean, ev)

@@ -63,6 +63,9 @@ class IngestMeta:
     sample_rate: int
     weights: dict  # where the VAE / wav2vec2 came from
     vae_scaling_factor: float
+    # the VAE's linear latent <-> RGB relation (pipelines.encoders.latents.LatentColourMap.to_dict);
+    # None in directories written before it existed (the reader's appearance augmentation needs it)
+    latent_rgb_map: Optional[dict] = None
 
     def write(self, out_dir: Path) -> None:
         (Path(out_dir) / META_NAME).write_text(json.dumps(asdict(self), indent=2))

@@ -15,6 +15,7 @@ Conventions:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
@@ -99,3 +100,71 @@ class LatentCodec:
                 chunks.append(x.cpu().numpy())
         return np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), np.uint8)
 
+
+
+@dataclass(frozen=True)
+class LatentColourMap:
+    """The linear relation between a VAE's scaled latents and colour, per latent position.
+
+    ``decode`` float [3, C + 1]: RGB in -1..1 of the pixel block behind one latent position
+    ~= ``decode @ [z; 1]``. ``encode`` float [C, 4]: ``z ~= encode @ [rgb; 1]``. Both are least-squares
+    fits (``r2_decode`` / ``r2_encode``: the share of variance they explain) on smooth random colour
+    fields, the stimulus that isolates colour from structure. Used by the reader's appearance
+    augmentation to recolour cached latents without a VAE (:mod:`pipelines.reader.appearance`).
+    """
+
+    decode: np.ndarray
+    encode: np.ndarray
+    r2_decode: float
+    r2_encode: float
+
+    def to_dict(self) -> dict:
+        return {"decode": self.decode.round(6).tolist(), "encode": self.encode.round(6).tolist(),
+                "r2_decode": round(float(self.r2_decode), 4), "r2_encode": round(float(self.r2_encode), 4)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LatentColourMap":
+        dec = np.asarray(data["decode"], np.float64)
+        enc = np.asarray(data["encode"], np.float64)
+        c = enc.shape[0]
+        if dec.shape != (3, c + 1) or enc.shape != (c, 4):
+            raise ValueError(f"latent colour map: decode {dec.shape} / encode {enc.shape} are not [3, C+1] / [C, 4]")
+        return cls(dec, enc, float(data.get("r2_decode", float("nan"))), float(data.get("r2_encode", float("nan"))))
+
+    def recolour(self, latents: np.ndarray, matrix: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        """Latents [..., C, h, w] whose colour is ``matrix @ rgb + offset`` (RGB in -1..1,
+        ``matrix`` [3, 3], ``offset`` [3]) where it was ``rgb``; float32, same shape."""
+        z = np.moveaxis(np.asarray(latents, np.float64), -3, -1)  # [..., h, w, C]
+        rgb = z @ self.decode[:, :-1].T + self.decode[:, -1]  # [..., h, w, 3]
+        delta = rgb @ (np.asarray(matrix, np.float64) - np.eye(3)).T + np.asarray(offset, np.float64)
+        z = z + delta @ self.encode[:, :3].T
+        return np.moveaxis(z, -1, -3).astype(np.float32)
+
+
+def _least_squares(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """W [out, in + 1] with y ~= W @ [x; 1] (rows are samples), and its R^2."""
+    xa = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    w, *_ = np.linalg.lstsq(xa, y, rcond=None)
+    resid = y - xa @ w
+    r2 = 1.0 - float((resid ** 2).sum() / max(((y - y.mean(0)) ** 2).sum(), 1e-12))
+    return w.T, r2
+
+
+def fit_colour_map(codec: LatentCodec, size: int = 64, count: int = 48, seed: int = 0) -> LatentColourMap:
+    """Fit :class:`LatentColourMap` for ``codec``'s VAE on ``count`` smooth random colour fields
+    of ``size`` px (the VAE is convolutional, so a small size serves any crop size)."""
+    from scipy.ndimage import zoom
+
+    rng = np.random.default_rng(seed)
+    cells = rng.uniform(0, 1, size=(count, 4, 4, 3))
+    fields = np.stack([zoom(c, (size / 4, size / 4, 1), order=1)[:size, :size] for c in cells])
+    frames = (np.clip(fields, 0, 1) * 255 + 0.5).astype(np.uint8)  # [n, S, S, 3]
+    z = codec.encode(frames).astype(np.float64)  # [n, C, h, w]
+    d = codec.downsample
+    h = size // d
+    rgb = frames.astype(np.float64).reshape(count, h, d, h, d, 3).mean(axis=(2, 4)) / 127.5 - 1.0  # [n, h, h, 3]
+    zr = np.moveaxis(z, 1, -1).reshape(-1, z.shape[1])
+    rr = rgb.reshape(-1, 3)
+    dec, r2d = _least_squares(zr, rr)
+    enc, r2e = _least_squares(rr, zr)
+    return LatentColourMap(dec, enc, r2d, r2e)

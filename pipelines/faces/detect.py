@@ -113,6 +113,11 @@ def dlib_shape_predictor_path() -> Path:
     return _face_model_path("shape_predictor_68_face_landmarks.dat", "68-point model")
 
 
+def dlib_face_descriptor_path() -> Path:
+    """``face_recognition_models``' 128-d face descriptor network (a ResNet)."""
+    return _face_model_path("dlib_face_recognition_resnet_model_v1.dat", "face descriptor network")
+
+
 def dlib_cnn_detector_path() -> Path:
     """``face_recognition_models``' MMOD CNN face detector file."""
     return _face_model_path("mmod_human_face_detector.dat", "CNN face detector model")

@@ -25,6 +25,37 @@ INNER_MOUTH = tuple(range(60, 68))
 UPPER_FACE = (0, 1, 2) + tuple(range(17, 48)) + (14, 15, 16)
 assert len(UPPER_FACE) == 37
 
+
+def _mirror_order() -> tuple[int, ...]:
+    """Index of each point's mirror image across the face's vertical axis (left <-> right)."""
+    pairs = [*zip(range(0, 17), range(16, -1, -1)),  # jaw
+             *zip(range(17, 27), range(26, 16, -1)),  # brows
+             *((i, i) for i in range(27, 31)),  # nose bridge
+             *zip(range(31, 36), range(35, 30, -1)),  # nostrils
+             *zip((36, 37, 38, 39, 40, 41), (45, 44, 43, 42, 47, 46)),  # eyes (corners, lids)
+             *zip(range(48, 55), range(54, 47, -1)), *zip(range(55, 60), range(59, 54, -1)),  # outer lips
+             *zip(range(60, 65), range(64, 59, -1)), *zip(range(65, 68), range(67, 64, -1))]  # inner lips
+    order = [0] * NUM_LANDMARKS
+    for a, b in pairs:
+        order[a], order[b] = b, a
+    return tuple(order)
+
+
+#: ``points[MIRROR_ORDER]`` relabels the points of a horizontally flipped face (point i of the
+#: flipped face is point MIRROR_ORDER[i] of the original, its x mirrored)
+MIRROR_ORDER = _mirror_order()
+assert sorted(MIRROR_ORDER) == list(range(NUM_LANDMARKS))
+
+
+def mirror_landmarks(points: np.ndarray, width: float = 1.0) -> np.ndarray:
+    """Landmarks [..., 68, 2] of the horizontally flipped image (``x -> width - x``), relabelled
+    so that index i is again point i of the 68-point layout."""
+    points = np.asarray(points)
+    out = points[..., MIRROR_ORDER, :].copy()
+    out[..., 0] = width - out[..., 0]
+    return out
+
+
 # COCO-WholeBody (133 keypoints): 0-16 body, 17-22 feet, 23-90 face (68), 91-132 hands.
 WHOLEBODY_NUM_KEYPOINTS = 133
 DWPOSE_FACE_SLICE = slice(23, 91)

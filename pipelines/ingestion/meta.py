@@ -8,6 +8,9 @@ Where each value comes from (nothing is replaced by a guess):
   VAE stage then encodes with, so it is the right one; this is logged. A config that cannot be
   read, or a field that is not a positive number, is a :class:`ModelConfigError` naming the file
   and the field.
+* ``latent_rgb_map``: the linear latent <-> RGB relation of this VAE
+  (:func:`pipelines.encoders.latents.fit_colour_map`, fitted on smooth colour fields when the
+  meta is written; the reader's appearance augmentation recolours cached latents with it).
 * ``latent_shape`` [4, S/8, S/8] and ``audio_shape`` [L, D] (L transformer layers of wav2vec2,
   width D): those of this run's frames; else those recorded in an existing frame file of the
   directory; else those of an existing ``ingest_meta.json``; else (nothing ingested at all) the
@@ -31,6 +34,7 @@ import pyarrow.parquet as pq
 
 from core.sections import PlatformConfig
 from core.weights import WeightPaths
+from pipelines.encoders.latents import LatentCodec, fit_colour_map
 from pipelines.dataset.schema import (
     META_NAME,
     SCHEMA_VERSION,
@@ -173,6 +177,7 @@ def write_ingest_meta(out: Path, cfg: PlatformConfig, weights: WeightPaths, fact
         weights={"preset": cfg.weights.preset, "vae": weights.vae, "wav2vec2": weights.wav2vec2,
                  "detector": cfg.ingest.detector},
         vae_scaling_factor=facts.vae_scaling_factor,
+        latent_rgb_map=fit_colour_map(LatentCodec(weights.vae, cfg.weights.local_files_only)).to_dict(),
     )
     meta.write(out)
     return meta

@@ -102,10 +102,14 @@ def validate_reader_config(cfg: ReaderConfig) -> None:
     if cfg.samples_per_video < 1:
         raise ConfigError(f"reader.samples_per_video must be >= 1, got {cfg.samples_per_video}")
     for name in ("early_start_prob", "p_drop_audio", "p_drop_motion_cond", "p_drop_ref",
-                 "p_drop_motion_frames"):
+                 "p_drop_motion_frames", "aug_prob", "aug_flip_prob"):
         p = getattr(cfg, name)
         if not 0.0 <= p <= 1.0:
             raise ConfigError(f"reader.{name} must be a probability in [0, 1], got {p}")
+    for name, top in (("aug_hue_deg", 180.0), ("aug_saturation", 1.0), ("aug_brightness", 1.0), ("aug_contrast", 1.0)):
+        v = getattr(cfg, name)
+        if not 0.0 <= v <= top:
+            raise ConfigError(f"reader.{name} must be in [0, {top:g}], got {v}")
 
 
 def valid_clip_starts(num_frames: int, clip_frames: int, ref_min_distance: int) -> np.ndarray:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -57,7 +58,15 @@ from core.temporal_segment import TemporalSegmentModule
 from pipelines.dataset.schema import FrameStore, IngestFormatError, frames_path
 from pipelines.encoders.audio_features import audio_window_indices
 from pipelines.errors import PipelineError
+from pipelines.encoders.latents import LatentCodec, LatentColourMap
 from pipelines.faces.motion_stats import expression_var, head_motion_var
+from pipelines.reader.appearance import (
+    appearance_space,
+    change_landmarks,
+    change_latents,
+    change_latents_in_pixels,
+    draw_change,
+)
 from pipelines.reader.sample_spec import (
     SampleSpec,
     VideoEntry,
@@ -126,6 +135,25 @@ class LoopySampleSource:
         missing = [c for c in _MANIFEST_COLUMNS if c not in manifest.column_names]
         if missing:
             raise IngestFormatError(f"{self.data_dir / 'videos.parquet'}: manifest lacks columns {missing}")
+        self.colour_map: Optional[LatentColourMap] = None
+        if reader_cfg.appearance_aug and not self.evaluation:
+            if self.store.meta.latent_rgb_map is None:
+                raise IngestFormatError(
+                    f"{self.data_dir / 'ingest_meta.json'}: no latent colour map (latent_rgb_map), which "
+                    f"reader.appearance_aug needs: re-run the ingest job on this folder, or set "
+                    f"reader.appearance_aug=false")
+            self.colour_map = LatentColourMap.from_dict(self.store.meta.latent_rgb_map)
+        self.codec: Optional[LatentCodec] = None  # the dataset's VAE, for appearance_space "pixel"
+        if self.colour_map is not None and appearance_space(reader_cfg, self.colour_map) == "pixel":
+            vae = (self.store.meta.weights or {}).get("vae")
+            try:
+                self.codec = _cached_codec(str(vae))
+            except Exception as exc:  # noqa: BLE001 - any load failure: say which setting needs what
+                raise IngestFormatError(
+                    f"{self.data_dir / 'ingest_meta.json'}: the appearance augmentation in pixels "
+                    f"(reader.appearance_space={reader_cfg.appearance_space}) needs the dataset's VAE "
+                    f"{vae!r}, which cannot be loaded ({type(exc).__name__}: {exc}); set "
+                    f"reader.appearance_space=latent or reader.appearance_aug=false") from exc
         self.segment: Optional[TemporalSegmentModule] = None
         if reader_cfg.stage == 2:
             self.segment = TemporalSegmentModule(reader_cfg.motion_frames, reader_cfg.segment_stride,
@@ -216,6 +244,21 @@ class LoopySampleSource:
         out["landmarks"] = lm
         out["head_motion_var"] = head_motion_var(lm)
         out["expression_var"] = expression_var(lm)
+        if self.colour_map is not None:  # one look for the whole sample (pipelines/reader/appearance.py)
+            change = draw_change(np.random.default_rng([cfg.seed, 7919, spec.video_index, spec.clip_start,
+                                                        spec.ref_index]), cfg)
+            if change is not None:
+                keys = [k for k in ("latents", "ref_latent", "motion_latents") if k in out]
+                if self.codec is not None:  # one VAE round trip for every frame of the sample
+                    flat = [np.asarray(out[k], np.float32).reshape(-1, *out["ref_latent"].shape) for k in keys]
+                    changed = np.split(change_latents_in_pixels(np.concatenate(flat), change, self.codec),
+                                       np.cumsum([len(f) for f in flat])[:-1])
+                    for k, v in zip(keys, changed):
+                        out[k] = v.reshape(np.shape(out[k]))
+                else:
+                    for k in keys:
+                        out[k] = change_latents(out[k], change, self.colour_map)
+                out["landmarks"] = change_landmarks(lm, change)
         for name in ("drop_audio", "drop_motion_cond", "drop_ref", "drop_motion_frames", "a2l_kind"):
             out[name] = np.asarray(getattr(spec, name))
         out["clip_frame_indices"] = clip
@@ -264,6 +307,12 @@ def collate(samples: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]
 
 _SOURCES: dict[tuple, LoopySampleSource] = {}  # per worker process: open FrameStores are reused
 _SPEC_FIELDS = [f.name for f in dataclasses.fields(SampleSpec)]
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_codec(location: str) -> LatentCodec:
+    """The dataset's VAE, loaded once per process (reader tasks are long-lived workers)."""
+    return LatentCodec(location, local_files_only=True)
 
 
 def _cached_source(data_dir: str, cfg_dict: dict, split: Optional[str]) -> LoopySampleSource:

@@ -13,6 +13,11 @@ reader returned:
 
 ``content="random"`` fills latents and audio with seeded Gaussian noise instead (realistic
 compression for benchmarks); landmarks are the same.
+
+``content="still"``: each video is one still "picture" (a smooth random latent field, its own
+colour per video in channels 0-2, which the synthetic colour map reads as RGB) plus small noise
+per frame; a model can only predict a video's frames by reading its reference (the reference-path
+tests train on it).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from pipelines.dataset.schema import (
     frame_schema,
     frames_path,
 )
+from pipelines.encoders.latents import LatentColourMap
 from pipelines.faces.motion_stats import NOSE_TIP, UPPER_FACE
 
 FPS = 25.0
@@ -54,6 +60,16 @@ def video_id_of(number: int) -> str:
     return f"synth{number:04d}"
 
 
+def synthetic_colour_map(channels: int) -> LatentColourMap:
+    """Synthetic latents have no VAE: their colour is defined as their first three channels
+    (RGB = z[:3], exactly), so the reader's appearance augmentation works on them too."""
+    decode = np.zeros((3, channels + 1))
+    decode[:, :3] = np.eye(3)
+    encode = np.zeros((channels, 4))
+    encode[:3, :3] = np.eye(3)
+    return LatentColourMap(decode, encode, 1.0, 1.0)
+
+
 def synthetic_landmarks(frame_indices: np.ndarray, number: int) -> np.ndarray:
     """[F] frame indices of video ``number`` -> [F, 68, 2] float32 crop-normalised landmarks.
 
@@ -72,6 +88,16 @@ def synthetic_landmarks(frame_indices: np.ndarray, number: int) -> np.ndarray:
     return lm.astype(np.float32)
 
 
+def still_latent(number: int, latent_shape: Sequence[int], seed: int = 0) -> np.ndarray:
+    """The picture of video ``number`` for ``content="still"``: float32 [C, h, w], a smooth random
+    field (bilinear upsampling of a 3 x 3 grid) of unit scale, deterministic by (seed, number)."""
+    from scipy.ndimage import zoom
+
+    c, h, w = (int(x) for x in latent_shape)
+    grid = np.random.default_rng([seed, 4242, number]).standard_normal((c, 3, 3))
+    return zoom(grid, (1, h / 3, w / 3), order=1)[:, :h, :w].astype(np.float32)
+
+
 def _fixed_list(values: np.ndarray, arrow_type: pa.DataType) -> pa.FixedSizeListArray:
     n = values.shape[0]
     flat = pa.array(values.reshape(-1), type=arrow_type)
@@ -82,7 +108,11 @@ def _frame_table(video: SyntheticVideo, start: int, stop: int, latent_shape, aud
                  content: str, rng: np.random.Generator, schema: pa.Schema) -> pa.Table:
     idx = np.arange(start, stop)
     n = idx.size
-    if content == "index":
+    if content == "still":
+        noise = rng.standard_normal((n, *latent_shape), dtype=np.float32)
+        lat = (still_latent(video.number, latent_shape)[None] + 0.05 * noise).astype(np.float16)
+        aud = rng.standard_normal((n, *audio_shape), dtype=np.float32).astype(np.float16)
+    elif content == "index":
         lat = np.full((n, *latent_shape), 0.5, dtype=np.float16)
         lat[:, 0] = idx[:, None, None]
         lat[:, 1] = video.number
@@ -109,7 +139,7 @@ def _frame_table(video: SyntheticVideo, start: int, stop: int, latent_shape, aud
 def write_synthetic_ingest(out_dir: str | Path, num_frames: Sequence[int] = (40, 80, 136, 200),
                            latent_shape: Sequence[int] = (4, 8, 8), audio_shape: Sequence[int] = (2, 4),
                            splits: Optional[Sequence[str]] = None, num_rejected: int = 1,
-                           content: Literal["index", "random"] = "index", seed: int = 0,
+                           content: Literal["index", "random", "still"] = "index", seed: int = 0,
                            chunk_frames: int = 50) -> list[SyntheticVideo]:
     """Write a complete ingest output to ``out_dir``: one ``ok`` video per entry of ``num_frames``
     (numbers 0, 1, ...; split from ``splits`` or all "train") and ``num_rejected`` rejected rows
@@ -125,7 +155,8 @@ def write_synthetic_ingest(out_dir: str | Path, num_frames: Sequence[int] = (40,
         raise ValueError(f"{len(splits)} splits for {len(num_frames)} videos")
     IngestMeta(schema_version=SCHEMA_VERSION, fps=FPS, crop_size=latent_shape[-1] * 8,
                latent_shape=list(latent_shape), audio_shape=list(audio_shape), sample_rate=16000,
-               weights={"preset": "synthetic"}, vae_scaling_factor=0.18215).write(out)
+               weights={"preset": "synthetic"}, vae_scaling_factor=0.18215,
+               latent_rgb_map=synthetic_colour_map(latent_shape[0]).to_dict()).write(out)
     schema = frame_schema(latent_shape, audio_shape)
     rng = np.random.default_rng(seed)
     videos: list[SyntheticVideo] = []

@@ -1,8 +1,10 @@
 """Synthetic talking-head videos for tests and the demo (offline, deterministic by seed).
 
-Each sample shows a real face photo shipped with scikit-image (``skimage.data.astronaut()``)
-with smooth head motion (small translation, in-plane rotation and scale over time) and a mouth
-that opens with the loudness of the speech track, so audio and motion correlate. Speech comes
+Each sample shows one person of :data:`pipelines.samples.identities.IDENTITIES` (15 people made
+from two public-domain portrait photos: 12 for training, 3 only in the test split) with smooth
+head motion (small translation, in-plane rotation and scale over time) and a mouth that opens
+with the loudness of the speech track, so audio and motion correlate. Framing (the face's share
+of the frame) differs between videos. Speech comes
 from espeak-ng (a different sentence per video). Frames are rendered with PIL and encoded with
 ffmpeg (libx264 + AAC) from a raw RGB pipe.
 
@@ -12,7 +14,7 @@ frame rate), audio sample rates (16, 22.05, 44.1, 48 kHz, one stereo), sizes (32
 the container's display matrix.
 
 CLI: ``python -m pipelines.samples --output DIR [--seconds S] [--seed N] [--with-bad]
-[--heldout K]``. ``--heldout K`` writes the first K videos of the set to ``DIR/heldout/`` and the
+[--heldout]``. ``--heldout`` writes the videos of the test identities to ``DIR/heldout/`` and the
 rest to ``DIR/train/``: ingested with ``ingest.split_key=folder ingest.test_fraction=0.5`` the
 ``heldout`` folder is the test split and ``train`` the training split (``folder:heldout`` hashes
 to 0.357, ``folder:train`` to 0.919; :data:`SPLIT_FOLDERS`), whatever bytes the local ffmpeg
@@ -33,6 +35,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pipelines.errors import PipelineError
+from pipelines.samples.identities import IDENTITIES, FacePhoto, identity_photo
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +79,33 @@ class SampleSpec:
     rotation: int = 0
     vfr: bool = False
     audio: bool = True
+    identity: str = "id00"  # a name in IDENTITIES (id00 is the astronaut photo as it is)
+    face_frac: float = 0.38  # landmark-box side / the frame's shorter side
+
+    @property
+    def split(self) -> str:
+        """``test`` when the video's person is a test identity, else ``train``."""
+        return next(s.split for s in IDENTITIES if s.name == self.identity)
 
 
+#: One video per identity (15 people: the 12 training people, then the 3 test people), with the
+#: frame-rate / sample-rate / size / rotation mix spread over them.
 SAMPLE_SPECS: tuple[SampleSpec, ...] = (
-    SampleSpec("talk_25fps_16k", "25", 16000, 1, 320, 320),
-    SampleSpec("talk_30fps_22k", "30", 22050, 1, 320, 320),
-    SampleSpec("talk_29.97fps_44k", "30000/1001", 44100, 1, 320, 320),
-    SampleSpec("talk_60fps_48k_stereo", "60", 48000, 2, 320, 320),
-    SampleSpec("talk_25fps_48k_portrait", "25", 48000, 1, 360, 640),
-    SampleSpec("talk_30fps_16k_rot90", "30", 16000, 1, 360, 640, rotation=90),
-    SampleSpec("talk_vfr_44k", "60", 44100, 1, 320, 320, vfr=True),
+    SampleSpec("talk_25fps_16k", "25", 16000, 1, 320, 320, identity="id00"),
+    SampleSpec("talk_30fps_22k", "30", 22050, 1, 320, 320, identity="id01", face_frac=0.34),
+    SampleSpec("talk_29.97fps_44k", "30000/1001", 44100, 1, 320, 320, identity="id02", face_frac=0.42),
+    SampleSpec("talk_60fps_48k_stereo", "60", 48000, 2, 320, 320, identity="id03", face_frac=0.36),
+    SampleSpec("talk_25fps_48k_portrait", "25", 48000, 1, 360, 640, identity="id04", face_frac=0.40),
+    SampleSpec("talk_30fps_16k_rot90", "30", 16000, 1, 360, 640, rotation=90, identity="id05", face_frac=0.36),
+    SampleSpec("talk_vfr_44k", "60", 44100, 1, 320, 320, vfr=True, identity="id06", face_frac=0.40),
+    SampleSpec("talk_25fps_22k_id07", "25", 22050, 1, 320, 320, identity="id07", face_frac=0.32),
+    SampleSpec("talk_30fps_48k_id08", "30", 48000, 1, 320, 320, identity="id08", face_frac=0.44),
+    SampleSpec("talk_25fps_44k_id09", "25", 44100, 1, 360, 640, identity="id09", face_frac=0.34),
+    SampleSpec("talk_29.97fps_16k_id10", "30000/1001", 16000, 1, 320, 320, identity="id10", face_frac=0.38),
+    SampleSpec("talk_25fps_16k_id11", "25", 16000, 2, 320, 320, identity="id11", face_frac=0.41),
+    SampleSpec("talk_25fps_16k_test0", "25", 16000, 1, 320, 320, identity="test0", face_frac=0.38),
+    SampleSpec("talk_30fps_44k_test1", "30", 44100, 1, 320, 320, identity="test1", face_frac=0.36),
+    SampleSpec("talk_25fps_22k_test2", "25", 22050, 1, 360, 640, identity="test2", face_frac=0.40),
 )
 
 
@@ -144,16 +164,30 @@ def loudness_envelope(audio: np.ndarray, sr: int, times_s: np.ndarray, window_s:
 
 
 class TalkingHeadRenderer:
-    """Renders frames of the moving astronaut face; motion is a smooth function of time."""
+    """Renders frames of one moving face; motion is a smooth function of time.
 
-    def __init__(self, width: int, height: int, rng: np.random.Generator):
+    ``photo``: the person (a :class:`~pipelines.samples.identities.FacePhoto`); None is the
+    astronaut photo with its measured face geometry. ``face_frac``: the face's landmark-box side
+    as a share of the frame's shorter side (before the small scale motion)."""
+
+    def __init__(self, width: int, height: int, rng: np.random.Generator, photo: Optional[FacePhoto] = None,
+                 face_frac: float = 0.38):
         from PIL import Image
-        from skimage import data
 
-        photo = np.pad(data.astronaut(), ((_PAD, _PAD), (_PAD, _PAD), (0, 0)), mode="reflect")
-        self.photo = Image.fromarray(photo)
+        if photo is None:
+            from skimage import data
+
+            image = data.astronaut()
+            self.face_centre, self.face_size = _FACE_CENTRE, _FACE_SIZE
+            self.mouth_centre, self.mouth_width = _MOUTH_CENTRE, _MOUTH_WIDTH
+        else:
+            image = photo.image
+            self.face_centre, self.face_size = photo.face_centre, photo.face_size
+            self.mouth_centre, self.mouth_width = photo.mouth_centre, photo.mouth_width
+        padded = np.pad(image, ((_PAD, _PAD), (_PAD, _PAD), (0, 0)), mode="edge")  # reflect would mirror a second face in
+        self.photo = Image.fromarray(padded)
         self.width, self.height = width, height
-        self.base_scale = 0.38 * min(width, height) / _FACE_SIZE
+        self.base_scale = face_frac * min(width, height) / self.face_size
         self.centre = (width / 2.0, height * (0.5 if height <= width else 0.42))
         # motion: amplitudes (pixels in face sizes, degrees, relative scale) and random phases
         self.freq = rng.uniform(0.15, 0.35, size=4)  # Hz
@@ -163,7 +197,7 @@ class TalkingHeadRenderer:
     def pose(self, t: float) -> tuple[float, float, float, float]:
         """(dx px, dy px, angle deg ccw, scale) at time ``t`` seconds."""
         w = np.sin(2 * np.pi * self.freq * t + self.phase) * self.amp
-        face_px = _FACE_SIZE * self.base_scale
+        face_px = self.face_size * self.base_scale
         return float(w[0] * face_px), float(w[1] * face_px), float(w[2]), float(self.base_scale * (1 + w[3]))
 
     def render(self, t: float, mouth_open: float) -> np.ndarray:
@@ -174,7 +208,7 @@ class TalkingHeadRenderer:
         a = np.radians(angle)
         cos, sin = np.cos(a), np.sin(a)
         cx, cy = self.centre[0] + dx, self.centre[1] + dy
-        sx, sy = _FACE_CENTRE[0] + _PAD, _FACE_CENTRE[1] + _PAD
+        sx, sy = self.face_centre[0] + _PAD, self.face_centre[1] + _PAD
         # output o = c + scale * R(angle) (p - s)  =>  p = s + R(-angle) (o - c) / scale
         inv = 1.0 / scale
         coeffs = (cos * inv, -sin * inv, sx - (cos * cx - sin * cy) * inv,
@@ -182,16 +216,22 @@ class TalkingHeadRenderer:
         img = self.photo.transform((self.width, self.height), Image.Transform.AFFINE, coeffs,
                                    resample=Image.Resampling.BILINEAR)
         # the mouth: a dark opening whose height follows the loudness
-        mx, my = _MOUTH_CENTRE[0] - _FACE_CENTRE[0], _MOUTH_CENTRE[1] - _FACE_CENTRE[1]
+        mx, my = self.mouth_centre[0] - self.face_centre[0], self.mouth_centre[1] - self.face_centre[1]
         ox = cx + scale * (cos * mx + sin * my)
         oy = cy + scale * (-sin * mx + cos * my)
-        half_w = 0.36 * _MOUTH_WIDTH * scale
-        h = float(np.clip(mouth_open, 0, 1)) * 0.45 * _MOUTH_WIDTH * scale
+        half_w = 0.36 * self.mouth_width * scale
+        h = float(np.clip(mouth_open, 0, 1)) * 0.45 * self.mouth_width * scale
         if h > 1.0:
             draw = ImageDraw.Draw(img)
             draw.ellipse([ox - half_w, oy - h * 0.3, ox + half_w, oy + h * 0.7],
                          fill=(70, 18, 24), outline=(150, 70, 70))
         return np.asarray(img)
+
+
+def photo_of(identity: str) -> Optional[FacePhoto]:
+    """The still photo of ``identity``; None for ``id00``, the astronaut photo as it is (the
+    renderer's measured default geometry)."""
+    return None if identity == "id00" else identity_photo(identity)
 
 
 def write_talking_head(out: Path, spec: SampleSpec, seconds: float, sentence: str,
@@ -203,7 +243,8 @@ def write_talking_head(out: Path, spec: SampleSpec, seconds: float, sentence: st
     wav = work / f"{out.stem}.wav"
     audio, sr = synthesize_speech(sentence, wav, seconds, rng)
     mouth = loudness_envelope(audio, sr, times)
-    renderer = TalkingHeadRenderer(spec.width, spec.height, rng)
+    renderer = TalkingHeadRenderer(spec.width, spec.height, rng, photo=photo_of(spec.identity),
+                                   face_frac=spec.face_frac)
     k = (spec.rotation // 90) % 4
     coded_w, coded_h = (spec.height, spec.width) if k % 2 else (spec.width, spec.height)
     cmd = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error",
@@ -247,24 +288,25 @@ def _vfr_select_expr(seconds: float) -> str:
 
 
 def generate_samples(out_dir: Path, seconds: float = 7.0, seed: int = 0,
-                     specs: Sequence[SampleSpec] = SAMPLE_SPECS, heldout: int = 0) -> list[Path]:
+                     specs: Sequence[SampleSpec] = SAMPLE_SPECS, heldout: bool = False) -> list[Path]:
     """Write the talking-head sample set (``SAMPLE_SPECS``) to ``out_dir``; returns the mp4 paths.
 
-    ``heldout`` > 0: the first ``heldout`` videos go to ``out_dir/heldout/``, the others to
-    ``out_dir/train/`` (:data:`SPLIT_FOLDERS`); 0: all directly in ``out_dir``.
-    Deterministic for a given ``seed`` (motion, voice speed / pitch, sentence choice)."""
+    ``heldout``: the videos of test identities go to ``out_dir/heldout/``, the others to
+    ``out_dir/train/`` (:data:`SPLIT_FOLDERS`), so no training video shows a test person; False:
+    all directly in ``out_dir``. Deterministic for a given ``seed`` (motion, voice speed / pitch,
+    sentence choice)."""
     _require_tools()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if heldout and not 0 < heldout < len(specs):
-        raise ValueError(f"heldout must be in 0..{len(specs) - 1} (some videos must be left to train on), got {heldout}")
+    if heldout and len({s.split for s in specs}) < 2:
+        raise ValueError("heldout needs videos of both training and test identities in specs")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(SENTENCES))
     paths = []
     with tempfile.TemporaryDirectory(prefix="loopy_samples_") as tmp:
         for i, spec in enumerate(specs):
             sub = np.random.default_rng([seed, i])
-            folder = out_dir if not heldout else out_dir / SPLIT_FOLDERS[0 if i < heldout else 1]
+            folder = out_dir if not heldout else out_dir / SPLIT_FOLDERS[0 if spec.split == "test" else 1]
             folder.mkdir(parents=True, exist_ok=True)
             out = folder / f"{spec.name}.mp4"
             write_talking_head(out, spec, seconds, SENTENCES[order[i % len(order)]], sub, Path(tmp))
@@ -353,8 +395,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--with-bad", action="store_true",
                         help="also write the bad inputs (bad_*.mp4) into the same folder")
-    parser.add_argument("--heldout", type=int, default=0,
-                        help="first K videos to OUTPUT/heldout/ (test split), the rest to OUTPUT/train/")
+    parser.add_argument("--heldout", action="store_true",
+                        help="videos of the test identities to OUTPUT/heldout/ (test split), the rest to OUTPUT/train/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     paths = generate_samples(args.output, seconds=args.seconds, seed=args.seed, heldout=args.heldout)
