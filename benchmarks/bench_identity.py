@@ -48,7 +48,8 @@ def long_speech(path: Path, seconds: float) -> Path:
 def run() -> list[dict]:
     from core.config import load_platform_config
     from core.paths import resolve_tracking_uri
-    from demo import DemoPaths, first_frames, read_image
+    from demo import DemoPaths, first_frames
+    from inference.portrait import load_image as read_image
     from inference.sampler import LoopySampler
     from pipelines.media.video_decode import iter_frames
     from pipelines.metrics.identity import FaceDescriber, mean_distance

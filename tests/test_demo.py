@@ -1,4 +1,4 @@
-"""The demo's orchestration helpers (the whole demo, ``make demo``, is not run in the test suite):
+"""The demo's parts (``demo_parts``) and the MLflow look-ups it prints (``training.run_summary``) (the whole demo, ``make demo``, is not run in the test suite):
 argument building, step running and failure messages, what the console shows of the children's
 output (canned logs, no Ray), cutting the request with ffmpeg, and the HTTP client
 (:class:`serve.client.VideoClient`) submit / poll / download loop against a fake service on
@@ -19,31 +19,19 @@ from pathlib import Path
 import pytest
 
 from core.config import load_platform_config
-from demo import (
-    DEMO_SENTENCE,
+from demo import as_step, main
+from demo_parts.console import Console, IngestOutput, TrainOutput
+from demo_parts.plan import DemoPaths, DemoSettings, config_overrides, evaluate_command, serve_command, step_commands
+from demo_parts.request import DEMO_SENTENCE, make_request_inputs
+from demo_parts.results import (
     VAE_KEY_FILE,
-    Console,
-    DemoPaths,
-    DemoSettings,
-    IngestOutput,
-    StepError,
-    TrainOutput,
-    as_step,
     check_ingest_output,
-    config_overrides,
     drop_ingest_of_another_vae,
-    evaluate_command,
     format_metrics,
-    free_port,
-    main,
-    make_request_inputs,
     remove_stale_inputs,
-    run_step,
-    serve_command,
-    step_commands,
-    stop_process,
     video_summary,
 )
+from demo_parts.runner import StepError, free_port, run_step, stop_process
 from pipelines.dataset.manifest import split_for, split_key_of
 from pipelines.samples.talking_heads import (
     SENTENCES,
@@ -68,7 +56,7 @@ def test_step_commands_run_the_makefile_clis(tmp_path):
     paths, settings = DemoPaths(tmp_path), DemoSettings(train_steps=7)
     cmds = step_commands(paths, settings, python="/venv/bin/python")
     makefile = (ROOT / "Makefile").read_text()
-    assert cmds["samples"][:3] == ["/venv/bin/python", "-m", "pipelines.samples.talking_heads"]
+    assert cmds["samples"][:3] == ["/venv/bin/python", "-m", "pipelines.samples"]
     assert "-m pipelines.samples --output" in makefile
     assert cmds["ingest"][1] == str(ROOT / "pipelines" / "ingest.py") and "pipelines/ingest.py --input" in makefile
     assert cmds["train"][1] == str(ROOT / "train.py") and "train.py --data" in makefile
@@ -540,7 +528,7 @@ def test_register_step_reads_losses_and_the_stage2_version(tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
-    from demo import loss_summaries, stage2_model_uri
+    from training.run_summary import NotRegisteredError, loss_summaries, registered_model_uri
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -555,12 +543,12 @@ def test_register_step_reads_losses_and_the_stage2_version(tmp_path):
     assert line.startswith("job-stage1: training loss 1.0000 (first 1 steps) -> 0.3000 (last 1 steps) over 4 steps")
     assert line.endswith("val_loss 0.3500")
     assert loss_summaries(uri, "demo", int(time.time() * 1000) + 60_000) == []
-    with pytest.raises(StepError, match="step 'register'.*no stage-2 version"):
-        stage2_model_uri(uri, "loopy", before_ms)
+    with pytest.raises(NotRegisteredError, match="no stage-2 version of registered model 'loopy'"):
+        registered_model_uri(uri, "loopy", 2, before_ms)
     client.create_registered_model("loopy")
     version = client.create_model_version("loopy", str(tmp_path / "pkg"), run_id=run.info.run_id)
     client.set_registered_model_alias("loopy", "stage2", version.version)
-    assert stage2_model_uri(uri, "loopy", before_ms) == f"models:/loopy/{version.version}"
-    with pytest.raises(StepError, match="predates this run"):
-        stage2_model_uri(uri, "loopy", int(time.time() * 1000) + 60_000)
+    assert registered_model_uri(uri, "loopy", 2, before_ms) == f"models:/loopy/{version.version}"
+    with pytest.raises(NotRegisteredError, match="predates this run"):
+        registered_model_uri(uri, "loopy", 2, int(time.time() * 1000) + 60_000)
     mlflow.set_tracking_uri(None)

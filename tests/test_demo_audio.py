@@ -8,7 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from demo import DEMO_SENTENCE, DemoSettings, make_request_inputs
+from demo_parts.plan import DemoSettings
+from demo_parts.request import DEMO_SENTENCE, make_request_inputs
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None,
                                 reason="needs espeak-ng and ffmpeg (make sysdeps)")
