@@ -1,6 +1,7 @@
 """A real two-node Ray cluster on the loopback interface, started and used the way a user would
-(README "A real cluster"): ``ray get-auth-token --generate`` makes the token, ``ray start --head``
-and a second ``ray start --address`` (its own temp dir, resources ``{"node2": 1}``) run with
+(README "A real cluster"): ``ray get-auth-token --generate`` makes the token, the README's own
+``ray start --head`` and ``ray start --address`` lines (read from the README, plus only the
+same-machine flags it lists: a temp dir and ports of each node's own, 1 CPU each) run with
 ``RAY_AUTH_MODE=token``, and the jobs go through ``ray job submit`` to the dashboard on 127.0.0.1:
 
 1. ingest of three sample videos (pipelines/samples/talking_heads.py); the second node is killed (SIGKILL of
@@ -9,8 +10,14 @@ and a second ``ray start --address`` (its own temp dir, resources ``{"node2": 1}
    never recorded as a bad file); Ray's state API shows the job's tasks ran on both nodes;
 2. a replacement second node joins, and the same ingest command again finishes what is left
    (resume): every video ``ok``, each with its frame file;
-3. ``train.py`` (tiny preset, stages 1 and 2, 2 steps each): registered versions in MLflow;
-4. ``evaluate.py`` on the stage-2 version (``models:/loopy@stage2``): metrics in the JSON.
+3. ``train.py`` refusals, each in seconds and before any worker: 0.75-CPU workers that leave no
+   node a CPU for the reader's tasks (the message names the resource and the figures), and a
+   ``--working-dir`` job whose default result paths would land in Ray's copy of the checkout;
+4. ``train.py`` (tiny preset, stages 1 and 2, 2 steps each, default placement and data loader):
+   DDP world size 2 with one worker on each node, read from Ray's state API (the workers'
+   actors and their nodes), one ``[train]`` line per event, checkpoints and registered versions
+   where the job's settings say;
+5. ``evaluate.py`` on the stage-2 version (``models:/loopy@stage2``): metrics in the JSON.
 
 A client without the token is refused (HTTP 401). Everything listens on and talks to loopback
 only: the head's node address is 127.0.0.2 (``ray start`` rewrites 127.0.0.1 to the machine's
@@ -28,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -36,6 +44,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +61,14 @@ OBJECT_STORE_BYTES = 200 * 1024 * 1024
 START_TIMEOUT_S = 180  # per node; Ray itself gives a raylet 30 s to register, retried below
 JOB_TIMEOUT_S = 900
 STAGES = ("Analyzer", "AudioFeature", "Vae", "DecodeStage")  # task names of the ingest stages
+README = ROOT / "README.md"
+# what the test adds to the README's node commands, each listed in the README: a node sharing this
+# machine needs its own temp dir and ports; 1-CPU nodes as in issue 27; small object store;
+# foreground nodes the test can kill
+SAME_HOST_FLAGS = ("--temp-dir", "--ray-client-server-port", "--dashboard-agent-listen-port",
+                   "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+                   "--node-manager-port", "--object-manager-port", "--num-cpus", "--object-store-memory",
+                   "--disable-usage-stats", "--block")
 
 pytestmark = [
     pytest.mark.slow,
@@ -73,6 +90,28 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def readme_cluster_section() -> str:
+    text = README.read_text()
+    start = text.index("### A real cluster")
+    return text[start:text.index("\n## ", start)]
+
+
+def readme_node_commands() -> dict[str, list[str]]:
+    """The README's ``ray start`` lines: {"head": args, "node": args} (after ``ray start``)."""
+    lines = [ln.strip() for ln in readme_cluster_section().splitlines() if ln.strip().startswith("ray start ")]
+    heads = [shlex.split(ln)[2:] for ln in lines if "--head" in ln]
+    nodes = [shlex.split(ln)[2:] for ln in lines if "--address" in ln]
+    assert len(heads) == 1 and len(nodes) == 1, f"README: expected one head and one node command, got {lines}"
+    return {"head": heads[0], "node": nodes[0]}
+
+
+def from_readme(args: list[str], gcs_port: int, dashboard_port: int) -> list[str]:
+    """The README's arguments with its placeholders (HEAD_IP, ports 6379 and 8265) filled in."""
+    values = {"HEAD_IP": HEAD_IP, "HEAD_IP:6379": f"{HEAD_IP}:{gcs_port}", "6379": str(gcs_port),
+              "8265": str(dashboard_port)}
+    return [values.get(a, a) for a in args]
 
 
 def short_temp_root() -> tuple[Path, Path]:
@@ -113,6 +152,7 @@ class Cluster:
     gcs_port: int
     dashboard_port: int
     nodes: list = field(default_factory=list)
+    commands: list = field(default_factory=list)  # (README arguments, what the test added) per start
 
     @property
     def dashboard(self) -> str:
@@ -143,16 +183,19 @@ class Cluster:
         return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
                               timeout=timeout)
 
-    def start_node(self, name: str, args: list[str]) -> RayNode:
-        """``ray start --block ARGS`` with its own temp dir; returns once the node is up. Retried
-        up to three times when Ray gives up waiting for its raylet (30 s, hard-coded) on a loaded machine."""
+    def start_node(self, name: str, readme_args: list[str], same_host: list[str]) -> RayNode:
+        """``ray start`` with the README's arguments plus ``same_host`` ones, its own temp dir,
+        ``--block``; returns once the node is up. Retried up to three times when Ray gives up
+        waiting for its raylet (30 s, hard-coded) on a loaded machine."""
         for _ in range(4):
             temp_dir = self.root / f"{name}{len(self.nodes)}"  # every start: a fresh temp dir
             temp_dir.mkdir()
             log = self.root / f"{name}{len(self.nodes)}.log"
+            added = ["--block", *same_host, "--temp-dir", str(temp_dir), "--object-store-memory",
+                     str(OBJECT_STORE_BYTES), "--disable-usage-stats"]
+            self.commands.append((readme_args, added))
             with open(log, "w") as out:
-                proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args, "--temp-dir", str(temp_dir),
-                                         "--object-store-memory", str(OBJECT_STORE_BYTES), "--disable-usage-stats"],
+                proc = subprocess.Popen([str(BIN / "ray"), "start", *readme_args, *added],
                                         env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                         start_new_session=True)
             node = RayNode(name, proc, log, temp_dir)
@@ -173,31 +216,41 @@ class Cluster:
     def add_second_node(self) -> RayNode:
         agent, agent_grpc, env_agent, metrics, manager, objects = free_ports(6)
         before = {n["node_id"] for n in self.alive_nodes()}
-        node = self.start_node("node2_", [
-            "--address", f"{HEAD_IP}:{self.gcs_port}", "--num-cpus", "1", "--resources", json.dumps({"node2": 1}),
-            "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-            "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics),
+        readme_args = from_readme(readme_node_commands()["node"], self.gcs_port, self.dashboard_port)
+        node = self.start_node("node2_", readme_args, [
+            "--num-cpus", "1", "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port",
+            str(agent_grpc), "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics),
             "--node-manager-port", str(manager), "--object-manager-port", str(objects)])
         wait_for(lambda: len({n["node_id"] for n in self.alive_nodes()} - before) == 1, 120, "node 2 to register")
         return node
 
-    def submit(self, submission_id: str, *entrypoint: str) -> subprocess.Popen:
+    def submit(self, submission_id: str, *entrypoint: str, submit_args: tuple = ()) -> subprocess.Popen:
         """``ray job submit`` (blocking: it tails the job's logs and exits with its status)."""
         return subprocess.Popen([str(BIN / "ray"), "job", "submit", "--address", self.dashboard,
-                                 "--submission-id", submission_id, "--", *entrypoint],
+                                 "--submission-id", submission_id, *submit_args, "--", *entrypoint],
                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def run_job(self, submission_id: str, *entrypoint: str) -> str:
-        proc = self.submit(submission_id, *entrypoint)
+    def finish_job(self, submission_id: str, *entrypoint: str, submit_args: tuple = ()) -> tuple[int, str]:
+        """(exit code of ``ray job submit``, its output) once the job ended."""
+        proc = self.submit(submission_id, *entrypoint, submit_args=submit_args)
         try:
             out, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
             pytest.fail(f"job {submission_id} did not finish in {JOB_TIMEOUT_S} s:\n{out[-5000:]}")
-        assert proc.returncode == 0, f"job {submission_id} failed:\n{out[-5000:]}"
+        return proc.returncode, out
+
+    def run_job(self, submission_id: str, *entrypoint: str) -> str:
+        rc, out = self.finish_job(submission_id, *entrypoint)
+        assert rc == 0, f"job {submission_id} failed:\n{out[-5000:]}"
         assert self.get(f"/api/jobs/{submission_id}")["status"] == "SUCCEEDED"
         return out
+
+    def job_actors(self, submission_id: str, class_name: str) -> list[dict]:
+        """Ray's state API: the actors of class ``class_name`` the job created (alive or dead)."""
+        job_id = self.get(f"/api/jobs/{submission_id}")["job_id"]
+        return [a for a in self.state("actors", job_id=job_id) if a["class_name"] == class_name]
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.5) -> None:
@@ -250,10 +303,8 @@ def cluster():
     gcs, dash, client, agent, agent_grpc, env_agent, metrics, manager, objects = free_ports(9)
     c = Cluster(root, env, token, gcs, dash)
     try:
-        c.start_node("head", [
-            "--head", "--node-ip-address", HEAD_IP, "--port", str(gcs), "--num-cpus", "1",
-            "--include-dashboard", "true", "--dashboard-host", DASHBOARD_HOST, "--dashboard-port", str(dash),
-            "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+        c.start_node("head", from_readme(readme_node_commands()["head"], gcs, dash), [
+            "--num-cpus", "1", "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
             "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(env_agent),
             "--metrics-export-port", str(metrics), "--node-manager-port", str(manager),
             "--object-manager-port", str(objects)])
@@ -327,6 +378,22 @@ def ingest_with_node_loss(cluster, samples):
             "node2_ids": node2_id, "samples": samples}
 
 
+def test_nodes_run_the_readme_commands(cluster):
+    """Each ``ray start`` was the README's line with its placeholders filled, plus only flags the
+    README lists for two nodes on one machine."""
+    section = readme_cluster_section()
+    for flag in SAME_HOST_FLAGS:
+        assert f"`{flag}" in section, f"README does not list {flag}"
+    readme = readme_node_commands()
+    assert HEAD_IP not in " ".join(readme["head"] + readme["node"])  # placeholders, not the test's values
+    assert "--dashboard-host" in readme["head"] and "127.0.0.1" in readme["head"]
+    for args, added in cluster.commands:
+        assert args in (from_readme(readme["head"], cluster.gcs_port, cluster.dashboard_port),
+                        from_readme(readme["node"], cluster.gcs_port, cluster.dashboard_port))
+        flags = {a for a in added if a.startswith("--")}
+        assert flags <= set(SAME_HOST_FLAGS), flags - set(SAME_HOST_FLAGS)
+
+
 def test_client_without_the_token_is_refused(cluster):
     with pytest.raises(urllib.error.HTTPError) as refused:
         cluster.get("/api/jobs/", token=False)
@@ -349,6 +416,12 @@ def test_ingest_survives_losing_node2_and_used_both_nodes(cluster, ingest_with_n
         if r["status"] == "failed":
             assert r["reason"], f"{name}: failed without a reason"
     print("statuses after losing node 2:", statuses)
+    # the progress lines count failed videos as failed, not as rejected
+    counts = re.findall(r"\[ingest\] \d+/3 done \((\d+) rejected\)(?:, (\d+) failed)?:", run["log"])
+    assert counts, run["log"][-3000:]
+    rejected, failed = counts[-1]
+    assert int(rejected) == sum(s == "rejected" for s in statuses.values())
+    assert int(failed or 0) == sum(s == "failed" for s in statuses.values()), counts
     # the job's tasks ran on both nodes (Ray's state API keeps node 2's finished tasks)
     tasks = cluster.state("tasks", job_id=run["job"]["job_id"])
     nodes_used = {t["node_id"] for t in tasks if t["state"] == "FINISHED" and t.get("node_id")}
@@ -376,6 +449,42 @@ def test_rerun_after_node_loss_finishes_every_video(ingested, samples):
         assert frames == r["num_frames"] >= 136, f"{name}: {frames} frame rows, manifest says {r['num_frames']}"
 
 
+def test_training_that_would_starve_its_reader_is_refused_in_seconds(cluster, ingested):
+    """Issue 27's hang: 0.75-CPU workers spread over the two 1-CPU nodes leave 0.25 CPU on each,
+    and a read task needs 0.5 (``train.reader_cpus``). The job stops before any Ray Train actor
+    or MLflow run, with one line naming the resource and the figures; ``ray job submit`` exits
+    non-zero."""
+    start = time.monotonic()
+    rc, out = cluster.finish_job("train-starved", "python", str(ROOT / "train.py"), "--data", str(ingested),
+                                 "--stage", "1", "--job-name", "starved", *job_overrides(cluster.root),
+                                 "train.cpus_per_worker=0.75")
+    took = time.monotonic() - start
+    print(f"starved training job refused after {took:.1f} s")
+    assert rc != 0 and cluster.get("/api/jobs/train-starved")["status"] == "FAILED", out[-3000:]
+    line = next((ln for ln in out.splitlines() if ln.startswith("train.py: error:")), None)
+    assert line is not None, out[-3000:]
+    for part in ("needs CPU 0.5 per read task (train.reader_cpus)", "2 workers of CPU 0.75",
+                 "train.placement=spread", "at most CPU 0.25 free", "train.data_loader=torch"):
+        assert part in line, (part, line)
+    assert not cluster.job_actors("train-starved", "TrainController"), "Ray Train started for a refused job"
+    assert not (cluster.root / "ray_results" / "starved").exists()
+    assert took < JOB_TIMEOUT_S / 3  # it ended by itself, long before a hang would be cut off
+
+
+def test_working_dir_job_with_relative_result_paths_is_refused(cluster):
+    """``--working-dir``: Ray runs ``train.py`` in its copy of the checkout; the default
+    ``sqlite:///mlflow.db``, ``mlruns`` and ``work/ray_results`` would resolve inside it."""
+    rc, out = cluster.finish_job("train-workdir", "python", "train.py", "--data", str(cluster.root / "no-data"),
+                                 f"weights.tiny_dir={cluster.root}/tiny_weights",
+                                 submit_args=("--working-dir", str(ROOT)))
+    assert rc != 0 and cluster.get("/api/jobs/train-workdir")["status"] == "FAILED", out[-3000:]
+    line = next((ln for ln in out.splitlines() if ln.startswith("train.py: error:")), "")
+    for part in ("temporary copy", "tracking.tracking_uri=sqlite:///mlflow.db", "tracking.artifact_root=mlruns",
+                 "train.storage_path=work/ray_results", "absolute"):
+        assert part in line, (part, out[-3000:])
+    assert "runtime_resources" in line, line  # the copy named is Ray's, in the head's session folder
+
+
 @pytest.fixture(scope="module")
 def trained(cluster, ingested):
     log = cluster.run_job("train-1", "python", str(ROOT / "train.py"), "--data", str(ingested), "--stages", "1,2",
@@ -394,6 +503,42 @@ def test_training_job_registers_a_model(cluster, trained):
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"
     assert "loss" in run.data.metrics, run.data.metrics
+
+
+def test_training_spans_both_nodes_one_worker_each(cluster, trained):
+    """The defaults (placement auto -> spread, Ray Data loader): each stage's worker group, as Ray's
+    state API records it, is two actors on two different nodes, together both nodes; the DDP
+    process group the workers report is 2 ranks on 2 nodes."""
+    workers = cluster.job_actors("train-1", "RayTrainWorker")
+    groups: dict = {}
+    for actor in workers:
+        groups.setdefault(actor["placement_group_id"], []).append(actor["node_id"])
+    assert len(groups) >= 2, f"expected a worker group per stage: {workers}"  # more after a restart
+    for pg, node_ids in groups.items():
+        assert len(node_ids) == 2 and len(set(node_ids)) == 2, f"placement group {pg}: workers on {node_ids}"
+    alive = {n["node_id"] for n in cluster.alive_nodes()}
+    assert {n for ids in groups.values() for n in ids} == alive
+    assert re.findall(r"\[train\] stage (\d): DDP world size (\d+) on (\d+) node", trained) == [
+        ("1", "2", "2"), ("2", "2", "2")], trained[-3000:]
+    # one [train] line per event, and no resume warning on a fresh start
+    for stage in (1, 2):
+        for step in (1, 2):
+            assert trained.count(f"[train] stage {stage} step {step}/2 loss") == 1, (stage, step, trained[-3000:])
+    assert "cannot read the latest checkpoint's step" not in trained
+    # results where the job's settings say: checkpoints under train.storage_path, MLflow in its sqlite file
+    storage = cluster.root / "ray_results"
+    job = (storage / "latest_job").read_text().strip()
+    for stage in (1, 2):
+        assert list((storage / job / f"stage{stage}").glob("checkpoint_*")), f"no stage-{stage} checkpoint"
+        assert (storage / job / f"stage{stage}_package" / "loopy" / "config.json").is_file()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{cluster.root}/mlflow.db")
+    for version in ("1", "2"):
+        run = client.get_run(client.get_model_version("loopy", version).run_id)
+        assert run.data.tags["loopy.world_size"] == "2" and run.data.tags["loopy.ddp_nodes"] == "2", run.data.tags
+        artifacts = Path(urllib.parse.urlparse(run.info.artifact_uri).path).resolve()
+        assert (cluster.root / "mlruns").resolve() in artifacts.parents, run.info.artifact_uri
 
 
 def test_evaluation_job_scores_the_registered_model(cluster, trained, ingested):
