@@ -183,7 +183,8 @@ class Guard:
                 headers = [(k, v) for k, v in message.get("headers", [])
                            if k.lower() not in (b"cache-control", b"content-security-policy")]
                 headers += SECURITY_HEADERS
-                headers.append((b"content-security-policy", (self.page_csp if is_page else API_CSP).encode()))
+                if path != "/docs":  # Swagger UI (serve.docs=true only) loads its scripts from a CDN
+                    headers.append((b"content-security-policy", (self.page_csp if is_page else API_CSP).encode()))
                 headers.append((b"cache-control", b"no-store" if no_store else b"no-cache"))
                 message = {**message, "headers": headers}
             await send(message)
@@ -883,9 +884,14 @@ def run_service(cfg: PlatformConfig, blocking: bool = True, name: str = "loopy")
                 print(f"stopping the Loopy service: draining (up to {grace:g} s; signal again to stop now)",
                       flush=True)
                 signal.signal(signal.SIGINT, stop)
-                summary = service.stop(drain_s=grace)
-                print(f"drained: {len(summary['finished'])} job(s) finished, {len(summary['interrupted'])} "
-                      f"interrupted (they run again after the next start)", flush=True)
+                try:
+                    summary = service.stop(drain_s=grace)
+                except Exception as exc:  # noqa: BLE001 - e.g. the ingress is gone: stop anyway
+                    log.exception("drain failed")
+                    print(f"drain failed ({type(exc).__name__}); stopped without it", flush=True)
+                else:
+                    print(f"drained: {len(summary['finished'])} job(s) finished, {len(summary['interrupted'])} "
+                          f"interrupted (they run again after the next start)", flush=True)
         except KeyboardInterrupt:
             print("stopped without waiting for running jobs", flush=True)
             service.front.stop()
