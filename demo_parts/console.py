@@ -211,6 +211,8 @@ class TrainOutput:
             return  # a late line of a finished stage (another worker's copy of its last step)
         while self.current.stage != stage:  # a later stage began
             self._finish_current()
+        if self.bar is None:  # the first line, when start() was not called
+            self.start()
         if total != prog.total:  # the job's own count wins over the demo's setting
             prog.total = total
             if self.bar is not None:

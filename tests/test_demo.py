@@ -341,6 +341,26 @@ def test_demo_help_runs_as_a_script_and_main_returns_codes(capsys):
     assert info.value.code == 0
 
 
+def test_main_names_the_failing_step_and_returns_its_codes(tmp_path, monkeypatch, capsys):
+    """A step that fails: one console line before it, its output only in its log, ``demo failed at
+    step '<step>'`` with the log's tail on stderr, exit 1; without ffmpeg: exit 2 before any step."""
+    import demo
+
+    fail = [sys.executable, "-c", "print('samples went wrong'); raise SystemExit(3)"]
+    monkeypatch.setattr(demo, "step_commands", lambda paths, settings: {"samples": fail})
+    assert main(["--work", str(tmp_path / "w")]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"[demo] working in {tmp_path / 'w'}; the full output of each step goes to "
+                                f"{tmp_path / 'w' / 'logs'}/<step>.log"]
+    assert err.startswith("demo failed at step 'samples': exit status 3; last lines:")
+    assert "samples went wrong" in err and err.rstrip().endswith(f"(log: {tmp_path / 'w' / 'logs' / 'samples.log'})")
+    assert "samples went wrong" in (tmp_path / "w" / "logs" / "samples.log").read_text()
+    monkeypatch.setattr(shutil, "which", lambda tool: None)
+    assert main(["--work", str(tmp_path / "w2")]) == 2
+    assert "demo failed at step 'setup': ffmpeg not found" in capsys.readouterr().err
+    assert not (tmp_path / "w2").exists()
+
+
 def test_request_inputs_cut_from_a_video(tmp_path):
     video = tmp_path / "talk.mp4"
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=25:duration=2",
