@@ -343,7 +343,8 @@ def test_demo_help_runs_as_a_script_and_main_returns_codes(capsys):
 
 def test_main_names_the_failing_step_and_returns_its_codes(tmp_path, monkeypatch, capsys):
     """A step that fails: one console line before it, its output only in its log, ``demo failed at
-    step '<step>'`` with the log's tail on stderr, exit 1; without ffmpeg: exit 2 before any step."""
+    step '<step>'`` with the log's tail on stderr, exit 1; a run that ends: ``video: PATH`` last,
+    exit 0; Ctrl-C: 130; without ffmpeg: exit 2 before any step."""
     import demo
 
     fail = [sys.executable, "-c", "print('samples went wrong'); raise SystemExit(3)"]
@@ -355,6 +356,16 @@ def test_main_names_the_failing_step_and_returns_its_codes(tmp_path, monkeypatch
     assert err.startswith("demo failed at step 'samples': exit status 3; last lines:")
     assert "samples went wrong" in err and err.rstrip().endswith(f"(log: {tmp_path / 'w' / 'logs' / 'samples.log'})")
     assert "samples went wrong" in (tmp_path / "w" / "logs" / "samples.log").read_text()
+    video = tmp_path / "w" / "demo_video.mp4"
+    monkeypatch.setattr(demo, "run_demo", lambda work, settings: video)
+    assert main(["--work", str(tmp_path / "w")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"video: {video}"  # the last line, exactly
+
+    def interrupted(work, settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    assert main(["--work", str(tmp_path / "w")]) == 130
     monkeypatch.setattr(shutil, "which", lambda tool: None)
     assert main(["--work", str(tmp_path / "w2")]) == 2
     assert "demo failed at step 'setup': ffmpeg not found" in capsys.readouterr().err
