@@ -83,8 +83,8 @@ def one_torch_thread():
 # follows in collection order; within a module the order is unchanged.
 LONGEST_MODULES = (
     "test_train", "test_multinode", "test_ingest_limits", "test_serve_faults", "test_ingest",
-    "test_train_faults", "test_evaluate", "test_ingest_real_world", "test_closeups", "test_video_metrics",
-    "test_sampler", "test_serve",
+    "test_train_faults", "test_evaluate", "test_reference_path", "test_ingest_real_world", "test_closeups",
+    "test_identities", "test_video_metrics", "test_sampler", "test_serve",
 )
 
 

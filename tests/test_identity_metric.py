@@ -84,3 +84,27 @@ def test_arcface_csim_runs_a_torchscript_network_on_aligned_faces(tmp_path):
         ArcFaceEmbedder(tmp_path / "broken.pt")
     with pytest.raises(IdentityMetricError, match="no such file"):
         ArcFaceEmbedder(tmp_path / "missing.pt")
+
+
+def test_split_figures_from_records_as_the_ray_job_carries_them():
+    """The evaluation job's records carry descriptors as JSON lists (None for NaN): the split-level
+    figures are added to each record and the descriptors removed."""
+    import json
+
+    from training.evaluation import IDENTITY_KEY, add_split_identity, mean_metrics
+
+    refs = np.eye(3, 128)  # three references 1.41 apart
+    records = []
+    for k in range(3):
+        gen = np.stack([refs[k] * 0.9, np.full(128, np.nan)])  # one frame without a face
+        records.append(json.loads(json.dumps({
+            "video_id": f"v{k}", "status": "ok", "identity": 0.1,
+            IDENTITY_KEY: {"generated": [[None if np.isnan(x) else x for x in row] for row in gen.tolist()],
+                           "reference": refs[k].tolist()}})))
+    add_split_identity(records)
+    assert all(IDENTITY_KEY not in r for r in records)
+    assert all(r["identity_nearest"] == 1.0 for r in records)
+    want = np.linalg.norm(refs[0] * 0.9 - refs[1])
+    assert records[0]["identity_control"] == pytest.approx(want)
+    mean = mean_metrics(records)
+    assert mean["identity_nearest"] == 1.0 and mean["identity_margin"] == pytest.approx(want - 0.1)

@@ -313,9 +313,11 @@ def log_to_mlflow(prep: PreparedEvaluation, result: dict, json_path: Path, video
 
 def format_table(result: dict) -> str:
     """Per-video rows and the mean of the main metrics as a fixed-width text table."""
-    cols = ("psnr", "ssim", "lmd", "sync", "sync_control", "sync_gt", "glo", "exp", "glo_gt", "exp_gt",
-            "face_found_ratio")
-    head = ["video"] + [c.replace("face_found_ratio", "face") for c in cols]
+    cols = ("psnr", "ssim", "lmd", "sync", "sync_control", "sync_gt", "identity", "identity_control", "identity_gt",
+            "identity_nearest", "glo", "exp", "glo_gt", "exp_gt", "face_found_ratio")
+    short = {"face_found_ratio": "face", "identity_control": "id_control", "identity_gt": "id_gt",
+             "identity_nearest": "id_nearest"}
+    head = ["video"] + [short.get(c, c) for c in cols]
 
     def cell(v: Any) -> str:
         if v is None or (isinstance(v, float) and not math.isfinite(v)):

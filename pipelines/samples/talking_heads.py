@@ -288,13 +288,14 @@ def _vfr_select_expr(seconds: float) -> str:
 
 
 def generate_samples(out_dir: Path, seconds: float = 7.0, seed: int = 0,
-                     specs: Sequence[SampleSpec] = SAMPLE_SPECS, heldout: bool = False) -> list[Path]:
+                     specs: Sequence[SampleSpec] = SAMPLE_SPECS, heldout: bool = False,
+                     workers: int = 2) -> list[Path]:
     """Write the talking-head sample set (``SAMPLE_SPECS``) to ``out_dir``; returns the mp4 paths.
 
     ``heldout``: the videos of test identities go to ``out_dir/heldout/``, the others to
     ``out_dir/train/`` (:data:`SPLIT_FOLDERS`), so no training video shows a test person; False:
     all directly in ``out_dir``. Deterministic for a given ``seed`` (motion, voice speed / pitch,
-    sentence choice)."""
+    sentence choice), whatever ``workers`` (processes writing videos at once)."""
     _require_tools()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -302,16 +303,27 @@ def generate_samples(out_dir: Path, seconds: float = 7.0, seed: int = 0,
         raise ValueError("heldout needs videos of both training and test identities in specs")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(SENTENCES))
-    paths = []
+    jobs = []
+    for i, spec in enumerate(specs):
+        folder = out_dir if not heldout else out_dir / SPLIT_FOLDERS[0 if spec.split == "test" else 1]
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs.append((folder / f"{spec.name}.mp4", spec, seconds, SENTENCES[order[i % len(order)]], [seed, i]))
     with tempfile.TemporaryDirectory(prefix="loopy_samples_") as tmp:
-        for i, spec in enumerate(specs):
-            sub = np.random.default_rng([seed, i])
-            folder = out_dir if not heldout else out_dir / SPLIT_FOLDERS[0 if spec.split == "test" else 1]
-            folder.mkdir(parents=True, exist_ok=True)
-            out = folder / f"{spec.name}.mp4"
-            write_talking_head(out, spec, seconds, SENTENCES[order[i % len(order)]], sub, Path(tmp))
-            paths.append(out)
-    return paths
+        if workers <= 1 or len(jobs) == 1:
+            return [_write_job(job, tmp) for job in jobs]
+        # each video has its own generator and one-thread ffmpeg, so the bytes do not depend on
+        # which process writes it; a process (not a thread) per video because building a person
+        # and rendering frames is numpy / PIL work that holds the GIL
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            return list(pool.map(_write_job, jobs, [tmp] * len(jobs)))
+
+
+def _write_job(job: tuple, tmp: str) -> Path:
+    """One video of :func:`generate_samples` (a picklable unit for its process pool)."""
+    out, spec, seconds, sentence, seed = job
+    return write_talking_head(out, spec, seconds, sentence, np.random.default_rng(seed), Path(tmp))
 
 
 def make_vfr_video(path: Path, seconds: float = 7.0, seed: int = 0, size: tuple[int, int] = (320, 320),
@@ -397,9 +409,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="also write the bad inputs (bad_*.mp4) into the same folder")
     parser.add_argument("--heldout", action="store_true",
                         help="videos of the test identities to OUTPUT/heldout/ (test split), the rest to OUTPUT/train/")
+    parser.add_argument("--workers", type=int, default=2, help="processes writing videos at once")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paths = generate_samples(args.output, seconds=args.seconds, seed=args.seed, heldout=args.heldout)
+    paths = generate_samples(args.output, seconds=args.seconds, seed=args.seed, heldout=args.heldout,
+                             workers=args.workers)
     if args.with_bad:
         paths += list(make_bad_inputs(args.output, seed=args.seed).values())
     for p in paths:
