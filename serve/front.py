@@ -102,6 +102,8 @@ class FrontListener:
                 data = await reader.read(READ_BYTES)
                 conn.receive_data(data)  # b"" = EOF: h11 then raises or reports ConnectionClosed
                 continue
+            if isinstance(event, h11.ConnectionClosed):  # closed before a request (a port probe): no answer
+                raise ConnectionResetError("closed before a request")
             raise HeadRefused(400, "Bad Request", "no request")
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
