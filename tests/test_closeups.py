@@ -440,3 +440,31 @@ def test_cut_off_chin_is_rejected_with_what_happened(closeup_run):
     reduced = sum(c.reduced for c in CASES)
     assert sum(n for k, n in summary.by_note.items() if k.startswith("crop margin reduced to #")) == reduced
     assert sum(1 for line in lines if line.startswith("[ingest]   kept ") and "crop margin reduced" in line) == reduced
+
+
+def test_full_resolution_crop_stage_fills_with_the_configured_rule(tmp_path):
+    """The ingest's decode + crop step (``ChunkCropper``, in ``DecodeStage``'s child) cuts boxes
+    that reach outside the frame with ``ingest.crop_fill``; with ``reduce`` such a box is an error
+    (plan_crop_track never makes one then)."""
+    from pipelines.ingestion.stages import ChunkCropper, decode_source_fields
+    from pipelines.media.probe import probe_video
+
+    spec = SceneSpec("fill", 256, 256, (ScenePerson(0.5, 0.5, 0.5),), seconds=0.4)
+    path, _ = write_scene(tmp_path, spec)
+    probe = probe_video(path)
+    pts, source = decode_source_fields(probe)
+    n = 10
+    boxes = np.tile(np.array([[-64, -64, 192, 192]], np.float32), (n, 1))  # a quarter of each box is outside
+    crops = {}
+    for fill in ("reflect", "constant"):
+        cropper = ChunkCropper(IngestConfig(crop_fill=fill, crop_size=64))
+        cropper.open(str(path), n, 256, 256, pts, source, boxes)
+        chunk = cropper.next_chunk()
+        assert chunk["stop"] == n and chunk["crops"].shape == (n, 64, 64, 3)
+        crops[fill] = chunk["crops"]
+    assert crops["constant"][:, :15, :15].max() == 0 and crops["reflect"][:, :15, :15].mean() > 30
+    np.testing.assert_array_equal(crops["constant"][:, 17:, 17:], crops["reflect"][:, 17:, 17:])
+    cropper = ChunkCropper(IngestConfig(crop_fill="reduce", crop_size=64))
+    cropper.open(str(path), n, 256, 256, pts, source, boxes)
+    with pytest.raises(ValueError, match="outside"):
+        cropper.next_chunk()
