@@ -70,3 +70,18 @@ def test_portrait_of_any_format_is_cropped_on_its_face(tmp_path, cropper, kind):
     assert landmarks is not None
     want = source_photo("astronaut").landmarks
     assert np.abs(landmarks.mean(0) - want.mean(0)).max() < 8  # the same face, in the same place
+
+
+@pytest.mark.parametrize("kind", ["grey", "grey16"])
+def test_the_services_upload_check_decodes_them_the_same_way(kind):
+    """serve.validation.decode_image (the service's 'image' field) gives the pixels load_image gives."""
+    import io
+
+    from serve.validation import decode_image
+
+    grey = np.asarray(Image.fromarray(source_photo("astronaut").image).convert("L"))
+    img = Image.fromarray(grey.astype(np.uint16) * 257 if kind == "grey16" else grey)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    rgb = decode_image(buf.getvalue())
+    assert rgb.shape == (*grey.shape, 3) and np.abs(rgb[..., 1].astype(int) - grey).max() <= 1

@@ -387,3 +387,20 @@ def test_serve_config_file_builds_the_application(tiny_package):
     assert isinstance(app(args), Application)
     with pytest.raises(Exception, match="serve.model"):
         app({"config": args["config"], "overrides": ["serve.model=null"]})
+
+
+@pytest.mark.parametrize("kind", ["grey", "grey16"])
+def test_greyscale_and_16_bit_png_portraits_are_accepted_and_animated(service, media, kind):
+    """A greyscale photo and a 16-bit PNG go through the upload check (its face found, not a
+    white-clipped picture) and the job finishes."""
+    from PIL import Image
+    from skimage import data
+
+    grey = np.asarray(Image.fromarray(data.astronaut()[20:280, 80:380]).convert("L"))
+    img = Image.fromarray(grey.astype(np.uint16) * 257 if kind == "grey16" else grey)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    client, _ = service
+    resp = post(client, buf.getvalue(), media["audio"], steps=1)
+    assert resp.status_code == 202, resp.text
+    assert wait_done(client, resp.json()["id"])["state"] == "done"
