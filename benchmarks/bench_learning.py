@@ -111,6 +111,19 @@ def curve(tracking_uri: str, experiment: str) -> tuple[str, dict[str, list[tuple
     raise RuntimeError(f"no run in {tracking_uri} has eval_psnr (train.eval_videos=1 did not evaluate)")
 
 
+def _panel(ax, hist: dict[str, list[tuple[int, float]]], series, target: float, target_name: str,
+           ylabel: str) -> None:
+    """One panel: each (metric, line style) of ``series`` against the stage-2 step, and the target."""
+    for name, style in series:
+        if hist.get(name):
+            steps, values = zip(*hist[name])
+            ax.plot(steps, values, style, label=name.removeprefix("eval_"))
+    ax.axhline(target, color="grey", lw=0.8, ls=":", label=f"target {target_name} {target}")
+    ax.set_xlabel("stage-2 training step")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+
+
 def plot(hist: dict[str, list[tuple[int, float]]], out: Path) -> Path:
     """Three panels: sync and sync_control (left), identity and identity_control (middle), psnr
     (right), against the stage-2 step."""
@@ -120,22 +133,10 @@ def plot(hist: dict[str, list[tuple[int, float]]], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
-    for name, style in (("eval_face_found_ratio", "^:"), ("eval_sync", "o-"), ("eval_sync_control", "s--")):
-        if hist.get(name):
-            steps, values = zip(*hist[name])
-            left.plot(steps, values, style, label=name.removeprefix("eval_"))
-    left.axhline(TARGET_SYNC, color="grey", lw=0.8, ls=":", label=f"target sync {TARGET_SYNC}")
-    left.set_xlabel("stage-2 training step")
-    left.set_ylabel("correlation / share of frames")
-    left.legend()
-    for name, style in (("eval_identity", "o-"), ("eval_identity_control", "s--")):
-        if hist.get(name):
-            steps, values = zip(*hist[name])
-            middle.plot(steps, values, style, label=name.removeprefix("eval_"))
-    middle.axhline(TARGET_IDENTITY, color="grey", lw=0.8, ls=":", label=f"target identity {TARGET_IDENTITY}")
-    middle.set_xlabel("stage-2 training step")
-    middle.set_ylabel("face descriptor distance (lower: nearer)")
-    middle.legend()
+    _panel(left, hist, (("eval_face_found_ratio", "^:"), ("eval_sync", "o-"), ("eval_sync_control", "s--")),
+           TARGET_SYNC, "sync", "correlation / share of frames")
+    _panel(middle, hist, (("eval_identity", "o-"), ("eval_identity_control", "s--")),
+           TARGET_IDENTITY, "identity", "face descriptor distance (lower: nearer)")
     if hist.get("eval_psnr"):
         steps, values = zip(*hist["eval_psnr"])
         right.plot(steps, values, "o-")
