@@ -85,7 +85,8 @@ def one_torch_thread():
 LONGEST_MODULES = (
     "test_train", "test_multinode", "test_ingest_limits", "test_serve_drain", "test_serve_faults",
     "test_ingest", "test_train_faults", "test_evaluate", "test_serve_hardening", "test_reference_path",
-    "test_ingest_real_world", "test_closeups", "test_identities", "test_video_metrics", "test_sampler", "test_serve",
+    "test_ingest_real_world", "test_closeups", "test_identities", "test_train_cluster", "test_video_metrics",
+    "test_sampler", "test_serve",
 )
 
 

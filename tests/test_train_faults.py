@@ -304,6 +304,9 @@ class BlockingTrainer:
 ray.train.torch.TorchTrainer = BlockingTrainer
 import training.stages
 training.stages.init_ray = lambda cfg: None  # no Ray needed: fit() is the stand-in above
+# ... nor its nodes: the placement is planned on one node like the embedded Ray's
+training.stages.check_cluster = lambda cfg: training.stages.plan_placement(
+    cfg, [training.stages.NodeShape("node", "127.0.0.1", {"CPU": 2.0})])
 import train
 sys.exit(train.main(sys.argv[2:]))
 """
