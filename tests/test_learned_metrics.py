@@ -295,13 +295,14 @@ def test_evaluate_package_computes_fid_and_fvd_when_weights_are_given(nets, synt
     assert math.isfinite(mean["fvd"]) and mean["fvd"] > 0
     # synthetic data has no source video, so no waveform: LSE is NaN and skipped says why
     assert math.isnan(mean["lse_d"]) and math.isnan(result["videos"][0]["lse_c"])
-    assert set(result["skipped"]) == {"lse_c", "lse_d"} and "no waveform" in result["skipped"]["lse_c"]
+    # csim: no ArcFace network given (evaluation.arcface_path)
+    assert set(result["skipped"]) == {"lse_c", "lse_d", "csim"} and "no waveform" in result["skipped"]["lse_c"]
     assert any("LSE NaN: no waveform" in n for n in result["videos"][0]["notes"])
     assert all(FEATURES_KEY not in v for v in result["videos"])  # features never reach the JSON
 
     plain = evaluate_package(tiny_package, synthetic_split, split="test", max_videos=1, steps=1, device="cpu",
                              evaluation=EvaluationConfig(max_seconds=0.4))
-    assert set(plain["skipped"]) == {"lse_c", "lse_d", "fid", "fvd"} and "fid" not in plain["mean"]
+    assert set(plain["skipped"]) == {"lse_c", "lse_d", "fid", "fvd", "csim"} and "fid" not in plain["mean"]
     assert "lse_d" not in plain["mean"] and "evaluation.syncnet_path" in plain["skipped"]["lse_d"]
     assert "evaluation.fid_weights_path" in plain["skipped"]["fid"]
     assert "evaluation.fvd_weights_path" in plain["skipped"]["fvd"]
@@ -328,6 +329,6 @@ def test_evaluation_job_pools_the_actors_features_and_rejects_a_broken_path_befo
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["mean"]["fid_frames"] == 50 and result["mean"]["fid"] > 0
-    assert set(result["skipped"]) == {"lse_c", "lse_d", "fvd"}
+    assert set(result["skipped"]) == {"lse_c", "lse_d", "fvd", "csim"}
     assert all("learned_features" not in v for v in result["videos"])
     assert "fid (pooled over the split, 50 frames)" in capsys.readouterr().out
