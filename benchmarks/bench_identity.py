@@ -52,7 +52,7 @@ def run() -> list[dict]:
     from inference.portrait import load_image as read_image
     from inference.sampler import LoopySampler
     from pipelines.media.video_decode import iter_frames
-    from pipelines.metrics.identity import FaceDescriber, mean_distance
+    from pipelines.metrics.identity import FaceDescriber, video_identity
 
     work = Path(os.environ.get("LOOPY_BENCH_IDENTITY_WORK", "work")).resolve()
     seconds = float(os.environ.get("LOOPY_BENCH_IDENTITY_SECONDS", 60))
@@ -70,12 +70,10 @@ def run() -> list[dict]:
     result = sampler.generate(str(portrait), audio, out / "long.mp4")
     fps = result.fps
     frames = np.concatenate([c.frames for c in iter_frames(result.path, fps=fps)])
-    describer = FaceDescriber()
-    ref = describer.describe(read_image(portrait)[None])[0][0]
+    describer, reference = FaceDescriber(), read_image(portrait)
     window = int(WINDOW_S * fps)
-    pick = lambda chunk: chunk[np.linspace(0, len(chunk) - 1, 25).round().astype(int)]  # noqa: E731
-    first = mean_distance(describer.describe(pick(frames[:window]))[0], ref)
-    last = mean_distance(describer.describe(pick(frames[-window:]))[0], ref)
+    first = video_identity(describer, frames[:window], None, reference).metrics["identity"]
+    last = video_identity(describer, frames[-window:], None, reference).metrics["identity"]
     note = f"{model}, {len(frames)} frames ({len(frames) / fps:.0f} s), generated in {result.compute_s:.0f} s"
     return [
         {"benchmark": "identity", "metric": "identity, first 10 s", "value": first, "unit": "distance",

@@ -38,12 +38,10 @@ def make_request_inputs(video: Path, out_dir: Path, audio_seconds: float,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     image, audio = out_dir / "portrait.png", out_dir / "speech.wav"
-    cmds = [["ffmpeg", "-v", "error", "-y", "-i", str(video), "-frames:v", "1", str(image)]]
+    first_frame(video, image, "generate")
     if sentence is None:
-        cmds.append(["ffmpeg", "-v", "error", "-y", "-i", str(video), "-vn", "-ac", "1", "-ar", "16000",
-                     "-t", f"{audio_seconds:g}", str(audio)])
-    for cmd in cmds:
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(video), "-vn", "-ac", "1", "-ar", "16000",
+                                 "-t", f"{audio_seconds:g}", str(audio)], capture_output=True, text=True)
         if result.returncode != 0:
             raise StepError("generate", f"ffmpeg could not cut the request from {video}: {result.stderr.strip()}")
     if sentence is not None:
@@ -90,10 +88,15 @@ def first_frames(samples: Path, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     images = []
     for video in videos_under(samples):
-        image = out_dir / f"{video.stem}.png"
-        result = subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(video), "-frames:v", "1", str(image)],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            raise StepError("score", f"ffmpeg could not read the first frame of {video}: {result.stderr.strip()}")
-        images.append(image)
+        images.append(first_frame(video, out_dir / f"{video.stem}.png", "score"))
     return images
+
+
+def first_frame(video: Path, image: Path, step: str) -> Path:
+    """The first frame of ``video`` written to ``image`` (PNG, by ffmpeg); a failure is a
+    :class:`StepError` of ``step`` naming the video."""
+    result = subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(video), "-frames:v", "1", str(image)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise StepError(step, f"ffmpeg could not read the first frame of {video}: {result.stderr.strip()}")
+    return image

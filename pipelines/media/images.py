@@ -24,9 +24,10 @@ def image_to_rgb(img) -> np.ndarray:
         a = np.asarray(img, dtype=np.float64)
         if mode in _SIXTEEN_BIT:
             a = a / 257.0
-        elif mode == "I":
-            a = a / 257.0 if a.max(initial=0) > 255 and a.max(initial=0) <= 65535 else \
-                (a / (2 ** 32 - 1) * 255.0 if a.max(initial=0) > 65535 else a)
+        elif mode == "I" and a.max(initial=0) > 65535:  # full 32-bit range
+            a = a / (2 ** 32 - 1) * 255.0
+        elif mode == "I" and a.max(initial=0) > 255:  # 16-bit data stored as I
+            a = a / 257.0
         elif a.max(initial=0) <= 1.0:  # F: 0..1 floats
             a = a * 255.0
         grey = np.clip(a, 0, 255).round().astype(np.uint8)

@@ -249,8 +249,9 @@ def region_masks(shape: tuple[int, int], landmarks: np.ndarray) -> RegionMasks:
     sigma = 0.04 * size
     face_s = _feather(face, sigma)
     person = _feather(head | body | face, sigma * 1.5)
-    hair = _feather(head & ~face & (np.mgrid[0:shape[0], 0:shape[1]][0] < chin), sigma) * (1 - face_s)
-    below = np.mgrid[0:shape[0], 0:shape[1]][0] > chin + 0.3 * size
+    rows = np.arange(shape[0])[:, None]  # y of each pixel row, broadcast over the columns
+    hair = _feather(head & ~face & (rows < chin), sigma) * (1 - face_s)
+    below = rows > chin + 0.3 * size
     clothing = _feather(body & below, sigma) * (1 - face_s)
     return RegionMasks(face_s, np.clip(hair, 0, 1), np.clip(clothing, 0, 1), person)
 
