@@ -59,8 +59,8 @@ from demo_parts.plan import DemoPaths, DemoSettings, config_overrides, evaluate_
     step_commands, videos_under
 from demo_parts.request import DEMO_SENTENCE, first_frames, make_request_inputs, pick_request_video, \
     score_demo_video
-from demo_parts.results import VAE_KEY_FILE, check_ingest_output, drop_ingest_of_another_vae, evaluation_means, \
-    fitted_vae_key, format_metrics, remove_stale_inputs, short, vae_summary, video_summary
+from demo_parts.results import CODEC_METRICS, VAE_KEY_FILE, check_ingest_output, drop_ingest_of_another_vae, \
+    evaluation_means, fitted_vae_key, format_metrics, remove_stale_inputs, short, vae_summary, video_summary
 from demo_parts.runner import StepError, background, child_env, free_port, run_step
 from serve.client import ClientError, VideoClient
 from training.errors import TrainingError
@@ -132,6 +132,7 @@ def run_demo(work: Path, settings: DemoSettings, console: Optional[Console] = No
     test_means = evaluation_means(paths.evaluation)
     say(f"evaluate: test split ({short(paths.test_samples)}) mean {format_metrics(test_means)} -> "
         f"{short(paths.evaluation)} ({seconds:.0f} s)")
+    say(f"  the VAE's ceiling (real frames through the VAE alone): {format_metrics(test_means, CODEC_METRICS)}")
 
     # sampling through the service: a test-split portrait and a sentence no sample video says
     port = settings.port or free_port()

@@ -291,6 +291,9 @@ class EvaluationConfig:
     detector: Literal["dlib", "dlib_cnn", "dwpose"] = "dlib"  # landmarks of the metrics (dwpose: weights.dwpose_dir)
     min_detect_side: int = 256  # frames are upscaled to at least this side before landmark detection
     max_lag: int = 2  # frames: sync's lag search is -max_lag..max_lag
+    # the codec frames (stored latents decoded by the package's VAE) scored too: codec_face_found_ratio,
+    # codec_psnr, codec_ssim, codec_sync, codec_identity, the ceiling the VAE puts on every figure
+    codec_metrics: bool = True
     # --- Ray Data actors (one sampler each) ---
     num_actors: int = 1
     use_gpu: bool = False

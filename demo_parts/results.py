@@ -14,6 +14,8 @@ from demo_parts.runner import StepError
 #: Metrics printed beside the video (keys of pipelines.metrics.video_metrics.score_video / the evaluation JSON).
 SHOWN_METRICS = ("face_found_ratio", "sync", "sync_control", "identity", "identity_control", "identity_nearest",
                  "psnr", "ssim", "lmd")
+#: The codec ceiling of the test split (the stored latents decoded by the VAE; docs/EVALUATION.md).
+CODEC_METRICS = ("codec_face_found_ratio", "codec_identity", "codec_psnr")
 VAE_KEY_FILE = "fitted_vae.key"  # in the ingest folder: the fit whose VAE encoded its latents
 
 
@@ -23,7 +25,7 @@ def format_metrics(metrics: dict, keys: Sequence[str] = SHOWN_METRICS) -> str:
     for key in keys:
         value = metrics.get(key)
         if isinstance(value, (int, float)):
-            parts.append(f"{key} {value:.2f} dB" if key == "psnr" else f"{key} {value:.3f}")
+            parts.append(f"{key} {value:.2f} dB" if key.endswith("psnr") else f"{key} {value:.3f}")
     return ", ".join(parts) if parts else "no metrics"
 
 

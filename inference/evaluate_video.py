@@ -16,7 +16,10 @@ docs/CONTRACTS.md) :func:`read_eval_video` collects
   ingest aligns it, ``T / fps`` seconds (None without the source: then ``sync`` is NaN).
 
 :func:`evaluate_video` generates ``T`` frames with :class:`inference.sampler.LoopySampler` and
-scores them with :func:`pipelines.metrics.video_metrics.score_video`. Units: frames at ``fps`` (25),
+scores them with :func:`pipelines.metrics.video_metrics.score_video`. When the real frames come from
+JPEG crops or the source, it also scores the **codec frames**: the stored latents decoded by the
+package's VAE, i.e. the best any denoiser could draw through this VAE (``codec_*`` metrics: a VAE
+that loses the face caps every generated figure, and these say so). Units: frames at ``fps`` (25),
 samples at 16 kHz, pixels.
 """
 from __future__ import annotations
@@ -65,7 +68,7 @@ class EvalVideo:
     real_from: str  # "jpeg" | "source" | "latents"
     samples: Optional[np.ndarray]  # float32 [round(T / fps * sample_rate)] or None (no source)
     sample_rate: int
-    latents: Optional[np.ndarray] = None  # float16 [T, 4, h, w], kept only when real_from == "latents"
+    latents: Optional[np.ndarray] = None  # float16 [T, 4, h, w]: the stored latents of the frames
     notes: list[str] = field(default_factory=list)  # why a metric will be missing
 
     @property
@@ -85,6 +88,11 @@ class VideoEvaluation:
     real: np.ndarray
     real_from: str
     notes: list[str]
+    codec: Optional[np.ndarray] = None  # uint8 [T, S, S, 3]: the stored latents decoded (None: real_from "latents")
+
+
+#: score_video keys also computed for the codec frames, stored as ``codec_<key>``.
+CODEC_KEYS = ("face_found_ratio", "psnr", "ssim", "sync")
 
 
 def split_videos(data_dir: str | Path, split: Optional[str] = "test") -> list[dict]:
@@ -184,8 +192,8 @@ def read_eval_video(data_dir: str | Path, video_id: str, reference_frame: int = 
         samples = audio[: int(round(n / fps * sample_rate))].astype(np.float32)
     else:
         notes.append(f"source video {source!r} not found: no waveform, sync metrics are NaN")
+    latents = store.read(video_id, range(n), ["latent"])["latent"]
     if real is None:
-        latents = store.read(video_id, range(n), ["latent"])["latent"]
         notes.append("real frames decoded from the stored latents (no JPEG crops, no source video)")
     return EvalVideo(video_id, str(source), fps, int(reference_frame), ref, data["audio"].astype(np.float32),
                      real, real_from, samples, sample_rate, latents, notes)
@@ -216,20 +224,26 @@ def generate_frames(sampler: LoopySampler, video: EvalVideo, steps: Optional[int
     return np.concatenate(list(sampler.decode_frames(latents)), axis=0)
 
 
+def decode_stored_latents(sampler: LoopySampler, video: EvalVideo) -> np.ndarray:
+    """``video``'s stored latents decoded by the package's VAE: uint8 [T, S, S, 3]."""
+    lat = torch.as_tensor(video.latents.astype(np.float32), device=sampler.device)
+    return np.concatenate(list(sampler.decode_frames(lat)), axis=0)
+
+
 def real_frames_of(sampler: LoopySampler, video: EvalVideo) -> np.ndarray:
     """The real frames of ``video`` (decoded by the package's VAE when they come from latents)."""
     if video.real_frames is None:
-        lat = torch.as_tensor(video.latents.astype(np.float32), device=sampler.device)
-        video.real_frames = np.concatenate(list(sampler.decode_frames(lat)), axis=0)
+        video.real_frames = decode_stored_latents(sampler, video)
     return video.real_frames
 
 
 def evaluate_video(sampler: LoopySampler, video: EvalVideo, detector: FaceLandmarkDetector,
                    steps: Optional[int] = None, max_lag: int = 2,
-                   min_detect_side: int = MIN_DETECT_SIDE) -> VideoEvaluation:
+                   min_detect_side: int = MIN_DETECT_SIDE, codec: bool = True) -> VideoEvaluation:
     """Generate ``video`` and score it against its real frames and waveform. Without a waveform
     the sync metrics are NaN (silence of the right length is scored instead, so the frame
-    metrics are still computed)."""
+    metrics are still computed). With ``codec`` and real frames that are not themselves decoded
+    latents, the codec frames are scored too (``codec_`` + :data:`CODEC_KEYS`)."""
     t0 = time.perf_counter()
     generated = generate_frames(sampler, video, steps)
     t1 = time.perf_counter()
@@ -239,12 +253,20 @@ def evaluate_video(sampler: LoopySampler, video: EvalVideo, detector: FaceLandma
         samples = np.zeros(int(round(video.num_frames / video.fps * video.sample_rate)), np.float32)
     metrics = score_video(generated, real, samples, video.sample_rate, video.fps, detector,
                           max_lag=max_lag, min_detect_side=min_detect_side)
+    codec_frames = None
+    if codec and video.real_from != "latents" and video.latents is not None:
+        codec_frames = decode_stored_latents(sampler, video)
+        codec_metrics = score_video(codec_frames, real, samples, video.sample_rate, video.fps, detector,
+                                    max_lag=max_lag, min_detect_side=min_detect_side)
+        metrics.update({f"codec_{k}": codec_metrics[k] for k in CODEC_KEYS})
     if video.samples is None:
-        for key in ("sync", "sync_control", "sync_gt", "sync_control_gt"):
-            metrics[key] = float("nan")
+        for key in ("sync", "sync_control", "sync_gt", "sync_control_gt", "codec_sync"):
+            if key in metrics:
+                metrics[key] = float("nan")
     metrics["generate_s"] = t1 - t0
     metrics["score_s"] = time.perf_counter() - t1
-    return VideoEvaluation(video.video_id, metrics, generated, real, video.real_from, list(video.notes))
+    return VideoEvaluation(video.video_id, metrics, generated, real, video.real_from, list(video.notes),
+                           codec_frames)
 
 
 def write_side_by_side(real: np.ndarray, generated: np.ndarray, out_path: str | Path, fps: float,

@@ -85,6 +85,12 @@ def test_evaluate_package_scores_the_split_against_the_source_frames(ingested, t
     assert video["identity_gt"] < 0.4 and "identity" in video
     assert math.isnan(video["identity_control"])  # one test video: no other reference to compare with
     assert "evaluation.fvd_weights_path" in result["skipped"]["fvd"]
+    # the codec ceiling: this package's VAE is the random tiny one, so its decoded latents are no
+    # face at all, and the codec figures say so (a VAE that caps every generated figure)
+    for key in ("codec_psnr", "codec_ssim", "codec_face_found_ratio", "codec_identity"):
+        assert key in video and key in result["mean"], key
+    assert math.isfinite(video["codec_psnr"]) and video["codec_psnr"] < 20
+    assert video["codec_face_found_ratio"] < 0.2 < video["face_found_ratio_gt"]
 
     # the frames decoded from the source line up with the ingest's: landmarks found on them match
     # the stored (crop-normalised) landmarks of the same frames

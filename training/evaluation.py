@@ -160,7 +160,8 @@ FEATURES_KEY = "learned_features"
 MEAN_KEYS = ("psnr", "ssim", "lmd", "sync", "sync_control", "sync_margin", "glo", "exp", "glo_gt", "exp_gt",
              "sync_gt", "sync_control_gt", "face_found_ratio", "face_found_ratio_gt", "frames",
              "generate_s", "score_s", "identity", "identity_gt", "identity_control", "identity_margin",
-             "identity_nearest", "identity_found_ratio", "csim")
+             "identity_nearest", "identity_found_ratio", "csim", "codec_face_found_ratio", "codec_psnr",
+             "codec_ssim", "codec_sync", "codec_identity")
 IDENTITY_KEY = "identity_descriptors"  # per-video descriptors for the split-level figures, popped before the JSON
 
 
@@ -187,6 +188,11 @@ class IdentityScorer:
             out["csim"] = self.arcface.csim(generated, reference, self.frames)
         out[IDENTITY_KEY] = {"generated": v.generated.tolist(), "reference": v.reference.tolist()}
         return out
+
+    def describe_distance(self, frames: np.ndarray, reference: np.ndarray) -> float:
+        """Mean dlib descriptor distance of ``frames`` uint8 [T, S, S, 3] (the same frame subset
+        as ``identity``) to ``reference`` [S, S, 3]; NaN when no face is found in either."""
+        return float(video_identity(self.describer, frames, None, reference, self.frames).metrics["identity"])
 
 
 def _float_rows(rows: Sequence[Sequence[Optional[float]]]) -> np.ndarray:
@@ -229,7 +235,8 @@ def evaluate_row(sampler: LoopySampler, detector, data_dir: str | Path, row: dic
         video = read_eval_video(data_dir, vid, eval_cfg.reference_frame, eval_cfg.max_seconds,
                                 source=row.get("source"))
         result = evaluate_video(sampler, video, detector, steps if steps is not None else eval_cfg.steps,
-                                max_lag=eval_cfg.max_lag, min_detect_side=eval_cfg.min_detect_side)
+                                max_lag=eval_cfg.max_lag, min_detect_side=eval_cfg.min_detect_side,
+                                codec=eval_cfg.codec_metrics)
     except (InferenceError, PipelineError) as exc:
         log.warning("evaluation of %s rejected: %s", vid, exc)
         return {"video_id": vid, "status": "rejected", "reason": f"{type(exc).__name__}: {exc}"}
@@ -247,6 +254,8 @@ def evaluate_row(sampler: LoopySampler, detector, data_dir: str | Path, row: dic
     if identity is not None:  # outside the try, as above
         ref = result.real[min(eval_cfg.reference_frame, len(result.real) - 1)]
         out.update(identity.score(result.generated, result.real, ref))
+        if result.codec is not None:  # the VAE's own ceiling (inference.evaluate_video)
+            out["codec_identity"] = identity.describe_distance(result.codec, ref)
     if keep_frames:
         out["evaluation"] = result
         out["samples"] = video.samples
