@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import threading
 from contextlib import contextmanager
 from glob import escape as glob_escape
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Union
+
+from core.storage import StoragePath, temp_key
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
@@ -35,19 +39,31 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def temp_files_of(path: str | Path) -> list[Path]:
+def temp_files_of(path: Union[str, Path, StoragePath]) -> list:
     """The temp files :func:`atomic_path` writers of ``path`` left behind (a crashed writer's;
-    a live one's too, so call it only when no writer of ``path`` runs)."""
+    a live one's too, so call it only when no writer of ``path`` runs); temp keys for an object."""
+    if isinstance(path, StoragePath):
+        return sorted(path.parent.glob(f".{path.name}.*.tmp"), key=str)
     path = Path(path)
     return sorted(path.parent.glob(f".{glob_escape(path.name)}.*.tmp"))
 
 
 @contextmanager
-def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
+def atomic_path(path: Union[str, Path, StoragePath], durable: bool = True) -> Iterator[Path]:
     """A temp path beside ``path`` to write to; on a normal exit it is synced and renamed onto
     ``path``. The temp name carries the pid and thread id, so concurrent writers never share one.
     ``durable=False`` skips the two syncs (still never torn, but a power loss may lose the file):
-    for intermediate files on a hot path that a rerun rebuilds anyway."""
+    for intermediate files on a hot path that a rerun rebuilds anyway.
+
+    ``path`` an object (:class:`core.storage.StoragePath`): the temp path is a local scratch file;
+    on a normal exit it is uploaded to a temp key beside the target
+    (:func:`core.storage.temp_key`) and then moved onto the target (the store's copy + delete),
+    so a reader never sees a half-written object under the target's key; on an error (or a failed
+    upload) the temp key is removed and the target is untouched."""
+    if isinstance(path, StoragePath):
+        with _atomic_object(path) as tmp:
+            yield tmp
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -59,6 +75,24 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
             _fsync_path(path.parent, directory=True)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _atomic_object(target: StoragePath) -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="loopy_put_"))
+    tmp = folder / target.name
+    key = temp_key(target)
+    try:
+        yield tmp
+        key.upload_from(tmp)
+        key.move_to(target)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            if key.exists():
+                key.unlink(missing_ok=True)
+        except OSError:  # the store is gone: the next run's cleanup removes the temp key
+            pass
 
 
 class _Discarded(Exception):
@@ -73,8 +107,8 @@ class AtomicFile:
     manager: commit on a normal exit, discard on an error. The same ``atomic_path`` underneath,
     entered here and left by :meth:`commit` / :meth:`discard`."""
 
-    def __init__(self, path: str | Path, durable: bool = True):
-        self.path = Path(path)
+    def __init__(self, path: Union[str, Path, StoragePath], durable: bool = True):
+        self.path = path if isinstance(path, StoragePath) else Path(path)
         self._cm = atomic_path(self.path, durable)
         self.tmp: Path = self._cm.__enter__()
         self._open = True
@@ -103,12 +137,12 @@ class AtomicFile:
             self.discard()
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def write_text_atomic(path: Union[str, Path, StoragePath], text: str) -> None:
     """``text`` (UTF-8) written to ``path`` all or nothing."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json_atomic(path: str | Path, data: Any, **dumps_kwargs: Any) -> None:
+def write_json_atomic(path: Union[str, Path, StoragePath], data: Any, **dumps_kwargs: Any) -> None:
     """``data`` as JSON (``json.dumps`` keyword arguments passed on) written to ``path`` all or nothing."""
     write_text_atomic(path, json.dumps(data, **dumps_kwargs))
