@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 
 from core.paths import resolve_artifact_root, resolve_tracking_uri
 from core.sections import TrackingConfig
+from core.storage import StoragePath, local_copy
 
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "loopy.stage"
@@ -99,7 +100,13 @@ class RunLogger:
         for k, v in tags.items():
             self._client().set_tag(self.run_id, k, str(v))
 
-    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+    def log_artifact(self, path, artifact_path: Optional[str] = None) -> None:
+        """Log a local file or folder, or one object of a bucket (``core.storage.StoragePath``:
+        copied through a local temp file)."""
+        if isinstance(path, StoragePath):
+            with local_copy(path) as local:
+                self._client().log_artifact(self.run_id, str(local), artifact_path)
+            return
         path = Path(path)
         if path.is_dir():
             self._client().log_artifacts(self.run_id, str(path), artifact_path)

@@ -409,8 +409,16 @@ def temp_key(target: StoragePath) -> StoragePath:
 def remove_tree(loc: Location) -> None:
     """Remove a folder / every object under a prefix; nothing when absent."""
     if isinstance(loc, StoragePath):
-        for p in loc.rglob("*"):
-            p.unlink(missing_ok=True)
+        from pyarrow import fs as pafs
+
+        if loc._info().type == pafs.FileType.NotFound:
+            return
+        try:  # the objects under the prefix and its folder marker, if the client wrote one
+            loc.fs.delete_dir(loc.fs_path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise unavailable(loc.uri, exc) from exc
         return
     shutil.rmtree(loc, ignore_errors=True)
 

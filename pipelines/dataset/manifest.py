@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.atomic_files import atomic_path
+from core.storage import Location, StoragePath, StorageUnavailableError, as_location, check_location
 from pipelines.dataset.schema import MANIFEST_NAME, MANIFEST_SCHEMA
 from pipelines.errors import PipelineError
 
@@ -32,7 +33,7 @@ class InputVideo:
     """One input file of the job."""
 
     source: str  # the path as given (list entries: as written in the list)
-    path: Path  # resolved absolute path (may not exist for a list entry: rejected as "input")
+    path: Location  # resolved absolute path or bucket object (may not exist for a list entry: rejected as "input")
     video_id: str  # 16 hex digits, from the file's content (video_id_for)
     split: str  # "train" | "test"
     duplicate_of: Optional[str] = None  # source of an earlier input with the same content
@@ -43,23 +44,25 @@ ID_HEAD_BYTES = 4 * 1024 * 1024
 ID_TAIL_BYTES = 1024 * 1024
 
 
-def video_id_for(path: Path) -> str:
+def video_id_for(path: Location) -> str:
     """Content id of a file: sha256 of its size, its first ``ID_HEAD_BYTES`` and its last
     ``ID_TAIL_BYTES``; 16 hex digits. The same bytes in two folders (a copy) get the same id and a
     changed file a new one; renaming, moving or touching a file does not change it. Why not the
     duration as well: it needs a demux of the whole file on the driver; size + tail already tell
     apart cuts of one source that share their first megabytes. A file that cannot be read gets
     an id from its path (it is rejected as ``input``)."""
-    path = Path(path).resolve()
+    path = as_location(path).resolve()
     h = hashlib.sha256()
     try:
         size = path.stat().st_size
         h.update(f"size:{size}|".encode())
-        with open(path, "rb") as f:
+        with path.open("rb") as f:  # an object: two ranged reads
             h.update(f.read(ID_HEAD_BYTES))
             if size > ID_HEAD_BYTES:
                 f.seek(max(ID_HEAD_BYTES, size - ID_TAIL_BYTES))
                 h.update(f.read(ID_TAIL_BYTES))
+    except StorageUnavailableError:
+        raise  # the store is down: not a missing file (the job stops before any work)
     except OSError:
         h = hashlib.sha256(f"missing:{path}".encode())
     return h.hexdigest()[:16]
@@ -71,15 +74,15 @@ def split_for(key: str, test_fraction: float) -> str:
     return "test" if h < test_fraction else "train"
 
 
-def split_key_of(path: Path, video_id: str, split_key: Literal["video", "folder"]) -> str:
+def split_key_of(path: Location, video_id: str, split_key: Literal["video", "folder"]) -> str:
     """What the split hashes: the video id, or the parent folder's name (one person per folder
     never lands in both splits)."""
     if split_key == "folder":
-        return f"folder:{Path(path).parent.name}"
+        return f"folder:{as_location(path).parent.name}"
     return f"video:{video_id}"
 
 
-def expand_inputs(input_path: str | Path) -> list[tuple[str, Path]]:
+def expand_inputs(input_path: str | Path) -> list[tuple[str, Location]]:
     """``--input`` -> [(source as given, resolved path)].
 
     * a folder: every file with a video extension below it (recursive), sorted;
@@ -87,15 +90,18 @@ def expand_inputs(input_path: str | Path) -> list[tuple[str, Path]]:
       are relative to the list's folder); listed files that do not exist are kept (they end as a
       rejected manifest row);
     * any other file: that one file.
-    Raises :class:`IngestInputError` when ``input_path`` does not exist or yields no file.
+    ``input_path`` and the list's entries may be bucket URIs (``s3://bucket/raw/``: every video
+    object under the prefix; core/storage.py).
+    Raises :class:`IngestInputError` when ``input_path`` does not exist or yields no file, and
+    :class:`core.storage.StorageError` for an unusable URI (scheme, bucket, credentials).
     """
-    given = Path(input_path)
+    given = check_location(input_path, "--input")
     if not given.exists():
         raise IngestInputError(f"--input {input_path}: no such file or directory")
     out: list[tuple[str, Path]] = []
     if given.is_dir():
-        for p in sorted(given.rglob("*")):
-            if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS:
+        for p in sorted(given.rglob("*"), key=str):  # a prefix's listing holds objects only
+            if p.suffix.lower() in VIDEO_EXTENSIONS and (isinstance(p, StoragePath) or p.is_file()):
                 out.append((str(p), p.resolve()))
         if not out:
             raise IngestInputError(f"--input {input_path}: folder holds no video files ({', '.join(VIDEO_EXTENSIONS)})")
@@ -104,9 +110,9 @@ def expand_inputs(input_path: str | Path) -> list[tuple[str, Path]]:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            p = Path(line)
+            p = check_location(line, f"--input {input_path}: entry")
             if not p.is_absolute():
-                p = given.parent / p
+                p = given.parent / str(p)
             out.append((line, p.resolve()))
         if not out:
             raise IngestInputError(f"--input {input_path}: the list names no files")
@@ -197,7 +203,7 @@ def write_manifest(out_dir: str | Path, rows: Iterable[dict]) -> Path:
         if r["note_key"] is None and r["note"]:
             r["note_key"] = note_key(r["note"])
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    path = Path(out_dir) / MANIFEST_NAME
+    path = as_location(out_dir) / MANIFEST_NAME
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path

@@ -37,7 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from core.atomic_files import AtomicFile
+from core.atomic_files import AtomicFile, write_text_atomic
+from core.storage import Location, as_location, parquet_source
 from pipelines.errors import PipelineError
 
 SCHEMA_VERSION = 1
@@ -67,12 +68,12 @@ class IngestMeta:
     # None in directories written before it existed (the reader's appearance augmentation needs it)
     latent_rgb_map: Optional[dict] = None
 
-    def write(self, out_dir: Path) -> None:
-        (Path(out_dir) / META_NAME).write_text(json.dumps(asdict(self), indent=2))
+    def write(self, out_dir: Location) -> None:
+        write_text_atomic(as_location(out_dir) / META_NAME, json.dumps(asdict(self), indent=2))
 
     @classmethod
-    def read(cls, out_dir: Path) -> "IngestMeta":
-        path = Path(out_dir) / META_NAME
+    def read(cls, out_dir: Location) -> "IngestMeta":
+        path = as_location(out_dir) / META_NAME
         if not path.is_file():
             raise IngestFormatError(f"{out_dir} is not an ingest output: {META_NAME} is missing")
         data = json.loads(path.read_text())
@@ -144,8 +145,8 @@ def frame_schema(latent_shape: Sequence[int], audio_shape: Sequence[int], with_j
     return pa.schema(fields, metadata=meta)
 
 
-def frames_path(out_dir: Path, video_id: str) -> Path:
-    return Path(out_dir) / FRAMES_DIR / f"{video_id}.parquet"
+def frames_path(out_dir: Location, video_id: str) -> Location:
+    return as_location(out_dir) / FRAMES_DIR / f"{video_id}.parquet"
 
 
 class FrameFileWriter:
@@ -156,7 +157,7 @@ class FrameFileWriter:
     complete (resume relies on it); :meth:`abort` removes the temp file.
     """
 
-    def __init__(self, out_dir: Path, video_id: str, schema: pa.Schema):
+    def __init__(self, out_dir: Location, video_id: str, schema: pa.Schema):
         self.path = frames_path(out_dir, video_id)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = AtomicFile(self.path)
@@ -206,8 +207,8 @@ class FrameStore:
     frames touches only the row groups that cover them.
     """
 
-    def __init__(self, out_dir: str | Path, max_open_files: int = 64):
-        self.dir = Path(out_dir)
+    def __init__(self, out_dir: str | Location, max_open_files: int = 64):
+        self.dir = as_location(out_dir)  # a folder or a bucket prefix (core/storage.py)
         if not self.dir.is_dir():
             raise IngestFormatError(f"{self.dir} is not a directory")
         self.meta = IngestMeta.read(self.dir)
@@ -220,7 +221,7 @@ class FrameStore:
         path = self.dir / MANIFEST_NAME
         if not path.is_file():
             raise IngestFormatError(f"{self.dir} is not an ingest output: {MANIFEST_NAME} is missing")
-        table = pq.read_table(path)
+        table = pq.read_table(parquet_source(path))
         if status is not None:
             table = table.filter(pc.equal(table["status"], status))
         return table
@@ -230,7 +231,7 @@ class FrameStore:
             path = frames_path(self.dir, video_id)
             if not path.is_file():
                 raise IngestFormatError(f"frames of video {video_id} missing: {path}")
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(parquet_source(path))  # an object: ranged reads of the row groups asked for
             md = pf.metadata
             col = pf.schema_arrow.get_field_index("frame_index")
             starts, stops = [], []

@@ -14,7 +14,6 @@ Workers and driver share the output directory (a local disk, or a shared volume 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.atomic_files import atomic_path
+from core.storage import Location, as_location, parquet_source, remove_tree
 from pipelines.dataset.schema import (
     FRAMES_DIR,
     FrameFileWriter,
@@ -85,7 +85,7 @@ class VideoAssembly:
     ``end``: the video's ``end`` facts (``num_chunks``, ``num_frames``, ``info``) once its end
     row arrived; ``complete`` when every announced chunk is written."""
 
-    def __init__(self, out_dir: Path, video_id: str, schema: pa.Schema):
+    def __init__(self, out_dir: Location, video_id: str, schema: pa.Schema):
         self.writer = FrameFileWriter(out_dir, video_id, schema)
         self.schema = schema
         self.next_chunk = 0
@@ -109,13 +109,13 @@ class FinishedVideo:
     ``info`` of the video's ``end`` row (probe facts and stage seconds)."""
 
     video_id: str
-    path: Path
+    path: Location
     num_frames: int
     end_info: str
 
 
-def part_path(out_dir: Path, video_id: str, chunk_index: int) -> Path:
-    return Path(out_dir) / FRAMES_DIR / f"{video_id}{PARTS_SUFFIX}" / f"{int(chunk_index):06d}.parquet"
+def part_path(out_dir: Location, video_id: str, chunk_index: int) -> Location:
+    return as_location(out_dir) / FRAMES_DIR / f"{video_id}{PARTS_SUFFIX}" / f"{int(chunk_index):06d}.parquet"
 
 
 def small_row(row: dict, **extra) -> dict:
@@ -130,7 +130,7 @@ def small_row(row: dict, **extra) -> dict:
     return out
 
 
-def write_chunk_part(out_dir: Path, row: dict, write_jpeg: bool) -> dict:
+def write_chunk_part(out_dir: Location, row: dict, write_jpeg: bool) -> dict:
     """Write one ``chunk`` row as its part file (temp + rename); the small row for the driver."""
     lat, aud = list(row["latent"].shape[1:]), list(row["features"].shape[1:])
     schema = frame_schema(lat, aud, write_jpeg)
@@ -152,7 +152,7 @@ def write_chunk_parts(batch: dict, out_dir: str, write_jpeg: bool) -> dict:
         out = small_row(row)
     else:
         try:
-            out = write_chunk_part(Path(out_dir), row, write_jpeg)
+            out = write_chunk_part(as_location(out_dir), row, write_jpeg)
         except Exception as exc:  # noqa: BLE001 - recorded as this video's failure
             out = small_row(row, kind="failed", stage="write",
                             reason=f"failed: write: {row['path']}: {type(exc).__name__}: {exc}")
@@ -164,12 +164,12 @@ def assemble_frame_file(out_dir: str, video_id: str, num_chunks: int, num_frames
     (runs as a Ray task on a worker). Returns ``{"video_id", "num_frames"}``; raises
     :class:`FrameWriteError` when the rows are not ``num_frames`` (the file is removed). The
     parts folder is removed once the file is complete."""
-    out = Path(out_dir)
+    out = as_location(out_dir)
     parts = [part_path(out, video_id, i) for i in range(num_chunks)]
     writer = None
     try:
         for p in parts:
-            table = pq.read_table(p)
+            table = pq.read_table(parquet_source(p))
             if writer is None:
                 writer = FrameFileWriter(out, video_id, table.schema)
             writer.write(table)
@@ -183,7 +183,7 @@ def assemble_frame_file(out_dir: str, video_id: str, num_chunks: int, num_frames
     if writer.num_rows != num_frames:
         path.unlink(missing_ok=True)
         raise FrameWriteError(f"{path} holds {writer.num_rows} frames, expected {num_frames}")
-    shutil.rmtree(parts[0].parent, ignore_errors=True)
+    remove_tree(parts[0].parent)
     return {"video_id": video_id, "num_frames": int(writer.num_rows)}
 
 

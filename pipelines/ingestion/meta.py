@@ -33,6 +33,7 @@ from typing import Optional
 import pyarrow.parquet as pq
 
 from core.sections import PlatformConfig
+from core.storage import parquet_source
 from core.weights import WeightPaths
 from pipelines.encoders.latents import LatentCodec, fit_colour_map
 from pipelines.dataset.schema import (
@@ -155,7 +156,7 @@ def write_ingest_meta(out: Path, cfg: PlatformConfig, weights: WeightPaths, fact
     if latent_shape is None:
         for r in rows:
             if r["status"] == "ok":
-                md = pq.read_schema(frames_path(out, r["video_id"])).metadata or {}
+                md = pq.read_schema(parquet_source(frames_path(out, r["video_id"]))).metadata or {}
                 latent_shape = json.loads(md[b"loopy.latent_shape"])
                 audio_shape = json.loads(md[b"loopy.audio_shape"])
                 break

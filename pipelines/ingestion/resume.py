@@ -31,7 +31,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -39,6 +38,7 @@ from typing import Optional
 import pyarrow.parquet as pq
 
 from core.atomic_files import temp_files_of, write_json_atomic
+from core.storage import Location, StoragePath, as_location, check_location, parquet_source, remove_tree
 from core.sections import PlatformConfig
 from core.weights import WeightPaths
 from pipelines.dataset.manifest import InputVideo, manifest_row
@@ -75,12 +75,12 @@ def check_output_dir(out_dir: str | Path, cfg: Optional[PlatformConfig] = None) 
     """Create ``out_dir`` and prove it is writable; with ``cfg``, also check that an earlier
     ingest there used the same frame rate, crop size and weights preset (a resumed directory must
     hold one format). Raises :class:`IngestOutputError` (one line)."""
-    out = Path(out_dir)
+    out = check_location(out_dir, "--output")  # a bucket URI: scheme, credentials, bucket (core/storage.py)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / FRAMES_DIR).mkdir(exist_ok=True)
         probe = out / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"ok")
+        write_json_atomic(probe, "ok")
         probe.unlink()
     except OSError as exc:
         raise IngestOutputError(f"--output {out_dir}: not writable ({exc.strerror or exc})") from None
@@ -128,11 +128,11 @@ def ingest_fingerprint(cfg: PlatformConfig, weights: WeightPaths) -> dict:
     return {"fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16], "settings": json.loads(blob)}
 
 
-def claim_output_dir(out: Path, fingerprint: dict) -> None:
+def claim_output_dir(out: Location, fingerprint: dict) -> None:
     """Refuse ``out`` when its ``ingest_fingerprint.json`` differs from ``fingerprint`` (naming
     the settings that differ); write it when absent (atomically). Raises
     :class:`IngestOutputError`."""
-    path = Path(out) / FINGERPRINT_NAME
+    path = as_location(out) / FINGERPRINT_NAME
     if path.is_file():
         try:
             old = json.loads(path.read_text())
@@ -156,7 +156,7 @@ class RecordStore:
     is a manifest row (``manifest.manifest_row``) as JSON."""
 
     def __init__(self, out_dir: str | Path):
-        self.out_dir = Path(out_dir)
+        self.out_dir = as_location(out_dir)
         self.dir = self.out_dir / RECORDS_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -168,7 +168,7 @@ class RecordStore:
 
     def load(self) -> dict[str, dict]:
         records = {}
-        for p in sorted(self.dir.glob("*.json")):
+        for p in sorted(self.dir.glob("*.json"), key=str):
             try:
                 rec = json.loads(p.read_text())
             except (OSError, json.JSONDecodeError):
@@ -189,34 +189,38 @@ class RecordStore:
         if not path.is_file():
             return False
         try:
-            return pq.ParquetFile(path).metadata.num_rows == record["num_frames"]
+            return pq.ParquetFile(parquet_source(path)).metadata.num_rows == record["num_frames"]
         except Exception:  # unreadable file: redo it
             return False
 
 
-def parts_dir(out_dir: str | Path, video_id: str) -> Path:
+def parts_dir(out_dir: str | Location, video_id: str) -> Location:
     """``frames/<video_id>.parts``: where the workers write one video's chunk files."""
-    return Path(out_dir) / FRAMES_DIR / f"{video_id}{PARTS_SUFFIX}"
+    return as_location(out_dir) / FRAMES_DIR / f"{video_id}{PARTS_SUFFIX}"
 
 
 def remove_video_files(out_dir: str | Path, video_id: str) -> None:
     """A video's frame file, its temp file and its chunk folder (redo or reject)."""
-    path = frames_path(Path(out_dir), video_id)
+    path = frames_path(out_dir, video_id)
     path.unlink(missing_ok=True)
     for tmp in temp_files_of(path):  # a crashed writer's (core.atomic_files names them)
         tmp.unlink(missing_ok=True)
-    shutil.rmtree(parts_dir(out_dir, video_id), ignore_errors=True)
+    remove_tree(parts_dir(out_dir, video_id))
 
 
 def clean_partial_files(out_dir: str | Path) -> list[Path]:
     """Remove ``*.tmp`` frame files and ``*.parts`` chunk folders a crashed run left behind;
     returns what was removed."""
     removed = []
-    for p in (Path(out_dir) / FRAMES_DIR).glob("*.tmp"):
-        p.unlink(missing_ok=True)
-        removed.append(p)
-    for p in (Path(out_dir) / FRAMES_DIR).glob(f"*{PARTS_SUFFIX}"):
-        shutil.rmtree(p, ignore_errors=True)
+    out = as_location(out_dir)
+    # temp files / keys of crashed writers: frame files, and (in a bucket) records, manifest, meta
+    folders = [out / FRAMES_DIR] + ([out, out / RECORDS_DIR] if isinstance(out, StoragePath) else [])
+    for folder in folders:
+        for p in folder.glob(".*.tmp" if isinstance(out, StoragePath) else "*.tmp"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    for p in (out / FRAMES_DIR).glob(f"*{PARTS_SUFFIX}"):
+        remove_tree(p)
         removed.append(p)
     return removed
 

@@ -47,6 +47,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from core.sections import IngestConfig
+from core.storage import StorageUnavailableError, is_remote, local_copy
 from pipelines.faces.crop import crop_frames, landmarks_to_crop, plan_crop_track
 from pipelines.faces.detect import choose_detection_scale, make_detector
 from pipelines.faces.tracks import (
@@ -133,6 +134,36 @@ def error_text(path: str, exc: BaseException) -> str:
     if path not in msg:
         msg = f"{path}: {type(exc).__name__}: {msg}"
     return msg
+
+
+def _source_named(row: dict, local: str, uri: str) -> dict:
+    """``row`` of a stage that read the local copy ``local`` of ``uri``, naming ``uri`` again
+    (its ``path``, and the reason / info text of a rejection)."""
+    out = dict(row)
+    for k in ("path", "reason", "info"):
+        if isinstance(out.get(k), str):
+            out[k] = out[k].replace(local, uri)
+    return out
+
+
+def with_local_copy(video_id: str, uri: str, stage: str, work) -> Iterator[dict]:
+    """Rows of ``work(row_path)`` for a video that may be a bucket object: a local file is passed
+    as it is; an object is copied whole to a local temp file for this work unit (one streamed GET,
+    see ``core.storage.local_copy`` for why not ranged reads), removed after, and the rows name the
+    URI again. A missing object is this video's ``reject`` (stage ``input``); a download that fails
+    (the store unreachable) a ``failed`` row at ``stage`` (not the file's fault: a rerun retries
+    it). ``work`` returns an iterator of rows."""
+    if not is_remote(uri):
+        yield from work(uri)
+        return
+    try:
+        with local_copy(uri) as local:
+            for row in work(str(local)):
+                yield _source_named(row, str(local), uri)
+    except FileNotFoundError:
+        yield reject_row(video_id, uri, "input", f"{uri}: file not found")
+    except StorageUnavailableError as exc:
+        yield failed_row(video_id, uri, stage, f"{uri}: reading the object failed: {exc}")
 
 
 def first_value(batch: dict, key: str) -> Any:
@@ -263,7 +294,11 @@ def screen_video_steps(row: dict, cfg: IngestConfig) -> Iterator[dict]:
     first item, so a worker's start-up on a loaded machine is never counted against the file (as
     :class:`AnalyzerStage` starts its child outside the deadline)."""
     yield {"kind": "started"}
-    yield screen_video(row, cfg)
+    for out in with_local_copy(str(row["video_id"]), str(row["path"]), "probe",
+                               lambda local: [screen_video({**row, "path": local}, cfg)]):
+        if out["kind"] == "failed":  # the driver's failed rows are plain
+            out = {k: out[k] for k in ("kind", "stage", "reason", "info")}
+        yield out
 
 
 def _public(info: dict) -> dict:
@@ -593,6 +628,12 @@ class AnalyzerStage:
         self.worker.start()  # start-up (imports, detector) here, not inside a video's deadline
 
     def __call__(self, row: dict) -> dict:
+        """One video; an object of a bucket is read from a local copy made here, outside the
+        child's deadline (:func:`with_local_copy`)."""
+        return next(iter(with_local_copy(str(row["video_id"]), str(row["path"]), "analyze",
+                                         lambda local: [self._analyze_local({**row, "path": local})])))
+
+    def _analyze_local(self, row: dict) -> dict:
         cfg = self.cfg
         video_id, path = str(row["video_id"]), str(row["path"])
         if cfg.fault_kill_match and cfg.fault_kill_match in Path(path).name:
@@ -728,6 +769,14 @@ class DecodeStage:
         if row["kind"] != "video":  # reject / failed rows pass on as they are
             yield chunk_row(row, row["kind"], stage=row["stage"], reason=row["reason"])
             return
+        # an object of a bucket: decoded from a local copy made here, outside the deadline
+        for out in with_local_copy(str(row["video_id"]), str(row["path"]), "decode",
+                                   lambda local: self._decode_local({**row, "path": local})):
+            if out["kind"] in ("reject", "failed") and "crops" not in out:  # the copy's own rows
+                out = chunk_row(row, out["kind"], stage=out["stage"], reason=out["reason"])
+            yield out
+
+    def _decode_local(self, row: dict) -> Iterator[dict]:
         cfg = self.cfg
         path, n_total = str(row["path"]), int(row["num_frames"])
         info = json.loads(row["info"])

@@ -1,0 +1,188 @@
+"""Data on object storage (issue 25): ingest from a bucket to a bucket, the reader and training on
+it, bad URIs refused before any work, a store outage recorded as ``failed``.
+
+One real S3-protocol server for the module (moto's standalone server on 127.0.0.1, a separate
+process: ``tests/s3_server.py``); the platform reaches it only through the standard variables
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...). Tiny data: three 3 s talking heads and one bad
+file.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from core.config import PlatformConfig
+from core.paths import PROJECT_ROOT
+from core.sections import IngestConfig
+from tests.s3_server import ENV_KEYS, S3Server
+
+RAW, DATA = "loopy-raw", "loopy-data"
+SECONDS = 3.0
+SPECS = ("talk_25fps_16k", "talk_30fps_22k", "talk_29.97fps_44k")
+
+
+def restart_ray() -> None:
+    """Ray's workers take the environment of the process that started Ray: restart the session's
+    Ray (tests/conftest.py ``ray_local``) after the environment changed."""
+    import ray
+
+    from core.ray_runtime import init_ray
+    from core.sections import RayConfig
+
+    ray.shutdown()
+    init_ray(RayConfig(num_cpus=2))
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory, ray_local):
+    """The server, its environment set for this module (restored after), buckets RAW and DATA;
+    Ray restarted so its workers see the environment (as a cluster's pods get it from their spec)."""
+    srv = S3Server(log=tmp_path_factory.mktemp("s3log") / "moto.log").start()
+    saved = {k: os.environ.get(k) for k in ENV_KEYS}
+    os.environ.update(srv.env())
+    restart_ray()
+    c = srv.client()
+    c.create_bucket(Bucket=RAW)
+    c.create_bucket(Bucket=DATA)
+    yield srv
+    srv.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    restart_ray()
+
+
+@pytest.fixture(scope="module")
+def raw_videos(tmp_path_factory) -> dict:
+    """Three good talking heads and one bad file (local), uploaded by the tests that need them."""
+    from pipelines.samples.talking_heads import SAMPLE_SPECS, generate_samples
+
+    folder = tmp_path_factory.mktemp("raw")
+    specs = [s for s in SAMPLE_SPECS if s.name in SPECS]
+    good = generate_samples(folder / "person_a", seconds=SECONDS, seed=3, specs=specs)
+    bad = folder / "person_a" / "bad_not_video.mp4"
+    bad.write_bytes(b"this is not a video file at all" * 100)
+    return {"good": sorted(good), "bad": bad}
+
+
+def upload(srv: S3Server, bucket: str, prefix: str, files) -> list[str]:
+    c = srv.client()
+    uris = []
+    for f in files:
+        key = f"{prefix}/{Path(f).name}"
+        c.upload_file(str(f), bucket, key)
+        uris.append(f"s3://{bucket}/{key}")
+    return uris
+
+
+def ingest_cfg(tiny_weights) -> PlatformConfig:
+    cfg = PlatformConfig()
+    cfg.weights = tiny_weights[0]
+    cfg.ingest = IngestConfig(split_key="video", test_fraction=0.34, min_frames=50)
+    return cfg
+
+
+def no_uri_folders() -> list[Path]:
+    """Local folders named after a URI scheme (``s3:``) in the places a path would land."""
+    found = []
+    for base in (PROJECT_ROOT, Path.cwd()):
+        found += [p for p in base.glob("*:") if p.is_dir()]
+        found += [p for p in base.glob("*/*:") if p.is_dir()]
+    return found
+
+
+@pytest.fixture(scope="module")
+def bucket_ingest(s3, raw_videos, tiny_weights):
+    from pipelines.ingest import run_ingest
+
+    upload(s3, RAW, "raw/person_a", raw_videos["good"] + [raw_videos["bad"]])
+    messages: list[str] = []
+    summary = run_ingest(f"s3://{RAW}/raw/", f"s3://{DATA}/ingested", ingest_cfg(tiny_weights), echo=messages.append)
+    return {"summary": summary, "messages": messages}
+
+
+def test_ingest_bucket_to_bucket(s3, bucket_ingest):
+    from core.storage import StoragePath
+    from pipelines.dataset.schema import FrameStore
+
+    summary = bucket_ingest["summary"]
+    assert (summary.inputs, summary.ok, summary.rejected, summary.failed) == (4, 3, 1, 0), bucket_ingest["messages"]
+    keys = s3.keys(DATA, "ingested/")
+    assert not [k for k in keys if k.endswith(".tmp") or ".parts/" in k], keys  # no temp key, no part left
+    manifest = pq.read_table(StoragePath(f"s3://{DATA}/ingested/videos.parquet").open()).to_pylist()
+    assert sorted(r["source"] for r in manifest) == sorted(
+        f"s3://{RAW}/raw/person_a/{n}" for n in [*(s + ".mp4" for s in SPECS), "bad_not_video.mp4"])
+    bad = [r for r in manifest if r["status"] != "ok"]
+    assert [(r["status"], r["stage"]) for r in bad] == [("rejected", "probe")]
+    assert f"s3://{RAW}/raw/person_a/bad_not_video.mp4" in bad[0]["reason"]  # the reason names the URI
+    assert "loopy_obj_" not in bad[0]["reason"]  # never the local copy
+    for r in manifest:
+        if r["status"] == "ok":
+            assert f"ingested/{r['frames_file']}" in keys
+            assert f"ingested/records/{r['video_id']}.json" in keys
+    # the reader side: ranged reads of row groups from the bucket
+    store = FrameStore(f"s3://{DATA}/ingested")
+    ok = [r for r in manifest if r["status"] == "ok"]
+    got = store.read(ok[0]["video_id"], [0, 30, 5], ["latent", "landmarks"])
+    assert got["latent"].shape == (3, *store.meta.latent_shape) and got["landmarks"].shape == (3, 68, 2)
+    assert store.num_frames(ok[0]["video_id"]) == ok[0]["num_frames"]
+    assert not no_uri_folders()
+
+
+def test_rerun_resumes_from_the_bucket(s3, bucket_ingest, tiny_weights):
+    from pipelines.ingest import run_ingest
+
+    messages: list[str] = []
+    summary = run_ingest(f"s3://{RAW}/raw/", f"s3://{DATA}/ingested", ingest_cfg(tiny_weights), echo=messages.append)
+    assert (summary.skipped, summary.processed, summary.ok, summary.rejected) == (4, 0, 3, 1), messages
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--input", "ftp://host/raw/", "--output", "OUT"], "ftp://host/raw/: unknown storage scheme ftp://"),
+    (["--input", "s3://no-such-bucket/raw/", "--output", "OUT"], "bucket no-such-bucket does not exist"),
+    (["--input", "RAW", "--output", "s3://no-such-bucket/out"], "--output s3://no-such-bucket/out: bucket"),
+    (["--input", "RAW", "--output", "gopher://x/out"], "--output gopher://x/out: unknown storage scheme"),
+])
+def test_bad_uri_is_one_line_before_any_work(s3, raw_videos, tmp_path, capsys, args, needle):
+    from pipelines.ingest import main
+
+    args = [str(raw_videos["good"][0]) if a == "RAW" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    before = s3.keys(DATA) + s3.keys(RAW)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert s3.keys(DATA) + s3.keys(RAW) == before  # nothing written
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not no_uri_folders()
+
+
+def test_missing_credentials_is_one_line(s3, raw_videos, tmp_path, capsys, monkeypatch):
+    from pipelines.ingest import main
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    assert main(["--input", f"s3://{RAW}/raw/", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and f"s3://{RAW}/raw/: no credentials found" in err, err
+
+
+def test_unknown_scheme_is_never_a_local_folder(tmp_path, monkeypatch):
+    """``Path("s3://b/k")`` would be the folder ``s3:/b/k``; the storage layer refuses or routes it."""
+    from core.storage import StorageError, StoragePath, as_location
+
+    monkeypatch.chdir(tmp_path)
+    assert isinstance(as_location("s3://b/k"), StoragePath)
+    assert as_location("file:///tmp/x") == Path("/tmp/x")
+    with pytest.raises(StorageError, match="hdfs2://b/k"):
+        as_location("hdfs2://b/k")
+    with pytest.raises(TypeError):
+        Path(StoragePath("s3://b/k"))  # no __fspath__: local-only code fails instead of making s3:
+    assert not list(tmp_path.iterdir())
