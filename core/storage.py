@@ -283,6 +283,28 @@ class StoragePath:
                 return
             raise unavailable(self.uri, exc) from exc
 
+    def write_bytes(self, data: bytes) -> None:
+        """One PUT of ``data`` (an object appears whole or not at all; for files a reader must
+        never see half-published under a name that looks final, use ``core.atomic_files``)."""
+        try:
+            with self.fs.open_output_stream(self.fs_path) as f:
+                f.write(data)
+        except OSError as exc:
+            raise unavailable(self.uri, exc) from exc
+
+    def write_text(self, text: str, encoding: str = "utf-8") -> None:
+        self.write_bytes(text.encode(encoding))
+
+    def upload_tree(self, local: Path) -> None:
+        """Copy the local folder ``local`` under this prefix (its files, recursively)."""
+        from pyarrow import fs as pafs
+
+        try:
+            pafs.copy_files(str(local), self.fs_path, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+        except OSError as exc:
+            raise unavailable(self.uri, exc) from exc
+
     def upload_from(self, local: Path) -> None:
         """Copy the local file ``local`` to this object (one PUT / multipart upload)."""
         from pyarrow import fs as pafs

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 from core.sections import SamplerConfig
+from core.storage import as_location, is_remote, local_copy, parquet_source
 from inference.errors import InferenceError
 from inference.sampler import LoopySampler
 from inference.video_io import write_video
@@ -108,8 +109,12 @@ def resolve_source(source: Optional[str], data_dir: str | Path) -> Optional[Path
     output's parent folder; None when neither exists (moved or synthetic data)."""
     if not source:
         return None
+    if is_remote(source):  # an object of a bucket (an ingest from s3://): read through a local copy
+        loc = as_location(source)
+        return loc if loc.is_file() else None
     path = Path(source).expanduser()
-    for candidate in (path, Path(data_dir).resolve().parent / path):
+    data = as_location(data_dir).resolve()
+    for candidate in (path, data.parent / str(path)) if not path.is_absolute() else (path,):
         if candidate.is_file():
             return candidate
     return None
@@ -164,7 +169,7 @@ def read_eval_video(data_dir: str | Path, video_id: str, reference_frame: int = 
     if source is None:
         rows = [r for r in split_videos(data_dir, None) if r["video_id"] == video_id]
         if not rows:
-            raise EvalVideoError(f"{data_dir}: no ok video {video_id!r} in {Path(data_dir) / 'videos.parquet'}")
+            raise EvalVideoError(f"{data_dir}: no ok video {video_id!r} in {as_location(data_dir) / 'videos.parquet'}")
         source = rows[0]["source"]
     total = store.num_frames(video_id)
     n = total if max_seconds is None else min(total, int(np.floor(max_seconds * fps)))
@@ -173,7 +178,7 @@ def read_eval_video(data_dir: str | Path, video_id: str, reference_frame: int = 
     if n < 2:
         raise EvalVideoError(f"video {video_id}: {n} frames to evaluate (evaluation.max_seconds {max_seconds})")
     columns = ["audio", "crop_box"]
-    has_jpeg = "jpeg" in pq.read_schema(frames_path(store.dir, video_id)).names
+    has_jpeg = "jpeg" in pq.read_schema(parquet_source(frames_path(store.dir, video_id))).names
     if has_jpeg:
         columns.append("jpeg")
     data = store.read(video_id, range(n), columns)
@@ -185,10 +190,12 @@ def read_eval_video(data_dir: str | Path, video_id: str, reference_frame: int = 
     if has_jpeg:
         real, real_from = _decode_jpegs(data["jpeg"]), "jpeg"
     if path is not None:
-        probe = probe_video(path)
-        if real is None:
-            real, real_from = decode_source_crops(path, data["crop_box"], store.meta.crop_size, fps, probe), "source"
-        audio = source_audio(path, sample_rate, probe)
+        with local_copy(path) as local:  # a bucket object: one download, removed after
+            probe = probe_video(local)
+            if real is None:
+                real, real_from = decode_source_crops(local, data["crop_box"], store.meta.crop_size, fps,
+                                                      probe), "source"
+            audio = source_audio(local, sample_rate, probe)
         samples = audio[: int(round(n / fps * sample_rate))].astype(np.float32)
     else:
         notes.append(f"source video {source!r} not found: no waveform, sync metrics are NaN")

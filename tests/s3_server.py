@@ -11,7 +11,6 @@ The environment a test gets is the standard one the platform reads: ``AWS_ENDPOI
 """
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys

@@ -26,6 +26,7 @@ LAUNCHER = CLUSTER / "ray-cluster.aws.yaml"
 CLUSTER_CONFIG = ROOT / "configs" / "cluster.yaml"
 IMAGE_ROOT = "/app"  # WORKDIR of cluster/Dockerfile: the repository root inside the image
 SHARED = "/mnt/shared"  # the shared volume every Ray node mounts
+DATA_BUCKET = "loopy-data"  # the bucket of raw videos, ingested Parquet and checkpoints (cluster/README.md)
 THIRD_PARTY_IMAGES = {"postgres"}  # images that are not the project image (name before the tag)
 NAMESPACE = "loopy"
 
@@ -256,8 +257,10 @@ def test_cluster_config_loads_and_targets_the_cluster(cluster_cfg):
     assert cluster_cfg.ray.address == "auto"
     assert cluster_cfg.weights.preset == "sd15" and cluster_cfg.model.preset == "sd15"
     for location in (cluster_cfg.weights.sd15, cluster_cfg.weights.vae, cluster_cfg.weights.wav2vec2,
-                     cluster_cfg.train.storage_path, cluster_cfg.serve.job_dir):
+                     cluster_cfg.serve.job_dir):
         assert location.startswith(SHARED + "/"), f"{location}: not on the shared volume"
+    # data in the bucket by default (issue 25); the shared volume is the documented alternative
+    assert cluster_cfg.train.storage_path.startswith(f"s3://{DATA_BUCKET}/"), cluster_cfg.train.storage_path
     assert cluster_cfg.train.use_gpu and cluster_cfg.train.num_workers == 24
     assert cluster_cfg.train.num_workers * cluster_cfg.train.batch_size == 24, "the paper's global batch is 24"
     assert cluster_cfg.ingest.use_gpu and cluster_cfg.ingest.crop_size == 512
@@ -349,8 +352,27 @@ def test_job_entrypoints_name_existing_files(objects, name, script, flags):
     assert config == CLUSTER_CONFIG
     load_platform_config(config)
     for flag in ("--input", "--output", "--data"):
-        if flag in argv:
-            assert argv[argv.index(flag) + 1].startswith(SHARED + "/")
+        if flag in argv:  # the data bucket by default (issue 25)
+            assert argv[argv.index(flag) + 1].startswith(f"s3://{DATA_BUCKET}/")
+
+
+def test_every_data_pod_reaches_the_bucket_with_the_pod_role(objects):
+    """Every Ray pod of the data jobs runs as the service account whose role holds the bucket
+    credentials (never keys in a manifest); a static-key Secret is optional."""
+    sa = objects[("ServiceAccount", "loopy-data")]
+    assert "eks.amazonaws.com/role-arn" in sa["metadata"]["annotations"]
+    for key in (("RayJob", "loopy-ingest"), ("RayJob", "loopy-train"), ("RayCluster", "loopy")):
+        if key not in objects:
+            continue
+        spec = ray_cluster_spec(objects[key])
+        for pod in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+            assert pod["spec"].get("serviceAccountName") == "loopy-data", key
+            for container in pod["spec"]["containers"]:
+                if "loopy-platform/loopy" not in container["image"]:
+                    continue
+                env = {e["name"]: e for e in container.get("env", [])}
+                assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env), key  # never inline keys
+                assert {"secretRef": {"name": "loopy-s3", "optional": True}} in container.get("envFrom", []), key
 
 
 def test_every_ray_pod_mounts_the_shared_volume(objects):

@@ -9,7 +9,6 @@ file.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -186,3 +185,82 @@ def test_unknown_scheme_is_never_a_local_folder(tmp_path, monkeypatch):
     with pytest.raises(TypeError):
         Path(StoragePath("s3://b/k"))  # no __fspath__: local-only code fails instead of making s3:
     assert not list(tmp_path.iterdir())
+
+
+# --- training and evaluation on the bucket --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bucket_training(s3, bucket_ingest, tiny_weights, tmp_path_factory):
+    """Both stages (2 steps each, one worker) from ``--data s3://...``, Ray Train checkpoints at
+    ``train.storage_path=s3://...``, MLflow artifacts at ``tracking.artifact_root=s3://...``; only
+    the MLflow database is local."""
+    from tests.train_setup import train_cfg
+    from training.stages import prepare_job, run_job
+
+    root = tmp_path_factory.mktemp("bucket_train")
+    cfg = train_cfg(root, tiny_weights, f"train.storage_path=s3://{DATA}/ray", f"tracking.artifact_root=s3://{DATA}/mlruns",
+                    "train.num_workers=1", "train.max_steps=2", "train.checkpoint_every=1", "train.eval_every=0",
+                    "train.eval_sample_steps=0", "train.warmup_steps=1")
+    prep = prepare_job(cfg, f"s3://{DATA}/ingested", [1, 2], job_name="bucket")
+    record = run_job(prep)
+    return {"cfg": cfg, "prep": prep, "record": record, "root": root}
+
+
+@pytest.mark.slow
+def test_train_from_the_bucket_to_the_bucket(s3, bucket_training):
+    from core.config import flatten
+
+    record, cfg = bucket_training["record"], bucket_training["cfg"]
+    assert record.stages["1"].done and record.stages["2"].done
+    keys = s3.keys(DATA, "ray/")
+    assert "ray/bucket/job.json" in keys and "ray/latest_job" in keys
+    for stage in ("1", "2"):
+        assert any(k.startswith(f"ray/bucket/stage{stage}/checkpoint_") for k in keys), keys  # Ray Train's
+        assert f"ray/bucket/stage{stage}_package/loopy/config.json" in keys
+    assert record.stages["2"].package_dir == f"s3://{DATA}/ray/bucket/stage2_package"
+    assert any(k.startswith("mlruns/") and k.endswith("MLmodel") for k in s3.keys(DATA, "mlruns/"))
+    assert not [k for k in keys if k.endswith(".tmp")]
+    assert not (bucket_training["root"] / "ray").exists()
+    # no credential in the config MLflow records
+    assert not any("testing" == str(v) for v in flatten(cfg).values())
+    assert not no_uri_folders()
+
+
+@pytest.mark.slow
+def test_registered_model_loads_where_training_never_ran(s3, bucket_training, tmp_path):
+    """``mlflow.pyfunc.load_model`` in a fresh process, in another folder, with only the tracking
+    database and the bucket (the package comes from the bucket's artifacts)."""
+    import subprocess
+    import sys
+
+    db = bucket_training["root"] / "mlflow.db"
+    code = ("import mlflow, sys; mlflow.set_tracking_uri(sys.argv[1]); mlflow.set_registry_uri(sys.argv[1]); "
+            "m = mlflow.pyfunc.load_model('models:/loopy@stage2'); "
+            "print('LOADED', m.metadata.artifact_path, m.metadata.run_id)")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    out = subprocess.run([sys.executable, "-c", code, f"sqlite:///{db}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "LOADED" in out.stdout, out.stderr[-3000:]
+    assert not list(tmp_path.glob("*:"))
+
+
+@pytest.mark.slow
+def test_evaluate_from_the_bucket(s3, bucket_training, tmp_path):
+    import json
+
+    import evaluate
+
+    root = bucket_training["root"]
+    out = tmp_path / "eval.json"
+    tracking = [f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.artifact_root=s3://{DATA}/mlruns",
+                f"weights.tiny_dir={bucket_training['cfg'].weights.tiny_dir}"]
+    rc = evaluate.main(["--model", "models:/loopy@stage2", "--data", f"s3://{DATA}/ingested", "--split", "train",
+                        "--out", str(out), *tracking, "evaluation.max_seconds=1", "evaluation.steps=1",
+                        "evaluation.max_videos=1", "evaluation.min_sync=null", "evaluation.min_sync_margin=null",
+                        "evaluation.min_face_found_ratio=null", "evaluation.max_identity=null",
+                        "evaluation.min_identity_margin=null", f"evaluation.output_dir={tmp_path}"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["data"] == f"s3://{DATA}/ingested" and len(result["videos"]) == 1 and not result["rejected"]
+    video = result["videos"][0]
+    assert video["real_from"] in ("source", "jpeg")  # the source video read from the raw bucket

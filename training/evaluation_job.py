@@ -42,6 +42,7 @@ from core.paths import project_path, resolve_tracking_uri
 from core.ray_runtime import init_ray
 from core.run_logging import client_for, ensure_experiment
 from core.sections import EvaluationConfig, PlatformConfig
+from core.storage import Location, StorageError, check_location
 from inference.evaluate_video import split_videos, write_side_by_side
 from inference.learned_metrics import LearnedMetricError, load_feature_networks
 from inference.loading import package_root
@@ -86,7 +87,7 @@ class PreparedEvaluation:
     cfg: PlatformConfig  # the job's config: ray, tracking, evaluation
     model_uri: str
     package_dir: Optional[Path]  # the package folder checked on the driver (None for a registered version)
-    data_dir: Path
+    data_dir: Location  # a folder or a bucket prefix
     split: str
     videos: list[dict]  # manifest rows (video_id, source, num_frames, split)
     ref: ModelVersionRef
@@ -124,7 +125,10 @@ def prepare_evaluation(model_uri: str, data_dir: str | Path, cfg: PlatformConfig
     """Every check that needs no Ray (module docstring, step 1)."""
     ev = cfg.evaluation
     split = split or ev.split
-    data_dir = Path(data_dir)
+    try:
+        data_dir = check_location(data_dir, "--data")  # a bucket URI: scheme, credentials, bucket (core/storage.py)
+    except StorageError as exc:
+        raise EvaluationSetupError(str(exc)) from None
     try:
         IngestMeta.read(data_dir)
         videos = split_videos(data_dir, split)

@@ -50,6 +50,7 @@ import torch
 from core.atomic_files import write_json_atomic
 from core.paths import resolve_tracking_uri
 from core.run_logging import RunLogger, client_for, configure_http_client
+from core.storage import as_location, is_remote
 from core.weights import resolve_weights
 from models.loopy import LoopyModel
 from models.registry import resolve_model_location
@@ -106,7 +107,8 @@ def build_model(job: StageJob, device: torch.device):
         model = LoopyModel.from_sd15(paths.unet, cfg.model, cfg.reader, stage=1,
                                      local_files_only=paths.local_files_only)
     else:
-        dst = Path(tempfile.mkdtemp(prefix="stage1_", dir=job.work_dir or None))
+        local_work = job.work_dir if job.work_dir and not is_remote(job.work_dir) else None
+        dst = Path(tempfile.mkdtemp(prefix="stage1_", dir=local_work))
         pkg = resolve_model_location(job.init_from, dst_dir=dst,
                                      tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri))
         stage1 = LoopyModel.from_pretrained(str(pkg / "loopy"))
@@ -193,7 +195,7 @@ def _stall_before(batches: Iterable, job: StageJob, rank: int, first_step: int) 
     """Fault ``stall``: the input blocks forever before the batch of step ``fault_at_step``
     (once per stage, like the other faults: a marker in the work folder)."""
     tc = job.cfg.train
-    marker = Path(job.work_dir) / f"fault_injected_stage{job.stage}_step{tc.fault_at_step}_rank{rank}"
+    marker = as_location(job.work_dir) / f"fault_injected_stage{job.stage}_step{tc.fault_at_step}_rank{rank}"
     for i, batch in enumerate(batches):
         if first_step + i == tc.fault_at_step and not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +216,7 @@ def _maybe_inject_fault(job: StageJob, step: int, rank: int, batch: dict,
     if (tc.fault_at_step is None or rank != tc.fault_rank or tc.fault_stage not in (None, job.stage)
             or tc.fault_kind == "stall"):
         return
-    marker = Path(job.work_dir) / f"fault_injected_stage{job.stage}_step{tc.fault_at_step}_rank{rank}"
+    marker = as_location(job.work_dir) / f"fault_injected_stage{job.stage}_step{tc.fault_at_step}_rank{rank}"
     if tc.fault_kind == "mlflow_outage" and step == tc.fault_at_step + tc.fault_steps and logger is not None:
         if marker.exists() and marker.read_text() == "mlflow_outage":
             logger.run._cached = None  # the next write opens a client on the real store again
@@ -253,7 +255,7 @@ def _report_nan(job: StageJob, rank: int, err: NonFiniteLossError, logger: Optio
     log.error("rank %d: %s", rank, err)
     report = {"step": err.step, "what": err.what, "rank": rank, "provenance": err.provenance,
               "offending": err.what.startswith("loss (")}
-    path = Path(job.work_dir) / f"{NAN_STOP_PREFIX}{rank}.json"
+    path = as_location(job.work_dir) / f"{NAN_STOP_PREFIX}{rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, report, indent=2)
     if logger is not None:

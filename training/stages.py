@@ -25,11 +25,13 @@ figures, never a placement group that waits forever (docs/TRAINING.md).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,7 @@ from core.config import PlatformConfig
 from core.paths import project_path, resolve_tracking_uri
 from core.ray_runtime import init_ray
 from core.run_logging import RunLogger
+from core.storage import Location, StorageError, StoragePath, check_location, pyarrow_filesystem
 from core.weights import resolve_weights
 from inference.mlflow_model import (
     log_model_package,  # registers the package as a pyfunc model
@@ -104,19 +107,25 @@ class JobRecord:
     parent_run_id: Optional[str] = None
     stages: dict[str, StageRecord] = field(default_factory=dict)
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Location) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(folder / JOB_FILE, json.dumps(dataclasses.asdict(self), indent=2))
 
     @classmethod
-    def load(cls, folder: Path) -> "JobRecord":
+    def load(cls, folder: Location) -> "JobRecord":
         data = json.loads((folder / JOB_FILE).read_text())
         return cls(name=data["name"], parent_run_id=data.get("parent_run_id"),
                    stages={k: StageRecord(**v) for k, v in data.get("stages", {}).items()})
 
 
-def storage_root(cfg: PlatformConfig) -> Path:
-    return project_path(cfg.train.storage_path).resolve()
+def storage_root(cfg: PlatformConfig) -> Location:
+    """``train.storage_path``: a bucket prefix (checked: scheme, credentials, bucket; raises
+    :class:`TrainSetupError`), or a folder (relative: under the project root)."""
+    try:
+        loc = check_location(cfg.train.storage_path, "train.storage_path")
+    except StorageError as exc:
+        raise TrainSetupError(str(exc)) from None
+    return loc if isinstance(loc, StoragePath) else project_path(loc).resolve()
 
 
 def stage_config(cfg: PlatformConfig, stage: int) -> PlatformConfig:
@@ -155,7 +164,7 @@ def _check_train_config(cfg: PlatformConfig) -> None:
                               f"its own (NCCL runs one rank per GPU); use 1")
 
 
-def steps_per_epoch(cfg: PlatformConfig, data_dir: Path, stage: int) -> int:
+def steps_per_epoch(cfg: PlatformConfig, data_dir: Location, stage: int) -> int:
     """Batches per rank per epoch of the train split (equal on every rank). Raises
     :class:`TrainSetupError` for a directory that is not an ingest output or has no samples."""
     scfg = stage_config(cfg, stage)
@@ -173,8 +182,10 @@ def steps_per_epoch(cfg: PlatformConfig, data_dir: Path, stage: int) -> int:
     return n
 
 
-def check_stage1_package(location: str, cfg: PlatformConfig, dst: Path) -> None:
+def check_stage1_package(location: str, cfg: PlatformConfig, dst: Location) -> None:
     """Fail unless ``location`` resolves to a package holding a stage-1 LoopyModel."""
+    if isinstance(dst, StoragePath):  # a bucket job folder: the check's copy is local and temporary
+        dst = Path(tempfile.mkdtemp(prefix="loopy_init_check_"))
     try:
         pkg = resolve_model_location(location, dst_dir=dst, tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri))
     except ModelPackageError as exc:
@@ -187,10 +198,10 @@ def check_stage1_package(location: str, cfg: PlatformConfig, dst: Path) -> None:
 @dataclass
 class PreparedJob:
     cfg: PlatformConfig
-    data_dir: Path
+    data_dir: Location
     stages: list[int]
     record: JobRecord
-    job_dir: Path
+    job_dir: Location  # a folder, or a bucket prefix (train.storage_path=s3://...)
     steps_per_epoch: dict[int, int]
     init_from: Optional[str]  # stage-1 model for stage 2 when stage 1 is not part of the job
 
@@ -202,7 +213,11 @@ def prepare_job(cfg: PlatformConfig, data_dir: str | Path, stages: Sequence[int]
     if not stages or any(s not in (1, 2) for s in stages):
         raise TrainSetupError(f"stages must be 1, 2 or 1,2; got {stages}")
     _check_train_config(cfg)
-    data = Path(data_dir).expanduser().resolve()
+    try:
+        data = check_location(data_dir, "--data")  # a bucket URI: scheme, credentials, bucket (core/storage.py)
+    except StorageError as exc:
+        raise TrainSetupError(str(exc)) from None
+    data = data.expanduser().resolve()
     if not data.is_dir():
         raise TrainSetupError(f"--data {data}: no such directory")
     per_epoch = {s: steps_per_epoch(cfg, data, s) for s in stages}
@@ -489,9 +504,9 @@ def resumed_step(run_dir: Path) -> int:
         return 0
 
 
-def _nan_reports(work_dir: Path) -> list[dict]:
+def _nan_reports(work_dir: Location) -> list[dict]:
     reports = []
-    for path in sorted(work_dir.glob(f"{NAN_STOP_PREFIX}*.json")):
+    for path in sorted(work_dir.glob(f"{NAN_STOP_PREFIX}*.json"), key=str):
         try:
             reports.append(json.loads(path.read_text()))
         except (OSError, ValueError):
@@ -499,14 +514,17 @@ def _nan_reports(work_dir: Path) -> list[dict]:
     return reports
 
 
-def _archive_nan_reports(work_dir: Path) -> list[dict]:
+def _archive_nan_reports(work_dir: Location) -> list[dict]:
     """A resumed stage: move the previous attempt's NaN-stop reports to ``nan_stop_history/``."""
     reports = _nan_reports(work_dir)
     if reports:
         history = work_dir / "nan_stop_history" / time.strftime("%Y%m%d-%H%M%S")
         history.mkdir(parents=True, exist_ok=True)
-        for path in work_dir.glob(f"{NAN_STOP_PREFIX}*.json"):
-            shutil.move(str(path), history / path.name)
+        for path in list(work_dir.glob(f"{NAN_STOP_PREFIX}*.json")):
+            if isinstance(path, StoragePath):
+                path.move_to(history / path.name)
+            else:
+                shutil.move(str(path), history / path.name)
     return reports
 
 
@@ -576,12 +594,15 @@ def _run_stage(prep: PreparedJob, stage: int, cfg: PlatformConfig, rec: StageRec
                                     enable_shard_locality=False)
     job = StageJob(cfg=cfg, stage=stage, data_dir=str(prep.data_dir), steps_per_epoch=prep.steps_per_epoch[stage],
                    init_from=init_from, run=run, work_dir=str(work_dir), plan_offset_steps=offset)
+    # a bucket: Ray Train writes the checkpoints through the same pyarrow client (endpoint and
+    # credentials from the environment, core/storage.py); a folder: no filesystem (local / shared)
+    storage_fs, storage_path = pyarrow_filesystem(prep.job_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=_scaling(cfg, placement),
         run_config=RunConfig(
-            name=f"stage{stage}", storage_path=str(prep.job_dir),
+            name=f"stage{stage}", storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures,
                                          controller_failure_limit=cfg.train.placement_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
@@ -606,14 +627,21 @@ def _run_stage(prep: PreparedJob, stage: int, cfg: PlatformConfig, rec: StageRec
     if result.checkpoint is None:
         raise StageResultError(f"stage {stage}: Ray Train returned no checkpoint")
     package = prep.job_dir / f"stage{stage}_package"
-    with result.checkpoint.as_directory() as folder:
-        final = Path(folder) / FINAL_MODEL_DIR
-        if not final.is_dir():
-            raise StageResultError(f"stage {stage}: the last checkpoint {folder} holds no final model ({FINAL_MODEL_DIR}/)")
-        write_model_package(package, final, cfg, resolve_weights(cfg.weights))
-    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    version = log_model_package(package, cfg.tracking.registered_model, stage, run_id=run.run_id, tracking_uri=uri,
-                                tags={"job": prep.record.name, "steps": cfg.train.max_steps})
+    with contextlib.ExitStack() as stack:
+        # a bucket job folder: the package is built in a local temp folder, registered from there
+        # and then copied under the job's prefix
+        local_package = (Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loopy_package_"))) / "package"
+                         if isinstance(package, StoragePath) else package)
+        with result.checkpoint.as_directory() as folder:
+            final = Path(folder) / FINAL_MODEL_DIR
+            if not final.is_dir():
+                raise StageResultError(f"stage {stage}: the last checkpoint {folder} holds no final model ({FINAL_MODEL_DIR}/)")
+            write_model_package(local_package, final, cfg, resolve_weights(cfg.weights))
+        uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+        version = log_model_package(local_package, cfg.tracking.registered_model, stage, run_id=run.run_id,
+                                    tracking_uri=uri, tags={"job": prep.record.name, "steps": cfg.train.max_steps})
+        if isinstance(package, StoragePath):
+            package.upload_tree(local_package)
     rec.version = version
     rec.model_uri = f"models:/{cfg.tracking.registered_model}/{version}"
     rec.package_dir = str(package)

@@ -32,6 +32,7 @@ from core.run_logging import (
     ensure_experiment,
 )
 from core.sections import TrackingConfig
+from core.storage import as_location
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class AsyncRunLogger:
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         """``path`` must stay until the write is done (:meth:`flush`)."""
-        self._put(self.run.log_artifact, Path(path), artifact_path)
+        self._put(self.run.log_artifact, as_location(path), artifact_path)
 
     def _put(self, fn: Callable, *args) -> None:
         if self._closed:
@@ -183,7 +184,7 @@ class JobTracker:
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        data = Path(data_dir)
+        data = as_location(data_dir)
         tags = {"mlflow.data.context": context}
         info_file = data / INGEST_RUN_FILE
         info = json.loads(info_file.read_text()) if info_file.is_file() else None
@@ -209,9 +210,9 @@ class JobTracker:
         )
 
 
-def _file_digest(path: Path) -> str:
+def _file_digest(path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -54,6 +54,7 @@ import torch
 
 from core.config import ConfigError, add_config_arguments, load_platform_config
 from core.sections import ReaderConfig
+from core.storage import as_location
 from core.temporal_segment import TemporalSegmentModule
 from pipelines.dataset.schema import FrameStore, IngestFormatError, frames_path
 from pipelines.encoders.audio_features import audio_window_indices
@@ -127,7 +128,7 @@ class LoopySampleSource:
                  evaluation: Optional[bool] = None):
         validate_reader_config(reader_cfg)
         self.cfg = reader_cfg
-        self.data_dir = Path(data_dir)
+        self.data_dir = as_location(data_dir)  # a folder or a bucket prefix (core/storage.py)
         self.split = split
         self.evaluation = (split != "train") if evaluation is None else bool(evaluation)
         self.store = FrameStore(self.data_dir)  # checks ingest_meta.json and its schema version
