@@ -117,6 +117,12 @@ def unavailable(uri: str, exc: BaseException) -> StorageUnavailableError:
     return StorageUnavailableError(f"{uri}: object store request failed ({msg[:300]})")
 
 
+def _is_not_found(exc: BaseException) -> bool:
+    """A client error that says the object is absent (not that the store failed)."""
+    text = str(exc).lower()
+    return any(s in text for s in ("not found", "does not exist", "nosuchkey", "no such key"))
+
+
 @dataclass(frozen=True)
 class _Stat:
     st_size: int
@@ -257,7 +263,7 @@ class StoragePath:
         except FileNotFoundError:
             raise
         except OSError as exc:
-            if "not found" in str(exc).lower() or "does not exist" in str(exc).lower():
+            if _is_not_found(exc):
                 raise FileNotFoundError(f"{self.uri}: no such object") from exc
             raise unavailable(self.uri, exc) from exc
 
@@ -316,7 +322,8 @@ class StoragePath:
             raise unavailable(self.uri, exc) from exc
 
     def download_to(self, local: Path) -> None:
-        """Copy this object to the local file ``local``."""
+        """Copy this object to the local file ``local`` (``FileNotFoundError`` when it does not
+        exist, :class:`StorageUnavailableError` when the store fails)."""
         from pyarrow import fs as pafs
 
         try:
@@ -325,6 +332,8 @@ class StoragePath:
         except FileNotFoundError:
             raise
         except OSError as exc:
+            if _is_not_found(exc):
+                raise FileNotFoundError(f"{self.uri}: no such object") from exc
             raise unavailable(self.uri, exc) from exc
 
     def move_to(self, target: "StoragePath") -> None:

@@ -109,7 +109,7 @@ def run_tracked(prepared: PreparedIngest, echo: Callable[[str], None] = print) -
             report = Path(tmp) / "ingest_summary.json"
             report.write_text(json.dumps(asdict(summary), indent=2, default=str))
             logger.log_artifact(report)
-        for name in (MANIFEST_NAME, META_NAME, FINGERPRINT_NAME):
+        for name in (MANIFEST_NAME, META_NAME, FINGERPRINT_NAME) if not summary.store_error else ():
             if (out / name).is_file():
                 logger.log_artifact(out / name)
         status = "FINISHED"

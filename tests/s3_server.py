@@ -77,6 +77,20 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
                             aws_secret_access_key="testing", region_name="us-east-1")
 
+    def snapshot(self) -> dict:
+        """Every bucket and object: {bucket: {key: bytes}} (moto keeps its state in memory only;
+        :meth:`restore` after a restart puts it back, as a persistent server would have it)."""
+        c = self.client()
+        return {b["Name"]: {k: c.get_object(Bucket=b["Name"], Key=k)["Body"].read() for k in self.keys(b["Name"])}
+                for b in c.list_buckets()["Buckets"]}
+
+    def restore(self, snapshot: dict) -> None:
+        c = self.client()
+        for bucket, objects in snapshot.items():
+            c.create_bucket(Bucket=bucket)
+            for key, body in objects.items():
+                c.put_object(Bucket=bucket, Key=key, Body=body)
+
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         """Every key under ``prefix`` in ``bucket``."""
         keys, token = [], None

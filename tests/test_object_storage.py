@@ -263,4 +263,42 @@ def test_evaluate_from_the_bucket(s3, bucket_training, tmp_path):
     result = json.loads(out.read_text())
     assert result["data"] == f"s3://{DATA}/ingested" and len(result["videos"]) == 1 and not result["rejected"]
     video = result["videos"][0]
-    assert video["real_from"] in ("source", "jpeg")  # the source video read from the raw bucket
+    # the source video (waveform for the sync metrics) was read from the raw bucket
+    assert not [n for n in video["notes"] if "not found" in n], video["notes"]
+
+
+# --- the store goes away in the middle of a job (last: it restarts the module's server) -----------
+
+@pytest.mark.slow  # two ingests through Ray
+def test_store_outage_is_failed_and_a_rerun_finishes(s3, raw_videos, tiny_weights):
+    """The S3 server is stopped once the job has planned its inputs and claimed the output (the
+    workers' downloads then fail): every video is ``failed`` at an infrastructure stage, none
+    ``rejected``. The server comes back with the state it had when it stopped (moto keeps none:
+    the test snapshots it and restores it); the rerun finishes every video."""
+    from pipelines.ingest import run_ingest
+
+    upload(s3, RAW, "fault", raw_videos["good"][:2])
+    src, out = f"s3://{RAW}/fault/", f"s3://{DATA}/fault_out"
+    snap: dict = {}
+    messages: list[str] = []
+
+    def echo(msg: str) -> None:
+        messages.append(msg)
+        if "videos to process" in msg and not snap:
+            snap.update(s3.snapshot())
+            s3.stop()
+
+    summary = run_ingest(src, out, ingest_cfg(tiny_weights), echo=echo)
+    assert snap, messages
+    assert (summary.failed, summary.rejected, summary.ok) == (2, 0, 0), messages
+    assert all(r.startswith(f"failed: probe: s3://{RAW}/fault/") and "object store request failed" in r
+               for r in summary.rejections.values()), summary.rejections
+    assert summary.store_error and any("the output store is unreachable" in m for m in messages)
+
+    s3.start()
+    s3.restore(snap)
+    messages = []
+    summary = run_ingest(src, out, ingest_cfg(tiny_weights), echo=messages.append)
+    assert (summary.ok, summary.failed, summary.rejected, summary.skipped) == (2, 0, 0, 0), messages
+    keys = s3.keys(DATA, "fault_out/")
+    assert "fault_out/videos.parquet" in keys and not [k for k in keys if k.endswith(".tmp") or ".parts/" in k]

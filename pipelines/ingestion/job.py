@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from core.ray_runtime import init_ray
+from core.storage import StorageUnavailableError
 from core.sections import PlatformConfig
 from core.weights import WeightPaths, resolve_weights
 from pipelines.dataset.manifest import (
@@ -117,6 +118,9 @@ class IngestSummary:
     driver_columns: list = field(default_factory=list)  # the columns of those rows
     stage_seconds: dict = field(default_factory=dict)
     rejections: dict = field(default_factory=dict)  # source -> reason (this run and earlier)
+    # the output's object store became unreachable: what could not be recorded there (the
+    # manifest, records); the videos it hit are failed and the next run redoes them
+    store_error: str = ""
 
 
 def _manifest_facts(info: dict) -> dict:
@@ -385,11 +389,19 @@ def run_prepared(prep: PreparedIngest, echo: Callable[[str], None] = print) -> I
                                                 ray_errors)
 
     # the manifest: this run's inputs plus earlier inputs of the same output directory
-    for rec in earlier_records(plan, records, videos, store):
-        records[rec["video_id"]] = rec
     rows = list(records.values()) + duplicates
-    write_manifest(out, rows)
-    write_ingest_meta(out, cfg, weights, facts, latent_shape, audio_shape, rows)
+    try:
+        for rec in earlier_records(plan, records, videos, store):
+            records[rec["video_id"]] = rec
+        rows = list(records.values()) + duplicates
+        if not summary.store_error:
+            write_manifest(out, rows)
+            write_ingest_meta(out, cfg, weights, facts, latent_shape, audio_shape, rows)
+    except StorageUnavailableError as exc:  # the bucket went away: report, the next run redoes the rest
+        summary.store_error = summary.store_error or str(exc)
+    if summary.store_error:
+        echo(f"[ingest] the output store is unreachable, the manifest was not written ({summary.store_error}); "
+             f"rerun when it is back: finished videos are kept, failed ones redone")
     fill_yield(summary, rows, ing.fps)
     summary.wall_s = time.perf_counter() - t_start
     echo(f"[ingest] finished in {summary.wall_s:.1f}s: {summary.ok} ok, {summary.rejected} rejected, "
@@ -457,7 +469,14 @@ def _stream(todo: list[InputVideo], cfg: PlatformConfig, weights: WeightPaths, o
 
     def finish(video_id: str, rec: dict) -> None:
         nonlocal done
-        store.write(rec)
+        try:
+            store.write(rec)
+        except StorageUnavailableError as exc:  # the output bucket went away: reported, not recorded
+            summary.store_error = summary.store_error or str(exc)
+            if rec["status"] == "ok":  # not recorded, so not finished: the next run redoes it
+                rec = {**rec, "status": "failed", "stage": "write", "frames_file": None,
+                       "reason": f"failed: write: {by_id[video_id].path}: the record could not be written ({exc})",
+                       "reason_key": "failed: write: the record could not be written"}
         records[video_id] = rec
         done += 1
         if rec["status"] == "ok":
@@ -471,7 +490,10 @@ def _stream(todo: list[InputVideo], cfg: PlatformConfig, weights: WeightPaths, o
 
     def reject(video_id: str, stage: str, reason: str, info: dict, status: str = "rejected") -> None:
         tracker.drop(video_id)
-        remove_video_files(out, video_id)
+        try:
+            remove_video_files(out, video_id)
+        except StorageUnavailableError as exc:  # left for the next run's cleanup (it redoes the video)
+            summary.store_error = summary.store_error or str(exc)
         finish(video_id, manifest_row(by_id[video_id], status=status, stage=stage, reason=reason,
                                       num_frames=0, **_manifest_facts(info)))
 
@@ -556,7 +578,7 @@ def _stream(todo: list[InputVideo], cfg: PlatformConfig, weights: WeightPaths, o
             fail(vid, "pipeline", f"failed: pipeline: {by_id[vid].path}: no result came back: a worker or node "
                                   f"was lost on this video (Ray: {errors})")
     for vid in by_id:  # chunks a late writer task left for videos that did not end ok
-        if records[vid]["status"] != "ok":
+        if records[vid]["status"] != "ok" and not summary.store_error:
             remove_video_files(out, vid)
     summary.processed += len(todo)
     summary.driver_columns = sorted(columns | set(summary.driver_columns))
