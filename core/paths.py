@@ -8,8 +8,11 @@ workers, Serve replicas and ``ray job submit`` drivers do not share one working 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Union
+
+from core.config import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -19,8 +22,17 @@ SQLITE_PREFIX = "sqlite:///"
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+class NotALocalPathError(ConfigError):
+    """A URI (``s3://...``) given where a setting needs a local folder: refused, never turned into a
+    local folder named ``s3:``."""
+
+
 def project_path(path: PathLike) -> Path:
-    """``path`` as given when absolute, else under :data:`PROJECT_ROOT` (not resolved: no symlinks followed)."""
+    """``path`` as given when absolute, else under :data:`PROJECT_ROOT` (not resolved: no symlinks
+    followed). A ``scheme://`` URI raises :class:`NotALocalPathError` (``Path`` would make it the
+    relative folder ``s3:/bucket/...``; data paths that may be buckets go through core/storage.py)."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", os.fspath(path)):
+        raise NotALocalPathError(f"{os.fspath(path)}: a URI where a local path is needed")
     p = Path(path)
     return p if p.is_absolute() else PROJECT_ROOT / p
 

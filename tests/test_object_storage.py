@@ -267,6 +267,29 @@ def test_evaluate_from_the_bucket(s3, bucket_training, tmp_path):
     assert not [n for n in video["notes"] if "not found" in n], video["notes"]
 
 
+def test_input_lists_name_bucket_objects(s3, raw_videos, tmp_path):
+    """A CSV / Parquet list of URIs (the way public datasets are distributed), read from the
+    bucket; a list whose rows carry time ranges is refused by name."""
+    import pyarrow as pa
+
+    from core.storage import StoragePath
+    from pipelines.dataset.manifest import IngestInputError, expand_inputs
+
+    uris = upload(s3, RAW, "lists/videos", raw_videos["good"][:2])
+    csv = tmp_path / "list.csv"
+    csv.write_text("uri,speaker\n" + "".join(f"{u},x\n" for u in uris))
+    s3.client().upload_file(str(csv), RAW, "lists/list.csv")
+    got = expand_inputs(f"s3://{RAW}/lists/list.csv")
+    assert [(src, str(p)) for src, p in got] == [(u, u) for u in uris]
+    assert all(isinstance(p, StoragePath) for _, p in got)
+    pq.write_table(pa.table({"path": ["videos/" + Path(u).name for u in uris]}), tmp_path / "rel.parquet")
+    s3.client().upload_file(str(tmp_path / "rel.parquet"), RAW, "lists/rel.parquet")
+    assert [str(p) for _, p in expand_inputs(f"s3://{RAW}/lists/rel.parquet")] == uris  # relative to the list
+    pq.write_table(pa.table({"uri": uris, "start_s": [0.0, 1.0], "end_s": [2.0, 3.0]}), tmp_path / "ranges.parquet")
+    with pytest.raises(IngestInputError, match=r"ranges.parquet: rows with time ranges \(start_s, end_s\)"):
+        expand_inputs(tmp_path / "ranges.parquet")
+
+
 # --- the store goes away in the middle of a job (last: it restarts the module's server) -----------
 
 @pytest.mark.slow  # two ingests through Ray
@@ -302,3 +325,4 @@ def test_store_outage_is_failed_and_a_rerun_finishes(s3, raw_videos, tiny_weight
     assert (summary.ok, summary.failed, summary.rejected, summary.skipped) == (2, 0, 0, 0), messages
     keys = s3.keys(DATA, "fault_out/")
     assert "fault_out/videos.parquet" in keys and not [k for k in keys if k.endswith(".tmp") or ".parts/" in k]
+

@@ -17,7 +17,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.atomic_files import atomic_path
-from core.storage import Location, StoragePath, StorageUnavailableError, as_location, check_location
+from core.storage import (
+    Location,
+    StoragePath,
+    StorageUnavailableError,
+    as_location,
+    check_location,
+    parquet_source,
+)
 from pipelines.dataset.schema import MANIFEST_NAME, MANIFEST_SCHEMA
 from pipelines.errors import PipelineError
 
@@ -82,13 +89,48 @@ def split_key_of(path: Location, video_id: str, split_key: Literal["video", "fol
     return f"video:{video_id}"
 
 
+#: columns a CSV / Parquet input list may name its files in (the first one present is used)
+LIST_COLUMNS = ("uri", "path", "source", "url", "video")
+#: columns of a time range per entry (as public datasets list clips): not supported yet
+RANGE_COLUMNS = ("start", "end", "start_s", "end_s", "start_time", "end_time")
+
+
+def list_entries(listing: Location) -> list[str]:
+    """The file entries of an input list: a ``.txt`` (one path or URI per line; blank lines and
+    ``#`` comments skipped) or a ``.csv`` / ``.parquet`` table (the column ``uri``, ``path``,
+    ``source``, ``url`` or ``video``, the way public datasets are distributed). A table whose rows
+    carry a time range (``start`` / ``end`` ...) is refused: one video per file is ingested whole
+    (time-range work units are not part of this job yet). Raises :class:`IngestInputError`."""
+    if listing.suffix.lower() == ".txt":
+        lines = [ln.strip() for ln in listing.read_text().splitlines()]
+        return [ln for ln in lines if ln and not ln.startswith("#")]
+    import pyarrow.csv as pacsv
+
+    try:
+        table = (pq.read_table(parquet_source(listing)) if listing.suffix.lower() == ".parquet"
+                 else pacsv.read_csv(parquet_source(listing)))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise IngestInputError(f"--input {listing}: unreadable list ({str(exc).splitlines()[0]})") from None
+    names = {n.lower(): n for n in table.column_names}
+    column = next((names[c] for c in LIST_COLUMNS if c in names), None)
+    if column is None:
+        raise IngestInputError(f"--input {listing}: no column naming the files (one of {', '.join(LIST_COLUMNS)}); "
+                               f"columns: {', '.join(table.column_names)}")
+    ranges = [names[c] for c in RANGE_COLUMNS if c in names and table[names[c]].null_count < table.num_rows]
+    if ranges:
+        raise IngestInputError(f"--input {listing}: rows with time ranges ({', '.join(ranges)}) are not supported: "
+                               f"the job ingests whole files (cut the clips first, or list whole files)")
+    return [str(v).strip() for v in table[column].to_pylist() if v is not None and str(v).strip()]
+
+
 def expand_inputs(input_path: str | Path) -> list[tuple[str, Location]]:
     """``--input`` -> [(source as given, resolved path)].
 
     * a folder: every file with a video extension below it (recursive), sorted;
     * a ``.txt`` file: one path per line (blank lines and ``#`` comments skipped; relative paths
-      are relative to the list's folder); listed files that do not exist are kept (they end as a
-      rejected manifest row);
+      are relative to the list's folder), or a ``.csv`` / ``.parquet`` table of paths / URIs
+      (:func:`list_entries`); listed files that do not exist are kept (they end as a rejected
+      manifest row);
     * any other file: that one file.
     ``input_path`` and the list's entries may be bucket URIs (``s3://bucket/raw/``: every video
     object under the prefix; core/storage.py).
@@ -105,11 +147,8 @@ def expand_inputs(input_path: str | Path) -> list[tuple[str, Location]]:
                 out.append((str(p), p.resolve()))
         if not out:
             raise IngestInputError(f"--input {input_path}: folder holds no video files ({', '.join(VIDEO_EXTENSIONS)})")
-    elif given.suffix.lower() == ".txt":
-        for line in given.read_text().splitlines():
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
+    elif given.suffix.lower() in (".txt", ".csv", ".parquet"):
+        for line in list_entries(given):
             p = check_location(line, f"--input {input_path}: entry")
             if not p.is_absolute():
                 p = given.parent / str(p)
