@@ -31,7 +31,7 @@ TRAIN_RESULT_KEYS = ("tracking.tracking_uri", "tracking.artifact_root", "train.s
 EVALUATION_RESULT_KEYS = ("tracking.tracking_uri", "tracking.artifact_root", "evaluation.output_dir")
 EXAMPLES = {"tracking.tracking_uri": "tracking.tracking_uri=http://MLFLOW_HOST:5000 or sqlite:////mnt/shared/mlflow.db",
             "tracking.artifact_root": "tracking.artifact_root=s3://BUCKET/mlruns or /mnt/shared/mlruns",
-            "train.storage_path": "train.storage_path=/mnt/shared/ray_results",
+            "train.storage_path": "train.storage_path=s3://BUCKET/ray_results or /mnt/shared/ray_results",
             "evaluation.output_dir": "evaluation.output_dir=/mnt/shared/evaluation"}
 
 
