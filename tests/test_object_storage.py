@@ -187,6 +187,38 @@ def test_unknown_scheme_is_never_a_local_folder(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+def test_atomic_object_write_never_shows_half(s3):
+    """An object is published whole (temp key, then move) or not at all; an error leaves the old
+    object and no temporary key."""
+    import json
+
+    from core.atomic_files import atomic_path, write_json_atomic
+    from core.storage import StoragePath
+
+    target = StoragePath(f"s3://{DATA}/atomic/x.json")
+    write_json_atomic(target, {"v": 1})
+    with pytest.raises(RuntimeError, match="writer died"):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"v": 2, "half')
+            raise RuntimeError("writer died")
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [k for k in s3.keys(DATA, "atomic/") if not k.endswith("/")] == ["atomic/x.json"]
+
+
+def test_training_refuses_bad_uris_before_any_work(s3, bucket_ingest, tiny_weights, tmp_path):
+    from tests.train_setup import train_cfg
+    from training.stages import TrainSetupError, prepare_job
+
+    cfg = train_cfg(tmp_path, tiny_weights, "train.storage_path=s3://no-such-bucket/ray")
+    with pytest.raises(TrainSetupError, match="--data ftp://x/ingested: unknown storage scheme ftp://"):
+        prepare_job(cfg, "ftp://x/ingested", [1])
+    with pytest.raises(TrainSetupError, match="--data s3://no-such-bucket/ingested: bucket no-such-bucket does not"):
+        prepare_job(cfg, "s3://no-such-bucket/ingested", [1])
+    with pytest.raises(TrainSetupError, match="train.storage_path s3://no-such-bucket/ray: bucket no-such-bucket"):
+        prepare_job(cfg, f"s3://{DATA}/ingested", [1])
+    assert not no_uri_folders() and not list(tmp_path.glob("*:"))
+
+
 # --- training and evaluation on the bucket --------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -316,7 +348,8 @@ def test_store_outage_is_failed_and_a_rerun_finishes(s3, raw_videos, tiny_weight
     assert (summary.failed, summary.rejected, summary.ok) == (2, 0, 0), messages
     assert all(r.startswith(f"failed: probe: s3://{RAW}/fault/") and "object store request failed" in r
                for r in summary.rejections.values()), summary.rejections
-    assert summary.store_error and any("the output store is unreachable" in m for m in messages)
+    assert summary.store_error and any("the output store is unreachable, the manifest was not written" in m
+                                       for m in messages), messages
 
     s3.start()
     s3.restore(snap)

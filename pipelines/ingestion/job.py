@@ -55,8 +55,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from core.ray_runtime import init_ray
-from core.storage import StorageUnavailableError
 from core.sections import PlatformConfig
+from core.storage import StorageUnavailableError
 from core.weights import WeightPaths, resolve_weights
 from pipelines.dataset.manifest import (
     InputVideo,
@@ -394,14 +394,15 @@ def run_prepared(prep: PreparedIngest, echo: Callable[[str], None] = print) -> I
         for rec in earlier_records(plan, records, videos, store):
             records[rec["video_id"]] = rec
         rows = list(records.values()) + duplicates
-        if not summary.store_error:
-            write_manifest(out, rows)
-            write_ingest_meta(out, cfg, weights, facts, latent_shape, audio_shape, rows)
+        write_manifest(out, rows)
+        write_ingest_meta(out, cfg, weights, facts, latent_shape, audio_shape, rows)
     except StorageUnavailableError as exc:  # the bucket went away: report, the next run redoes the rest
         summary.store_error = summary.store_error or str(exc)
+        echo(f"[ingest] the output store is unreachable, the manifest was not written ({exc}); rerun when it "
+             f"is back: finished videos are kept, the others redone")
     if summary.store_error:
-        echo(f"[ingest] the output store is unreachable, the manifest was not written ({summary.store_error}); "
-             f"rerun when it is back: finished videos are kept, failed ones redone")
+        echo(f"[ingest] the output store failed during the run ({summary.store_error}): the videos it hit are "
+             f"failed and the next run redoes them")
     fill_yield(summary, rows, ing.fps)
     summary.wall_s = time.perf_counter() - t_start
     echo(f"[ingest] finished in {summary.wall_s:.1f}s: {summary.ok} ok, {summary.rejected} rejected, "
@@ -578,8 +579,11 @@ def _stream(todo: list[InputVideo], cfg: PlatformConfig, weights: WeightPaths, o
             fail(vid, "pipeline", f"failed: pipeline: {by_id[vid].path}: no result came back: a worker or node "
                                   f"was lost on this video (Ray: {errors})")
     for vid in by_id:  # chunks a late writer task left for videos that did not end ok
-        if records[vid]["status"] != "ok" and not summary.store_error:
-            remove_video_files(out, vid)
+        if records[vid]["status"] != "ok":
+            try:
+                remove_video_files(out, vid)
+            except StorageUnavailableError:  # the next run's cleanup removes them
+                break
     summary.processed += len(todo)
     summary.driver_columns = sorted(columns | set(summary.driver_columns))
     for k, v in stage_s.items():
