@@ -75,7 +75,7 @@ def one_torch_thread():
 
 
 # Modules that take longest, longest first, from a serial run's --durations (seconds: test_train 365,
-# test_object_storage ~300 (two ingests, two training stages, an evaluation), test_multinode 266, test_ingest_limits 127, test_serve_faults 94, test_ingest 92, test_train_faults 91,
+# test_object_storage ~395 on a loaded machine (three ingests, two training stages, an evaluation), test_multinode 266, test_ingest_limits 127, test_serve_faults 94, test_ingest 92, test_train_faults 91,
 # test_evaluate 86, test_ingest_real_world 62, test_video_metrics 60, test_sampler 52, test_serve 45;
 # test_serve_drain ~115 and test_serve_hardening ~70 estimated from runs on a loaded machine).
 # `make test` runs pytest-xdist with --dist loadfile --no-loadscope-reorder: each worker takes the
