@@ -87,7 +87,15 @@ class IngestConfig:
     # face tracks (pipelines/faces/tracks.py): subject = most persistent x largest track
     track_max_gap_s: float = 0.5  # a face unseen this long still continues its track
     min_track_coverage: float = 0.5  # share of frames a track needs to count as a person
-    similar_face_ratio: float = 0.7  # a 2nd person's face this large (x subject's): rejected
+    similar_face_ratio: float = 0.7  # the portrait: a 2nd face this large (x the largest) is refused
+    # which persistent tracks are people and who speaks (pipelines/faces/person_tracks.py, speaker.py;
+    # docs/INGEST.md "Persistent distractors and the person who speaks")
+    person_face_ratio: float = 0.4  # scale search: faces down to this x the largest persistent one are shown at detect_face_px
+    min_face_confidence: float = 0.3  # median detector score re-scored at a fixed face size (dlib HOG)
+    max_face_shape_error: float = 0.25  # median Procrustes residual of the 68 points to a mean face
+    min_mouth_motion: float = 0.02  # spread (p90 - p10) of inner-lip gap / face width: a face that talks
+    min_speaker_sync: float = 0.3  # 2+ people: the speaker's mouth-audio correlation (the evaluation's sync)
+    speaker_sync_margin: float = 0.2  # ... and its lead over the next person
     # quality filters (reasons are recorded in the manifest)
     max_missing_face_ratio: float = 0.2
     max_yaw_deg: float = 60.0

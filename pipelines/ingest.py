@@ -27,7 +27,8 @@ is :func:`pipelines.ingestion.job.run_ingest`; the module layout is:
 
 Tracking: each run of :func:`main` is an MLflow run (``tracking.*``; tag ``loopy.job=ingest``):
 params = the ``ingest``, ``weights`` and ``ray`` sections and the output fingerprint; metrics =
-counts by status, stage and reason, hours kept and offered, wall time; artifacts = the manifest,
+counts by status, stage and reason, hours kept and offered, hours lost per loss key
+(``hours_lost.<key>``, pipelines/dataset/losses.py), wall time; artifacts = the manifest,
 ``ingest_meta.json``, the fingerprint and the summary. ``DIR/ingest_run.json`` (``run_id``,
 ``tracking_uri``, ``experiment``, ``fingerprint``) is written when the run starts, atomically, so
 training can log the dataset as an input of its runs. The run is written with the ground floor's
@@ -101,7 +102,8 @@ def run_tracked(prepared: PreparedIngest, echo: Callable[[str], None] = print) -
                    "hours_kept": summary.hours_kept, "hours_input": summary.hours_input, "wall_s": summary.wall_s,
                    "driver_bytes": summary.driver_bytes}
         for prefix, counts in (("status", summary.by_status), ("stage", summary.by_stage),
-                               ("reason", summary.by_reason), ("note", summary.by_note)):
+                               ("reason", summary.by_reason), ("note", summary.by_note),
+                               ("hours_lost", summary.hours_lost)):
             for name, n in counts.items():
                 metrics[_metric_key(prefix, name)] = n
         logger.log_metrics(metrics, step=0)

@@ -25,6 +25,7 @@ from core.storage import (
     check_location,
     parquet_source,
 )
+from pipelines.dataset.losses import loss_key_for
 from pipelines.dataset.schema import MANIFEST_NAME, MANIFEST_SCHEMA
 from pipelines.errors import PipelineError
 
@@ -228,6 +229,7 @@ def manifest_row(video: InputVideo, **fields) -> dict:
         row[key] = value
     row["reason_key"] = reason_key(row["reason"], video.source)
     row["note_key"] = note_key(row["note"])
+    row["loss_key"] = row["loss_key"] or loss_key_for(row["status"], row["stage"], row["reason"])
     return row
 
 
@@ -241,6 +243,8 @@ def write_manifest(out_dir: str | Path, rows: Iterable[dict]) -> Path:
             r["reason_key"] = reason_key(r["reason"], r["source"])
         if r["note_key"] is None and r["note"]:
             r["note_key"] = note_key(r["note"])
+        if r["loss_key"] is None:
+            r["loss_key"] = loss_key_for(r["status"], r["stage"], r["reason"])
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     path = as_location(out_dir) / MANIFEST_NAME
     with atomic_path(path) as tmp:

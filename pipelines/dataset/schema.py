@@ -118,6 +118,13 @@ MANIFEST_SCHEMA = pa.schema([
     # (asked 0.6) in 100% of frames"); null when nothing
     ("note", pa.string()),
     ("note_key", pa.string()),  # the note without numbers, each "; " clause cut at its "(" (counting)
+    # --- where the hours go and who was chosen (docs/INGEST.md "Persistent distractors and the person
+    # who speaks", "What a run reports"); null on rows of outputs written before these columns ---
+    ("loss_key", pa.string()),  # rejected / failed rows: the stable key of the loss (pipelines/dataset/losses.py)
+    ("speaker_sync", pa.float64()),  # the subject's mouth-audio sync, when two or more people were judged
+    # JSON list: every persistent face track not chosen, with its figures (coverage, width_px,
+    # centre_px, confidence, shape_error, mouth_motion, landmark_noise, sync), verdict and why
+    ("ignored_tracks", pa.string()),
 ])
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from pipelines.errors import PipelineError
 from pipelines.faces.landmarks import NUM_LANDMARKS, wholebody_to_face68
+from pipelines.faces.person_tracks import CANONICAL_FACE_PX
 from pipelines.faces.tracks import (
     FaceCandidates,
     TrackParams,
@@ -123,13 +124,53 @@ def dlib_cnn_detector_path() -> Path:
     return _face_model_path("mmod_human_face_detector.dat", "CNN face detector model")
 
 
-def _candidates_each(frames: np.ndarray, scale: float, boxes_of, fit) -> FaceCandidates:
+def canonical_crop(frame: np.ndarray, box: np.ndarray, face_px: float = CANONICAL_FACE_PX,
+                   context: float = 1.0) -> np.ndarray:
+    """The region of ``frame`` around ``box`` (x0, y0, x1, y1 pixels), ``context`` box widths
+    on each side, resized so the box is ``face_px`` wide: uint8 [S, S, 3], S = (1 + 2 x context)
+    x face_px (outside the frame: black)."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w = max(x1 - x0, y1 - y0, 1.0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    half = (0.5 + context) * w
+    side = int(round((1 + 2 * context) * face_px))
+    region = Image.fromarray(frame).crop((int(round(cx - half)), int(round(cy - half)),
+                                          int(round(cx + half)), int(round(cy + half))))
+    return np.asarray(region.resize((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0))
+
+
+#: The calibrated score of a face the detector does not find again at the canonical size
+#: (dlib's HOG scores run about -1..3; a face it finds scores >= 0).
+UNFOUND_SCORE = -1.0
+
+
+def _canonical_score(frame: np.ndarray, box: np.ndarray, boxes_of) -> float:
+    """``boxes_of``' best score on :func:`canonical_crop` of ``box`` among the boxes within half a
+    face width of the crop's centre and of 0.67-1.5 x its size; :data:`UNFOUND_SCORE` when none."""
+    crop = canonical_crop(frame, box)
+    boxes, scores = boxes_of(crop)
+    if len(boxes) == 0:
+        return UNFOUND_SCORE
+    boxes = np.asarray(boxes, np.float64)
+    c = crop.shape[0] / 2
+    centre = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], -1)
+    w = boxes[:, 2] - boxes[:, 0]
+    ok = (np.linalg.norm(centre - c, axis=-1) <= 0.5 * CANONICAL_FACE_PX) & (w >= CANONICAL_FACE_PX / 1.5) \
+        & (w <= CANONICAL_FACE_PX * 1.5)
+    return float(np.max(np.asarray(scores)[ok])) if ok.any() else UNFOUND_SCORE
+
+
+def _candidates_each(frames: np.ndarray, scale: float, boxes_of, fit, rescore=None) -> FaceCandidates:
     """Run ``boxes_of(image) -> (boxes [k, 4] image px, scores [k])`` on each frame resized by
-    ``scale`` and ``fit(frame, box [4] frame px) -> [68, 2]`` on the original frame."""
+    ``scale`` and ``fit(frame, box [4] frame px) -> [68, 2]`` on the original frame; with
+    ``rescore`` (a ``boxes_of`` that reports weak boxes too), each box's calibrated score
+    (:func:`_canonical_score`)."""
     frames = _check_frames(frames)
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
-    rows_f, rows_b, rows_s, rows_l = [], [], [], []
+    rows_f, rows_b, rows_s, rows_l, rows_c = [], [], [], [], []
     for i in range(frames.shape[0]):
         frame = np.ascontiguousarray(frames[i])
         boxes, scores = boxes_of(_resize(frame, scale))
@@ -138,10 +179,12 @@ def _candidates_each(frames: np.ndarray, scale: float, boxes_of, fit) -> FaceCan
             rows_b.append(box)
             rows_s.append(float(score))
             rows_l.append(np.asarray(fit(frame, box), np.float32))
+            rows_c.append(np.nan if rescore is None else _canonical_score(frame, box, rescore))
     if not rows_f:
         return FaceCandidates.empty()
     return FaceCandidates(np.asarray(rows_f, np.int64), np.asarray(rows_b, np.float32),
-                          np.asarray(rows_s, np.float32), np.stack(rows_l).astype(np.float32))
+                          np.asarray(rows_s, np.float32), np.stack(rows_l).astype(np.float32),
+                          np.asarray(rows_c, np.float32))
 
 
 def _detect_each(frames: np.ndarray, detect_one) -> tuple[np.ndarray, np.ndarray]:
@@ -196,8 +239,17 @@ class DlibDetector:
         shape = self._predictor(frame, self._rect(x0, y0, x1, y1))
         return np.array([(shape.part(j).x, shape.part(j).y) for j in range(NUM_LANDMARKS)], np.float32)
 
+    def _weak_boxes(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """HOG boxes down to :data:`UNFOUND_SCORE` (for the calibrated score)."""
+        rects, scores, _ = self._detector.run(image, 0, UNFOUND_SCORE)
+        boxes = np.array([[r.left(), r.top(), r.right(), r.bottom()] for r in rects], np.float64).reshape(-1, 4)
+        return boxes, np.asarray(scores, np.float32)
+
     def detect_candidates(self, frames: np.ndarray, scale: float = 1.0) -> FaceCandidates:
-        return _candidates_each(frames, scale, self._boxes, self.fit)
+        """Every box with its landmarks and its calibrated score: the HOG score of the same face
+        re-found on a crop that shows it :data:`CANONICAL_FACE_PX` wide (the CNN detector is
+        calibrated the same way, with HOG: its own pass at that size would cost seconds)."""
+        return _candidates_each(frames, scale, self._boxes, self.fit, rescore=self._weak_boxes)
 
     def _detect_one(self, frame: np.ndarray) -> Optional[list[tuple[int, int]]]:
         frame = np.ascontiguousarray(frame)  # RGB, as dlib expects
@@ -383,8 +435,9 @@ class DWPoseDetector:
                 rows_l.append(face)
         if not rows_f:
             return FaceCandidates.empty()
+        scores = np.asarray(rows_s, np.float32)  # the pose model sees every person at one size: calibrated
         return FaceCandidates(np.asarray(rows_f, np.int64), np.asarray(rows_b, np.float32),
-                              np.asarray(rows_s, np.float32), np.stack(rows_l).astype(np.float32))
+                              scores, np.stack(rows_l).astype(np.float32), scores.copy())
 
     def _detect_one(self, frame: np.ndarray) -> Optional[np.ndarray]:
         box = self._person_box(frame)
@@ -470,25 +523,30 @@ def search_face_scale(detector: FaceCandidateDetector, frames: np.ndarray, displ
     """Find the face size on a few sampled frames uint8 [k, h, w, 3] (any size; ``display_wh``
     is the display frame size they were scaled from), coarse to fine (:func:`search_levels`),
     stopping at the first level with a persistent face (one found in at least half the samples,
-    linked with :func:`pipelines.faces.tracks.link_tracks`). ``face_px`` is the smallest width
-    among the persistent faces at least ``similar_size_ratio`` x the largest (the faces that
-    decide the subject), in display pixels."""
+    linked with :func:`pipelines.faces.tracks.link_tracks`) whose faces down to
+    ``similar_size_ratio`` x the largest it can find (otherwise the next, finer level is searched
+    too: a large poster must not hide a smaller speaker). ``face_px`` is the smallest width among
+    the persistent faces at least ``similar_size_ratio`` x the largest (the faces that decide the
+    subject), in display pixels."""
     frames = _check_frames(frames)
     k, h, w = frames.shape[:3]
     to_display = display_wh[0] / w
     levels = search_levels(display_wh, detector.min_face_px, max_pixels, max_upscale)
     params = TrackParams(max_gap=k, max_centre_dist=1.0, gap_dist_per_frame=0.0, max_size_ratio=1.6)
+    found: Optional[ScaleSearch] = None
     for level, s in enumerate(levels):
         cands = detector.detect_candidates(frames, scale=s * to_display)
         if len(cands) == 0:
             continue
         tracks = summarize_tracks(link_tracks(cands.frame, cands.boxes, params, cands.scores), cands, k)
-        widths = [t.width for t in tracks if len(t.members) >= max(1, k / 2)]
+        widths = [t.width * to_display for t in tracks if len(t.members) >= max(1, k / 2)]
         if widths:
             big = max(widths)
             face = min(wd for wd in widths if wd >= similar_size_ratio * big)
-            return ScaleSearch(float(face * to_display), level, tuple(levels[:level + 1]))
-    return ScaleSearch(None, -1, tuple(levels))
+            found = ScaleSearch(float(face), level, tuple(levels[:level + 1]))
+            if detector.min_face_px / s <= similar_size_ratio * big * 1.05:  # this level shows them all
+                return found
+    return found if found is not None else ScaleSearch(None, -1, tuple(levels))
 
 
 def pass_scale(search: ScaleSearch, display_wh: tuple[int, int], target_face_px: float,

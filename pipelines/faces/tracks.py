@@ -22,8 +22,8 @@ Rules (units: frames of the output rate, pixels of the frames the boxes are in):
 * :func:`choose_subject`: persistent tracks are those with coverage >= ``min_coverage``; the
   subject is the persistent track with the largest coverage x width (ties: higher score).
   Other persistent tracks whose width is >= ``similar_size_ratio`` x the subject's are
-  *rivals*: the subject is not clearly dominant (the ingest rejects such a video,
-  ``pipelines.ingestion.quality.check_subject``). Without a persistent track the best track by the
+  *rivals* (a fact of the tracks; the ingest keeps the person who speaks among the tracks that
+  behave like people: ``pipelines.faces.person_tracks``, ``pipelines.faces.speaker``). Without a persistent track the best track by the
   same weight is returned (the missing-face filter then speaks). Detections outside every
   persistent track (spurious boxes) are ignored.
 """
@@ -43,13 +43,21 @@ class FaceCandidates:
 
     frame: int64 [M] frame index of each candidate; boxes: float32 [M, 4] (x0, y0, x1, y1)
     pixels; scores: float32 [M] detector confidence (higher = surer; the scale is the
-    detector's); landmarks: float32 [M, 68, 2] pixel (x, y), iBUG-68 order.
+    detector's); landmarks: float32 [M, 68, 2] pixel (x, y), iBUG-68 order; calibrated: float32
+    [M] the detector's score of the same face re-scored at a fixed face size
+    (``pipelines.faces.person_tracks.CANONICAL_FACE_PX``), so it means the same at every scale
+    (NaN where the detector gives none; None in the constructor = all NaN).
     """
 
     frame: np.ndarray
     boxes: np.ndarray
     scores: np.ndarray
     landmarks: np.ndarray
+    calibrated: Optional[np.ndarray] = None
+
+    def __post_init__(self) -> None:
+        if self.calibrated is None:
+            self.calibrated = np.full(len(self.frame), np.nan, np.float32)
 
     @staticmethod
     def empty() -> "FaceCandidates":
@@ -66,21 +74,23 @@ class FaceCandidates:
         return FaceCandidates(np.concatenate([p.frame for p in parts]).astype(np.int64),
                               np.concatenate([p.boxes for p in parts]).astype(np.float32),
                               np.concatenate([p.scores for p in parts]).astype(np.float32),
-                              np.concatenate([p.landmarks for p in parts]).astype(np.float32))
+                              np.concatenate([p.landmarks for p in parts]).astype(np.float32),
+                              np.concatenate([p.calibrated for p in parts]).astype(np.float32))
 
     def shifted(self, frames: int) -> "FaceCandidates":
         """The same candidates with frame indices + ``frames`` (a chunk's start)."""
-        return FaceCandidates(self.frame + int(frames), self.boxes, self.scores, self.landmarks)
+        return FaceCandidates(self.frame + int(frames), self.boxes, self.scores, self.landmarks, self.calibrated)
 
     def scaled(self, sx: float, sy: float) -> "FaceCandidates":
         """Boxes and landmarks with x multiplied by ``sx`` and y by ``sy``."""
         s4 = np.array([sx, sy, sx, sy], np.float32)
         return FaceCandidates(self.frame, self.boxes * s4, self.scores,
-                              self.landmarks * np.array([sx, sy], np.float32))
+                              self.landmarks * np.array([sx, sy], np.float32), self.calibrated)
 
     def select(self, mask_or_index: np.ndarray) -> "FaceCandidates":
         return FaceCandidates(self.frame[mask_or_index], self.boxes[mask_or_index],
-                              self.scores[mask_or_index], self.landmarks[mask_or_index])
+                              self.scores[mask_or_index], self.landmarks[mask_or_index],
+                              self.calibrated[mask_or_index])
 
     def before(self, num_frames: int) -> "FaceCandidates":
         """The candidates of frames < ``num_frames``."""

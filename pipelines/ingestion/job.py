@@ -58,6 +58,7 @@ from core.ray_runtime import init_ray
 from core.sections import PlatformConfig
 from core.storage import StorageUnavailableError
 from core.weights import WeightPaths, resolve_weights
+from pipelines.dataset.losses import hours_by_loss
 from pipelines.dataset.manifest import (
     InputVideo,
     duplicate_row,
@@ -108,6 +109,7 @@ class IngestSummary:
     frames_processed: int = 0  # frames of the videos ingested in this run
     hours_kept: float = 0.0  # video kept: ok frames / fps, hours
     hours_input: float = 0.0  # video offered: probed durations of the non-duplicate inputs, hours
+    hours_lost: dict = field(default_factory=dict)  # loss_key -> hours (pipelines/dataset/losses.py)
     wall_s: float = 0.0
     fingerprint: str = ""  # of the output-affecting settings (DIR/ingest_fingerprint.json)
     by_status: dict = field(default_factory=dict)  # status -> count (every row of the manifest)
@@ -126,7 +128,8 @@ class IngestSummary:
 def _manifest_facts(info: dict) -> dict:
     """The probe facts of a stage's ``info`` that go into the manifest row."""
     keys = ("fps_in", "duration_s", "width", "height", "rotation", "audio_offset_s", "head_cut_ratio", "crop_fill",
-            "crop_margin", "crop_adjusted_ratio", "crop_fill_max", "note")  # the crop's: stages.VideoAnalyzer._crop_track
+            "crop_margin", "crop_adjusted_ratio", "crop_fill_max", "note",  # the crop's: stages.VideoAnalyzer._crop_track
+            "loss_key", "speaker_sync", "ignored_tracks")  # stages.choose_subject_track, quality.Rejection.key
     return {k: info[k] for k in keys if k in info and info[k] is not None}
 
 
@@ -413,7 +416,14 @@ def run_prepared(prep: PreparedIngest, echo: Callable[[str], None] = print) -> I
         echo(f"[ingest]   rejected {source}: {reason}")
     for r in sorted((r for r in rows if r["status"] == "ok" and r.get("note")), key=lambda r: r["source"]):
         echo(f"[ingest]   kept {r['source']}: {r['note']}")  # a crop reduced / filled (docs/INGEST.md "Close-ups")
+    echo(yield_line(summary))
     return summary
+
+
+def yield_line(summary: IngestSummary) -> str:
+    """The yield report in one line: hours in, kept, and lost per loss key (largest first)."""
+    lost = ", ".join(f"{k} {h:.3f} h" for k, h in summary.hours_lost.items()) or "nothing"
+    return (f"[ingest] yield: {summary.hours_input:.3f} h in, {summary.hours_kept:.3f} h kept; lost: {lost}")
 
 
 def fill_yield(summary: IngestSummary, rows: list[dict], fps: float) -> None:
@@ -437,8 +447,7 @@ def fill_yield(summary: IngestSummary, rows: list[dict], fps: float) -> None:
     summary.failed = summary.by_status.get("failed", 0)
     summary.duplicates = summary.by_status.get("duplicate", 0)
     summary.frames_written = sum(int(r["num_frames"] or 0) for r in rows if r["status"] == "ok")
-    summary.hours_kept = summary.frames_written / fps / 3600.0
-    summary.hours_input = sum(float(r.get("duration_s") or 0.0) for r in rows if r["status"] != "duplicate") / 3600.0
+    summary.hours_input, summary.hours_kept, summary.hours_lost = hours_by_loss(rows, fps)
     summary.rejections = {r["source"]: r["reason"] for r in rows if r["status"] in bad}
 
 

@@ -19,8 +19,12 @@ from pipelines.faces.crop import CropTrack
 
 @dataclass(frozen=True)
 class Rejection:
+    """``key``: the stable loss key of the yield report (``pipelines.dataset.losses.LOSS_KEYS``;
+    empty: derived from the stage and reason)."""
+
     stage: str
     why: str
+    key: str = ""
 
     @property
     def reason(self) -> str:
@@ -31,16 +35,16 @@ class Rejection:
 class RejectedVideo(PipelineError):
     """Raised inside a stage to end one video's processing with a recorded rejection."""
 
-    def __init__(self, stage: str, why: str):
+    def __init__(self, stage: str, why: str, key: str = ""):
         super().__init__(f"{stage}: {why}")
-        self.rejection = Rejection(stage, why)
+        self.rejection = Rejection(stage, why, key)
 
 
 def check_streams(has_video: bool, has_audio: bool) -> Optional[Rejection]:
     if not has_video:
-        return Rejection("probe", "no video stream")
+        return Rejection("probe", "no video stream", "unreadable")
     if not has_audio:
-        return Rejection("probe", "no audio track")
+        return Rejection("probe", "no audio track", "audio")
     return None
 
 
@@ -50,7 +54,7 @@ def check_length(num_frames: int, cfg: IngestConfig) -> Optional[Rejection]:
         return Rejection(
             "filter",
             f"too short: {num_frames} frames at {cfg.fps:g} fps < min_frames {cfg.min_frames} "
-            f"({cfg.min_frames / cfg.fps:.2f} s)",
+            f"({cfg.min_frames / cfg.fps:.2f} s)", "too_short",
         )
     return None
 
@@ -72,7 +76,7 @@ def frames_covered_by_audio(video_frames: int, audio_duration_s: float, cfg: Ing
         return 0, offset, Rejection(
             "audio",
             f"audio is {audio_duration_s:.3f} s, video {video_s:.3f} s: {-offset:.3f} s shorter "
-            f"(max_audio_video_offset_s {cfg.max_audio_video_offset_s:g})",
+            f"(max_audio_video_offset_s {cfg.max_audio_video_offset_s:g})", "audio",
         )
     covered = int(math.floor(audio_duration_s * cfg.fps + 1e-6))
     return min(video_frames, covered), offset, None
@@ -85,47 +89,31 @@ def check_track(track: CropTrack, cfg: IngestConfig) -> Optional[Rejection]:
     ``max_out_of_frame_ratio``; a crop margin that does not fit is never a rejection, the fill
     rule handles it), yaw (degrees), head motion (face widths)."""
     if track.missing_ratio >= 1.0:
-        return Rejection("face", "no face found in any frame")
+        return Rejection("face", "no face found in any frame", "no_face")
     if track.missing_ratio > cfg.max_missing_face_ratio:
         return Rejection(
             "face",
             f"face lost in {track.missing_ratio:.0%} of frames (max_missing_face_ratio "
-            f"{cfg.max_missing_face_ratio:.0%})",
+            f"{cfg.max_missing_face_ratio:.0%})", "face_lost",
         )
     if track.head_cut_ratio > cfg.max_out_of_frame_ratio:
-        return Rejection("filter", f"{track.head_cut_text()}; max_out_of_frame_ratio {cfg.max_out_of_frame_ratio:.0%})")
+        return Rejection("filter", f"{track.head_cut_text()}; max_out_of_frame_ratio {cfg.max_out_of_frame_ratio:.0%})",
+                         "framing")
     if not math.isfinite(track.max_abs_yaw_deg) or track.max_abs_yaw_deg > cfg.max_yaw_deg:
         return Rejection(
-            "filter", f"extreme rotation: |yaw| up to {track.max_abs_yaw_deg:.0f} deg (max_yaw_deg {cfg.max_yaw_deg:g})"
+            "filter", f"extreme rotation: |yaw| up to {track.max_abs_yaw_deg:.0f} deg (max_yaw_deg {cfg.max_yaw_deg:g})", "pose"
         )
     if track.head_motion > cfg.max_head_motion:
         return Rejection(
             "filter",
-            f"excessive head motion: {track.head_motion:.2f} face widths (max_head_motion {cfg.max_head_motion:g})",
-        )
-    return None
-
-
-def check_subject(subject_width_px: Optional[float], rival_widths_px: list[float],
-                  cfg: IngestConfig) -> Optional[Rejection]:
-    """The subject face track must exist and be clearly dominant: other persistent face tracks
-    (``pipelines.faces.tracks.choose_subject`` rivals, each at least ``similar_face_ratio`` x the
-    subject's median face width) make the video ambiguous. Widths in source pixels."""
-    if subject_width_px is None:
-        return Rejection("face", "no face found in any frame")
-    if rival_widths_px:
-        widths = ", ".join(f"{w:.0f}" for w in [subject_width_px, *rival_widths_px])
-        return Rejection(
-            "face",
-            f"{1 + len(rival_widths_px)} people of similar size (face widths {widths} px; a second "
-            f"face must be < similar_face_ratio {cfg.similar_face_ratio:g} x the subject's)",
+            f"excessive head motion: {track.head_motion:.2f} face widths (max_head_motion {cfg.max_head_motion:g})", "head_motion",
         )
     return None
 
 
 def check_silence(silent: bool) -> Optional[Rejection]:
     if silent:
-        return Rejection("audio", "audio track is silent")
+        return Rejection("audio", "audio track is silent", "audio")
     return None
 
 
@@ -154,7 +142,7 @@ def check_limits(duration_s: float, pts_s, audio_duration_s: Optional[float], cf
     when the container records one) shorter than the video by more than
     ``max_audio_video_offset_s``. The exact audio check still runs after decoding."""
     if duration_s > cfg.max_duration_s:
-        return Rejection("limits", f"video is {duration_s:.1f} s > max_duration_s {cfg.max_duration_s:g}")
+        return Rejection("limits", f"video is {duration_s:.1f} s > max_duration_s {cfg.max_duration_s:g}", "limits")
     num_out = int(math.floor(duration_s * cfg.fps + 1e-6))
     if num_out > 0:
         distinct = distinct_source_frames(pts_s, num_out, cfg.fps)
@@ -162,9 +150,9 @@ def check_limits(duration_s: float, pts_s, audio_duration_s: Optional[float], cf
         if ratio < cfg.min_source_frames_ratio:
             return Rejection("limits", f"frozen or sparse video: {distinct} distinct source frames for {num_out} "
                                        f"frames at {cfg.fps:g} fps ({ratio:.1%} < min_source_frames_ratio "
-                                       f"{cfg.min_source_frames_ratio:.0%})")
+                                       f"{cfg.min_source_frames_ratio:.0%})", "limits")
     if audio_duration_s is not None and num_out > 0:
         _, _, rej = frames_covered_by_audio(num_out, audio_duration_s, cfg)
         if rej is not None:
-            return Rejection(rej.stage, f"{rej.why} (stream headers, before decoding)")
+            return Rejection(rej.stage, f"{rej.why} (stream headers, before decoding)", rej.key)
     return None

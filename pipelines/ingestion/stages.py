@@ -50,9 +50,13 @@ from core.sections import IngestConfig
 from core.storage import StorageUnavailableError, is_remote, local_copy
 from pipelines.faces.crop import crop_frames, landmarks_to_crop, plan_crop_track
 from pipelines.faces.detect import choose_detection_scale, make_detector
+from pipelines.faces.mouth_sync import audio_loudness_per_frame
+from pipelines.faces.person_tracks import PersonParams, judge_track
+from pipelines.faces.speaker import SpeakerParams, choose_speaker
 from pipelines.faces.tracks import (
     FaceCandidates,
     TrackParams,
+    TrackSummary,
     subject_track,
     track_landmarks,
 )
@@ -62,7 +66,6 @@ from pipelines.ingestion.quality import (
     check_limits,
     check_silence,
     check_streams,
-    check_subject,
     check_track,
     frames_covered_by_audio,
 )
@@ -108,11 +111,13 @@ def _empty_video_arrays() -> dict[str, np.ndarray]:
     }
 
 
-def reject_row(video_id: str, path: str, stage: str, why: str, info: Optional[dict] = None) -> dict:
-    """A ``reject`` row with the same columns as every other row (empty arrays)."""
+def reject_row(video_id: str, path: str, stage: str, why: str, info: Optional[dict] = None, key: str = "") -> dict:
+    """A ``reject`` row with the same columns as every other row (empty arrays); ``key`` (the
+    rejection's loss key, ``pipelines.dataset.losses``) goes to ``info["loss_key"]``."""
+    info = {**(info or {}), **({"loss_key": key} if key else {})}
     return {
         "kind": "reject", "video_id": video_id, "path": path, "stage": stage,
-        "reason": f"{stage}: {why}", "info": json.dumps(info or {}),
+        "reason": f"{stage}: {why}", "info": json.dumps(info),
         "chunk_index": -1, "start_index": 0, "num_frames": 0, "num_chunks": 0,
         **_empty_video_arrays(),
         "samples": np.zeros((0,), np.float32),
@@ -254,15 +259,15 @@ def screen_probe(path: str, cfg: IngestConfig, info: dict, times: dict) -> Video
     info.update(probe_info(probe))
     rej = check_streams(True, probe.has_audio)
     if rej:
-        raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+        raise RejectedVideo(rej.stage, f"{path}: {rej.why}", rej.key)
     est = int(np.floor(probe.duration_s * cfg.fps + 1e-6))
     rej = check_length(est, cfg)
     if rej:
-        raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+        raise RejectedVideo(rej.stage, f"{path}: {rej.why}", rej.key)
     # limits before work: duration, frozen / sparse frames, audio length from the headers
     rej = check_limits(probe.duration_s, probe.timestamps.pts_s, header_audio_s(probe), cfg)
     if rej:
-        raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+        raise RejectedVideo(rej.stage, f"{path}: {rej.why}", rej.key)
     times["probe"] = time.perf_counter() - t0
     return probe
 
@@ -280,7 +285,7 @@ def screen_video(row: dict, cfg: IngestConfig) -> dict:
     try:
         probe = screen_probe(path, cfg, info, times)
     except RejectedVideo as rej:
-        return reject_row(video_id, path, rej.rejection.stage, rej.rejection.why, _public(info))
+        return reject_row(video_id, path, rej.rejection.stage, rej.rejection.why, _public(info), rej.rejection.key)
     except Exception as exc:  # noqa: BLE001 - an error reading this file: its rejection, as in the analysis
         return reject_row(video_id, path, info.get("_stage", "probe"), error_text(path, exc), _public(info))
     facts, pts = probe.to_record()
@@ -416,7 +421,7 @@ class VideoAnalyzer:
         try:
             return work()
         except RejectedVideo as rej:
-            return reject_row(video_id, path, rej.rejection.stage, rej.rejection.why, info)
+            return reject_row(video_id, path, rej.rejection.stage, rej.rejection.why, _public(info), rej.rejection.key)
         except Exception as exc:  # noqa: BLE001 - recorded as this video's rejection
             stage = info.get("_stage", "analyze")
             return reject_row(video_id, path, stage, error_text(path, exc), info)
@@ -431,7 +436,7 @@ class VideoAnalyzer:
         detections = self._detection_pass(path, probe, info, times)
         audio = self._audio(path, probe, detections.num_frames, info, times)
         self._length_filter(path, audio.num_frames, info)
-        track = self._crop_track(path, probe, detections, audio.num_frames, info, times)
+        track = self._crop_track(path, probe, detections, audio, info, times)
         info["num_frames"] = audio.num_frames
         stream_pts_s, info[DECODE_SOURCE_KEY] = decode_source_fields(probe)
         n = audio.num_frames
@@ -511,7 +516,7 @@ class VideoAnalyzer:
             return frames
 
         choice = choose_detection_scale(self.detector, sample, (probe.width, probe.height), cfg.detect_face_px,
-                                        cfg.detect_max_pixels, cfg.detect_max_upscale, cfg.similar_face_ratio)
+                                        cfg.detect_max_pixels, cfg.detect_max_upscale, cfg.person_face_ratio)
         search = choice.search
         info.update(detect_scale=round(choice.scale, 4),
                     search_face_px=None if search.face_px is None else round(search.face_px, 1))
@@ -560,11 +565,11 @@ class VideoAnalyzer:
         num_frames, offset, rej = frames_covered_by_audio(video_frames, audio.duration_s, cfg)
         info["audio_offset_s"] = offset
         if rej:
-            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+            raise RejectedVideo(rej.stage, f"{path}: {rej.why}", rej.key)
         samples = audio.samples[: int(round(num_frames / cfg.fps * cfg.sample_rate))]
         rej = check_silence(is_silent(samples))
         if rej:
-            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+            raise RejectedVideo(rej.stage, f"{path}: {rej.why}", rej.key)
         times["audio_decode"] = time.perf_counter() - t0
         return AlignedAudio(samples, num_frames, offset)
 
@@ -573,43 +578,115 @@ class VideoAnalyzer:
         info["_stage"] = "filter"
         rej = check_length(num_frames, self.cfg)
         if rej:
-            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+            raise RejectedVideo(rej.stage, f"{path}: {rej.why}", rej.key)
 
-    def _crop_track(self, path: str, probe: VideoProbe, detections: Detections, num_frames: int,
+    def _crop_track(self, path: str, probe: VideoProbe, detections: Detections, audio: AlignedAudio,
                     info: dict, times: dict) -> CropTrack:
-        """The subject's face track over the first ``num_frames`` frames
-        (:func:`pipelines.faces.tracks.subject_track`: candidates linked across frames, the most
-        persistent x largest track; several persistent faces of similar size are rejected), its
-        crop track (``ingest.crop_margin`` with the ``ingest.crop_fill`` rule, one rule for the
-        whole video) and the quality filters on it (missing face, head cut by the frame edge, yaw,
-        head motion: all on the chosen track only). ``info`` gets ``head_cut_ratio`` and, for a
-        kept video, the crop's manifest facts (:meth:`pipelines.faces.crop.CropTrack.facts`:
+        """The subject's face track over the ``audio.num_frames`` frames the audio covers
+        (:func:`choose_subject_track`: the person who speaks), its crop track
+        (``ingest.crop_margin`` with the ``ingest.crop_fill`` rule, one rule for the whole video)
+        and the quality filters on it (missing face, head cut by the frame edge, yaw, head motion:
+        all on the chosen track only). ``info`` gets the track facts and ``head_cut_ratio`` and,
+        for a kept video, the crop's manifest facts (:meth:`pipelines.faces.crop.CropTrack.facts`:
         ``crop_fill``, ``crop_margin``, ``crop_adjusted_ratio``, ``crop_fill_max``, ``note``)."""
         cfg = self.cfg
+        num_frames = audio.num_frames
         info["_stage"] = "crop"
         t0 = time.perf_counter()
         cands = detections.candidates.before(num_frames)
-        params = TrackParams(max_gap=max(1, int(round(cfg.track_max_gap_s * cfg.fps))),
-                             min_coverage=cfg.min_track_coverage, similar_size_ratio=cfg.similar_face_ratio)
-        choice = subject_track(cands, num_frames, params)
-        subject = choice.tracks[choice.subject] if choice.subject is not None else None
-        info.update(face_tracks=len(choice.tracks), persistent_face_tracks=choice.persistent)
-        rej = check_subject(None if subject is None else subject.width,
-                            [choice.tracks[i].width for i in choice.rivals], cfg)
-        if rej:
-            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
+        subject, notes = choose_subject_track(path, cands, num_frames, audio.samples, cfg, info)
         landmarks, found = track_landmarks(cands, subject, num_frames)
         track = plan_crop_track(landmarks, found, (probe.width, probe.height), cfg.crop_margin, fps=cfg.fps,
                                 fill=cfg.crop_fill)
         info["head_cut_ratio"] = round(track.head_cut_ratio, 4)
         rej = check_track(track, cfg)
         if rej:
-            raise RejectedVideo(rej.stage, f"{path}: {rej.why}")
-        info.update(track.facts())  # the crop's manifest columns: margin, fill, share adjusted, note
+            raise RejectedVideo(rej.stage, f"{path}: {rej.why}", rej.key)
+        facts = track.facts()  # the crop's manifest columns: margin, fill, share adjusted, note
+        facts["note"] = "; ".join(n for n in [facts.get("note"), *notes] if n) or None
+        info.update(facts)
         filled = interpolate_missing(landmarks, found)
         lm_crop = np.asarray(landmarks_to_crop(filled, track.boxes), np.float32)
         times["crop_plan"] = time.perf_counter() - t0
         return CropTrack(np.asarray(track.boxes, np.float32), lm_crop, found.astype(bool))
+
+
+def _track_record(cands: FaceCandidates, track: TrackSummary, num_frames: int) -> dict:
+    """Where a track is and how much of the video it covers (for the ingest record)."""
+    boxes = cands.boxes[track.members]
+    return {"frames": [track.first, track.last], "coverage": round(track.coverage, 3),
+            "width_px": round(track.width, 1),
+            "centre_px": [round(float(np.median((boxes[:, 0] + boxes[:, 2]) / 2)), 1),
+                          round(float(np.median((boxes[:, 1] + boxes[:, 3]) / 2)), 1)],
+            "score": round(track.score, 3)}
+
+
+def choose_subject_track(path: str, cands: FaceCandidates, num_frames: int, samples: np.ndarray,
+                         cfg: IngestConfig, info: dict) -> tuple[TrackSummary, list[str]]:
+    """The subject: among the persistent face tracks (``ingest.min_track_coverage``) those that
+    look like faces (:func:`pipelines.faces.person_tracks.judge_track`: calibrated detector
+    confidence, landmark shape); one alone must move its mouth, and among two or more the one who
+    speaks is chosen (:func:`pipelines.faces.speaker.choose_speaker` on the audio ``samples`` f32
+    [K] at ``ingest.sample_rate``; it must move its mouth too). Without any persistent track the best track is returned (the
+    missing-face filter then speaks). Returns (the subject track, note clauses for the kept
+    video). ``info`` gets ``face_tracks``, ``persistent_face_tracks``, ``speaker_sync`` and
+    ``ignored_tracks`` (JSON: every persistent track not chosen, with its figures and the reason).
+    Raises :class:`RejectedVideo`: no face at all (``no_face``); persistent faces but none behaves
+    like a person (``distractor``); two or more people and none speaks clearly (``no_speaker``)."""
+    params = TrackParams(max_gap=max(1, int(round(cfg.track_max_gap_s * cfg.fps))),
+                         min_coverage=cfg.min_track_coverage)
+    choice = subject_track(cands, num_frames, params)
+    info.update(face_tracks=len(choice.tracks), persistent_face_tracks=choice.persistent)
+    if choice.subject is None:
+        raise RejectedVideo("face", f"{path}: no face found in any frame", "no_face")
+    persistent = [i for i, t in enumerate(choice.tracks) if t.coverage >= cfg.min_track_coverage]
+    if not persistent:
+        return choice.tracks[choice.subject], []
+    judge = PersonParams(min_confidence=cfg.min_face_confidence, max_shape_error=cfg.max_face_shape_error,
+                         min_mouth_motion=cfg.min_mouth_motion)
+    evidence = {i: judge_track(cands, choice.tracks[i], judge) for i in persistent}
+    records = {i: {**_track_record(cands, choice.tracks[i], num_frames), **evidence[i].facts()} for i in persistent}
+    faces = [i for i in persistent if evidence[i].face_like]
+    if len(faces) == 1 and evidence[faces[0]].still:
+        faces = []  # one face, and it never moves its mouth: a poster or a photo with the sound of another
+    ignored: list[dict] = [{**records[i], "verdict": "not a person", "why": "; ".join(evidence[i].why)}
+                           for i in persistent if i not in faces]
+
+    def described(i: int) -> str:
+        t = choice.tracks[i]
+        return f"{t.width:.0f} px face in {t.coverage:.0%} of frames: {'; '.join(evidence[i].why)}"
+
+    info["ignored_tracks"] = json.dumps(ignored) if ignored else None
+    if not faces:
+        raise RejectedVideo("face", f"{path}: no face track behaves like a person ("
+                                    + " | ".join(described(i) for i in persistent) + ")", "distractor")
+    notes = []
+    if ignored:
+        notes.append(f"distractor face tracks ignored ({len(ignored)}: "
+                     + " | ".join(described(i) for i in persistent if i not in faces) + ")")
+    # two or more faces: the one whose mouth follows the audio (a still face's sync is ~0)
+    loudness = audio_loudness_per_frame(samples, cfg.sample_rate, cfg.fps, num_frames)
+    landmarks = [track_landmarks(cands, choice.tracks[i], num_frames)[0] for i in faces]
+    spoke = choose_speaker(landmarks, loudness, 0, num_frames,
+                           SpeakerParams(min_sync=cfg.min_speaker_sync, margin=cfg.speaker_sync_margin))
+    for i, sync in zip(faces, spoke.syncs):
+        records[i]["sync"] = None if not np.isfinite(sync) else round(float(sync), 4)
+    if spoke.speaker is None or evidence[faces[spoke.speaker]].still:
+        info["ignored_tracks"] = json.dumps(ignored + [{**records[i], "verdict": "person", "why": ""} for i in faces])
+        why = spoke.why or f"the face whose sync leads never moves its mouth ({evidence[faces[spoke.speaker]].still})"
+        raise RejectedVideo("face", f"{path}: {why}", "no_speaker")
+    subject = faces[spoke.speaker]
+    info["speaker_sync"] = records[subject]["sync"]
+    others = [i for i in faces if i != subject]
+    if others:
+        ignored += [{**records[i], "verdict": "face that does not speak",
+                     "why": "; ".join([f"sync {records[i]['sync']} vs the speaker's {records[subject]['sync']}",
+                                       *([evidence[i].still] if evidence[i].still else [])])} for i in others]
+        info["ignored_tracks"] = json.dumps(ignored)
+        notes.append(f"faces that do not speak ignored ({len(others)}: sync "
+                     + ", ".join(f"{records[i]['sync']}" for i in others)
+                     + f" vs the speaker's {records[subject]['sync']})")
+    return choice.tracks[subject], notes
 
 
 class AnalyzerStage:

@@ -12,6 +12,8 @@ Metrics (docs/EVALUATION.md has the full definitions):
 
 * ``psnr`` (dB, capped at :data:`PSNR_CAP_DB` for identical frames) and ``ssim`` (0..1,
   scikit-image's Gaussian-free 7x7 SSIM over the three channels): mean over frames;
+* ``mouth_opening``, ``audio_loudness_per_frame`` and ``sync`` are defined once in
+  :mod:`pipelines.faces.mouth_sync` (the ingest uses the same to find who speaks):
 * ``mouth_opening``: inner-lip gap / face width per frame (dimensionless);
 * ``audio_loudness_per_frame``: RMS of the samples shown with each frame (linear, full scale 1);
 * ``sync``: Pearson correlation of mouth opening and loudness, best lag within +-``max_lag``
@@ -24,14 +26,23 @@ Metrics (docs/EVALUATION.md has the full definitions):
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
 
 from pipelines.faces.detect import FaceLandmarkDetector
-from pipelines.faces.landmarks import MOUTH, NUM_LANDMARKS
+from pipelines.faces.landmarks import MOUTH
 from pipelines.faces.motion_stats import clip_motion_stats
+from pipelines.faces.mouth_sync import (  # noqa: F401 - the evaluation's sync, defined once (re-exported)
+    FACE_WIDTH_POINTS,
+    INNER_LIP_PAIRS,
+    MIN_SYNC_FRAMES,
+    _check_landmarks,
+    audio_loudness_per_frame,
+    face_width,
+    mouth_opening,
+    sync_score,
+)
 
 #: PSNR of identical frames (dB): MSE 0 has no finite PSNR, so every frame's PSNR is capped here.
 PSNR_CAP_DB = 100.0
@@ -39,12 +50,6 @@ PSNR_CAP_DB = 100.0
 #: dlib landmark detector sees them: its HOG face detector misses faces below ~80 px, and the
 #: 64-256 px crops the platform generates are often smaller than that.
 MIN_DETECT_SIDE = 256
-#: Jaw points at the ears (0 and 16): their distance is the face width used to normalise.
-FACE_WIDTH_POINTS = (0, 16)
-#: Inner-lip pairs (upper, lower) whose mean distance is the mouth opening: 61-67, 62-66, 63-65.
-INNER_LIP_PAIRS = ((61, 67), (62, 66), (63, 65))
-#: Fewest frames with both a face and audio for a correlation; fewer give NaN.
-MIN_SYNC_FRAMES = 8
 
 
 def _check_frames(frames: np.ndarray, name: str) -> np.ndarray:
@@ -54,13 +59,6 @@ def _check_frames(frames: np.ndarray, name: str) -> np.ndarray:
     if frames.shape[0] == 0:
         raise ValueError(f"{name} has no frames")
     return frames
-
-
-def _check_landmarks(landmarks: np.ndarray, name: str = "landmarks") -> np.ndarray:
-    lm = np.asarray(landmarks, dtype=np.float64)
-    if lm.ndim != 3 or lm.shape[1:] != (NUM_LANDMARKS, 2):
-        raise ValueError(f"{name} must be [T, 68, 2], got shape {lm.shape}")
-    return lm
 
 
 def _pair(gen: np.ndarray, real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,81 +91,6 @@ def ssim(gen: np.ndarray, real: np.ndarray) -> float:
         raise ValueError(f"ssim needs frames of at least 7x7 pixels, got {gen.shape[1:3]}")
     return float(np.mean([structural_similarity(g, r, channel_axis=-1, data_range=255)
                           for g, r in zip(gen, real)]))
-
-
-def face_width(landmarks: np.ndarray) -> np.ndarray:
-    """Distance between jaw points 0 and 16 (ear to ear) per frame: ``[T, 68, 2]`` -> ``[T]``
-    (same unit as the landmarks; NaN where no face or the width is 0)."""
-    lm = _check_landmarks(landmarks)
-    a, b = FACE_WIDTH_POINTS
-    width = np.linalg.norm(lm[:, b] - lm[:, a], axis=-1)
-    return np.where(width > 0, width, np.nan)
-
-
-def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
-    """Inner-lip gap / face width per frame: ``[T, 68, 2]`` -> float64 ``[T]`` (dimensionless;
-    0 = lips closed, ~0.1-0.3 wide open). The gap is the mean distance of the inner-lip pairs
-    61-67, 62-66, 63-65; NaN where the frame has no face."""
-    lm = _check_landmarks(landmarks)
-    upper = lm[:, [u for u, _ in INNER_LIP_PAIRS]]
-    lower = lm[:, [v for _, v in INNER_LIP_PAIRS]]
-    gap = np.linalg.norm(upper - lower, axis=-1).mean(axis=1)
-    return gap / face_width(lm)
-
-
-def audio_loudness_per_frame(samples: np.ndarray, sample_rate: int, fps: float, num_frames: int
-                             ) -> np.ndarray:
-    """RMS loudness of the audio shown with each video frame: frame k covers
-    ``[k / fps, (k + 1) / fps)`` seconds. ``samples`` float [n] (mono, -1..1) -> float64
-    ``[num_frames]`` (linear RMS, full scale = 1). Frames past the end of the audio get NaN."""
-    samples = np.asarray(samples, dtype=np.float64)
-    if samples.ndim != 1:
-        raise ValueError(f"samples must be mono [n], got shape {samples.shape}")
-    if sample_rate <= 0 or fps <= 0:
-        raise ValueError(f"sample_rate ({sample_rate}) and fps ({fps}) must be positive")
-    edges = np.round(np.arange(num_frames + 1) * (sample_rate / fps)).astype(np.int64)
-    lo, hi = np.minimum(edges[:-1], len(samples)), np.minimum(edges[1:], len(samples))
-    sq = np.concatenate([[0.0], np.cumsum(samples ** 2)])  # prefix sums: O(n) for every frame
-    count = hi - lo
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rms = np.sqrt((sq[hi] - sq[lo]) / count)
-    return np.where(count > 0, rms, np.nan)
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation over the pairs where both are finite; 0.0 when either is constant
-    (no variation cannot correlate), NaN with fewer than :data:`MIN_SYNC_FRAMES` pairs."""
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < MIN_SYNC_FRAMES:
-        return float("nan")
-    x, y = x[ok] - x[ok].mean(), y[ok] - y[ok].mean()
-    denom = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
-    # relative tolerance: dlib on identical frames gives identical points, but float noise stays
-    if denom <= 1e-12 * max(1.0, float(np.abs(x).max()) * float(np.abs(y).max()) * len(x)):
-        return 0.0
-    return float((x * y).sum() / denom)
-
-
-def sync_score(opening: np.ndarray, loudness: np.ndarray, max_lag: int = 2) -> float:
-    """Best Pearson correlation between ``opening`` [T] and ``loudness`` [T] over lags
-    ``-max_lag..max_lag`` frames (lag d pairs opening[t] with loudness[t - d]: positive d = the
-    mouth follows the sound). -1..1; 0.0 for a still mouth or silent audio; NaN when fewer than
-    :data:`MIN_SYNC_FRAMES` frames have both values. The best-of-lags search is biased upward, so
-    compare with the same score against time-reversed audio (``sync_control``)."""
-    opening = np.asarray(opening, dtype=np.float64)
-    loudness = np.asarray(loudness, dtype=np.float64)
-    if opening.shape != loudness.shape or opening.ndim != 1:
-        raise ValueError(f"opening {opening.shape} and loudness {loudness.shape} must both be [T]")
-    n = len(opening)
-    best = float("nan")
-    for d in range(-int(max_lag), int(max_lag) + 1):
-        if d >= 0:
-            r = _pearson(opening[d:], loudness[: n - d])
-        else:
-            r = _pearson(opening[: n + d], loudness[-d:])
-        if np.isfinite(r) and not (best >= r):
-            best = r
-    return best
 
 
 def lmd(lm_gen: np.ndarray, lm_real: np.ndarray) -> float:

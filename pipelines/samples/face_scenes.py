@@ -6,7 +6,18 @@ A scene is a textured background with one or more "people": each is a talking-he
 head motion, the mouth following the speech loudness) pasted with a soft elliptical edge at a
 known place and size. A person can be shown only in some frames (``visible_period`` /
 ``visible_frames``): a face-like print that the detector sees now and then (the distractor on
-clothing of issue 11). :func:`render_scene` returns the frames and, per frame and person, the
+clothing of issue 11). The persistent distractors of issue 23 and the second speaker:
+
+* ``body=True``: the person shown down to the chest (4 x 6 face widths), so the astronaut photo's
+  mission patch, a face-like print on the suit that dlib finds, moves rigidly with the body;
+* ``still=True``: no head motion at all (a poster or a framed photo on the wall);
+* ``screen=True``: a hard-edged picture in a dark bezel (a face on a TV or monitor);
+* ``mouth``: ``"speech"`` follows the video's audio track (the speaker), ``"other"`` follows
+  another utterance that is not in the audio (a second person talking out of sync, a TV),
+  ``"closed"`` never moves (a listener, a print);
+* ``identity``: one of :data:`pipelines.samples.identities.IDENTITIES` (None: the astronaut photo).
+
+:func:`render_scene` returns the frames and, per frame and person, the
 true face box; :func:`write_scene` encodes them (H.264/AAC mp4, VP9/Opus webm, or HEVC 10-bit
 with a rotation in the display matrix) with espeak-ng speech a little longer than the video.
 
@@ -28,6 +39,7 @@ from pipelines.samples.talking_heads import (
     _require_tools,
     _run,
     loudness_envelope,
+    photo_of,
     synthesize_speech,
 )
 
@@ -43,8 +55,19 @@ class ScenePerson:
     cx: float
     cy: float
     face_frac: float
-    talking: bool = True
+    talking: bool = True  # False: the mouth stays closed (same as mouth="closed")
     visible_period: Optional[tuple[int, int]] = None  # (every k-th block, block length in frames)
+    mouth: Literal["speech", "other", "closed"] = "speech"
+    identity: Optional[str] = None
+    still: bool = False
+    body: bool = False
+    screen: bool = False
+
+    def mouth_open(self, speech: float, other: float) -> float:
+        """The mouth opening (0..1) of this person given the two envelopes of the frame."""
+        if not self.talking or self.mouth == "closed":
+            return 0.0
+        return other if self.mouth == "other" else speech
 
     def visible(self, frame: int) -> bool:
         if self.visible_period is None:
@@ -89,28 +112,45 @@ class SceneRenderer:
         rng = np.random.default_rng([seed, 7])
         self.background = _background(spec.width, spec.height, rng)
         short = min(spec.width, spec.height)
-        self.heads, self.masks, self.origins = [], [], []
+        self.heads, self.masks, self.origins, self.bezels = [], [], [], []
         for i, person in enumerate(spec.people):
-            side = int(round(person.face_frac * short / _FACE_IN_PATCH))
-            head = TalkingHeadRenderer(side, side, np.random.default_rng([seed, 100 + i]))
-            yy, xx = (np.mgrid[0:side, 0:side].astype(np.float32) + 0.5) / side - 0.5
-            r = np.sqrt((xx / 0.48) ** 2 + (yy / 0.5) ** 2)
-            self.masks.append(np.clip((1.0 - r) / 0.08, 0, 1)[..., None])  # soft elliptical edge
+            face_px = person.face_frac * short
+            if person.body:  # down to the chest: 4 x 6 face widths, the face in the upper part
+                pw, ph, frac = int(round(4 * face_px)), int(round(6 * face_px)), 0.25
+            else:
+                pw = ph = int(round(face_px / _FACE_IN_PATCH))
+                frac = _FACE_IN_PATCH
+            photo = None if person.identity is None else photo_of(person.identity)
+            head = TalkingHeadRenderer(pw, ph, np.random.default_rng([seed, 100 + i]), photo=photo, face_frac=frac)
+            yy, xx = (np.mgrid[0:ph, 0:pw].astype(np.float32) + 0.5) / np.array([ph, pw], np.float32)[:, None, None] - 0.5
+            if person.screen:  # a hard-edged picture in a dark bezel of 6 % of its side
+                inner = (np.abs(xx) < 0.44) & (np.abs(yy) < 0.44)
+                self.masks.append(np.ones((ph, pw, 1), np.float32))
+                self.bezels.append(~inner)
+            elif person.body:  # a soft rounded box
+                edge = np.minimum(0.5 - np.abs(xx), 0.5 - np.abs(yy))
+                self.masks.append(np.clip(edge / 0.04, 0, 1)[..., None])
+                self.bezels.append(None)
+            else:
+                r = np.sqrt((xx / 0.48) ** 2 + (yy / 0.5) ** 2)
+                self.masks.append(np.clip((1.0 - r) / 0.08, 0, 1)[..., None])  # soft elliptical edge
+                self.bezels.append(None)
             self.heads.append(head)
-            self.origins.append((person.cx * spec.width - side / 2, person.cy * spec.height - side / 2))
+            self.origins.append((person.cx * spec.width - head.centre[0], person.cy * spec.height - head.centre[1]))
 
     def face_box(self, person: int, t: float) -> np.ndarray:
         """True landmark box (x0, y0, x1, y1 display px) of ``person`` at time ``t``."""
         head = self.heads[person]
-        dx, dy, _, scale = head.pose(t)
+        dx, dy, _, scale = head.pose(0.0 if self.spec.people[person].still else t)
         ox, oy = self.origins[person]
         cx, cy = ox + head.centre[0] + dx, oy + head.centre[1] + dy
         w = _FACE_SIZE * scale
         return np.array([cx - w / 2, cy - w / 2, cx + w / 2, cy + w / 2], np.float32)
 
-    def render(self, frame: int, mouth_open: float) -> tuple[np.ndarray, np.ndarray]:
+    def render(self, frame: int, mouth_open: float, other_open: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 [H, W, 3] frame, true boxes float32 [people, 4] with NaN rows for people not
-        visible in this frame)."""
+        visible in this frame). ``mouth_open``: the speech envelope at this frame (0..1);
+        ``other_open``: the other utterance's (people with ``mouth="other"``)."""
         spec = self.spec
         t = frame / spec.fps
         img = self.background.copy()
@@ -118,28 +158,33 @@ class SceneRenderer:
         for i, person in enumerate(spec.people):
             if not person.visible(frame):
                 continue
-            patch = self.heads[i].render(t, mouth_open if person.talking else 0.0).astype(np.float32)
+            patch = self.heads[i].render(0.0 if person.still else t,
+                                         person.mouth_open(mouth_open, other_open)).astype(np.float32)
+            if self.bezels[i] is not None:
+                patch[self.bezels[i]] = (24.0, 24.0, 28.0)
             ox, oy = (int(round(v)) for v in self.origins[i])
-            side = patch.shape[0]
+            ph, pw = patch.shape[:2]
             x0, y0 = max(0, ox), max(0, oy)
-            x1, y1 = min(spec.width, ox + side), min(spec.height, oy + side)
+            x1, y1 = min(spec.width, ox + pw), min(spec.height, oy + ph)
             if x1 <= x0 or y1 <= y0:
                 continue
             sub = (slice(y0 - oy, y1 - oy), slice(x0 - ox, x1 - ox))
             m = self.masks[i][sub]
             region = img[y0:y1, x0:x1].astype(np.float32)
             img[y0:y1, x0:x1] = (region * (1 - m) + patch[sub] * m + 0.5).astype(np.uint8)
-            boxes[i] = self.face_box(i, t) + np.array([ox - self.origins[i][0], oy - self.origins[i][1]] * 2)
+            boxes[i] = self.face_box(i, 0.0 if person.still else t) + np.array([ox - self.origins[i][0], oy - self.origins[i][1]] * 2)
         return img, boxes
 
 
-def render_scene(spec: SceneSpec, seed: int = 0, mouth: Optional[Sequence[float]] = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """All frames uint8 [n, H, W, 3] and true boxes float32 [n, people, 4] (NaN: not visible)."""
+def render_scene(spec: SceneSpec, seed: int = 0, mouth: Optional[Sequence[float]] = None,
+                 other: Optional[Sequence[float]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """All frames uint8 [n, H, W, 3] and true boxes float32 [n, people, 4] (NaN: not visible);
+    ``mouth`` / ``other``: the speech and other-utterance envelopes per frame (0..1; None: 0)."""
     n = int(round(spec.seconds * spec.fps))
     renderer = SceneRenderer(spec, seed)
     mouth = np.zeros(n) if mouth is None else np.asarray(mouth)
-    frames, boxes = zip(*(renderer.render(i, float(mouth[i])) for i in range(n)))
+    other = np.zeros(n) if other is None else np.asarray(other)
+    frames, boxes = zip(*(renderer.render(i, float(mouth[i]), float(other[i])) for i in range(n)))
     return np.stack(frames), np.stack(boxes)
 
 
@@ -170,13 +215,18 @@ def write_scene(out_dir: str | Path, spec: SceneSpec, seed: int = 0) -> tuple[Pa
         wav = work / "speech.wav"
         audio, sr = synthesize_speech(SENTENCES[seed % len(SENTENCES)], wav, spec.seconds + 0.4, rng)
         mouth = loudness_envelope(audio, sr, np.arange(n) / spec.fps)
+        other = np.zeros(n)
+        if any(p.mouth == "other" for p in spec.people):  # an utterance that is not in the audio track
+            other_audio, other_sr = synthesize_speech(SENTENCES[(seed + 4) % len(SENTENCES)], work / "other.wav",
+                                                      spec.seconds + 0.4, np.random.default_rng([seed, 5]))
+            other = loudness_envelope(other_audio, other_sr, np.arange(n) / spec.fps)
         renderer = SceneRenderer(spec, seed)
         k = (spec.rotation // 90) % 4
         coded_w, coded_h = (spec.height, spec.width) if k % 2 else (spec.width, spec.height)
         raw = bytearray()
         boxes = []
         for i in range(n):
-            frame, b = renderer.render(i, float(mouth[i]))
+            frame, b = renderer.render(i, float(mouth[i]), float(other[i]))
             boxes.append(b)
             if k:
                 frame = np.rot90(frame, k=-k)  # stored sideways; the display matrix turns it back
