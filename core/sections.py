@@ -93,7 +93,7 @@ class IngestConfig:
     person_face_ratio: float = 0.4  # scale search: faces down to this x the largest persistent one are shown at detect_face_px
     min_face_confidence: float = 0.3  # median detector score re-scored at a fixed face size (dlib HOG)
     max_face_shape_error: float = 0.25  # median Procrustes residual of the 68 points to a mean face
-    min_mouth_motion: float = 0.02  # spread (p90 - p10) of inner-lip gap / face width: a face that talks
+    min_mouth_motion: float = 0.015  # spread (p90 - p10) of inner-lip gap / face width: a face that talks
     min_speaker_sync: float = 0.3  # 2+ people: the speaker's mouth-audio correlation (the evaluation's sync)
     speaker_sync_margin: float = 0.2  # ... and its lead over the next person
     # quality filters (reasons are recorded in the manifest)

@@ -285,6 +285,9 @@ def test_cli_runs_as_a_file_without_ray_for_a_list_of_missing_files(tmp_path):
     assert run.data.params["ingest.fps"] == "25.0" and run.data.params["fingerprint"] == fingerprint
     assert run.data.metrics["rejected"] == 1 and run.data.metrics["status.rejected"] == 1
     assert run.data.metrics["stage.input"] == 1 and run.data.metrics["hours_kept"] == 0
+    # where the hours went (a file refused before its probe has no duration: 0 h, but its key is counted)
+    assert run.data.metrics["hours_lost.unreadable"] == 0 and rows[0]["loss_key"] == "unreadable"
+    assert "[ingest] yield: 0.000 h in, 0.000 h kept; lost: unreadable 0.000 h" in proc.stdout
     arts = {a.path for a in MlflowClient(tracking_uri=info["tracking_uri"]).list_artifacts(info["run_id"])}
     assert {"videos.parquet", "ingest_meta.json", "ingest_fingerprint.json", "ingest_summary.json"} <= arts
     assert not any("auth_token" in k for k in run.data.params)  # no serve section (tokens) in params

@@ -71,7 +71,7 @@ class PersonParams:
 
     min_confidence: float = 0.3  # median calibrated detector score (dlib HOG: faces ~1-3, patches ~0)
     max_shape_error: float = 0.25  # median Procrustes residual / shape RMS radius
-    min_mouth_motion: float = 0.02  # spread (p90 - p10) of inner-lip gap / face width
+    min_mouth_motion: float = 0.015  # spread (p90 - p10) of inner-lip gap / face width
     mouth_noise_factor: float = 1.0  # ... and at least this many times the track's rigid-ratio spread
 
 

@@ -632,7 +632,9 @@ def choose_subject_track(path: str, cands: FaceCandidates, num_frames: int, samp
     video). ``info`` gets ``face_tracks``, ``persistent_face_tracks``, ``speaker_sync`` and
     ``ignored_tracks`` (JSON: every persistent track not chosen, with its figures and the reason).
     Raises :class:`RejectedVideo`: no face at all (``no_face``); persistent faces but none behaves
-    like a person (``distractor``); two or more people and none speaks clearly (``no_speaker``)."""
+    like a person (``distractor``); two or more people and none speaks clearly (``no_speaker``).
+    Per shot: pass the shot's candidates (``cands.select`` of its frames, ``shifted`` to start at
+    0), its frame count and its audio samples; today the whole video is one shot."""
     params = TrackParams(max_gap=max(1, int(round(cfg.track_max_gap_s * cfg.fps))),
                          min_coverage=cfg.min_track_coverage)
     choice = subject_track(cands, num_frames, params)
