@@ -75,8 +75,10 @@ def one_torch_thread():
 
 
 # Modules that take longest, longest first, from a serial run's --durations (seconds: test_train 365,
-# test_object_storage ~395 on a loaded machine (three ingests, two training stages, an evaluation), test_multinode 266, test_ingest_limits 127, test_serve_faults 94, test_ingest 92, test_train_faults 91,
-# test_evaluate 86, test_ingest_real_world 62, test_video_metrics 60, test_sampler 52, test_serve 45;
+# test_object_storage ~395 on a loaded machine (three ingests, two training stages, an evaluation), test_multinode 266,
+# test_ingest_limits 127, test_serve_faults 94, test_ingest 92, test_train_faults 91,
+# test_evaluate 86, test_ingest_real_world 62, test_person_tracks ~60 (73 s at load 10), test_video_metrics 60,
+# test_sampler 52, test_serve 45;
 # test_serve_drain ~115 and test_serve_hardening ~70 estimated from runs on a loaded machine).
 # `make test` runs pytest-xdist with --dist loadfile --no-loadscope-reorder: each worker takes the
 # next module when it is nearly done, so handing the long ones out first keeps the two workers
@@ -85,7 +87,7 @@ def one_torch_thread():
 LONGEST_MODULES = (
     "test_train", "test_object_storage", "test_multinode", "test_ingest_limits", "test_serve_drain", "test_serve_faults",
     "test_ingest", "test_train_faults", "test_evaluate", "test_serve_hardening", "test_reference_path",
-    "test_ingest_real_world", "test_closeups", "test_identities", "test_train_cluster", "test_video_metrics",
+    "test_ingest_real_world", "test_person_tracks", "test_closeups", "test_identities", "test_train_cluster", "test_video_metrics",
     "test_sampler", "test_serve",
 )
 
