@@ -121,7 +121,8 @@ MANIFEST_SCHEMA = pa.schema([
     # --- where the hours go and who was chosen (docs/INGEST.md "Persistent distractors and the person
     # who speaks", "What a run reports"); null on rows of outputs written before these columns ---
     ("loss_key", pa.string()),  # rejected / failed rows: the stable key of the loss (pipelines/dataset/losses.py)
-    ("speaker_sync", pa.float64()),  # the subject's mouth-audio sync, when two or more people were judged
+    # the subject's mouth-audio sync (the evaluation's sync), when it had a persistent track
+    ("speaker_sync", pa.float64()),
     # JSON list: every persistent face track not chosen, with its figures (coverage, width_px,
     # centre_px, confidence, shape_error, mouth_motion, landmark_noise, sync), verdict and why
     ("ignored_tracks", pa.string()),

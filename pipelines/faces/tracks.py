@@ -23,9 +23,9 @@ Rules (units: frames of the output rate, pixels of the frames the boxes are in):
   subject is the persistent track with the largest coverage x width (ties: higher score).
   Other persistent tracks whose width is >= ``similar_size_ratio`` x the subject's are
   *rivals* (a fact of the tracks; the ingest keeps the person who speaks among the tracks that
-  behave like people: ``pipelines.faces.person_tracks``, ``pipelines.faces.speaker``). Without a persistent track the best track by the
-  same weight is returned (the missing-face filter then speaks). Detections outside every
-  persistent track (spurious boxes) are ignored.
+  behave like people: ``pipelines.faces.person_tracks``, ``pipelines.faces.speaker``). Without a
+  persistent track the best track by the same weight is returned (the missing-face filter then
+  speaks). Detections outside every persistent track (spurious boxes) are ignored.
 """
 from __future__ import annotations
 

@@ -611,7 +611,7 @@ class VideoAnalyzer:
         return CropTrack(np.asarray(track.boxes, np.float32), lm_crop, found.astype(bool))
 
 
-def _track_record(cands: FaceCandidates, track: TrackSummary, num_frames: int) -> dict:
+def _track_record(cands: FaceCandidates, track: TrackSummary) -> dict:
     """Where a track is and how much of the video it covers (for the ingest record)."""
     boxes = cands.boxes[track.members]
     return {"frames": [track.first, track.last], "coverage": round(track.coverage, 3),
@@ -627,10 +627,12 @@ def choose_subject_track(path: str, cands: FaceCandidates, num_frames: int, samp
     look like faces (:func:`pipelines.faces.person_tracks.judge_track`: calibrated detector
     confidence, landmark shape); one alone must move its mouth, and among two or more the one who
     speaks is chosen (:func:`pipelines.faces.speaker.choose_speaker` on the audio ``samples`` f32
-    [K] at ``ingest.sample_rate``; it must move its mouth too). Without any persistent track the best track is returned (the
-    missing-face filter then speaks). Returns (the subject track, note clauses for the kept
-    video). ``info`` gets ``face_tracks``, ``persistent_face_tracks``, ``speaker_sync`` and
-    ``ignored_tracks`` (JSON: every persistent track not chosen, with its figures and the reason).
+    [K] at ``ingest.sample_rate``; it must move its mouth too). Without any persistent track the
+    best track is returned (the missing-face filter then speaks). Returns (the subject track,
+    note clauses for the kept video). ``info`` gets ``face_tracks``, ``persistent_face_tracks``,
+    ``speaker_sync`` (the subject's sync) and ``ignored_tracks`` (JSON: every persistent track not
+    chosen, with its figures, its ``verdict``: ``not a person`` / ``face that does not speak`` /
+    ``person`` (on a ``no_speaker`` rejection), and ``why``).
     Raises :class:`RejectedVideo`: no face at all (``no_face``); persistent faces but none behaves
     like a person (``distractor``); two or more people and none speaks clearly (``no_speaker``).
     Per shot: pass the shot's candidates (``cands.select`` of its frames, ``shifted`` to start at
@@ -647,7 +649,7 @@ def choose_subject_track(path: str, cands: FaceCandidates, num_frames: int, samp
     judge = PersonParams(min_confidence=cfg.min_face_confidence, max_shape_error=cfg.max_face_shape_error,
                          min_mouth_motion=cfg.min_mouth_motion)
     evidence = {i: judge_track(cands, choice.tracks[i], judge) for i in persistent}
-    records = {i: {**_track_record(cands, choice.tracks[i], num_frames), **evidence[i].facts()} for i in persistent}
+    records = {i: {**_track_record(cands, choice.tracks[i]), **evidence[i].facts()} for i in persistent}
     faces = [i for i in persistent if evidence[i].face_like]
     if len(faces) == 1 and evidence[faces[0]].still:
         faces = []  # one face, and it never moves its mouth: a poster or a photo with the sound of another
