@@ -4,7 +4,9 @@
                   (``video_decode.py``), 16 kHz mono audio (``audio_decode.py``);
 * ``faces/``      find, follow and crop the speaker: detectors and the scale search
                   (``detect.py``), tracks across frames (``tracks.py``), the 68-point layout
-                  (``landmarks.py``), face-centred square crops (``crop.py``), head and expression
+                  (``landmarks.py``), which tracks are people (``person_tracks.py``) and which of
+                  them speaks (``speaker.py``, on ``mouth_sync.py``: the mouth-audio sync the
+                  evaluation shares), face-centred square crops (``crop.py``), head and expression
                   statistics (``motion_stats.py``);
 * ``encoders/``   learned features: wav2vec2 per 25 fps frame (``audio_features.py``), VAE latents
                   (``latents.py``);
@@ -13,7 +15,8 @@
                   (``watchdog.py``), quality rules (``quality.py``), frame files
                   (``frame_writer.py``), output metadata (``meta.py``) and resume (``resume.py``);
 * ``dataset/``    the on-disk format between ingest and training: inputs, ids, splits and the
-                  manifest (``manifest.py``), frame files and ``ingest_meta.json`` (``schema.py``);
+                  manifest (``manifest.py``), frame files and ``ingest_meta.json`` (``schema.py``),
+                  where the input hours go (``losses.py``);
 * ``reader/``     the training-time reader: samples from a dataset (``source.py``), what each
                   sample draws (``sample_spec.py``); ``python -m pipelines.reader DIR --show N``;
 * ``samples/``    data the project makes itself: the demo's talking-head videos

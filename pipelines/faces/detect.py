@@ -162,11 +162,18 @@ def _canonical_score(frame: np.ndarray, box: np.ndarray, boxes_of) -> float:
     return float(np.max(np.asarray(scores)[ok])) if ok.any() else UNFOUND_SCORE
 
 
-def _candidates_each(frames: np.ndarray, scale: float, boxes_of, fit, rescore=None) -> FaceCandidates:
+#: The calibrated score is computed on every this many-th frame of a call (NaN on the others): a
+#: track's median needs a sample, not every frame, and each re-score is a HOG run on a 300x300
+#: crop (~5-10 ms CPU a box, as much as the box search itself on a 640x360 frame).
+CALIBRATE_EVERY = 5
+
+
+def _candidates_each(frames: np.ndarray, scale: float, boxes_of, fit, rescore=None,
+                     rescore_every: int = CALIBRATE_EVERY) -> FaceCandidates:
     """Run ``boxes_of(image) -> (boxes [k, 4] image px, scores [k])`` on each frame resized by
     ``scale`` and ``fit(frame, box [4] frame px) -> [68, 2]`` on the original frame; with
-    ``rescore`` (a ``boxes_of`` that reports weak boxes too), each box's calibrated score
-    (:func:`_canonical_score`)."""
+    ``rescore`` (a ``boxes_of`` that reports weak boxes too), the calibrated score
+    (:func:`_canonical_score`) of each box of every ``rescore_every``-th frame."""
     frames = _check_frames(frames)
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
@@ -179,7 +186,8 @@ def _candidates_each(frames: np.ndarray, scale: float, boxes_of, fit, rescore=No
             rows_b.append(box)
             rows_s.append(float(score))
             rows_l.append(np.asarray(fit(frame, box), np.float32))
-            rows_c.append(np.nan if rescore is None else _canonical_score(frame, box, rescore))
+            calibrate = rescore is not None and i % max(1, rescore_every) == 0
+            rows_c.append(_canonical_score(frame, box, rescore) if calibrate else np.nan)
     if not rows_f:
         return FaceCandidates.empty()
     return FaceCandidates(np.asarray(rows_f, np.int64), np.asarray(rows_b, np.float32),
@@ -246,9 +254,10 @@ class DlibDetector:
         return boxes, np.asarray(scores, np.float32)
 
     def detect_candidates(self, frames: np.ndarray, scale: float = 1.0) -> FaceCandidates:
-        """Every box with its landmarks and its calibrated score: the HOG score of the same face
-        re-found on a crop that shows it :data:`CANONICAL_FACE_PX` wide (the CNN detector is
-        calibrated the same way, with HOG: its own pass at that size would cost seconds)."""
+        """Every box with its landmarks and, on every :data:`CALIBRATE_EVERY`-th frame, its
+        calibrated score: the HOG score of the same face re-found on a crop that shows it
+        :data:`CANONICAL_FACE_PX` wide (the CNN detector is calibrated the same way, with HOG: its
+        own pass at that size would cost seconds)."""
         return _candidates_each(frames, scale, self._boxes, self.fit, rescore=self._weak_boxes)
 
     def _detect_one(self, frame: np.ndarray) -> Optional[list[tuple[int, int]]]:

@@ -46,7 +46,8 @@ class FaceCandidates:
     detector's); landmarks: float32 [M, 68, 2] pixel (x, y), iBUG-68 order; calibrated: float32
     [M] the detector's score of the same face re-scored at a fixed face size
     (``pipelines.faces.person_tracks.CANONICAL_FACE_PX``), so it means the same at every scale
-    (NaN where the detector gives none; None in the constructor = all NaN).
+    (NaN where the detector gives none or on the frames it skips; None in the constructor = all
+    NaN).
     """
 
     frame: np.ndarray
