@@ -90,7 +90,8 @@ class IngestConfig:
     similar_face_ratio: float = 0.7  # the portrait: a 2nd face this large (x the largest) is refused
     # which persistent tracks are people and who speaks (pipelines/faces/person_tracks.py, speaker.py;
     # docs/INGEST.md "Persistent distractors and the person who speaks")
-    person_face_ratio: float = 0.4  # scale search: faces down to this x the largest persistent one are shown at detect_face_px
+    # scale search: faces down to this x the largest persistent one are found (shown >= 1.25 detector windows)
+    person_face_ratio: float = 0.5
     min_face_confidence: float = 0.3  # median detector score re-scored at a fixed face size (dlib HOG)
     max_face_shape_error: float = 0.25  # median Procrustes residual of the 68 points to a mean face
     min_mouth_motion: float = 0.015  # spread (p90 - p10) of inner-lip gap / face width: a face that talks

@@ -185,3 +185,12 @@ def test_a_duplicate_box_on_the_face_does_not_start_a_rival_track():
     np.testing.assert_allclose(lm[:, 0, 0], 200.0 + 3 * np.arange(60))
     without = subject_track(cands, 60, TrackParams(nms_iou=1.01))
     assert without.tracks[without.subject].coverage < 1.0
+
+
+def test_pass_scale_keeps_a_smaller_face_above_the_window_next_to_a_larger_one():
+    # a speaker of 100 px next to a poster of 200 px (display pixels): the poster at 100 px would
+    # put the speaker at 50 px, under HOG's window; the speaker is shown at 80 px (1.25 windows)
+    s = pass_scale(ScaleSearch(100.0, 1, (), largest_px=200.0), (1280, 720), 100.0, 3_200_000)
+    assert s == pytest.approx(80 / 100)
+    # one face alone (or faces of one size): at detect_face_px
+    assert pass_scale(ScaleSearch(100.0, 1, (), largest_px=100.0), (1280, 720), 100.0, 3_200_000) == pytest.approx(1.0)

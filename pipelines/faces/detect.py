@@ -504,6 +504,7 @@ class ScaleSearch:
     face_px: Optional[float]
     level: int
     searched: tuple[float, ...]
+    largest_px: Optional[float] = None  # the largest persistent face (display px); None: face_px
 
 
 def max_detection_scale(display_wh: tuple[int, int], max_pixels: int, max_upscale: float) -> float:
@@ -552,10 +553,14 @@ def search_face_scale(detector: FaceCandidateDetector, frames: np.ndarray, displ
         if widths:
             big = max(widths)
             face = min(wd for wd in widths if wd >= similar_size_ratio * big)
-            found = ScaleSearch(float(face), level, tuple(levels[:level + 1]))
+            found = ScaleSearch(float(face), level, tuple(levels[:level + 1]), float(big))
             if detector.min_face_px / s <= similar_size_ratio * big * 1.05:  # this level shows them all
                 return found
     return found if found is not None else ScaleSearch(None, -1, tuple(levels))
+
+
+#: The smallest face that matters is shown at least this many detector windows wide (HOG: 80 px).
+SMALL_FACE_WINDOWS = 1.25
 
 
 def pass_scale(search: ScaleSearch, display_wh: tuple[int, int], target_face_px: float,
@@ -564,12 +569,17 @@ def pass_scale(search: ScaleSearch, display_wh: tuple[int, int], target_face_px:
     """Scale (detection image / display frame) of the whole detection pass: the searched face at
     ``target_face_px``, or (no face in the samples) the scale that finds faces of
     ``fallback_fraction`` x the short side; capped by :func:`max_detection_scale`, and at
-    least so large that the short side keeps ``min_side`` pixels."""
+    least so large that the short side keeps ``min_side`` pixels. With faces of several sizes
+    the largest is shown at ``target_face_px`` and the smallest that matters at least at
+    :data:`SMALL_FACE_WINDOWS` x ``min_face_px`` (safely above the detector's window, where its
+    68 points are still good), not at ``target_face_px``: that would cost the square of the size
+    ratio in pixels for every frame."""
     short = min(display_wh)
     if search.face_px is None:
         s = min_face_px / (fallback_fraction * short)
     else:
-        s = target_face_px / search.face_px
+        largest = search.largest_px or search.face_px
+        s = max(target_face_px / largest, min(target_face_px, SMALL_FACE_WINDOWS * min_face_px) / search.face_px)
     s = max(s, min(1.0, min_side / short))
     return float(min(s, max_detection_scale(display_wh, max_pixels, max_upscale)))
 
