@@ -36,14 +36,15 @@ import tempfile
 from pathlib import Path
 
 CURVE_METRICS = ("eval_face_found_ratio", "eval_sync", "eval_sync_control", "eval_identity", "eval_identity_control",
-                 "eval_psnr")
+                 "eval_psnr", "eval_codec_face_found_ratio", "eval_codec_identity", "eval_codec_psnr")
 TARGET_IDENTITY = 0.6
 TARGET_IDENTITY_MARGIN = 0.1
 TARGET_SYNC = 0.30
 TARGET_MARGIN = 0.15
 TARGET_FACE_FOUND = 0.90
-UNITS = {"eval_psnr": "dB", "eval_face_found_ratio": "share"}
-UNITS.update({"eval_identity": "distance", "eval_identity_control": "distance"})
+UNITS = {"eval_psnr": "dB", "eval_face_found_ratio": "share", "eval_codec_psnr": "dB",
+         "eval_codec_face_found_ratio": "share"}
+UNITS.update({"eval_identity": "distance", "eval_identity_control": "distance", "eval_codec_identity": "distance"})
 TARGETS = {"eval_sync": f">= {TARGET_SYNC}", "eval_face_found_ratio": f">= {TARGET_FACE_FOUND}",
            "eval_identity": f"<= {TARGET_IDENTITY}"}
 
@@ -126,20 +127,24 @@ def _panel(ax, hist: dict[str, list[tuple[int, float]]], series, target: float, 
 
 def plot(hist: dict[str, list[tuple[int, float]]], out: Path) -> Path:
     """Three panels: sync and sync_control (left), identity and identity_control (middle), psnr
-    (right), against the stage-2 step."""
+    (right), against the stage-2 step; the codec ceiling (``codec_*``: the real frames through the
+    VAE alone) in black dash-dots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
-    _panel(left, hist, (("eval_face_found_ratio", "^:"), ("eval_sync", "o-"), ("eval_sync_control", "s--")),
+    _panel(left, hist, (("eval_face_found_ratio", "^:"), ("eval_sync", "o-"), ("eval_sync_control", "s--"),
+                        ("eval_codec_face_found_ratio", "k^-.")),
            TARGET_SYNC, "sync", "correlation / share of frames")
-    _panel(middle, hist, (("eval_identity", "o-"), ("eval_identity_control", "s--")),
+    _panel(middle, hist, (("eval_identity", "o-"), ("eval_identity_control", "s--"), ("eval_codec_identity", "k-.")),
            TARGET_IDENTITY, "identity", "face descriptor distance (lower: nearer)")
-    if hist.get("eval_psnr"):
-        steps, values = zip(*hist["eval_psnr"])
-        right.plot(steps, values, "o-")
+    for name, style in (("eval_psnr", "o-"), ("eval_codec_psnr", "k-.")):
+        if hist.get(name):
+            steps, values = zip(*hist[name])
+            right.plot(steps, values, style, label=name.removeprefix("eval_"))
+    right.legend()
     right.set_xlabel("stage-2 training step")
     right.set_ylabel("PSNR vs real frames (dB)")
     fig.suptitle("tiny preset: test-split metrics against training steps")
