@@ -312,14 +312,9 @@ class StoragePath:
             raise unavailable(self.uri, exc) from exc
 
     def upload_from(self, local: Path) -> None:
-        """Copy the local file ``local`` to this object (one PUT / multipart upload)."""
-        from pyarrow import fs as pafs
-
-        try:
-            pafs.copy_files(str(local), self.fs_path, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=self.fs)
-        except OSError as exc:
-            raise unavailable(self.uri, exc) from exc
+        """Copy the local file ``local`` to this object (one PUT / multipart upload); pyarrow's
+        ``copy_files`` copies a file or a folder alike, so this is :meth:`upload_tree`."""
+        self.upload_tree(local)
 
     def download_to(self, local: Path) -> None:
         """Copy this object to the local file ``local`` (``FileNotFoundError`` when it does not

@@ -11,6 +11,8 @@ The environment a test gets is the standard one the platform reads: ``AWS_ENDPOI
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -20,6 +22,22 @@ from typing import Optional
 
 ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
             "AWS_EC2_METADATA_DISABLED")
+
+
+@contextlib.contextmanager
+def server_env(srv: "S3Server"):
+    """``srv``'s variables (:meth:`S3Server.env`) in ``os.environ`` for the block; the previous
+    values of :data:`ENV_KEYS` are put back (or removed) after it."""
+    saved = {k: os.environ.get(k) for k in ENV_KEYS}
+    os.environ.update(srv.env())
+    try:
+        yield srv
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def free_port() -> int:

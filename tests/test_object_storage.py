@@ -17,7 +17,7 @@ import pytest
 from core.config import PlatformConfig
 from core.paths import PROJECT_ROOT
 from core.sections import IngestConfig
-from tests.s3_server import ENV_KEYS, S3Server
+from tests.s3_server import S3Server, server_env
 
 RAW, DATA = "loopy-raw", "loopy-data"
 SECONDS = 3.0
@@ -41,19 +41,13 @@ def s3(tmp_path_factory, ray_local):
     """The server, its environment set for this module (restored after), buckets RAW and DATA;
     Ray restarted so its workers see the environment (as a cluster's pods get it from their spec)."""
     srv = S3Server(log=tmp_path_factory.mktemp("s3log") / "moto.log").start()
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    os.environ.update(srv.env())
-    restart_ray()
-    c = srv.client()
-    c.create_bucket(Bucket=RAW)
-    c.create_bucket(Bucket=DATA)
-    yield srv
-    srv.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with server_env(srv):
+        restart_ray()
+        c = srv.client()
+        c.create_bucket(Bucket=RAW)
+        c.create_bucket(Bucket=DATA)
+        yield srv
+        srv.stop()
     restart_ray()
 
 
