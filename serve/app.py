@@ -424,6 +424,8 @@ class LoopyIngress:
         return self._queue
 
     async def check_health(self) -> None:
+        if self._draining:  # drain() stopped the background tasks on purpose
+            return
         self._ensure_background()
         dead = [t for t in self._tasks if t.done()]
         if dead:
@@ -649,10 +651,12 @@ class LoopyIngress:
         while self.store.ids(JobState.running) and time.monotonic() < until:
             await asyncio.sleep(0.1)
         streams = list(self._streams.values())
-        for task in self._tasks:  # dispatchers and the sweeper: no handler runs on a cancelled task
+        # dispatchers and the sweeper: no handler runs on a cancelled task. The list is emptied
+        # before the await, so a health check meanwhile does not count them as ended by a fault.
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        await asyncio.gather(*tasks, return_exceptions=True)
         interrupted = [job_id for job_id in self.store.ids(JobState.running) if self.store.interrupt(job_id)]
         for stream in streams:
             stream.cancel()  # the worker stops its sampler after the current clip
