@@ -22,6 +22,14 @@ Rows:
   (``limits``), Ray start excluded; and ``hostile_probe_limits_s``, the probe + limits alone
   (``screen_video``, the job's first phase). Target < 10 s.
 
+* ``long_source_wall_{1,2}worker`` and ``long_source_2worker_speedup`` (issue 23): ONE long 480p
+  (854x480, 25 fps) talking-head source, an hour by default (``--long-seconds`` shortens it for a
+  quick run), ingested with 1 and then 2 workers (each run pinned to 1 or 2 physical cores, Ray
+  CPUs and the analysis / decode / VAE pools sized to match). The source is split into work
+  ranges (``ingest.unit_s``: 300 s, or ``seconds / 8`` when that is shorter, so a short quick run
+  still has ranges to spread); the speed-up is wall(1) / wall(2). Target >= 1.7.
+
+Run ``python -m benchmarks.bench_ingest`` for every row, ``--only long`` for the long-source rows.
 Generated media are cached under ``work/bench_media``.
 """
 from __future__ import annotations
@@ -41,6 +49,7 @@ MEDIA = ROOT / "work" / "bench_media"
 FULL = os.environ.get("LOOPY_BENCH_FULL") == "1"
 QUICK = os.environ.get("LOOPY_BENCH_QUICK") == "1"
 SAMPLE_SECONDS = 6.0
+LONG_SECONDS = int(os.environ.get("LOOPY_BENCH_LONG_S", "3600"))  # the long-source rows (issue 23)
 GB = 1024 ** 3
 
 
@@ -81,6 +90,49 @@ def long_1080p_video(minutes: int) -> Path:
     subprocess.run(cmd, check=True)
     tmp.replace(out)
     return out
+
+
+def long_480p_video(seconds: int) -> Path:
+    """A ``seconds``-long 854x480 25 fps talking head (a sample looped, scaled and padded), cached."""
+    out = MEDIA / f"talk_480p_{seconds}s_v1.mp4"
+    if out.is_file():
+        return out
+    src = sample_videos() / "talk_25fps_16k.mp4"
+    MEDIA.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.mp4")
+    loops = int(seconds / SAMPLE_SECONDS) + 1
+    cmd = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-stream_loop", str(loops), "-i", str(src),
+           "-t", str(seconds), "-vf", "scale=-2:480:flags=bicubic,pad=854:480:(ow-iw)/2:0",
+           "-c:v", "libx264", "-preset", "ultrafast", "-crf", "28", "-pix_fmt", "yuv420p", "-g", "50",
+           "-af", "aresample=async=1:first_pts=0,apad", "-c:a", "aac", "-ar", "16000", str(tmp)]
+    subprocess.run(cmd, check=True)
+    tmp.replace(out)
+    return out
+
+
+def long_source_rows(seconds: int) -> list[dict]:
+    """One long source with 1 and 2 workers (see the module docstring)."""
+    video = long_480p_video(seconds)
+    unit_s = min(300.0, seconds / 8.0)
+    walls, results = {}, {}
+    for workers in (1, 2):
+        load = os.getloadavg()[0]
+        res, _ = run_job(video, _cpu_overrides(workers) + [f"ingest.unit_s={unit_s:g}"], cores=workers)
+        walls[workers], results[workers] = res["wall_s"], res
+        results[workers]["load_before"] = load
+    rows = []
+    for workers in (1, 2):
+        res = results[workers]
+        rows.append({"benchmark": "ingest_long_source", "metric": f"long_source_wall_{workers}worker",
+                     "value": res["wall_s"], "unit": "s", "target": "",
+                     "note": f"one {seconds} s 854x480 source, {workers} pinned core(s), unit_s {unit_s:g}: "
+                             f"{res['ok']} samples ok, {res['rejected']} ranges rejected, {res['frames']} frames; "
+                             f"1-min load before {res['load_before']:.1f} on {os.cpu_count()} CPUs"})
+    rows.append({"benchmark": "ingest_long_source", "metric": "long_source_2worker_speedup",
+                 "value": walls[1] / walls[2], "unit": "x", "target": ">= 1.7",
+                 "note": f"wall(1 worker) / wall(2 workers) of the same {seconds} s source (model loading included, "
+                         f"Ray start excluded)"})
+    return rows
 
 
 def scaled_samples(width: int, height: int) -> Path:
@@ -269,7 +321,9 @@ def _cpu_overrides(cpus: int) -> list[str]:
             "ingest.num_audio_actors=1"]
 
 
-def run() -> list[dict]:
+def run(long_seconds: int | None = None) -> list[dict]:
+    """Every row; the long source is ``long_seconds`` long (default ``LOOPY_BENCH_LONG_S`` or an
+    hour; skipped with LOOPY_BENCH_QUICK=1)."""
     MEDIA.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     samples = sample_videos()
@@ -323,10 +377,20 @@ def run() -> list[dict]:
     if len(peaks) > 1:
         rows.append({"benchmark": "ingest_memory", "metric": "peak_mem_growth_longest_over_1min",
                      "value": peaks[max(peaks)] / peaks[1], "unit": "x", "target": "~1 (flat)", "note": ""})
+    if not QUICK or long_seconds:
+        rows += long_source_rows(long_seconds or LONG_SECONDS)
     return rows
 
 
 if __name__ == "__main__":
+    import argparse
+
     from benchmarks.run import print_table
 
-    print_table(run())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=("all", "long"), default="all", help="long: the long-source rows alone")
+    parser.add_argument("--long-seconds", type=int, default=LONG_SECONDS,
+                        help="length of the long source (default an hour; shorter for a quick run)")
+    args = parser.parse_args()
+    MEDIA.mkdir(parents=True, exist_ok=True)
+    print_table(long_source_rows(args.long_seconds) if args.only == "long" else run(args.long_seconds))

@@ -119,13 +119,25 @@ class IngestConfig:
     stage_num_cpus: float = 0.25  # logical CPUs reserved per task/actor of each stage
     model_num_gpus: float = 1.0  # GPUs per wav2vec2 / VAE actor when use_gpu
     max_task_retries: int = 1  # a video whose worker dies this often more is recorded as rejected
+    # work units and shots (docs/INGEST.md "Shots and time ranges"): a source longer than
+    # 1.5 x unit_s is split into ranges of about unit_s seconds, each its own Ray task through the
+    # whole pipeline; inside a range, cuts (pipelines/media/cuts.py) split it into shots and each
+    # usable shot is its own sample
+    unit_s: float = 300.0
+    cut_threshold: float = 20.0  # mean |difference| of 24 x 24 thumbnails (grey levels) for a cut
+    cut_ratio: float = 3.0  # x (1 + local median difference): the adaptive part of the threshold
+    dissolve_frames: int = 12  # longest dissolve found (frames); 0: hard cuts only
     max_chunk_mb: int = 128  # full-resolution pass: fewer than chunk_frames frames per chunk for big sources
     # decoders (pipelines.media.video_decode backends): decord's full-resolution get_batch grew to ~4.5 GB
     # on a 1-minute 1080p file (PyAV: flat ~1 GB), so the full-resolution pass uses PyAV
     detect_decode_backend: Literal["auto", "decord", "pyav"] = "auto"  # low-res detection pass
     decode_backend: Literal["auto", "decord", "pyav"] = "pyav"  # full-resolution crop pass
     # limits checked from the probe before any decoding (pipelines/ingestion/quality.py check_limits)
-    max_duration_s: float = 1800.0  # longer videos are refused (stage "limits")
+    # a guard against absurd timestamps, not a cap on real sources: long sources are split into
+    # time ranges (unit_s) that run on any worker; the decoding work a file asks for (source
+    # frames x coded pixels, from the probe) is capped by max_decode_gpixels
+    max_duration_s: float = 86400.0  # longer videos are refused (stage "limits")
+    max_decode_gpixels: float = 2000.0  # ~3 h of 1080p60 or 2 h of 4K30 (stage "limits")
     max_pixels: int = 3840 * 2160  # coded width x height from the stream header
     min_source_frames_ratio: float = 0.3  # distinct source frames / output frames (below: frozen/sparse)
     # per-video deadline of the analysis (probe, detection pass, audio) and, separately, of the

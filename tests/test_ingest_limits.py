@@ -107,13 +107,15 @@ def test_hostile_frozen_file_is_refused_from_the_probe_before_any_decoding(media
 
     _no_decoding(monkeypatch)
     row = {"video_id": "h", "path": str(media["hostile"])}
-    rej = VideoAnalyzer(IngestConfig()).begin(row)  # default max_duration_s 1800: the hour is too long
+    # max_duration_s set low still refuses the hour by its length
+    rej = VideoAnalyzer(IngestConfig(max_duration_s=1800)).begin(row)
     assert rej["kind"] == "reject" and rej["stage"] == "limits", rej["reason"]
     assert "max_duration_s" in rej["reason"] and media["hostile"].name in rej["reason"]
-    # allowed any length, it is still refused: 2 distinct source frames for 90 000 output frames
-    rej = VideoAnalyzer(IngestConfig(max_duration_s=1e6)).begin(row)
+    # by default an hour is a length like any other (issue 23: long sources are split into
+    # ranges), and the file is refused for what it is: 2 distinct source frames for 90 000 frames
+    rej = VideoAnalyzer(IngestConfig()).begin(row)
     assert rej["stage"] == "limits" and "frozen or sparse" in rej["reason"], rej["reason"]
-    assert "2 distinct source frames for 90000 frames" in rej["reason"]
+    assert "2 distinct source frames for 90000 frames" in rej["reason"] and media["hostile"].name in rej["reason"]
 
 
 def test_max_pixels_comes_from_the_stream_header_before_demuxing(media, monkeypatch):
@@ -151,7 +153,7 @@ def test_the_screened_probe_is_passed_on_and_the_analysis_never_probes_again(med
     assert screened["kind"] == "screened" and screened["stream_pts_s"].shape == (150,)
     assert screened["probe_s"] > 0
     refused = stages.screen_video({"video_id": "h", "path": str(media["hostile"])}, cfg)
-    assert (refused["kind"], refused["stage"]) == ("reject", "limits") and "max_duration_s" in refused["reason"]
+    assert (refused["kind"], refused["stage"]) == ("reject", "limits") and "frozen or sparse" in refused["reason"]
     assert json.loads(refused["info"])["duration_s"] == pytest.approx(3600.0, abs=1.0)
 
     def no_probe(*args, **kwargs):
@@ -161,8 +163,8 @@ def test_the_screened_probe_is_passed_on_and_the_analysis_never_probes_again(med
     analyzer = stages.VideoAnalyzer(cfg)
     row = {k: screened[k] for k in ("video_id", "path", "probe", "stream_pts_s", "probe_s")}
     assert analyzer.begin(row) == {"kind": "probed", "video_id": "g", "duration_s": pytest.approx(6.0, abs=0.05)}
-    out = analyzer.finish(row)
-    assert out["kind"] == "video" and int(out["num_frames"]) == 150, out["reason"]
+    (out,) = analyzer.finish(row)  # one shot: one row, with the video's id
+    assert out["kind"] == "video" and int(out["num_frames"]) == 150 and out["video_id"] == "g", out["reason"]
     info = json.loads(out["info"])
     assert info["width"] == 320 and info[stages.STAGE_TIMES_KEY]["probe"] == screened["probe_s"]
     np.testing.assert_array_equal(out["stream_pts_s"], screened["stream_pts_s"])
@@ -226,7 +228,7 @@ def _analysed_row(cfg: IngestConfig, path: Path) -> dict:
     analyzer = VideoAnalyzer(cfg)
     row = {"video_id": path.stem, "path": str(path)}
     assert analyzer.begin(row)["kind"] == "probed"
-    out = analyzer.finish(row)
+    (out,) = analyzer.finish(row)
     assert out["kind"] == "video", out["reason"]
     out["features"] = np.zeros((int(out["num_frames"]), 1, 1), np.float16)
     return out
@@ -415,7 +417,7 @@ def test_a_probe_past_its_deadline_is_a_timeout_and_the_next_probe_runs(ray_loca
     assert (row["kind"], row["stage"]) == ("reject", "timeout"), row
     assert row["reason"].startswith("timeout: ") and "hostile.mp4" in row["reason"] and "killed" in row["reason"]
     ((_, row),) = list(screen_inputs(videos, IngestConfig()))
-    assert (row["kind"], row["stage"]) == ("reject", "limits") and "max_duration_s" in row["reason"], row
+    assert (row["kind"], row["stage"]) == ("reject", "limits") and "frozen or sparse" in row["reason"], row
 
 
 @pytest.mark.slow
@@ -445,7 +447,7 @@ def test_a_job_whose_every_input_fails_the_cheap_checks_starts_no_actor(ray_loca
     assert {n: (r["status"], r["stage"]) for n, r in rows.items()} == {
         "hostile.mp4": ("rejected", "limits"), "short_audio.mp4": ("rejected", "audio"),
         "empty.mp4": ("rejected", "probe")}
-    assert "max_duration_s" in rows["hostile.mp4"]["reason"] and "empty" in rows["empty.mp4"]["reason"]
+    assert "frozen or sparse" in rows["hostile.mp4"]["reason"] and "empty" in rows["empty.mp4"]["reason"]
     assert rows["hostile.mp4"]["duration_s"] == pytest.approx(3600.0, abs=1.0)
     assert summary.rejected == 3 and summary.processed == 3 and summary.ok == 0
 

@@ -64,7 +64,9 @@ def analysed(tmp_path_factory):
     results = {}
     for name, (spec, seed, *_) in {**SCENES, **REJECTED}.items():
         path, boxes = write_scene(out, spec, seed=seed)
-        row = analyzer({"video_id": name, "path": str(path)})
+        rows = analyzer({"video_id": name, "path": str(path)})
+        assert len(rows) == 1, (name, [r["reason"] for r in rows])  # one shot each: no cut in a scene
+        row = rows[0]
         results[name] = (row, json.loads(row["info"] or "{}"), boxes)
     return results
 

@@ -59,24 +59,39 @@ def loss_key_for(status: str, stage: Optional[str], reason: Optional[str]) -> Op
 
 def hours_by_loss(rows: Iterable[dict], fps: float) -> tuple[float, float, dict[str, float]]:
     """(hours in, hours kept, hours lost per loss key) of manifest ``rows``. Hours in: the probed
-    ``duration_s`` of every non-duplicate row (a file refused before its probe has none and counts
-    0); kept: ``num_frames / fps`` of the ``ok`` rows; lost: each rejected or failed row's
-    duration under its ``loss_key``, and each kept row's untaken rest under ``trimmed``. The
-    buckets add up to hours in - hours kept (within the rounding to whole frames)."""
-    hours_in = kept = 0.0
+    ``duration_s`` of every source once (its rows: the samples and rejected ranges of its shots
+    and work ranges, or one row for a whole file; duplicates left out; a file refused before its
+    probe has none and counts 0); kept: ``num_frames / fps`` of the ``ok`` rows; lost: each
+    rejected or failed row's span (``end_s - start_s``, else the source's duration) under its
+    ``loss_key``, each kept row's untaken rest of its span and the part of a source in none of its
+    rows (the frames of a dissolve between shots) under ``trimmed``. The buckets add up to hours
+    in - hours kept (within the rounding to whole frames)."""
+    kept = 0.0
     lost: dict[str, float] = {}
-    for r in rows:
+    duration: dict[str, float] = {}  # source -> seconds
+    covered: dict[str, float] = {}  # source -> seconds in its rows' spans
+
+    def add(key: str, seconds: float, always: bool = False) -> None:
+        if seconds > 0 or always:  # a lost row's key is listed even at 0 h (refused before its probe)
+            lost[key] = lost.get(key, 0.0) + max(seconds, 0.0) / 3600.0
+
+    for n, r in enumerate(rows):
         if r.get("status") == "duplicate":
             continue
-        duration = float(r.get("duration_s") or 0.0) / 3600.0
-        hours_in += duration
+        source = r.get("source_id") or r.get("video_id") or f"row {n}"
+        whole = float(r.get("duration_s") or 0.0)
+        duration[source] = max(duration.get(source, 0.0), whole)
+        start, end = r.get("start_s"), r.get("end_s")
+        span = float(end) - float(start) if start is not None and end is not None else whole
+        covered[source] = covered.get(source, 0.0) + span
         if r.get("status") == "ok":
-            got = float(r.get("num_frames") or 0) / fps / 3600.0
-            kept += got
-            rest = duration - got
-            if rest > 0:
-                lost["trimmed"] = lost.get("trimmed", 0.0) + rest
+            got = float(r.get("num_frames") or 0) / fps
+            kept += got / 3600.0
+            add("trimmed", span - got)
             continue
-        key = r.get("loss_key") or loss_key_for(r.get("status", ""), r.get("stage"), r.get("reason"))
-        lost[key] = lost.get(key, 0.0) + duration
+        add(r.get("loss_key") or loss_key_for(r.get("status", ""), r.get("stage"), r.get("reason")) or "other", span,
+            always=True)
+    for source, seconds in duration.items():
+        add("trimmed", seconds - covered.get(source, 0.0))
+    hours_in = sum(duration.values()) / 3600.0
     return hours_in, kept, dict(sorted(lost.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -1,6 +1,8 @@
 """Input discovery, stable video ids, deterministic splits and the manifest of an ingest run.
 
-The manifest is ``DIR/videos.parquet`` (``schema.MANIFEST_SCHEMA``), one row per input file.
+The manifest is ``DIR/videos.parquet`` (``schema.MANIFEST_SCHEMA``), one row per sample (a shot
+of a source, ``video_id`` = :func:`sample_id`; ``source_id``, ``start_s``, ``end_s`` name the
+range) or per rejected range / refused file.
 The per-video records a running job keeps for resuming (``DIR/records/``) are
 ``pipelines/ingestion/resume.py``'s.
 """
@@ -74,6 +76,15 @@ def video_id_for(path: Location) -> str:
     except OSError:
         h = hashlib.sha256(f"missing:{path}".encode())
     return h.hexdigest()[:16]
+
+
+def sample_id(source_id: str, start: int, end: int) -> str:
+    """The id of the sample made of output frames ``[start, end)`` (end exclusive, frames at
+    ``ingest.fps`` from the source's first frame) of the source whose content id is
+    ``source_id``: ``<source_id>_<start>_<end>`` (7 digits each). A sample is one shot (or the
+    part of a shot inside one work range); its manifest row keeps ``source_id``, ``start_s`` and
+    ``end_s``."""
+    return f"{source_id}_{int(start):07d}_{int(end):07d}"
 
 
 def split_for(key: str, test_fraction: float) -> str:
@@ -222,7 +233,7 @@ def note_key(note: Optional[str]) -> Optional[str]:
 def manifest_row(video: InputVideo, **fields) -> dict:
     """A manifest record with every MANIFEST_SCHEMA column (missing ones null)."""
     row = {name: None for name in MANIFEST_SCHEMA.names}
-    row.update(source=video.source, video_id=video.video_id, split=video.split)
+    row.update(source=video.source, video_id=video.video_id, split=video.split, source_id=video.video_id)
     for key, value in fields.items():
         if key not in row:
             raise KeyError(f"manifest has no column {key!r}")

@@ -2,7 +2,8 @@
 
 Layout of an ingest output directory ``DIR``::
 
-    DIR/videos.parquet            manifest, one row per input file (MANIFEST_SCHEMA)
+    DIR/videos.parquet            manifest, one row per sample (a shot of a source) or per
+                                  rejected range / file (MANIFEST_SCHEMA)
     DIR/frames/<video_id>.parquet per-frame table of one video, in frame order (FRAME_SCHEMA),
                                   row groups of ``ROW_GROUP_FRAMES`` frames, so a reader fetches
                                   any frame range by row-group statistics without the whole video
@@ -126,6 +127,16 @@ MANIFEST_SCHEMA = pa.schema([
     # JSON list: every persistent face track not chosen, with its figures (coverage, width_px,
     # centre_px, confidence, shape_error, mouth_motion, landmark_noise, sync), verdict and why
     ("ignored_tracks", pa.string()),
+    # --- shots and ranges (docs/INGEST.md "Shots and time ranges"): a row is a sample (one shot,
+    # or the part of a shot inside one work range) or a rejected range of a source; null on rows
+    # of outputs written before these columns existed (then the row is the whole file) ---
+    ("source_id", pa.string()),  # content id of the source file (manifest.video_id_for)
+    ("start_s", pa.float64()),  # the row's range in the source: output frame start / fps (s)
+    ("end_s", pa.float64()),  # end (exclusive) / fps (s); null for a file refused as a whole
+    # frames of this sample (0-based, in its frame file) where a new shot begins: the reader never
+    # draws a clip, reference or motion frame across one. The ingest writes one shot per sample
+    # (empty list); a dataset joined from several shots lists its cuts here
+    ("cut_frames", pa.list_(pa.int64())),
 ])
 
 

@@ -13,14 +13,19 @@ Pipeline:
    file's only probe) and the limits (pixels from the stream header, duration, frozen/sparse
    frames, audio length from the headers) before anything is decoded, each within
    ``deadline_base_s`` (past it: the task's worker is killed, stage ``timeout``); the driver
-   records the rejects at once. Only the videos that pass go on, with their probe: the pipeline
-   below is built for them alone (one-video-per-actor pools sized by their number) and not at all
-   when none passed (a job of hostile files starts no actor, no model). Steps 3-7 are that
-   Ray Data pipeline (streaming; each video is its own input block):
-3. ``map(AnalyzerStage)`` actor pool (``ingest.num_detect_actors``): in a watched child process
-   per actor (``pipelines/ingestion/watchdog.py``; per-video deadline ``deadline_base_s + deadline_per_s x
-   duration``, past it: stage ``timeout``): on the probe of step 2, the detection-scale search and
-   the detection pass, 16 kHz audio checked against the video, crop track, quality filters;
+   records the rejects at once. Only the videos that pass go on, with their probe, each split
+   into work ranges (``pipelines/ingestion/units.py``: about ``ingest.unit_s`` seconds each, one
+   range for a short video; ranges finished by an earlier run are skipped): the pipeline below is
+   built for those ranges alone (one-range-per-actor pools sized by their number) and not at all
+   when none is left (a job of hostile files starts no actor, no model). Steps 3-7 are that
+   Ray Data pipeline (streaming; each range is its own input block, so the ranges of one long
+   video run on every worker at once):
+3. ``flat_map(AnalyzerStage)`` actor pool (``ingest.num_detect_actors``): in a watched child process
+   per actor (``pipelines/ingestion/watchdog.py``; per-range deadline ``deadline_base_s + deadline_per_s x
+   duration``, past it: stage ``timeout``): on the probe of step 2, the range's boundaries moved to
+   the nearest cuts, the detection-scale search and the detection pass over the range (with the
+   cut detector, ``pipelines/media/cuts.py``), 16 kHz audio checked against the video, then per
+   shot the crop track and quality filters: one row per shot (a sample, or a rejected range);
 4. ``map_batches(AudioFeatureStage)`` actor pool (``ingest.num_audio_actors``): wav2vec2
    features of every layer, one vector per 25 fps frame;
 5. ``flat_map(DecodeStage)`` actor pool (``ingest.num_decode_workers``): full-resolution
@@ -31,10 +36,11 @@ Pipeline:
    VAE latents (fp16), crop pixels dropped;
 7. ``map_batches(write_chunk_parts)`` tasks: each chunk written by the worker as a part file
    (``pipelines/ingestion/frame_writer.py``); only small rows (ids, counts, shapes) go on;
-8. driver: consumes the small rows (``iter_rows``: no frame data); when a video's chunks are all
+8. driver: consumes the small rows (``iter_rows``: no frame data); when a sample's chunks are all
    written, a Ray task on a worker assembles ``frames/<video_id>.parquet``; the driver records
-   the video (``DIR/records``). At the end ``videos.parquet`` (one row per input file) and
-   ``ingest_meta.json``.
+   the sample (``DIR/records``), a range when all its rows are in (``records/units``) and a source
+   when all its ranges are (``records/sources``). At the end ``videos.parquet`` (one row per
+   sample, rejected range or refused file) and ``ingest_meta.json``.
 
 Workers write into ``DIR`` (on a cluster: a volume every node mounts at the same path). Status of
 each input: ``ok``; ``rejected`` (the file is bad: stage + reason naming the file; the job
@@ -83,6 +89,7 @@ from pipelines.ingestion.resume import (
     ingest_fingerprint,
     plan_resume,
     remove_video_files,
+    source_of,
 )
 from pipelines.ingestion.stages import (
     STAGE_TIMES_KEY,
@@ -90,6 +97,7 @@ from pipelines.ingestion.stages import (
     DecodeStage,
     screen_video_steps,
 )
+from pipelines.ingestion.units import UNIT_KEY, WorkRange, plan_ranges
 
 
 @dataclass
@@ -253,7 +261,7 @@ def build_dataset(rows: list[dict], cfg: PlatformConfig, vae: str, wav2vec2: str
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-        ds = ds.map(AnalyzerStage, fn_constructor_kwargs={"cfg": ing, "dwpose_dir": dwpose_dir},
+        ds = ds.flat_map(AnalyzerStage, fn_constructor_kwargs={"cfg": ing, "dwpose_dir": dwpose_dir},
                     compute=actor_pool_strategy(min(ing.num_detect_actors, len(rows)), one_task_per_actor=True),
                     num_cpus=ing.stage_num_cpus, **actor_args)
         ds = ds.map_batches(AudioFeatureStage, batch_size=1,
@@ -308,7 +316,9 @@ def ray_data_settings(num_videos: int):
     # a worker that dies on one video (OOM killer, decoder crash, lost node) loses only that
     # video's block: the video ends as a failed row ("failed: pipeline: ...") and the rest continues
     wanted = {"enable_progress_bars": False, "print_on_execution_start": False,
-              "max_errored_blocks": max(1, num_videos)}
+              # every block is one work range and the driver records each lost one as failed;
+              # the ranges are planned after the probes, so their number is not known here
+              "max_errored_blocks": -1}
     saved = {k: getattr(ctx, k) for k in wanted if hasattr(ctx, k)}
     for k in saved:
         setattr(ctx, k, wanted[k])
@@ -389,7 +399,7 @@ def run_prepared(prep: PreparedIngest, echo: Callable[[str], None] = print) -> I
         init_ray(cfg.ray)
         with ray_data_settings(len(plan.todo)) as ray_errors:
             latent_shape, audio_shape = _stream(plan.todo, cfg, weights, out, store, records, summary, echo,
-                                                ray_errors)
+                                                ray_errors, plan.done_units)
 
     # the manifest: this run's inputs plus earlier inputs of the same output directory
     rows = list(records.values()) + duplicates
@@ -448,7 +458,16 @@ def fill_yield(summary: IngestSummary, rows: list[dict], fps: float) -> None:
     summary.duplicates = summary.by_status.get("duplicate", 0)
     summary.frames_written = sum(int(r["num_frames"] or 0) for r in rows if r["status"] == "ok")
     summary.hours_input, summary.hours_kept, summary.hours_lost = hours_by_loss(rows, fps)
-    summary.rejections = {r["source"]: r["reason"] for r in rows if r["status"] in bad}
+    per_source: dict = {}
+    for r in rows:
+        per_source[r["source"]] = per_source.get(r["source"], 0) + 1
+
+    def where(r: dict) -> str:  # a source with several rows (shots, ranges): each row by its range
+        if per_source[r["source"]] == 1 or r.get("start_s") is None:
+            return r["source"]
+        return f"{r['source']} [{r['start_s']:.2f}-{r['end_s']:.2f} s]"
+
+    summary.rejections = {where(r): r["reason"] for r in rows if r["status"] in bad}
 
 
 def _row_bytes(row) -> int:
@@ -459,25 +478,67 @@ def _row_bytes(row) -> int:
     return int(total)
 
 
+@dataclass
+class _UnitProgress:
+    """Driver side: one work range (``pipelines/ingestion/units.py``) and the rows it finished."""
+
+    video: InputVideo
+    rng: WorkRange
+    expected: Optional[int] = None  # rows the range gives (known from its first analysed row)
+    done: set = field(default_factory=set)  # ids of its finished rows
+
+    @property
+    def complete(self) -> bool:
+        return self.expected is not None and len(self.done) >= self.expected
+
+
 def _stream(todo: list[InputVideo], cfg: PlatformConfig, weights: WeightPaths, out: Path, store: RecordStore,
             records: dict, summary: IngestSummary, echo: Callable[[str], None],
-            ray_errors: Optional[RayDataErrors] = None) -> tuple[Optional[list[int]], Optional[list[int]]]:
-    """Build the dataset, consume its small rows, have every complete video's frame file
-    assembled on a worker, and record every video of ``todo`` (ok, rejected or failed) in
-    ``records`` and ``store``. Returns the (latent, audio) per-frame shapes of this run's frames
-    (None, None when none were written)."""
+            ray_errors: Optional[RayDataErrors] = None,
+            done_units: Optional[dict] = None) -> tuple[Optional[list[int]], Optional[list[int]]]:
+    """Screen every video of ``todo``, split those that pass into work ranges
+    (:func:`pipelines.ingestion.units.plan_ranges`; the ranges of ``done_units`` are reused, not
+    redone), build the dataset over the ranges, consume its small rows, have every complete
+    sample's frame file assembled on a worker, and record every row (sample, rejected range,
+    refused file; ok, rejected or failed) in ``records`` and ``store``, with the unit and source
+    records of resume. Returns the (latent, audio) per-frame shapes of this run's frames (None,
+    None when none were written)."""
     import ray
 
     ing = cfg.ingest
-    by_id = {v.video_id: v for v in todo}
+    done_units = done_units or {}
+    by_source = {v.video_id: v for v in todo}
+    units: dict[str, _UnitProgress] = {}
+    pending_sources: dict[str, set] = {}  # source id -> ids of its ranges not finished yet
     tracker = PartsTracker()
     assemble = ray.remote(num_cpus=ing.stage_num_cpus, max_retries=3)(assemble_frame_file)
-    assembling: dict = {}  # ObjectRef -> (video_id, end facts)
+    assembling: dict = {}  # ObjectRef -> (sample id, end facts)
     stage_s: dict[str, float] = {}
     columns: set[str] = set()
     done = 0
+    unscreened = len(todo)  # videos whose probe has not come back (their ranges are not known yet)
 
-    def finish(video_id: str, rec: dict) -> None:
+    def stored(action, *args) -> None:
+        """A resume-state write or a removal; when the output store is gone it is reported
+        (``summary.store_error``) and left to the next run, which redoes what it does not find."""
+        try:
+            action(*args)
+        except StorageUnavailableError as exc:
+            summary.store_error = summary.store_error or str(exc)
+
+    def unit_of(row_id: str, info: dict) -> tuple[_UnitProgress, dict]:
+        """The range a row belongs to and its :data:`UNIT_KEY` facts (a row without them is the
+        whole range, named by the range id)."""
+        facts = info.get(UNIT_KEY)
+        unit = units[facts["unit_id"]] if facts else units[row_id]
+        if not facts:
+            facts = unit.rng.facts(unit.rng.start, unit.rng.end, 1)
+        return unit, facts
+
+    def range_fields(facts: dict) -> dict:
+        return {"start_s": facts["start"] / ing.fps, "end_s": facts["end"] / ing.fps}
+
+    def finish(sample: str, rec: dict, unit: _UnitProgress, expected: int) -> None:
         nonlocal done
         try:
             store.write(rec)
@@ -485,69 +546,124 @@ def _stream(todo: list[InputVideo], cfg: PlatformConfig, weights: WeightPaths, o
             summary.store_error = summary.store_error or str(exc)
             if rec["status"] == "ok":  # not recorded, so not finished: the next run redoes it
                 rec = {**rec, "status": "failed", "stage": "write", "frames_file": None,
-                       "reason": f"failed: write: {by_id[video_id].path}: the record could not be written ({exc})",
+                       "reason": f"failed: write: {unit.video.path}: the record could not be written ({exc})",
                        "reason_key": "failed: write: the record could not be written"}
-        records[video_id] = rec
-        done += 1
+        records[sample] = rec
+        unit.expected = expected
+        unit.done.add(sample)
         if rec["status"] == "ok":
             what = f"ok, {rec['num_frames']} frames"
         else:
             what = f"{rec['status']} ({rec['reason']})"
-        mine = [r["status"] for r in records.values() if r["video_id"] in by_id]
+        if not unit.complete:
+            echo(f"[ingest] {unit.video.source} [{rec['start_s'] or 0:.1f}-{rec['end_s'] or 0:.1f} s]: {what}")
+            return
+        done += 1
+        finished_unit(unit)
+        mine = [r["status"] for r in records.values() if source_of(r) in by_source]
         n_rej, n_failed = mine.count("rejected"), mine.count("failed")  # a bad file / an infrastructure failure
         failed = f", {n_failed} failed" if n_failed else ""  # "(r rejected)" stays as the demo's console reads it
-        echo(f"[ingest] {done}/{len(todo)} done ({n_rej} rejected){failed}: {by_id[video_id].source}: {what}")
+        where = "" if unit.rng.whole else f" [{unit.rng.start / ing.fps:.1f}-{unit.rng.end / ing.fps:.1f} s]"
+        echo(f"[ingest] {done}/{len(units) + unscreened} done ({n_rej} rejected){failed}: {unit.video.source}{where}: "
+             f"{what}")
 
-    def reject(video_id: str, stage: str, reason: str, info: dict, status: str = "rejected") -> None:
-        tracker.drop(video_id)
-        try:
-            remove_video_files(out, video_id)
-        except StorageUnavailableError as exc:  # left for the next run's cleanup (it redoes the video)
-            summary.store_error = summary.store_error or str(exc)
-        finish(video_id, manifest_row(by_id[video_id], status=status, stage=stage, reason=reason,
-                                      num_frames=0, **_manifest_facts(info)))
+    def finished_unit(unit: _UnitProgress) -> None:
+        """Resume state: the range's rows, then the source when all its ranges are finished (a
+        range with a failed row is left unrecorded: the next run redoes it)."""
+        if any(records[s]["status"] == "failed" for s in unit.done):
+            return
+        stored(store.write_unit, unit.rng.unit_id, unit.rng.source_id, list(unit.done))
+        left = pending_sources.get(unit.rng.source_id)
+        if left is not None:
+            left.discard(unit.rng.unit_id)
+            if not left:
+                stored(store.write_source, unit.rng.source_id, [u.rng.unit_id for u in units.values()
+                                                                if u.rng.source_id == unit.rng.source_id])
 
-    def fail(video_id: str, stage: str, reason: str, info: Optional[dict] = None) -> None:
-        reject(video_id, stage, reason, info or {}, status="failed")
+    def whole_file(video: InputVideo, status: str, stage: str, reason: str, info: dict) -> None:
+        """A file refused or failed before it was split into ranges (the probe and the limits)."""
+        stored(remove_video_files, out, video.video_id)
+        rng = WorkRange(video.video_id, video.video_id, 0, 0)
+        unit = units[video.video_id] = _UnitProgress(video, rng)
+        rec = manifest_row(video, status=status, stage=stage, reason=reason, num_frames=0, **_manifest_facts(info))
+        if status != "failed":
+            pending_sources[video.video_id] = {video.video_id}
+        finish(video.video_id, rec, unit, 1)
 
-    def accept(video_id: str, num_frames: int, end: dict) -> None:
+    def reject(sample: str, stage: str, reason: str, info: dict, status: str = "rejected") -> None:
+        unit, facts = unit_of(sample, info)
+        tracker.drop(sample)
+        stored(remove_video_files, out, sample)
+        finish(sample, manifest_row(unit.video, video_id=sample, status=status, stage=stage, reason=reason,
+                                    num_frames=0, **range_fields(facts), **_manifest_facts(info)),
+               unit, int(facts.get("rows", 1)))
+
+    def fail(sample: str, stage: str, reason: str, info: Optional[dict] = None) -> None:
+        reject(sample, stage, reason, info or {}, status="failed")
+
+    def accept(sample: str, num_frames: int, end: dict) -> None:
         info = json.loads(end["info"] or "{}")
+        unit, facts = unit_of(sample, info)
         for k, v in info.get(STAGE_TIMES_KEY, {}).items():
             stage_s[k] = stage_s.get(k, 0.0) + float(v)
         summary.frames_processed += num_frames
-        finish(video_id, manifest_row(by_id[video_id], status="ok", stage=None, reason=None, num_frames=num_frames,
-                                      frames_file=f"{FRAMES_DIR}/{video_id}.parquet", **_manifest_facts(info)))
+        finish(sample, manifest_row(unit.video, video_id=sample, status="ok", stage=None, reason=None,
+                                    num_frames=num_frames, frames_file=f"{FRAMES_DIR}/{sample}.parquet",
+                                    cut_frames=[], **range_fields(facts), **_manifest_facts(info)),
+               unit, int(facts.get("rows", 1)))
 
     def collect(wait: bool) -> None:
         if not assembling:
             return
         ready, _ = ray.wait(list(assembling), num_returns=len(assembling), timeout=None if wait else 0)
         for ref in ready:
-            vid, end = assembling.pop(ref)
-            path = by_id[vid].path
+            sid, end = assembling.pop(ref)
+            info = json.loads(end["info"] or "{}")
+            path = unit_of(sid, info)[0].video.path
             try:
                 result = ray.get(ref)
             except FrameWriteError as exc:  # the assembled file is wrong: a bad result for this file
-                reject(vid, "write", f"write: {path}: {str(exc).splitlines()[-1]}", json.loads(end["info"] or "{}"))
+                reject(sid, "write", f"write: {path}: {str(exc).splitlines()[-1]}", info)
                 continue
             except Exception as exc:  # noqa: BLE001 - a lost worker / disk: retryable
                 msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-                fail(vid, "write", f"failed: write: {path}: assembling the frame file failed "
-                                   f"({type(exc).__name__}: {msg[:300]})", json.loads(end["info"] or "{}"))
+                fail(sid, "write", f"failed: write: {path}: assembling the frame file failed "
+                                   f"({type(exc).__name__}: {msg[:300]})", info)
                 continue
-            accept(vid, int(result["num_frames"]), end)
+            accept(sid, int(result["num_frames"]), end)
 
     echo(f"[ingest] {len(todo)} videos to process -> {out}")
-    passed = []  # the screened rows: the pipeline's input
+    passed = []  # the work ranges of the screened videos: the pipeline's input
     for video, row in screen_inputs(todo, ing):
+        unscreened -= 1
         if row["kind"] == "screened":
-            passed.append({k: row[k] for k in ("video_id", "path", "probe", "stream_pts_s", "probe_s")})
+            probe = {k: row[k] for k in ("path", "probe", "stream_pts_s", "probe_s")}
+            duration = float(json.loads(row["probe"])["duration_s"])
+            ranges = plan_ranges(video.video_id, duration, ing.fps, ing.unit_s)
+            pending_sources[video.video_id] = {r.unit_id for r in ranges}
+            reused = done_units.get(video.video_id, {})
+            for rng in ranges:
+                unit = units[rng.unit_id] = _UnitProgress(video, rng)
+                if rng.unit_id in reused:  # finished by an earlier run (resume per range)
+                    for rec in reused[rng.unit_id]:
+                        rec.update(source=video.source, split=video.split)
+                        records[rec["video_id"]] = rec
+                        unit.done.add(rec["video_id"])
+                    unit.expected = len(unit.done)
+                    pending_sources[video.video_id].discard(rng.unit_id)
+                    continue
+                passed.append({"video_id": rng.unit_id, **probe, **rng.to_row()})
+            if not pending_sources[video.video_id]:
+                stored(store.write_source, video.video_id, [r.unit_id for r in ranges])
         elif row["kind"] == "failed":
-            fail(video.video_id, row["stage"], row["reason"], json.loads(row["info"] or "{}"))
+            whole_file(video, "failed", row["stage"], row["reason"], json.loads(row["info"] or "{}"))
         else:
-            reject(video.video_id, row["stage"], row["reason"], json.loads(row["info"] or "{}"))
-    echo(f"[ingest] {len(passed)} of {len(todo)} videos passed the probe and the limits")
-    # no video left: the model pipeline is never built, so no actor pool starts (torch, wav2vec2,
+            whole_file(video, "rejected", row["stage"], row["reason"], json.loads(row["info"] or "{}"))
+    n_sources = len({r["source_id"] for r in passed})
+    reused_n = sum(1 for u in units.values() if u.complete)
+    echo(f"[ingest] {n_sources} of {len(todo)} videos passed the probe and the limits: {len(passed)} ranges to "
+         f"process" + (f" ({reused_n} finished by an earlier run)" if reused_n else ""))
+    # no range left: the model pipeline is never built, so no actor pool starts (torch, wav2vec2,
     # the VAE and the analysis processes cost more than the whole job otherwise)
     ds = build_dataset(passed, cfg, weights.vae, weights.wav2vec2, weights.local_files_only, weights.dwpose_dir,
                        str(out)) if passed else None
@@ -559,11 +675,12 @@ def _stream(todo: list[InputVideo], cfg: PlatformConfig, weights: WeightPaths, o
             if vid in records:  # already finished (e.g. a late chunk after a reject)
                 continue
             kind = row["kind"]
+            info = json.loads(row["info"] or "{}")
             try:
                 if kind == "reject":
-                    reject(vid, row["stage"] or "pipeline", row["reason"], json.loads(row["info"] or "{}"))
+                    reject(vid, row["stage"] or "pipeline", row["reason"], info)
                 elif kind == "failed":
-                    fail(vid, row["stage"] or "pipeline", row["reason"], json.loads(row["info"] or "{}"))
+                    fail(vid, row["stage"] or "pipeline", row["reason"], info)
                 elif kind in ("chunk", "end"):
                     if kind == "chunk":
                         stage_s["vae"] = stage_s.get("vae", 0.0) + float(row.get("vae_s", 0.0))
@@ -571,28 +688,38 @@ def _stream(todo: list[InputVideo], cfg: PlatformConfig, weights: WeightPaths, o
                     if end is not None:
                         ref = assemble.remote(str(out), vid, end["num_chunks"], end["num_frames"])
                         assembling[ref] = (vid, end)
-            except Exception as exc:  # noqa: BLE001 - this video's rows do not fit: record it
-                reject(vid, "write", f"write: {by_id[vid].path}: {type(exc).__name__}: {exc}", {})
+            except Exception as exc:  # noqa: BLE001 - this sample's rows do not fit: record it
+                path = unit_of(vid, info)[0].video.path if (info.get(UNIT_KEY) or vid in units) else row["path"]
+                reject(vid, "write", f"write: {path}: {type(exc).__name__}: {exc}", info)
             collect(wait=False)
     except Exception as exc:  # noqa: BLE001 - the stream itself failed: what is left is retryable
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         echo(f"[ingest] Ray Data stream failed: {type(exc).__name__}: {msg}")
-        for vid in by_id:
-            if vid not in records and vid not in {v for v, _ in assembling.values()}:
-                fail(vid, "pipeline", f"failed: pipeline: {by_id[vid].path}: not finished, the stream failed "
+        in_assembly = {v for v, _ in assembling.values()}
+        for uid, unit in list(units.items()):
+            if not unit.complete and not (unit.done or in_assembly & {uid}):
+                fail(uid, "pipeline", f"failed: pipeline: {unit.video.path}: not finished, the stream failed "
                                       f"({type(exc).__name__}: {msg})")
     collect(wait=True)
     errors = ray_errors.summary() if ray_errors is not None else "no error reported by Ray"
-    for vid in by_id:  # a block lost to a dead worker or node (max_errored_blocks): no rows came back
-        if vid not in records:
-            fail(vid, "pipeline", f"failed: pipeline: {by_id[vid].path}: no result came back: a worker or node "
-                                  f"was lost on this video (Ray: {errors})")
-    for vid in by_id:  # chunks a late writer task left for videos that did not end ok
-        if records[vid]["status"] != "ok":
-            try:
-                remove_video_files(out, vid)
-            except StorageUnavailableError:  # the next run's cleanup removes them
-                break
+    for uid, unit in list(units.items()):  # a block lost to a dead worker or node: not every row came back
+        if not unit.complete:
+            lost = [s for s in unit.done if records[s]["status"] == "ok"]
+            for s in lost:  # the range is redone as a whole by the next run
+                stored(remove_video_files, out, s)
+            reason = (f"failed: pipeline: {unit.video.path}: no result came back: a worker or node was lost on "
+                      f"this video (Ray: {errors})")
+            if unit.rng.unit_id in records:
+                continue
+            unit.expected = len(unit.done) + 1
+            fail(uid, "pipeline", reason)
+            for s in lost:
+                records[s] = {**records[s], "status": "failed", "reason": reason, "stage": "pipeline",
+                              "frames_file": None, "num_frames": 0}
+                stored(store.write, records[s])
+    for sid, rec in records.items():  # chunks a late writer task left for rows that did not end ok
+        if source_of(rec) in by_source and rec["status"] != "ok":
+            stored(remove_video_files, out, sid)
     summary.processed += len(todo)
     summary.driver_columns = sorted(columns | set(summary.driver_columns))
     for k, v in stage_s.items():

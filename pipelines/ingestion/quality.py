@@ -133,16 +133,23 @@ def distinct_source_frames(pts_s, num_out: int, fps: float) -> int:
     return int(np.unique(idx[idx >= 0]).size)
 
 
-def check_limits(duration_s: float, pts_s, audio_duration_s: Optional[float], cfg: IngestConfig
-                 ) -> Optional[Rejection]:
+def check_limits(duration_s: float, pts_s, audio_duration_s: Optional[float], cfg: IngestConfig,
+                 coded_pixels: Optional[int] = None) -> Optional[Rejection]:
     """The cheap checks on a probed file (stage ``limits``, or ``audio`` for the length check), in
-    order: duration over ``max_duration_s``; a frozen / sparse video whose ``fps`` expansion
+    order: duration over ``max_duration_s`` (a guard against absurd timestamps, 24 h by default:
+    a long source is split into time ranges, never refused for its length); the decoding work,
+    source frames (``pts_s``) x ``coded_pixels``, over ``max_decode_gpixels``; a frozen / sparse video whose ``fps`` expansion
     would mostly repeat frames (distinct source frames / output frames below
     ``min_source_frames_ratio``, e.g. two frames an hour apart); audio (stream header duration,
     when the container records one) shorter than the video by more than
     ``max_audio_video_offset_s``. The exact audio check still runs after decoding."""
     if duration_s > cfg.max_duration_s:
         return Rejection("limits", f"video is {duration_s:.1f} s > max_duration_s {cfg.max_duration_s:g}", "limits")
+    if coded_pixels:  # the decoding work the file asks for: every source frame at its coded size
+        gpix = len(pts_s) * float(coded_pixels) / 1e9
+        if gpix > cfg.max_decode_gpixels:
+            return Rejection("limits", f"decoding work {gpix:.0f} Gpixels ({len(pts_s)} source frames x "
+                                       f"{int(coded_pixels)} pixels) > max_decode_gpixels {cfg.max_decode_gpixels:g}", "limits")
     num_out = int(math.floor(duration_s * cfg.fps + 1e-6))
     if num_out > 0:
         distinct = distinct_source_frames(pts_s, num_out, cfg.fps)

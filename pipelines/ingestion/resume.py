@@ -10,6 +10,11 @@ crashed or interrupted job resumes from exactly the videos that were finished. T
   ``num_frames`` rows; otherwise it is redone from scratch;
 * a file whose content changed since the earlier run (hence a new content ``video_id``)
   loses its old record and frame file and is redone;
+* a long source is done range by range (``pipelines/ingestion/units.py``): a range is finished
+  when its unit record ``DIR/records/units/<range id>.json`` names its samples and each of them
+  is finished, and a source when ``DIR/records/sources/<video_id>.json`` names its ranges; a rerun
+  screens an unfinished source again and redoes only its unfinished ranges
+  (:attr:`ResumePlan.done_units`);
 * a listed input that does not exist is recorded as rejected (stage ``input``) without any work;
 * ``*.tmp`` frame files a crashed run left behind are removed (:func:`clean_partial_files`);
 * the manifest keeps the finished records of earlier inputs of the same directory that this
@@ -54,6 +59,8 @@ from pipelines.errors import PipelineError
 from pipelines.ingestion.frame_writer import PARTS_SUFFIX
 
 RECORDS_DIR = "records"
+UNITS_DIR = "units"  # DIR/records/units/<range id>.json: a finished range and its rows
+SOURCES_DIR = "sources"  # DIR/records/sources/<video_id>.json: a source whose ranges are all finished
 FINGERPRINT_NAME = "ingest_fingerprint.json"
 
 # IngestConfig fields that change how the job runs, not what it writes (left out of the
@@ -163,6 +170,34 @@ class RecordStore:
     def write(self, record: dict) -> None:
         write_json_atomic(self.dir / f"{record['video_id']}.json", record)
 
+    def write_unit(self, unit_id: str, source_id: str, sample_ids: list[str]) -> None:
+        """A finished range: the ids of the manifest rows (samples, rejected ranges) it gave."""
+        (self.dir / UNITS_DIR).mkdir(exist_ok=True)
+        write_json_atomic(self.dir / UNITS_DIR / f"{unit_id}.json",
+                          {"unit_id": unit_id, "source_id": source_id, "samples": sorted(sample_ids)})
+
+    def write_source(self, source_id: str, unit_ids: list[str]) -> None:
+        """A source whose every range is finished."""
+        (self.dir / SOURCES_DIR).mkdir(exist_ok=True)
+        write_json_atomic(self.dir / SOURCES_DIR / f"{source_id}.json",
+                          {"source_id": source_id, "units": sorted(unit_ids)})
+
+    def _load_dir(self, name: str, key: str) -> dict[str, dict]:
+        out = {}
+        for p in sorted((self.dir / name).glob("*.json"), key=str):
+            try:
+                rec = json.loads(p.read_text())
+                out[rec[key]] = rec
+            except (OSError, json.JSONDecodeError, KeyError):
+                continue  # a damaged record: that range is simply redone
+        return out
+
+    def load_units(self) -> dict[str, dict]:
+        return self._load_dir(UNITS_DIR, "unit_id")
+
+    def load_sources(self) -> dict[str, dict]:
+        return self._load_dir(SOURCES_DIR, "source_id")
+
     def remove(self, video_id: str) -> None:
         (self.dir / f"{video_id}.json").unlink(missing_ok=True)
 
@@ -232,13 +267,21 @@ class ResumePlan:
     records: video_id -> manifest record already final for this run (finished earlier, or a
         missing input rejected now); todo: the videos to send through the pipeline; skipped: how
         many were finished by an earlier run; previous: every record found (after dropping those
-        of changed files), for :func:`earlier_records`.
+        of changed files), for :func:`earlier_records`; done_units: source video_id -> {range id:
+        its finished records} of the sources in ``todo`` (those ranges are not redone).
     """
 
     records: dict[str, dict] = field(default_factory=dict)
     todo: list[InputVideo] = field(default_factory=list)
     skipped: int = 0
     previous: dict[str, dict] = field(default_factory=dict)
+    done_units: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
+
+
+def source_of(record: dict) -> str:
+    """The content id of the file a manifest record came from (records written before ranges
+    existed have no ``source_id``: their ``video_id`` is it)."""
+    return record.get("source_id") or record["video_id"]
 
 
 def plan_resume(videos: list[InputVideo], store: RecordStore, retry_rejected: bool) -> ResumePlan:
@@ -252,19 +295,32 @@ def plan_resume(videos: list[InputVideo], store: RecordStore, retry_rejected: bo
     current_sources = {v.source for v in videos}
     # a file that changed since an earlier run has a new id: its old record and frames go
     for rec in list(previous.values()):
-        if rec["source"] in current_sources and rec["video_id"] not in current_ids:
+        if rec["source"] in current_sources and source_of(rec) not in current_ids:
             remove_video_files(out, rec["video_id"])
             store.remove(rec["video_id"])
             del previous[rec["video_id"]]
+    units, sources = store.load_units(), store.load_sources()
+
+    def finished_unit(unit: dict) -> Optional[list[dict]]:
+        recs = [previous.get(sid) for sid in unit["samples"]]
+        if recs and all(store.is_finished(r, retry_rejected) for r in recs):
+            return recs
+        return None
 
     plan = ResumePlan(previous=previous)
     for v in videos:
         if v.duplicate_of is not None:  # a copy of another input: recorded by the caller, never ingested
             continue
         rec = previous.get(v.video_id)
-        if store.is_finished(rec, retry_rejected):
-            rec.update(source=v.source, split=v.split)
-            plan.records[v.video_id] = rec
+        src = sources.get(v.video_id)
+        src_recs = None
+        if src is not None:
+            parts = [finished_unit(units[u]) if u in units else None for u in src["units"]]
+            src_recs = None if any(p is None for p in parts) else [r for p in parts for r in p]
+        if src_recs is not None or (src is None and store.is_finished(rec, retry_rejected)):
+            for r in src_recs or [rec]:
+                r.update(source=v.source, split=v.split)
+                plan.records[r["video_id"]] = r
             plan.skipped += 1
         elif not v.path.is_file():
             rec = manifest_row(v, status="rejected", stage="input", reason=f"input: {v.path}: file not found",
@@ -272,7 +328,19 @@ def plan_resume(videos: list[InputVideo], store: RecordStore, retry_rejected: bo
             store.write(rec)
             plan.records[v.video_id] = rec
         else:
-            remove_video_files(out, v.video_id)  # redo from scratch
+            done = {}
+            for uid, unit in units.items():
+                if unit.get("source_id") == v.video_id:
+                    recs = finished_unit(unit)
+                    if recs is not None:
+                        done[uid] = recs
+            keep = {r["video_id"] for recs in done.values() for r in recs}
+            for r in list(previous.values()):  # the rows of unfinished ranges: redone from scratch
+                if source_of(r) == v.video_id and r["video_id"] not in keep:
+                    remove_video_files(out, r["video_id"])
+            if v.video_id not in keep:
+                remove_video_files(out, v.video_id)
+            plan.done_units[v.video_id] = done
             plan.todo.append(v)
     return plan
 

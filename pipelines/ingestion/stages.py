@@ -48,6 +48,7 @@ import numpy as np
 
 from core.sections import IngestConfig
 from core.storage import StorageUnavailableError, is_remote, local_copy
+from pipelines.dataset.manifest import sample_id
 from pipelines.faces.crop import crop_frames, landmarks_to_crop, plan_crop_track
 from pipelines.faces.detect import choose_detection_scale, make_detector
 from pipelines.faces.mouth_sync import audio_loudness_per_frame
@@ -69,6 +70,7 @@ from pipelines.ingestion.quality import (
     check_track,
     frames_covered_by_audio,
 )
+from pipelines.ingestion.units import BOUNDARY_SEARCH_S, BOUNDARY_SIDE, UNIT_KEY, WorkRange, snap_boundary
 from pipelines.ingestion.watchdog import (
     DeadlineExceeded,
     RemoteError,
@@ -76,6 +78,7 @@ from pipelines.ingestion.watchdog import (
     WorkerDied,
 )
 from pipelines.media.audio_decode import AudioDecodeError, decode_audio, is_silent
+from pipelines.media.cuts import Shot, find_shots, thumbnails
 from pipelines.media.probe import (
     FrameGeometry,
     ProbeError,
@@ -89,6 +92,7 @@ from pipelines.media.video_decode import (
     ResamplePlan,
     iter_frames,
     plan_from_timestamps,
+    range_plan,
 )
 
 # --- row helpers ----------------------------------------------------------------------------------
@@ -265,7 +269,8 @@ def screen_probe(path: str, cfg: IngestConfig, info: dict, times: dict) -> Video
     if rej:
         raise RejectedVideo(rej.stage, f"{path}: {rej.why}", rej.key)
     # limits before work: duration, frozen / sparse frames, audio length from the headers
-    rej = check_limits(probe.duration_s, probe.timestamps.pts_s, header_audio_s(probe), cfg)
+    rej = check_limits(probe.duration_s, probe.timestamps.pts_s, header_audio_s(probe), cfg,
+                       coded_pixels=probe.coded_width * probe.coded_height)
     if rej:
         raise RejectedVideo(rej.stage, f"{path}: {rej.why}", rej.key)
     times["probe"] = time.perf_counter() - t0
@@ -328,6 +333,7 @@ class Detections:
     num_frames: int
     source_times_s: np.ndarray
     scale: float = 1.0
+    thumbs: Optional[np.ndarray] = None  # f32 [N, s, s, 3] thumbnails for the cut detector
 
 
 @dataclass
@@ -369,18 +375,19 @@ class VideoAnalyzer:
         self.cfg = cfg
         self.detector = make_detector(cfg.detector, dwpose_dir, detect_max_side=cfg.detect_max_side)
 
-    def __call__(self, row: dict) -> dict:
-        """The whole analysis of one video in this process (no deadline): :meth:`begin` then
-        :meth:`finish`. The job runs it through :class:`AnalyzerStage` instead (deadline)."""
+    def __call__(self, row: dict) -> list[dict]:
+        """The whole analysis of one video (or one range of it) in this process (no deadline):
+        :meth:`begin` then :meth:`finish`. The job runs it through :class:`AnalyzerStage` instead
+        (deadline)."""
         first = self.begin(row)
-        return first if first["kind"] != "probed" else self.finish(row)
+        return [first] if first["kind"] != "probed" else self.finish(row)
 
     def begin(self, row: dict) -> dict:
         """Step 1 (cheap, before any decoding): the probe and the limits (:func:`screen_probe`),
         or, when ``row`` carries the probe of :func:`screen_video` (``probe`` JSON +
         ``stream_pts_s``), that probe (the file is not probed again). Returns a ``probed`` row
         ``{kind, video_id, duration_s}`` (the probe is kept for :meth:`finish`) or a ``reject``
-        row."""
+        row. ``duration_s`` is that of the row's range (:class:`WorkRange`) when it names one."""
         video_id, path = str(row["video_id"]), str(row["path"])
         self._pending = None
         info: dict = {}
@@ -394,26 +401,33 @@ class VideoAnalyzer:
             else:
                 probe = screen_probe(path, self.cfg, info, times)
             self._pending = (video_id, probe, info, times)
-            return {"kind": "probed", "video_id": video_id, "duration_s": float(probe.duration_s)}
+            rng = WorkRange.of_row(row, probe.duration_s, self.cfg.fps)
+            return {"kind": "probed", "video_id": video_id, "duration_s": rng.num_frames / self.cfg.fps}
 
         return self._guarded(video_id, path, info, work)
 
-    def finish(self, row: dict) -> dict:
-        """Step 2: detection pass, audio, crop track and filters on the probe of :meth:`begin`.
-        Returns a ``video`` or ``reject`` row."""
+    def finish(self, row: dict) -> list[dict]:
+        """Step 2: detection pass (with the cut detector), audio, then per shot the crop track and
+        filters, on the probe of :meth:`begin`, over the row's range (:class:`WorkRange`; the
+        whole video when the row names none). Returns one row per shot: ``video`` (a sample,
+        ``video_id`` = :func:`~pipelines.dataset.manifest.sample_id`) or ``reject`` (a rejected
+        range), or a single ``reject`` row for the whole range. Every row's ``info`` carries
+        :data:`UNIT_KEY` (the range, the shot and how many rows the range gave)."""
         video_id, path = str(row["video_id"]), str(row["path"])
         if self._pending is None or self._pending[0] != video_id:
             raise RuntimeError(f"{path}: finish() without begin() for this video")
         _, probe, info, times = self._pending
         self._pending = None
+        rng = WorkRange.of_row(row, probe.duration_s, self.cfg.fps)
+        info[UNIT_KEY] = rng.facts(rng.start, rng.end, 1)
 
-        def work() -> dict:
-            out = self._analyze(video_id, path, probe, info, times)
+        def work() -> list[dict]:
+            outs = self._analyze(video_id, path, probe, info, times, rng)
             info[STAGE_TIMES_KEY] = times
-            out["info"] = json.dumps(_public(info))
-            return out
+            return outs
 
-        return self._guarded(video_id, path, info, work)
+        out = self._guarded(video_id, path, info, work)
+        return out if isinstance(out, list) else [out]
 
     @staticmethod
     def _guarded(video_id: str, path: str, info: dict, work) -> dict:
@@ -426,43 +440,126 @@ class VideoAnalyzer:
             stage = info.get("_stage", "analyze")
             return reject_row(video_id, path, stage, error_text(path, exc), info)
 
-    def _analyze(self, video_id: str, path: str, probe: VideoProbe, info: dict, times: dict) -> dict:
+    def _analyze(self, video_id: str, path: str, probe: VideoProbe, info: dict, times: dict,
+                 rng: "WorkRange") -> list[dict]:
         """The steps after the probe, in order; ``info`` collects the manifest facts (``_stage``:
         the step running, for errors), ``times`` the seconds of each step. Raises
-        :class:`RejectedVideo`."""
-        if self.cfg.fault_hang_match and self.cfg.fault_hang_match in Path(path).name:
+        :class:`RejectedVideo` for the whole range (before the shots are known); a shot that
+        fails its filters is its own ``reject`` row."""
+        cfg = self.cfg
+        if cfg.fault_hang_match and cfg.fault_hang_match in Path(path).name:
             info["_stage"] = "decode"
             time.sleep(24 * 3600)  # fault injection: a decoder that never returns
-        detections = self._detection_pass(path, probe, info, times)
-        audio = self._audio(path, probe, detections.num_frames, info, times)
-        self._length_filter(path, audio.num_frames, info)
-        track = self._crop_track(path, probe, detections, audio, info, times)
-        info["num_frames"] = audio.num_frames
-        stream_pts_s, info[DECODE_SOURCE_KEY] = decode_source_fields(probe)
+        rng = self._snap_range(path, probe, rng, info, times)
+        info[UNIT_KEY] = rng.facts(rng.start, rng.end, 1)  # a rejection of the whole range names it
+        detections = self._detection_pass(path, probe, info, times, rng)
+        audio = self._audio(path, probe, detections.num_frames, info, times, rng)
         n = audio.num_frames
-        return {
-            "kind": "video", "video_id": video_id, "path": path, "stage": "", "reason": "",
-            "info": "", "chunk_index": -1, "start_index": 0, "num_frames": n, "num_chunks": 0,
-            "boxes": track.boxes,
-            "landmarks": track.landmarks,
-            "found": track.found,
-            "time_s": np.arange(n, dtype=np.float64) / self.cfg.fps,
-            "source_time_s": detections.source_times_s[:n],
-            "stream_pts_s": stream_pts_s,
-            "samples": np.ascontiguousarray(audio.samples, np.float32),
-        }
+        t0 = time.perf_counter()
+        shots = find_shots(detections.thumbs[:n], cfg.cut_threshold, cfg.cut_ratio, cfg.dissolve_frames)
+        times["cuts"] = time.perf_counter() - t0
+        info["shots"] = len(shots)
+        stream_pts_s, info[DECODE_SOURCE_KEY] = decode_source_fields(probe)
+        whole = rng.whole and len(shots) == 1 and shots[0].start == 0
+        if len(shots) == 1 and shots[0].start == 0 and shots[0].end == n:
+            self._length_filter(path, n, info)  # one shot: the range itself (reason as before shots existed)
+        outs = []
+        for shot in shots:
+            a, b = rng.start + shot.start, rng.start + shot.end  # source output frames
+            sid = video_id if whole else sample_id(rng.source_id, a, b)
+            shot_info = {**info, UNIT_KEY: rng.facts(a, b, len(shots), shot.after)}
+            k = shot.num_frames
+            per = int(round(cfg.sample_rate / cfg.fps))
+            lo = int(round(shot.start / cfg.fps * cfg.sample_rate))
+            samples = audio.samples[lo: lo + int(round(k / cfg.fps * cfg.sample_rate))]
+            if len(samples) < k * per - per:  # the audio cut to the shot covers it (never padded)
+                outs.append(reject_row(sid, path, "audio", f"{path}: the audio does not cover {rng.label(a, b, cfg.fps, 2)}",
+                                       _public(shot_info), "audio"))
+                continue
+            try:
+                self._length_filter(path, shot.num_frames, shot_info, rng.label(a, b, cfg.fps, len(shots)))
+                track = self._crop_track(path, probe, detections, shot, samples, shot_info, times,
+                                         rng.label(a, b, cfg.fps, len(shots)))
+            except RejectedVideo as rej:
+                key = rej.rejection.key
+                if key == "too_short" and len(shots) > 1:
+                    key = "cut_too_short"  # a shot between cuts, not the whole video
+                outs.append(reject_row(sid, path, rej.rejection.stage, rej.rejection.why, _public(shot_info), key))
+                continue
+            shot_info["num_frames"] = k
+            outs.append({
+                "kind": "video", "video_id": sid, "path": path, "stage": "", "reason": "",
+                "info": json.dumps(_public(shot_info)), "chunk_index": -1, "start_index": 0, "num_frames": k,
+                "num_chunks": 0,
+                "boxes": track.boxes,
+                "landmarks": track.landmarks,
+                "found": track.found,
+                "time_s": np.arange(k, dtype=np.float64) / cfg.fps,
+                "source_time_s": detections.source_times_s[shot.start:shot.end],
+                "stream_pts_s": stream_pts_s,
+                "samples": np.ascontiguousarray(samples, np.float32),
+            })
+        # the range's analysis times go with its first sample only (the job sums them over samples)
+        first = next((r for r in outs if r["kind"] == "video"), None)
+        if first is not None:
+            first["info"] = json.dumps({**json.loads(first["info"]), STAGE_TIMES_KEY: times})
+        return outs
 
-    def _detection_pass(self, path: str, probe: VideoProbe, info: dict, times: dict) -> Detections:
+    def _snap_range(self, path: str, probe: VideoProbe, rng: WorkRange, info: dict, times: dict) -> WorkRange:
+        """``rng`` with each boundary it shares with a neighbouring range moved to the nearest cut
+        (:func:`pipelines.ingestion.units.snap_boundary`: both neighbours decode the same window
+        the same way and agree). A whole source is returned as it is."""
+        if rng.whole:
+            return rng
+        cfg = self.cfg
+        info["_stage"] = "decode"
+        t0 = time.perf_counter()
+        plan = plan_from_timestamps(path, probe.timestamps, cfg.fps)
+        start, end = rng.start, rng.end
+        if start > 0:
+            start = self._boundary(path, probe, plan, rng.start)[1]
+        if not rng.last:
+            end = self._boundary(path, probe, plan, rng.end)[0]
+        times["boundary_cuts"] = time.perf_counter() - t0
+        if end - start < 1:  # two cuts closer than the window: keep the planned range
+            return rng
+        info["range_snapped"] = [int(start), int(end)]
+        return replace(rng, start=int(start), end=int(end))
+
+    def _boundary(self, path: str, probe: VideoProbe, plan: ResamplePlan, b: int) -> tuple[int, int]:
+        """(end of the range before, start of the range after) the planned boundary frame ``b``:
+        the cuts of the frames ``b +- BOUNDARY_SEARCH_S`` (decoded with PyAV at ``BOUNDARY_SIDE``
+        px, the same in both neighbouring ranges)."""
+        cfg = self.cfg
+        m = int(round(BOUNDARY_SEARCH_S * cfg.fps))
+        lo, hi = max(0, b - m), min(plan.num_frames, b + m)
+        try:
+            thumbs = np.concatenate([thumbnails(c.frames) for c in iter_frames(
+                path, fps=cfg.fps, chunk_frames=cfg.chunk_frames, max_side=BOUNDARY_SIDE, backend="pyav",
+                plan=range_plan(plan, lo, hi), geometry=probe.geometry)])
+        except DecodeError as exc:
+            raise RejectedVideo("decode", error_text(path, exc)) from None
+        shots = find_shots(thumbs, cfg.cut_threshold, cfg.cut_ratio, cfg.dissolve_frames)
+        gaps = [(lo + a.end, lo + c.start) for a, c in zip(shots, shots[1:])]
+        return snap_boundary(gaps, b)
+
+    def _detection_pass(self, path: str, probe: VideoProbe, info: dict, times: dict,
+                        rng: Optional["WorkRange"] = None) -> Detections:
         """Detection at the right scale on every output frame: :meth:`_detection_scale` picks the
         scale, then one streaming decode at that scale (plan and geometry from the probe) gives
         every face candidate of every frame (boxes, scores, 68 points), scaled back to source
-        (display) pixels. The subject track is chosen later, on the frames the audio covers."""
+        (display) pixels, and each frame's thumbnail for the cut detector
+        (:func:`pipelines.media.cuts.thumbnails`). Only the output frames of ``rng`` (all when
+        None) are decoded; frame indices are then relative to its start. The subject track is
+        chosen later, per shot, on the frames the audio covers."""
         cfg = self.cfg
         plan = plan_from_timestamps(path, probe.timestamps, cfg.fps)
+        if rng is not None:
+            plan = range_plan(plan, rng.start, rng.end)
         scale = self._detection_scale(path, probe, plan, info, times)
         info["_stage"] = "decode"
         t_decode = t_detect = 0.0
-        parts, src_t = [], []
+        parts, src_t, thumbs = [], [], []
         small_wh = None
         display_long = max(probe.width, probe.height)
         decode_side = int(round(display_long * scale)) if scale < 1.0 else None
@@ -480,6 +577,7 @@ class VideoAnalyzer:
                 found = self.detector.detect_candidates(chunk.frames, scale=1.0 if abs(rest - 1) < 0.02 else rest)
                 info["_stage"] = "decode"
                 parts.append(found.shifted(chunk.start_index))
+                thumbs.append(thumbnails(chunk.frames))
                 src_t.append(np.asarray(chunk.source_times_s, np.float64))
                 t0 = time.perf_counter()
                 t_detect += t0 - t1
@@ -493,7 +591,7 @@ class VideoAnalyzer:
         info["video_frames"] = len(source_times)
         # detection ran on frames of small_wh: back to source (display) pixels
         cands = FaceCandidates.concat(parts).scaled(probe.width / small_wh[0], probe.height / small_wh[1])
-        return Detections(cands, len(source_times), source_times, scale)
+        return Detections(cands, len(source_times), source_times, scale, np.concatenate(thumbs))
 
     def _detection_scale(self, path: str, probe: VideoProbe, plan: ResamplePlan, info: dict, times: dict
                          ) -> float:
@@ -547,16 +645,21 @@ class VideoAnalyzer:
         except DecodeError as exc:
             raise RejectedVideo("decode", error_text(path, exc)) from None
 
-    def _audio(self, path: str, probe: VideoProbe, video_frames: int, info: dict, times: dict
-               ) -> AlignedAudio:
+    def _audio(self, path: str, probe: VideoProbe, video_frames: int, info: dict, times: dict,
+               rng: Optional["WorkRange"] = None) -> AlignedAudio:
         """16 kHz mono aligned to the video stream's start (stream start times from the probe),
-        never padded: the frames it covers, the audio/video offset, the silence check."""
+        never padded: the frames it covers, the audio/video offset, the silence check. With a
+        range (``rng``) only its audio (from its first frame) is decoded; the offset is then
+        measured against the range (a range that is not the last ends before the audio does)."""
         cfg = self.cfg
         info["_stage"] = "audio"
         t0 = time.perf_counter()
         start_delta = probe.audio_start_s - probe.video_start_s  # > 0: audio begins after the first frame
+        first_s = rng.start / cfg.fps if rng is not None else 0.0
+        last = rng is None or rng.last
         try:
-            audio = decode_audio(path, sample_rate=cfg.sample_rate, start_s=max(0.0, -start_delta))
+            audio = decode_audio(path, sample_rate=cfg.sample_rate, start_s=max(0.0, first_s - start_delta),
+                                 duration_s=None if last else video_frames / cfg.fps + 1.0)
         except AudioDecodeError as exc:
             raise RejectedVideo("audio", error_text(path, exc)) from None
         if start_delta > cfg.max_audio_video_offset_s:
@@ -573,41 +676,49 @@ class VideoAnalyzer:
         times["audio_decode"] = time.perf_counter() - t0
         return AlignedAudio(samples, num_frames, offset)
 
-    def _length_filter(self, path: str, num_frames: int, info: dict) -> None:
-        """The exact length check on the frames that will be written (``min_frames``)."""
+    def _length_filter(self, path: str, num_frames: int, info: dict, where: str = "") -> None:
+        """The exact length check on the frames that will be written (``min_frames``); ``where``
+        names the shot ("shot 2/3 (10.00-12.40 s)") in the reason."""
         info["_stage"] = "filter"
         rej = check_length(num_frames, self.cfg)
         if rej:
-            raise RejectedVideo(rej.stage, f"{path}: {rej.why}", rej.key)
+            raise RejectedVideo(rej.stage, f"{path}: {where}{rej.why}", rej.key)
 
-    def _crop_track(self, path: str, probe: VideoProbe, detections: Detections, audio: AlignedAudio,
-                    info: dict, times: dict) -> CropTrack:
-        """The subject's face track over the ``audio.num_frames`` frames the audio covers
-        (:func:`choose_subject_track`: the person who speaks), its crop track
-        (``ingest.crop_margin`` with the ``ingest.crop_fill`` rule, one rule for the whole video)
-        and the quality filters on it (missing face, head cut by the frame edge, yaw, head motion:
-        all on the chosen track only). ``info`` gets the track facts and ``head_cut_ratio`` and,
-        for a kept video, the crop's manifest facts (:meth:`pipelines.faces.crop.CropTrack.facts`:
+    def _crop_track(self, path: str, probe: VideoProbe, detections: Detections, shot: Shot,
+                    samples: np.ndarray, info: dict, times: dict, where: str = "") -> CropTrack:
+        """The subject's face track over the frames of ``shot`` (each shot is tracked on its own;
+        ``where`` names it in the reasons; ``samples`` f32: the shot's audio at ``ingest.sample_rate``)
+        (:func:`choose_subject_track`: the person who speaks), its
+        crop track (``ingest.crop_margin`` with the ``ingest.crop_fill`` rule, one rule for the
+        whole video) and the quality filters on it (missing face, head cut by the frame edge, yaw,
+        head motion: all on the chosen track only). ``info`` gets the track facts and
+        ``head_cut_ratio`` and, for a kept video, the crop's manifest facts (:meth:`pipelines.faces.crop.CropTrack.facts`:
         ``crop_fill``, ``crop_margin``, ``crop_adjusted_ratio``, ``crop_fill_max``, ``note``)."""
         cfg = self.cfg
-        num_frames = audio.num_frames
         info["_stage"] = "crop"
         t0 = time.perf_counter()
-        cands = detections.candidates.before(num_frames)
-        subject, notes = choose_subject_track(path, cands, num_frames, audio.samples, cfg, info)
+        num_frames = shot.num_frames
+        all_cands = detections.candidates
+        cands = all_cands.select((all_cands.frame >= shot.start) & (all_cands.frame < shot.end)).shifted(-shot.start)
+        try:
+            subject, notes = choose_subject_track(path, cands, num_frames, samples, cfg, info)
+        except RejectedVideo as rej:  # name the shot in the reason
+            r = rej.rejection
+            raise RejectedVideo(r.stage, r.why.replace(f"{path}: ", f"{path}: {where}", 1) if where else r.why,
+                                r.key) from None
         landmarks, found = track_landmarks(cands, subject, num_frames)
         track = plan_crop_track(landmarks, found, (probe.width, probe.height), cfg.crop_margin, fps=cfg.fps,
                                 fill=cfg.crop_fill)
         info["head_cut_ratio"] = round(track.head_cut_ratio, 4)
         rej = check_track(track, cfg)
         if rej:
-            raise RejectedVideo(rej.stage, f"{path}: {rej.why}", rej.key)
+            raise RejectedVideo(rej.stage, f"{path}: {where}{rej.why}", rej.key)
         facts = track.facts()  # the crop's manifest columns: margin, fill, share adjusted, note
         facts["note"] = "; ".join(n for n in [facts.get("note"), *notes] if n) or None
         info.update(facts)
         filled = interpolate_missing(landmarks, found)
         lm_crop = np.asarray(landmarks_to_crop(filled, track.boxes), np.float32)
-        times["crop_plan"] = time.perf_counter() - t0
+        times["crop_plan"] = times.get("crop_plan", 0.0) + time.perf_counter() - t0
         return CropTrack(np.asarray(track.boxes, np.float32), lm_crop, found.astype(bool))
 
 
@@ -635,8 +746,8 @@ def choose_subject_track(path: str, cands: FaceCandidates, num_frames: int, samp
     ``person`` (on a ``no_speaker`` rejection), and ``why``).
     Raises :class:`RejectedVideo`: no face at all (``no_face``); persistent faces but none behaves
     like a person (``distractor``); two or more people and none speaks clearly (``no_speaker``).
-    Per shot: pass the shot's candidates (``cands.select`` of its frames, ``shifted`` to start at
-    0), its frame count and its audio samples; today the whole video is one shot."""
+    Called per shot (:meth:`VideoAnalyzer._crop_track`): the shot's candidates (``cands.select``
+    of its frames, ``shifted`` to start at 0), its frame count and its audio samples."""
     params = TrackParams(max_gap=max(1, int(round(cfg.track_max_gap_s * cfg.fps))),
                          min_coverage=cfg.min_track_coverage)
     choice = subject_track(cands, num_frames, params)
@@ -708,40 +819,44 @@ class AnalyzerStage:
         self.worker = WatchedWorker("pipelines.ingestion.stages:VideoAnalyzer", {"cfg": cfg, "dwpose_dir": dwpose_dir})
         self.worker.start()  # start-up (imports, detector) here, not inside a video's deadline
 
-    def __call__(self, row: dict) -> dict:
-        """One video; an object of a bucket is read from a local copy made here, outside the
+    def __call__(self, row: dict) -> Iterator[dict]:
+        """Ray Data ``flat_map``: one work range of one video -> the rows of
+        :meth:`VideoAnalyzer.finish` (one per shot), or one ``reject`` / ``failed`` row for the
+        whole range; an object of a bucket is read from a local copy made here, outside the
         child's deadline (:func:`with_local_copy`)."""
-        return next(iter(with_local_copy(str(row["video_id"]), str(row["path"]), "analyze",
-                                         lambda local: [self._analyze_local({**row, "path": local})])))
+        yield from with_local_copy(str(row["video_id"]), str(row["path"]), "analyze",
+                                   lambda local: iter(self._rows({**row, "path": local})))
 
-    def _analyze_local(self, row: dict) -> dict:
+    def _rows(self, row: dict) -> list[dict]:
         cfg = self.cfg
         video_id, path = str(row["video_id"]), str(row["path"])
         if cfg.fault_kill_match and cfg.fault_kill_match in Path(path).name:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: this actor dies (as under the OOM killer)
-        plain = {"video_id": video_id, "path": path}
+        plain = {"video_id": video_id, "path": path,
+                 **{k: row[k] for k in ("unit_id", "source_id", "range_start", "range_end", "range_whole",
+                                        "range_last") if k in row}}
         # the probe of screen_video, when the row carries it (the job's rows do): not probed again
         screened = {k: row[k] for k in ("probe", "stream_pts_s", "probe_s") if k in row}
         budget = cfg.deadline_base_s
         try:
             self.worker.ensure_started()  # after a timeout / death: outside the deadline
         except (DeadlineExceeded, WorkerDied, RemoteError) as exc:
-            return failed_row(video_id, path, "analyze", f"{path}: the analysis process did not start: {exc}")
+            return [failed_row(video_id, path, "analyze", f"{path}: the analysis process did not start: {exc}")]
         try:
             first = self.worker.call("begin", {**plain, **screened}, deadline_s=budget)
             if first["kind"] != "probed":
-                return first
+                return [first]
             budget = cfg.deadline_base_s + cfg.deadline_per_s * float(first["duration_s"])
             return self.worker.call("finish", plain, deadline_s=budget)
         except DeadlineExceeded:
-            return reject_row(video_id, path, "timeout",
-                              f"{path}: analysis not finished within its deadline of {budget:.1f} s "
-                              f"(deadline_base_s {cfg.deadline_base_s:g} + deadline_per_s "
-                              f"{cfg.deadline_per_s:g} x duration): its process was killed")
+            return [reject_row(video_id, path, "timeout",
+                               f"{path}: analysis not finished within its deadline of {budget:.1f} s "
+                               f"(deadline_base_s {cfg.deadline_base_s:g} + deadline_per_s "
+                               f"{cfg.deadline_per_s:g} x duration): its process was killed")]
         except WorkerDied as exc:
-            return failed_row(video_id, path, "analyze", f"{path}: {exc}")
+            return [failed_row(video_id, path, "analyze", f"{path}: {exc}")]
         except RemoteError as exc:
-            return reject_row(video_id, path, "analyze", f"{path}: {exc}")
+            return [reject_row(video_id, path, "analyze", f"{path}: {exc}")]
 
 
 # --- stage 3: full-resolution decode and crop, one row per chunk ---------------------------------
@@ -780,13 +895,17 @@ class ChunkCropper:
         self._served = 0  # chunks of the open video returned so far
 
     def open(self, path: str, n_total: int, width: int, height: int, stream_pts_s: np.ndarray,
-             decode_source: dict, boxes: np.ndarray) -> None:
+             decode_source: dict, boxes: np.ndarray, first: int = 0) -> None:
         """``boxes`` f32 [n_total, 4]: the crop track (source pixels) of every output frame; a box
-        reaching outside the frame (``ingest.crop_fill`` reflect / blur / constant) is filled."""
+        reaching outside the frame (``ingest.crop_fill`` reflect / blur / constant) is filled.
+        ``first``: the sample's first output frame in the source (a shot or a range of a long
+        source: the decoder seeks there)."""
         cfg = self.cfg
         chunk_frames = frames_per_chunk(cfg, width, height)
         stamps, geometry = decode_source_of(stream_pts_s, decode_source)
         plan = plan_from_timestamps(path, stamps, cfg.fps)
+        if first:
+            plan = range_plan(plan, first, first + n_total)
         self._path, self._served = path, 0
         self._chunks = self._crops(path, n_total, chunk_frames, plan, geometry, np.asarray(boxes, np.float32))
 
@@ -875,6 +994,7 @@ class DecodeStage:
         try:
             self.worker.call("open", path, n_total, int(info["width"]), int(info["height"]), row["stream_pts_s"],
                              info[DECODE_SOURCE_KEY], np.asarray(boxes, np.float32),
+                             int((info.get(UNIT_KEY) or {}).get("start", 0)),
                              deadline_s=max(0.0, deadline - time.monotonic()))
             while written < n_total:
                 chunk = self.worker.call("next_chunk", deadline_s=max(0.0, deadline - time.monotonic()))

@@ -33,7 +33,7 @@ file once.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -150,6 +150,13 @@ def plan_from_timestamps(path: str | Path, stamps: VideoTimestamps, fps: float =
                         int(stamps.start_ticks))
 
 
+def range_plan(plan: ResamplePlan, start: int, end: int) -> ResamplePlan:
+    """The output frames ``[start, end)`` of ``plan`` (times stay the source's: ``times_s[0]``
+    = ``start / fps``); the decoders seek to the range (PyAV to the key frame before it)."""
+    start, end = max(0, int(start)), min(plan.num_frames, int(end))
+    return replace(plan, source_indices=plan.source_indices[start:end], times_s=plan.times_s[start:end])
+
+
 def _display_size(coded_w: int, coded_h: int, rotation: int, max_side: Optional[int]) -> tuple[int, int]:
     """Coded (w, h) to decode to so that the display frame's longest side is <= max_side."""
     if not max_side or max(coded_w, coded_h) <= max_side:
@@ -227,6 +234,9 @@ def iter_frames(path: str | Path, fps: float = 25.0, chunk_frames: int = 50,
             log.warning("%s: %s failed at output frame %d (%s)", path, name, start, exc)
     raise DecodeError(f"{path}: cannot decode output frame {start} (t={start / plan.fps:.3f}s): "
                       + "; ".join(failures))
+
+
+_SEEK_MARGIN_S = 0.5  # a late plan seeks this far before its first frame (then back to its key frame)
 
 
 class _BackendFailure(Exception):
@@ -319,6 +329,19 @@ def _iter_pyav(path: Path, plan: ResamplePlan, chunk_frames: int, out_w: int, ou
                                             interpolation="AREA").to_ndarray()
             return cache[key]
 
+        # a plan that starts late (a work range of a long source, range_plan) seeks to the key
+        # frame before its first frame instead of decoding everything before it
+        seek_s = float(targets[0]) - _SEEK_MARGIN_S if n_out else 0.0
+        seeked = False
+        if seek_s > 0:
+            try:
+                container.seek(int(t0_ticks + seek_s / tb), stream=stream, backward=True, any_frame=False)
+                seeked = True
+            except Exception:  # noqa: BLE001 - unseekable: decode from the start
+                container.close()
+                container = av.open(str(path))
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
         frames_iter = container.decode(stream)
         while k < n_out:
             try:
@@ -332,6 +355,16 @@ def _iter_pyav(path: Path, plan: ResamplePlan, chunk_frames: int, out_w: int, ou
             if frame.pts is None:
                 continue
             t = (frame.pts - t0_ticks) * tb
+            if seeked and prev is None and t > targets[0] + EPS_S:
+                # the seek landed after the first wanted frame (a file without a usable index):
+                # decode from the start
+                container.close()
+                container = av.open(str(path))
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                frames_iter = container.decode(stream)
+                seeked = False
+                continue
             # outputs whose wanted source frame lies before this frame take the previous one
             while k < n_out and prev is not None and targets[k] < t - EPS_S:
                 chunk = put(convert(prev[1]))

@@ -14,7 +14,10 @@ Rules (docs/SEED_DEFECTS.md, defects 11, 12, 14):
 * **Reference frame** is never inside the clip: its distance to the nearest clip frame is at least
   ``ref_min_distance`` (d >= 1) frames, i.e. ``ref <= s - d`` or ``ref >= s + F - 1 + d``; it is
   drawn uniformly among all such frames. A start is only valid if such a frame exists.
-* A video needs at least ``F + d`` frames for one sample (clip at one end, reference at the
+* **Cuts**: a video whose manifest row lists ``cut_frames`` is split there into shots, each its
+  own :class:`VideoEntry`; every index of a spec counts from its shot's first frame, so no clip,
+  reference, motion or audio-window frame is ever drawn across a cut.
+* A video (a shot) needs at least ``F + d`` frames for one sample (clip at one end, reference at the
   other); shorter videos are skipped by the reader and counted, never padded.
 * **Condition switches** (training only; all off at evaluation, a2l_kind = audio): one shared
   coin ``c`` ~ B(p_drop_audio) drops c_audio and the motion latents together (the paper masks
@@ -48,11 +51,15 @@ A2L_KINDS = ("audio", "landmarks", "head_motion_var", "expression_var")
 
 @dataclass(frozen=True)
 class VideoEntry:
-    """One usable video: ``video_index`` = its row among the manifest's ``ok`` rows."""
+    """One usable video: ``video_index`` = its row among the manifest's ``ok`` rows. A sample
+    whose frames hold cuts (manifest ``cut_frames``) is one entry per shot: ``first_frame`` is
+    the shot's first row in the frame file and ``num_frames`` its length, so every frame a spec
+    draws (clip, reference, motion history, audio window) stays inside the shot."""
 
     video_index: int
     video_id: str
     num_frames: int
+    first_frame: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,9 @@ class SampleSpec:
     drop_ref: bool
     drop_motion_frames: bool
     a2l_kind: int  # index into A2L_KINDS
+    # row of the frame file where the shot begins: clip_start, ref_index and num_frames count
+    # from it (the reader adds it when reading), so no frame is drawn across a cut
+    first_frame: int = 0
 
     @property
     def clip_frame_indices(self) -> np.ndarray:
@@ -143,7 +153,8 @@ def draw_video_specs(video: VideoEntry, cfg: ReaderConfig, epoch: int, count: in
     if starts.size == 0:
         return []
     early = starts[starts < cfg.motion_frames]
-    rng = np.random.default_rng([cfg.seed, epoch, _video_seed(video.video_id)])
+    key = video.video_id if not video.first_frame else f"{video.video_id}@{video.first_frame}"
+    rng = np.random.default_rng([cfg.seed, epoch, _video_seed(key)])
     specs = []
     for _ in range(count):
         use_early = cfg.stage == 2 and early.size > 0 and rng.random() < cfg.early_start_prob
@@ -165,7 +176,7 @@ def draw_video_specs(video: VideoEntry, cfg: ReaderConfig, epoch: int, count: in
             drop_mframes = True
             kind = 0
         specs.append(SampleSpec(video.video_index, video.video_id, video.num_frames, start, f, ref,
-                                drop_audio, drop_mcond, drop_ref, drop_mframes, kind))
+                                drop_audio, drop_mcond, drop_ref, drop_mframes, kind, video.first_frame))
     return specs
 
 

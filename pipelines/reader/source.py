@@ -103,6 +103,15 @@ _MANIFEST_COLUMNS = ("video_id", "status", "num_frames", "split")
 log = logging.getLogger(__name__)
 
 
+def shot_bounds(num_frames: int, cut_frames: Sequence[int]) -> list[tuple[int, int]]:
+    """``[(first, end)]`` of the shots of a frame file of ``num_frames`` rows whose manifest
+    ``cut_frames`` lists the rows where a new shot begins (end exclusive; cuts outside
+    ``1 .. num_frames - 1`` are ignored)."""
+    edges = sorted({int(c) for c in cut_frames if 0 < int(c) < num_frames})
+    starts = [0, *edges]
+    return list(zip(starts, [*edges, num_frames]))
+
+
 class SampleReadError(PipelineError, RuntimeError):
     """A sample whose frames could not be read (names the frames file and the frames)."""
 
@@ -163,8 +172,10 @@ class LoopySampleSource:
         self.videos: list[VideoEntry] = []
         self.skipped_videos: list[tuple[str, str]] = []
         self._ids: list[str] = manifest["video_id"].to_pylist()
-        rows = zip(self._ids, manifest["num_frames"].to_pylist(), manifest["split"].to_pylist())
-        for index, (video_id, num_frames, vsplit) in enumerate(rows):
+        cuts = (manifest["cut_frames"].to_pylist() if "cut_frames" in manifest.column_names
+                else [None] * manifest.num_rows)  # outputs written before cut_frames existed: none
+        rows = zip(self._ids, manifest["num_frames"].to_pylist(), manifest["split"].to_pylist(), cuts)
+        for index, (video_id, num_frames, vsplit, cut) in enumerate(rows):
             if split is not None and vsplit != split:
                 continue
             if num_frames is None or num_frames < need:
@@ -175,7 +186,12 @@ class LoopySampleSource:
                 self.skipped_videos.append((video_id, f"frames file missing: "
                                                       f"{frames_path(self.data_dir, video_id)}"))
             else:
-                self.videos.append(VideoEntry(index, video_id, int(num_frames)))
+                for first, end in shot_bounds(int(num_frames), cut or []):
+                    if end - first < need:
+                        self.skipped_videos.append((video_id, f"shot of frames {first}-{end - 1}: {end - first} "
+                                                              f"frames < {need} needed for one sample"))
+                    else:
+                        self.videos.append(VideoEntry(index, video_id, end - first, first))
 
     @property
     def num_videos(self) -> int:
@@ -217,17 +233,18 @@ class LoopySampleSource:
     @torch.no_grad()
     def _load(self, spec: SampleSpec) -> dict[str, np.ndarray]:
         cfg, vid = self.cfg, spec.video_id
-        clip = spec.clip_frame_indices
+        clip = spec.clip_frame_indices  # from the shot's first frame, as every index below
+        off = int(spec.first_frame)  # the shot's first row in the frame file
         out: dict[str, np.ndarray] = {}
         if self.segment is None:
-            rows = self.store.read(vid, [*clip, spec.ref_index], ["latent", "landmarks"])
+            rows = self.store.read(vid, np.asarray([*clip, spec.ref_index]) + off, ["latent", "landmarks"])
             lat, lm = rows["latent"], rows["landmarks"][:-1]
             out["latents"], out["ref_latent"] = lat[:-1], lat[-1]
         else:
             src = self.segment.source_indices(spec.clip_start)  # [M, G], -1 invalid
             valid = src >= 0
             rows = np.unique(np.concatenate([clip, [spec.ref_index], src[valid]]))
-            lat = self.store.read(vid, rows, ["latent"])["latent"]  # [K, 4, h, w] fp16
+            lat = self.store.read(vid, rows + off, ["latent"])["latent"]  # [K, 4, h, w] fp16
             ref = lat[np.searchsorted(rows, spec.ref_index)].astype(np.float32)
             gpos = np.searchsorted(rows, np.where(valid, src, rows[0]))  # [M, G] rows of lat
             groups = lat[gpos].astype(np.float32)  # [M, G, 4, h, w], any value where invalid
@@ -236,11 +253,11 @@ class LoopySampleSource:
                                                       torch.from_numpy(ref)[None])
             window = audio_window_indices(clip, spec.num_frames, cfg.audio_window)  # [F, 5]
             wrows = np.unique(window)
-            av = self.store.read(vid, wrows, ["audio", "landmarks"])
+            av = self.store.read(vid, wrows + off, ["audio", "landmarks"])
             lm = av["landmarks"][np.searchsorted(wrows, clip)]
             out["latents"], out["ref_latent"] = lat[np.searchsorted(rows, clip)], ref
             out["motion_latents"], out["motion_mask"] = motion[0].numpy(), mask[0].numpy()
-            out["motion_source_indices"] = np.where(valid, src, -1).max(axis=1)
+            out["motion_source_indices"] = np.where(valid, src + off, -1).max(axis=1)
             out["audio"] = av["audio"][np.searchsorted(wrows, window)]  # [F, 5, L, D]
         out["landmarks"] = lm
         out["head_motion_var"] = head_motion_var(lm)
@@ -262,8 +279,8 @@ class LoopySampleSource:
                 out["landmarks"] = change_landmarks(lm, change)
         for name in ("drop_audio", "drop_motion_cond", "drop_ref", "drop_motion_frames", "a2l_kind"):
             out[name] = np.asarray(getattr(spec, name))
-        out["clip_frame_indices"] = clip
-        out["ref_frame_index"] = np.asarray(spec.ref_index)
+        out["clip_frame_indices"] = clip + off  # rows of the frame file
+        out["ref_frame_index"] = np.asarray(spec.ref_index + off)
         out["video_index"] = np.asarray(spec.video_index)
         return {k: np.asarray(out[k], dtype=SAMPLE_DTYPES[k], order="C") for k in sample_keys(cfg.stage)}
 

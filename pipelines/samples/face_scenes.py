@@ -241,3 +241,68 @@ def write_scene(out_dir: str | Path, spec: SceneSpec, seed: int = 0) -> tuple[Pa
             _run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(encoded), "-map", "0",
                   "-c", "copy", "-metadata:s:v:0", f"rotate={spec.rotation}", str(out)], out)
     return out, np.stack(boxes)
+
+
+def render_shots(shots: Sequence[SceneSpec], transitions: Sequence[str], dissolve_frames: int = 8,
+                 seed: int = 0, mouth: Optional[Sequence[float]] = None) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """An edited video: the frames of each shot (``SceneSpec`` s of one display size and frame
+    rate, each rendered with its own seed, so backgrounds and framings differ) joined by
+    ``transitions[i]`` between shot i and i + 1: ``"cut"`` (hard cut) or ``"dissolve"`` (a
+    ``dissolve_frames`` long cross-fade of the last frames of shot i with the first frames of
+    shot i + 1, which replaces both). Returns (uint8 [n, H, W, 3], the true ``(start, end)`` frames of each shot
+    outside the transitions)."""
+    if len(transitions) != len(shots) - 1:
+        raise ValueError(f"{len(shots)} shots need {len(shots) - 1} transitions, got {len(transitions)}")
+    mouth_all = None if mouth is None else np.asarray(mouth, np.float32)
+    parts, bounds, pos = [], [], 0
+    for i, spec in enumerate(shots):
+        n = int(round(spec.seconds * spec.fps))
+        m = None if mouth_all is None else mouth_all[pos:pos + n]
+        frames, _ = render_scene(spec, seed=seed + 17 * i, mouth=m)
+        parts.append(frames)
+        pos += n
+    out = [parts[0]]
+    start = 0
+    for i, kind in enumerate(transitions):
+        prev, nxt = out[-1], parts[i + 1]
+        if kind == "dissolve":
+            L = dissolve_frames
+            w = (np.arange(1, L + 1, dtype=np.float32) / (L + 1))[:, None, None, None]
+            blend = (prev[-L:].astype(np.float32) * (1 - w) + nxt[:L].astype(np.float32) * w).round().astype(np.uint8)
+            end = start + len(prev) - L
+            bounds.append((start, end))
+            out[-1] = prev[:-L]
+            out.append(blend)
+            out.append(nxt[L:])
+            start = end + L
+        elif kind == "cut":
+            bounds.append((start, start + len(prev)))
+            out.append(nxt)
+            start += len(prev)
+        else:
+            raise ValueError(f"transition must be cut or dissolve, got {kind!r}")
+    bounds.append((start, start + len(out[-1])))
+    return np.concatenate(out), bounds
+
+
+def write_shots(out_dir: str | Path, name: str, shots: Sequence[SceneSpec], transitions: Sequence[str],
+                dissolve_frames: int = 8, seed: int = 0) -> tuple[Path, list[tuple[int, int]]]:
+    """:func:`render_shots` encoded as ``out_dir/<name>.mp4`` (H.264/AAC, one speech track over
+    the whole video, 0.4 s longer); returns (path, true shot bounds in frames)."""
+    _require_tools()
+    spec0 = shots[0]
+    out = Path(out_dir) / f"{name}.mp4"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    total_s = sum(s.seconds for s in shots)
+    with tempfile.TemporaryDirectory(prefix="loopy_shots_") as tmp:
+        wav = Path(tmp) / "speech.wav"
+        rng = np.random.default_rng([seed, 3])
+        audio, sr = synthesize_speech(" ".join(SENTENCES[:3]), wav, total_s + 0.4, rng)
+        mouth = loudness_envelope(audio, sr, np.arange(int(round(total_s * spec0.fps))) / spec0.fps)
+        frames, bounds = render_shots(shots, transitions, dissolve_frames, seed, mouth)
+        cmd = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+               "-s", f"{spec0.width}x{spec0.height}", "-framerate", str(spec0.fps), "-i", "-", "-i", str(wav),
+               "-map", "0:v", "-map", "1:a", *_codec_args(spec0), "-g", str(2 * spec0.fps),
+               "-map_metadata", "-1", str(out)]
+        _run(cmd, out, stdin=np.ascontiguousarray(frames).tobytes())
+    return out, bounds

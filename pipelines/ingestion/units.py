@@ -1,0 +1,106 @@
+"""Work units of the ingest: time ranges of a source, not files.
+
+A source longer than ``1.5 x ingest.unit_s`` is split into ranges of about ``unit_s`` seconds
+(:func:`plan_ranges`; the last range takes the remainder), and each range goes through the whole
+pipeline as its own Ray Data row (analysis, audio features, full-resolution decode, VAE, write),
+so the ranges of one 2-hour video run on every worker of the cluster at once. Inside a range the
+cut detector splits the frames into shots (``pipelines/media/cuts.py``) and each usable shot is its
+own sample.
+
+Ranges are planned from the probe alone (fixed lengths), before any frame is decoded. Each
+boundary is then moved to a cut where there is one: the two ranges that share a nominal boundary
+``b`` each decode the same window of frames, ``b +- BOUNDARY_SEARCH_S``, the same way (PyAV, seeked
+to the same frame, thumbnails at ``BOUNDARY_SIDE`` px), run the cut detector on it and take the
+transition nearest ``b`` (:func:`snap_boundary`): both get the same answer without talking to
+each other, so the first range ends where the cut begins and the second starts where it ends
+(a dissolve's frames belong to neither). With no cut in the window the boundary stays at ``b``
+and splits that shot into two samples.
+
+Units are output frames at ``ingest.fps``, counted from the source's first frame; a range is
+``[start, end)``. Ids: a range is ``<source_id>_r<start>_<end>`` (:func:`range_id`), a sample
+``<source_id>_<start>_<end>`` (:func:`pipelines.dataset.manifest.sample_id`); a source that is one
+range and one shot keeps its content id as its sample id (the layout before ranges existed).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+# info key of every analysed row: the range and shot it belongs to
+UNIT_KEY = "unit"
+BOUNDARY_SEARCH_S = 10.0  # a range boundary moves to the nearest cut within this many seconds
+BOUNDARY_SIDE = 96  # long side (px) of the frames the boundary's cut detector sees
+
+
+def range_id(source_id: str, start: int, end: int) -> str:
+    """The id of the range ``[start, end)`` (output frames) of a source."""
+    return f"{source_id}_r{int(start):08d}_{int(end):08d}"
+
+
+@dataclass(frozen=True)
+class WorkRange:
+    """One work unit: output frames ``[start, end)`` of source ``source_id``; ``whole``: the
+    source is this one range; ``last``: the range ends the source (its audio is read to the end)."""
+
+    unit_id: str
+    source_id: str
+    start: int
+    end: int
+    whole: bool = True
+    last: bool = True
+
+    @property
+    def num_frames(self) -> int:
+        return self.end - self.start
+
+    def to_row(self) -> dict:
+        """The fields a pipeline row carries (plain scalars)."""
+        return {"unit_id": self.unit_id, "source_id": self.source_id, "range_start": self.start,
+                "range_end": self.end, "range_whole": self.whole, "range_last": self.last}
+
+    @staticmethod
+    def of_row(row: dict, duration_s: float, fps: float) -> "WorkRange":
+        """The range a row names, or the whole source (``duration_s``) when it names none."""
+        total = int(math.floor(duration_s * fps + 1e-6))
+        if row.get("range_end") is None:
+            vid = str(row["video_id"])
+            return WorkRange(vid, vid, 0, total, True, True)
+        return WorkRange(str(row["unit_id"]), str(row["source_id"]), int(row["range_start"]),
+                         int(row["range_end"]), bool(row["range_whole"]), bool(row["range_last"]))
+
+    def facts(self, start: int, end: int, shots: int, after: Optional[str] = None) -> dict:
+        """The :data:`UNIT_KEY` dict of a row: this range, the sample's frames ``[start, end)``,
+        how many rows the range gave (``shots``) and what ended the shot (``after``)."""
+        return {"unit_id": self.unit_id, "source_id": self.source_id, "range_start": self.start,
+                "range_end": self.end, "start": int(start), "end": int(end), "rows": int(shots),
+                "after": after}
+
+    def label(self, start: int, end: int, fps: float, shots: int) -> str:
+        """How a reason names the frames ``[start, end)``: "" for a whole source of one shot."""
+        if self.whole and shots == 1:
+            return ""
+        return f"range {start / fps:.2f}-{end / fps:.2f} s: "
+
+
+def snap_boundary(gaps: list[tuple[int, int]], b: int) -> tuple[int, int]:
+    """The boundary near nominal frame ``b``: ``(end of the range before, start of the range
+    after)`` = the transition of ``gaps`` (``(start, end)`` output frames: a hard cut has start =
+    end, a dissolve the frames between) whose middle is nearest ``b`` (ties: the earlier one), or
+    ``(b, b)`` when there is none."""
+    if not gaps:
+        return b, b
+    best = min(gaps, key=lambda g: (abs((g[0] + g[1]) / 2 - b), g[0]))
+    return int(best[0]), int(best[1])
+
+
+def plan_ranges(source_id: str, duration_s: float, fps: float, unit_s: float) -> list[WorkRange]:
+    """The ranges of a source of ``duration_s`` seconds: one when it is at most ``1.5 x
+    unit_s`` long, else ``round(duration / unit_s)`` ranges of equal length (whole frames)."""
+    total = int(math.floor(duration_s * fps + 1e-6))
+    if unit_s <= 0 or duration_s <= 1.5 * unit_s or total <= 0:
+        return [WorkRange(source_id, source_id, 0, max(0, total), True, True)]
+    count = max(2, int(round(duration_s / unit_s)))
+    edges = [round(i * total / count) for i in range(count + 1)]
+    return [WorkRange(range_id(source_id, a, b), source_id, a, b, False, i == count - 1)
+            for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))]
