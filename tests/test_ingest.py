@@ -426,7 +426,7 @@ def test_expand_inputs_folder_list_and_split(tmp_path):
     (tmp_path / "p1" / "x.MP4").write_bytes(b"a")
     (tmp_path / "p1" / "notes.txt").write_text("ignored")
     (tmp_path / "y.webm").write_bytes(b"b")
-    found = [p.name for _, p in expand_inputs(tmp_path)]
+    found = [e.path.name for e in expand_inputs(tmp_path)]
     assert found == ["x.MP4", "y.webm"]
     listing = tmp_path / "list.txt"
     listing.write_text("# comment\np1/x.MP4\n\ny.webm\np1/x.MP4\nmissing.mp4\n")

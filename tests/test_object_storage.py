@@ -295,25 +295,29 @@ def test_evaluate_from_the_bucket(s3, bucket_training, tmp_path):
 
 def test_input_lists_name_bucket_objects(s3, raw_videos, tmp_path):
     """A CSV / Parquet list of URIs (the way public datasets are distributed), read from the
-    bucket; a list whose rows carry time ranges is refused by name."""
+    bucket, with time ranges per row (clips; tests/test_input_clips.py ingests them)."""
     import pyarrow as pa
 
     from core.storage import StoragePath
-    from pipelines.dataset.manifest import IngestInputError, expand_inputs
+    from pipelines.dataset.manifest import Clip, IngestInputError, expand_inputs
 
     uris = upload(s3, RAW, "lists/videos", raw_videos["good"][:2])
     csv = tmp_path / "list.csv"
     csv.write_text("uri,speaker\n" + "".join(f"{u},x\n" for u in uris))
     s3.client().upload_file(str(csv), RAW, "lists/list.csv")
     got = expand_inputs(f"s3://{RAW}/lists/list.csv")
-    assert [(src, str(p)) for src, p in got] == [(u, u) for u in uris]
-    assert all(isinstance(p, StoragePath) for _, p in got)
+    assert [(e.source, str(e.path), e.clip) for e in got] == [(u, u, None) for u in uris]
+    assert all(isinstance(e.path, StoragePath) for e in got)
     pq.write_table(pa.table({"path": ["videos/" + Path(u).name for u in uris]}), tmp_path / "rel.parquet")
     s3.client().upload_file(str(tmp_path / "rel.parquet"), RAW, "lists/rel.parquet")
-    assert [str(p) for _, p in expand_inputs(f"s3://{RAW}/lists/rel.parquet")] == uris  # relative to the list
-    pq.write_table(pa.table({"uri": uris, "start_s": [0.0, 1.0], "end_s": [2.0, 3.0]}), tmp_path / "ranges.parquet")
-    with pytest.raises(IngestInputError, match=r"ranges.parquet: rows with time ranges \(start_s, end_s\)"):
-        expand_inputs(tmp_path / "ranges.parquet")
+    assert [str(e.path) for e in expand_inputs(f"s3://{RAW}/lists/rel.parquet")] == uris  # relative to the list
+    pq.write_table(pa.table({"uri": uris, "start_s": [0.0, 1.0], "end_s": [2.0, None]}), tmp_path / "ranges.parquet")
+    s3.client().upload_file(str(tmp_path / "ranges.parquet"), RAW, "lists/ranges.parquet")
+    got = expand_inputs(f"s3://{RAW}/lists/ranges.parquet")
+    assert [(str(e.path), e.clip) for e in got] == [(uris[0], Clip(0.0, 2.0)), (uris[1], Clip(1.0, None))]
+    pq.write_table(pa.table({"uri": uris, "start_s": [3.0, 1.0], "end_s": [2.0, None]}), tmp_path / "bad.parquet")
+    with pytest.raises(IngestInputError, match=r"bad.parquet: row 1: the range ends \(2 s\) before it starts \(3 s\)"):
+        expand_inputs(tmp_path / "bad.parquet")
 
 
 # --- the store goes away in the middle of a job (last: it restarts the module's server) -----------

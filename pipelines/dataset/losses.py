@@ -60,8 +60,8 @@ def loss_key_for(status: str, stage: Optional[str], reason: Optional[str]) -> Op
 def hours_by_loss(rows: Iterable[dict], fps: float) -> tuple[float, float, dict[str, float]]:
     """(hours in, hours kept, hours lost per loss key) of manifest ``rows``. Hours in: the probed
     ``duration_s`` of every source once (its rows: the samples and rejected ranges of its shots
-    and work ranges, or one row for a whole file; duplicates left out; a file refused before its
-    probe has none and counts 0); kept: ``num_frames / fps`` of the ``ok`` rows; lost: each
+    and work ranges, or one row for a whole file; of a clip of an input-list row only its part of
+    the file; duplicates left out; a file refused before its probe has none and counts 0); kept: ``num_frames / fps`` of the ``ok`` rows; lost: each
     rejected or failed row's span (``end_s - start_s``, else the source's duration) under its
     ``loss_key``, each kept row's untaken rest of its span and the part of a source in none of its
     rows (the frames of a dissolve between shots) under ``trimmed``. The buckets add up to hours
@@ -80,6 +80,9 @@ def hours_by_loss(rows: Iterable[dict], fps: float) -> tuple[float, float, dict[
             continue
         source = r.get("source_id") or r.get("video_id") or f"row {n}"
         whole = float(r.get("duration_s") or 0.0)
+        if r.get("clip_start_s") is not None and whole > 0:  # a clip: only its part of the file is in
+            end = whole if r.get("clip_end_s") is None else min(whole, float(r["clip_end_s"]))
+            whole = max(0.0, end - float(r["clip_start_s"]))
         duration[source] = max(duration.get(source, 0.0), whole)
         start, end = r.get("start_s"), r.get("end_s")
         span = float(end) - float(start) if start is not None and end is not None else whole

@@ -8,12 +8,15 @@ The per-video records a running job keeps for resuming (``DIR/records/``) are
 """
 from __future__ import annotations
 
+import csv
+import datetime
 import hashlib
+import io
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from typing import Iterable, Literal, NamedTuple, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,14 +42,54 @@ class IngestInputError(PipelineError, ValueError):
 
 
 @dataclass(frozen=True)
+class Clip:
+    """The part of a file an input-list row asks for: seconds from the file's first video frame,
+    ``end_s`` None = to the end of the file."""
+
+    start_s: float
+    end_s: Optional[float] = None
+
+    def label(self) -> str:
+        return f"{self.start_s:.3f}-{'end' if self.end_s is None else f'{self.end_s:.3f}'} s"
+
+    def overlaps(self, other: "Clip") -> bool:
+        a_end = float("inf") if self.end_s is None else self.end_s
+        b_end = float("inf") if other.end_s is None else other.end_s
+        return self.start_s < b_end and other.start_s < a_end
+
+
+@dataclass(frozen=True)
 class InputVideo:
-    """One input file of the job."""
+    """One input of the job: a whole file, or one clip of it (an input-list row with a time range).
+
+    ``video_id`` names the input everywhere in the job (records, ranges, sample ids): the file's
+    content id for a whole file, :func:`clip_id` for a clip. ``content_id`` is always the file's
+    (what the split and the duplicate check go by)."""
 
     source: str  # the path as given (list entries: as written in the list)
     path: Location  # resolved absolute path or bucket object (may not exist for a list entry: rejected as "input")
-    video_id: str  # 16 hex digits, from the file's content (video_id_for)
+    video_id: str  # 16 hex digits: the content id (video_id_for), or clip_id for a clip
     split: str  # "train" | "test"
-    duplicate_of: Optional[str] = None  # source of an earlier input with the same content
+    duplicate_of: Optional[str] = None  # source of an earlier input with the same content (and clip)
+    clip: Optional[Clip] = None  # the time range an input-list row asked for; None = the whole file
+    content_id: Optional[str] = None  # the file's content id (None: the same as video_id)
+
+
+class InputEntry(NamedTuple):
+    """One entry of ``--input``: the source as given, its resolved location and the clip its
+    input-list row names (None: the whole file)."""
+
+    source: str
+    path: Location
+    clip: Optional[Clip] = None
+
+
+def clip_id(content_id: str, clip: Clip) -> str:
+    """The id of a clip of a file: 16 hex digits of sha256 over the file's content id and the
+    clip's start and end in milliseconds (the same row gives the same id in every run)."""
+    end = "end" if clip.end_s is None else str(int(round(clip.end_s * 1000)))
+    key = f"{content_id}|{int(round(clip.start_s * 1000))}|{end}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 # bytes of the file hashed for its id: the head (container header and first seconds) and the tail
@@ -103,24 +146,70 @@ def split_key_of(path: Location, video_id: str, split_key: Literal["video", "fol
 
 #: columns a CSV / Parquet input list may name its files in (the first one present is used)
 LIST_COLUMNS = ("uri", "path", "source", "url", "video")
-#: columns of a time range per entry (as public datasets list clips): not supported yet
-RANGE_COLUMNS = ("start", "end", "start_s", "end_s", "start_time", "end_time")
+#: pairs of columns that give each row a time range (as public datasets list clips); the first
+#: pair with a column present is used. Values: seconds (``12.5``) or ``[HH:]MM:SS[.fff]``.
+RANGE_COLUMNS = (("start_s", "end_s"), ("start", "end"), ("start_time", "end_time"))
+_TIME = re.compile(r"^(?:(\d+):)?(\d+):(\d+(?:\.\d*)?)$")
 
 
-def list_entries(listing: Location) -> list[str]:
-    """The file entries of an input list: a ``.txt`` (one path or URI per line; blank lines and
-    ``#`` comments skipped) or a ``.csv`` / ``.parquet`` table (the column ``uri``, ``path``,
-    ``source``, ``url`` or ``video``, the way public datasets are distributed). A table whose rows
-    carry a time range (``start`` / ``end`` ...) is refused: one video per file is ingested whole
-    (time-range work units are not part of this job yet). Raises :class:`IngestInputError`."""
+def parse_time(value, where: str) -> Optional[float]:
+    """Seconds from a list cell: a number, ``"12.5"`` or ``"[HH:]MM:SS[.fff]"``; None for an empty
+    cell. Raises :class:`IngestInputError` naming ``where`` (the list, row and column)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, datetime.timedelta):  # a Parquet duration column
+        seconds = value.total_seconds()
+    elif isinstance(value, datetime.time):  # a Parquet time-of-day column: hours into the file
+        seconds = value.hour * 3600 + value.minute * 60 + value.second + value.microsecond / 1e6
+    else:
+        text = str(value).strip()
+        if not text:
+            return None
+        m = _TIME.match(text)
+        try:
+            seconds = (int(m.group(1) or 0) * 3600 + int(m.group(2)) * 60 + float(m.group(3))) if m else float(text)
+        except ValueError:
+            raise IngestInputError(f"{where}: {text!r} is not a time (seconds or [HH:]MM:SS[.fff])") from None
+    if not (seconds >= 0.0) or seconds == float("inf"):
+        raise IngestInputError(f"{where}: {value!r} is not a time of the file (negative or not finite)")
+    return seconds
+
+
+def _clip_of(start, end, where: str, columns: tuple[Optional[str], Optional[str]]) -> Optional[Clip]:
+    """The clip of a row (None: no range, the whole file); ``end`` must be after ``start``;
+    ``columns``: the names of the start and end columns (for the error)."""
+    start_s, end_s = parse_time(start, f"{where} {columns[0]}"), parse_time(end, f"{where} {columns[1]}")
+    if start_s is None and end_s is None:
+        return None
+    clip = Clip(start_s or 0.0, end_s)
+    if clip.end_s is not None and clip.end_s <= clip.start_s:
+        raise IngestInputError(f"{where}: the range ends ({clip.end_s:g} s) before it starts ({clip.start_s:g} s)")
+    return clip
+
+
+def list_entries(listing: Location) -> list[tuple[str, Optional[Clip]]]:
+    """The entries of an input list, each (file as written, clip or None): a ``.txt`` (one path or
+    URI per line, the whole file; blank lines and ``#`` comments skipped) or a ``.csv`` /
+    ``.parquet`` table (the column ``uri``, ``path``, ``source``, ``url`` or ``video``, and optional
+    time ranges in ``start_s`` / ``end_s``, ``start`` / ``end`` or ``start_time`` / ``end_time``,
+    the way public datasets are distributed; a row with both empty is the whole file). Raises
+    :class:`IngestInputError` naming the list, the row (1 = the first data row) and the column."""
     if listing.suffix.lower() == ".txt":
         lines = [ln.strip() for ln in listing.read_text().splitlines()]
-        return [ln for ln in lines if ln and not ln.startswith("#")]
+        return [(ln, None) for ln in lines if ln and not ln.startswith("#")]
     import pyarrow.csv as pacsv
 
     try:
-        table = (pq.read_table(parquet_source(listing)) if listing.suffix.lower() == ".parquet"
-                 else pacsv.read_csv(parquet_source(listing)))
+        if listing.suffix.lower() == ".parquet":
+            table = pq.read_table(parquet_source(listing))
+        else:
+            # every column read as text: pyarrow would type "01:02" as time32 (1 h 2 min), not 62 s
+            data = listing.read_bytes()
+            header = next(csv.reader(io.StringIO(data.split(b"\n", 1)[0].decode("utf-8", "replace"))), [])
+            table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
+                column_types={name: pa.string() for name in header}, strings_can_be_null=True))
     except (pa.ArrowInvalid, OSError) as exc:
         raise IngestInputError(f"--input {listing}: unreadable list ({str(exc).splitlines()[0]})") from None
     names = {n.lower(): n for n in table.column_names}
@@ -128,82 +217,102 @@ def list_entries(listing: Location) -> list[str]:
     if column is None:
         raise IngestInputError(f"--input {listing}: no column naming the files (one of {', '.join(LIST_COLUMNS)}); "
                                f"columns: {', '.join(table.column_names)}")
-    ranges = [names[c] for c in RANGE_COLUMNS if c in names and table[names[c]].null_count < table.num_rows]
-    if ranges:
-        raise IngestInputError(f"--input {listing}: rows with time ranges ({', '.join(ranges)}) are not supported: "
-                               f"the job ingests whole files (cut the clips first, or list whole files)")
-    return [str(v).strip() for v in table[column].to_pylist() if v is not None and str(v).strip()]
+    pair = next(((names.get(a), names.get(b)) for a, b in RANGE_COLUMNS if a in names or b in names), (None, None))
+    files = table[column].to_pylist()
+    starts = table[pair[0]].to_pylist() if pair[0] else [None] * len(files)
+    ends = table[pair[1]].to_pylist() if pair[1] else [None] * len(files)
+    out = []
+    for n, (value, start, end) in enumerate(zip(files, starts, ends), start=1):
+        if value is None or not str(value).strip():
+            continue
+        out.append((str(value).strip(), _clip_of(start, end, f"--input {listing}: row {n}", pair)))
+    return out
 
 
-def expand_inputs(input_path: str | Path) -> list[tuple[str, Location]]:
-    """``--input`` -> [(source as given, resolved path)].
+def expand_inputs(input_path: str | Path) -> list[InputEntry]:
+    """``--input`` -> [:class:`InputEntry` (source as given, resolved path, clip)].
 
-    * a folder: every file with a video extension below it (recursive), sorted;
+    * a folder: every file with a video extension below it (recursive), sorted; whole files;
     * a ``.txt`` file: one path per line (blank lines and ``#`` comments skipped; relative paths
-      are relative to the list's folder), or a ``.csv`` / ``.parquet`` table of paths / URIs
-      (:func:`list_entries`); listed files that do not exist are kept (they end as a rejected
-      manifest row);
+      are relative to the list's folder), or a ``.csv`` / ``.parquet`` table of paths / URIs with
+      optional time ranges (:func:`list_entries`); listed files that do not exist are kept (they
+      end as a rejected manifest row);
     * any other file: that one file.
     ``input_path`` and the list's entries may be bucket URIs (``s3://bucket/raw/``: every video
     object under the prefix; core/storage.py).
-    Raises :class:`IngestInputError` when ``input_path`` does not exist or yields no file, and
-    :class:`core.storage.StorageError` for an unusable URI (scheme, bucket, credentials).
+    Raises :class:`IngestInputError` when ``input_path`` does not exist or yields no file, or a
+    list row's range is malformed, and :class:`core.storage.StorageError` for an unusable URI
+    (scheme, bucket, credentials).
     """
     given = check_location(input_path, "--input")
     if not given.exists():
         raise IngestInputError(f"--input {input_path}: no such file or directory")
-    out: list[tuple[str, Path]] = []
+    out: list[InputEntry] = []
     if given.is_dir():
         for p in sorted(given.rglob("*"), key=str):  # a prefix's listing holds objects only
             if p.suffix.lower() in VIDEO_EXTENSIONS and (isinstance(p, StoragePath) or p.is_file()):
-                out.append((str(p), p.resolve()))
+                out.append(InputEntry(str(p), p.resolve()))
         if not out:
             raise IngestInputError(f"--input {input_path}: folder holds no video files ({', '.join(VIDEO_EXTENSIONS)})")
     elif given.suffix.lower() in (".txt", ".csv", ".parquet"):
-        for line in list_entries(given):
+        for line, clip in list_entries(given):
             p = check_location(line, f"--input {input_path}: entry")
             if not p.is_absolute():
                 p = given.parent / str(p)
-            out.append((line, p.resolve()))
+            out.append(InputEntry(line, p.resolve(), clip))
         if not out:
             raise IngestInputError(f"--input {input_path}: the list names no files")
     else:
-        out.append((str(given), given.resolve()))
+        out.append(InputEntry(str(given), given.resolve()))
     return out
 
 
 def plan_inputs(input_path: str | Path, test_fraction: float,
                 split_key: Literal["video", "folder"] = "video", hash_threads: int = 8) -> list[InputVideo]:
-    """Expand ``--input`` and give every distinct file its content id and split. A path named
-    twice is kept once; a second file with the same content (a copy) is kept with
-    ``duplicate_of`` = the first one's source and the first one's id and split (it is recorded as
-    a duplicate and never ingested, so one content never lands in both splits). Files are hashed
-    on ``hash_threads`` threads (reading is I/O bound; hashlib releases the GIL)."""
-    expanded, seen_paths = [], set()
-    for source, path in expand_inputs(input_path):
-        if path not in seen_paths:
-            seen_paths.add(path)
-            expanded.append((source, path))
+    """Expand ``--input`` and give every distinct input its id and split. An entry named twice
+    (the same path and clip) is kept once. A second file with the same content (a copy), or a
+    second clip of a file that overlaps an earlier clip of the same content (or a whole file and
+    a clip of it), is kept with ``duplicate_of`` = the earlier one's source (it is recorded as a
+    duplicate and never ingested: no frame is ingested twice, and one content never lands in both
+    splits). The split goes by the file's content id (or folder), so every clip of a file is in
+    the same split. Files are hashed once each, on ``hash_threads`` threads (reading is I/O bound;
+    hashlib releases the GIL)."""
+    entries, seen = [], set()
+    for entry in expand_inputs(input_path):
+        if (entry.path, entry.clip) not in seen:
+            seen.add((entry.path, entry.clip))
+            entries.append(entry)
+    paths = list(dict.fromkeys(e.path for e in entries))
     with ThreadPoolExecutor(max_workers=max(1, hash_threads)) as pool:
-        ids = list(pool.map(lambda sp: video_id_for(sp[1]), expanded))
-    first: dict[str, InputVideo] = {}
+        content = dict(zip(paths, pool.map(video_id_for, paths)))
+    taken: dict[str, list[InputVideo]] = {}  # content id -> its inputs kept so far
     videos = []
-    for (source, path), vid in zip(expanded, ids):
-        if vid in first:
-            orig = first[vid]
-            videos.append(InputVideo(source=source, path=path, video_id=vid, split=orig.split,
-                                     duplicate_of=orig.source))
+    for entry in entries:
+        cid = content[entry.path]
+        vid = cid if entry.clip is None else clip_id(cid, entry.clip)
+        earlier = taken.get(cid, [])
+        whole = Clip(0.0)
+        clash = next((v for v in earlier if (v.clip or whole).overlaps(entry.clip or whole)), None)
+        if clash is not None:
+            what = clash.source if clash.clip is None else f"{clash.source} [{clash.clip.label()}]"
+            videos.append(InputVideo(source=entry.source, path=entry.path, video_id=vid, split=clash.split,
+                                     duplicate_of=what, clip=entry.clip, content_id=cid))
             continue
-        split = split_for(split_key_of(path, vid, split_key), test_fraction)
-        first[vid] = InputVideo(source=source, path=path, video_id=vid, split=split)
-        videos.append(first[vid])
+        split = earlier[0].split if earlier else split_for(split_key_of(entry.path, cid, split_key), test_fraction)
+        video = InputVideo(source=entry.source, path=entry.path, video_id=vid, split=split, clip=entry.clip,
+                           content_id=cid)
+        taken.setdefault(cid, []).append(video)
+        videos.append(video)
     return videos
 
 
 def duplicate_row(video: InputVideo) -> dict:
     """The manifest row of a copy of another input (status ``duplicate``, naming the original)."""
-    return manifest_row(video, status="duplicate", stage="duplicate",
-                        reason=f"duplicate: same content as {video.duplicate_of}", num_frames=0,
+    if video.clip is None and not video.duplicate_of.endswith(" s]"):
+        reason = f"duplicate: same content as {video.duplicate_of}"
+    else:  # a clip, or a whole file, overlapping an earlier input's frames of the same content
+        reason = f"duplicate: overlaps {video.duplicate_of} (same content)"
+    return manifest_row(video, status="duplicate", stage="duplicate", reason=reason, num_frames=0,
                         duplicate_of=video.duplicate_of)
 
 
@@ -234,6 +343,8 @@ def manifest_row(video: InputVideo, **fields) -> dict:
     """A manifest record with every MANIFEST_SCHEMA column (missing ones null)."""
     row = {name: None for name in MANIFEST_SCHEMA.names}
     row.update(source=video.source, video_id=video.video_id, split=video.split, source_id=video.video_id)
+    if video.clip is not None:
+        row.update(clip_start_s=video.clip.start_s, clip_end_s=video.clip.end_s)
     for key, value in fields.items():
         if key not in row:
             raise KeyError(f"manifest has no column {key!r}")

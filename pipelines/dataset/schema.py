@@ -130,13 +130,19 @@ MANIFEST_SCHEMA = pa.schema([
     # --- shots and ranges (docs/INGEST.md "Shots and time ranges"): a row is a sample (one shot,
     # or the part of a shot inside one work range) or a rejected range of a source; null on rows
     # of outputs written before these columns existed (then the row is the whole file) ---
-    ("source_id", pa.string()),  # content id of the source file (manifest.video_id_for)
+    # the input the row came from: the file's content id (manifest.video_id_for), or for a clip
+    # of an input-list row its clip id (manifest.clip_id)
+    ("source_id", pa.string()),
     ("start_s", pa.float64()),  # the row's range in the source: output frame start / fps (s)
     ("end_s", pa.float64()),  # end (exclusive) / fps (s); null for a file refused as a whole
     # frames of this sample (0-based, in its frame file) where a new shot begins: the reader never
     # draws a clip, reference or motion frame across one. The ingest writes one shot per sample
     # (empty list); a dataset joined from several shots lists its cuts here
     ("cut_frames", pa.list_(pa.int64())),
+    # the time range (s) the input-list row asked for (docs/INGEST.md "Input lists with time
+    # ranges"); null for a whole file (clip_end_s also when the row gave no end: to the end)
+    ("clip_start_s", pa.float64()),
+    ("clip_end_s", pa.float64()),
 ])
 
 

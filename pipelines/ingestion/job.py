@@ -639,7 +639,13 @@ def _stream(todo: list[InputVideo], cfg: PlatformConfig, weights: WeightPaths, o
         if row["kind"] == "screened":
             probe = {k: row[k] for k in ("path", "probe", "stream_pts_s", "probe_s")}
             duration = float(json.loads(row["probe"])["duration_s"])
-            ranges = plan_ranges(video.video_id, duration, ing.fps, ing.unit_s)
+            clip = video.clip
+            ranges = plan_ranges(video.video_id, duration, ing.fps, ing.unit_s,
+                                 *((clip.start_s, clip.end_s) if clip is not None else ()))
+            if ranges[0].num_frames <= 0:  # a clip wholly past the end of its file
+                whole_file(video, "rejected", "input", f"input: {video.path}: the clip {clip.label()} is past the end "
+                                                       f"of the video ({duration:.3f} s)", {})
+                continue
             pending_sources[video.video_id] = {r.unit_id for r in ranges}
             reused = done_units.get(video.video_id, {})
             for rng in ranges:

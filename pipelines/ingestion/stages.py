@@ -509,16 +509,16 @@ class VideoAnalyzer:
         """``rng`` with each boundary it shares with a neighbouring range moved to the nearest cut
         (:func:`pipelines.ingestion.units.snap_boundary`: both neighbours decode the same window
         the same way and agree). A whole source is returned as it is."""
-        if rng.whole:
+        if not (rng.snap_start or rng.snap_end):
             return rng
         cfg = self.cfg
         info["_stage"] = "decode"
         t0 = time.perf_counter()
         plan = plan_from_timestamps(path, probe.timestamps, cfg.fps)
         start, end = rng.start, rng.end
-        if start > 0:
+        if rng.snap_start:
             start = self._boundary(path, probe, plan, rng.start)[1]
-        if not rng.last:
+        if rng.snap_end:
             end = self._boundary(path, probe, plan, rng.end)[0]
         times["boundary_cuts"] = time.perf_counter() - t0
         if end - start < 1:  # two cuts closer than the window: keep the planned range
@@ -834,7 +834,7 @@ class AnalyzerStage:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: this actor dies (as under the OOM killer)
         plain = {"video_id": video_id, "path": path,
                  **{k: row[k] for k in ("unit_id", "source_id", "range_start", "range_end", "range_whole",
-                                        "range_last") if k in row}}
+                                        "range_last", "range_snap_start", "range_snap_end") if k in row}}
         # the probe of screen_video, when the row carries it (the job's rows do): not probed again
         screened = {k: row[k] for k in ("probe", "stream_pts_s", "probe_s") if k in row}
         budget = cfg.deadline_base_s
