@@ -9,6 +9,7 @@ file.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -324,36 +325,42 @@ def test_input_lists_name_bucket_objects(s3, raw_videos, tmp_path):
 
 @pytest.mark.slow  # two ingests through Ray
 def test_store_outage_is_failed_and_a_rerun_finishes(s3, raw_videos, tiny_weights):
-    """The S3 server is stopped once the job has planned its inputs and claimed the output (the
-    workers' downloads then fail): every video is ``failed`` at an infrastructure stage, none
-    ``rejected``. The server comes back with the state it had when it stopped (moto keeps none:
-    the test snapshots it and restores it); the rerun finishes every video."""
+    """The S3 server is stopped in the middle of the stream, the moment the first video is
+    finished (its frame file and record are in the bucket; the others are being analysed, decoded
+    or written by the workers): the finished one stays ok, every other one is ``failed`` at an
+    infrastructure stage, none ``rejected``. The server comes back with the state it had when it
+    stopped (moto keeps none: the test snapshots it and restores it), half-written parts
+    included; the rerun keeps the finished video, finishes the others and leaves no temporary key."""
     from pipelines.ingest import run_ingest
 
-    upload(s3, RAW, "fault", raw_videos["good"][:2])
+    good = raw_videos["good"][:3]
+    upload(s3, RAW, "fault", good)
     src, out = f"s3://{RAW}/fault/", f"s3://{DATA}/fault_out"
     snap: dict = {}
     messages: list[str] = []
 
     def echo(msg: str) -> None:
         messages.append(msg)
-        if "videos to process" in msg and not snap:
+        if re.match(rf"\[ingest\] 1/{len(good)} done", msg) and not snap:
             snap.update(s3.snapshot())
             s3.stop()
 
     summary = run_ingest(src, out, ingest_cfg(tiny_weights), echo=echo)
     assert snap, messages
-    assert (summary.failed, summary.rejected, summary.ok) == (2, 0, 0), messages
-    assert all(r.startswith(f"failed: probe: s3://{RAW}/fault/") and "object store request failed" in r
-               for r in summary.rejections.values()), summary.rejections
+    assert summary.ok >= 1 and summary.failed >= 1 and summary.rejected == 0, messages
+    assert summary.ok + summary.failed == len(good), summary.by_status
+    assert all(r.startswith("failed: ") and f"s3://{RAW}/fault/" in r for r in summary.rejections.values()), \
+        summary.rejections
     assert summary.store_error and any("the output store is unreachable, the manifest was not written" in m
                                        for m in messages), messages
+    finished_before = summary.ok
 
     s3.start()
     s3.restore(snap)
     messages = []
     summary = run_ingest(src, out, ingest_cfg(tiny_weights), echo=messages.append)
-    assert (summary.ok, summary.failed, summary.rejected, summary.skipped) == (2, 0, 0, 0), messages
+    assert (summary.ok, summary.failed, summary.rejected, summary.skipped) == (len(good), 0, 0, finished_before), \
+        messages
     keys = s3.keys(DATA, "fault_out/")
     assert "fault_out/videos.parquet" in keys and not [k for k in keys if k.endswith(".tmp") or ".parts/" in k]
 
