@@ -72,29 +72,12 @@ def sample_videos() -> Path:
     return folder
 
 
-def long_1080p_video(minutes: int) -> Path:
-    """A ``minutes``-long 1920x1080 25 fps talking head (a sample looped and padded), cached."""
-    out = MEDIA / f"talk_1080p_{minutes}min_v3.mp4"
-    if out.is_file():
-        return out
-    src = sample_videos() / "talk_25fps_16k.mp4"
-    MEDIA.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.mp4")
-    loops = int(minutes * 60 / SAMPLE_SECONDS) + 1
-    cmd = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-stream_loop", str(loops), "-i", str(src),
-           "-t", str(minutes * 60), "-vf", "scale=-2:1080:flags=bicubic,pad=1920:1080:(ow-iw)/2:0",
-           "-c:v", "libx264", "-preset", "ultrafast", "-crf", "28", "-pix_fmt", "yuv420p",
-           # each loop of the source loses its audio tail (AAC): pad the benchmark's audio so the
-           # file's audio covers its video (the job itself never pads)
-           "-af", "aresample=async=1:first_pts=0,apad", "-c:a", "aac", "-ar", "16000", str(tmp)]
-    subprocess.run(cmd, check=True)
-    tmp.replace(out)
-    return out
-
-
-def long_480p_video(seconds: int) -> Path:
-    """A ``seconds``-long 854x480 25 fps talking head (a sample looped, scaled and padded), cached."""
-    out = MEDIA / f"talk_480p_{seconds}s_v1.mp4"
+def looped_talking_head(name: str, seconds: float, width: int, height: int, extra: tuple[str, ...] = ()) -> Path:
+    """A ``seconds``-long ``width`` x ``height`` 25 fps talking head (a sample looped, scaled to the
+    height and padded to the width), cached as ``MEDIA/<name>.mp4``. Each loop of the source loses
+    its audio tail (AAC): the benchmark's audio is padded so it covers the video (the job itself
+    never pads)."""
+    out = MEDIA / f"{name}.mp4"
     if out.is_file():
         return out
     src = sample_videos() / "talk_25fps_16k.mp4"
@@ -102,12 +85,22 @@ def long_480p_video(seconds: int) -> Path:
     tmp = out.with_suffix(".tmp.mp4")
     loops = int(seconds / SAMPLE_SECONDS) + 1
     cmd = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-stream_loop", str(loops), "-i", str(src),
-           "-t", str(seconds), "-vf", "scale=-2:480:flags=bicubic,pad=854:480:(ow-iw)/2:0",
-           "-c:v", "libx264", "-preset", "ultrafast", "-crf", "28", "-pix_fmt", "yuv420p", "-g", "50",
+           "-t", f"{seconds:g}", "-vf", f"scale=-2:{height}:flags=bicubic,pad={width}:{height}:(ow-iw)/2:0",
+           "-c:v", "libx264", "-preset", "ultrafast", "-crf", "28", "-pix_fmt", "yuv420p", *extra,
            "-af", "aresample=async=1:first_pts=0,apad", "-c:a", "aac", "-ar", "16000", str(tmp)]
     subprocess.run(cmd, check=True)
     tmp.replace(out)
     return out
+
+
+def long_1080p_video(minutes: int) -> Path:
+    """A ``minutes``-long 1920x1080 talking head (:func:`looped_talking_head`), cached."""
+    return looped_talking_head(f"talk_1080p_{minutes}min_v3", minutes * 60, 1920, 1080)
+
+
+def long_480p_video(seconds: int) -> Path:
+    """A ``seconds``-long 854x480 talking head with a key frame every 2 s (ranges seek), cached."""
+    return looped_talking_head(f"talk_480p_{seconds}s_v1", seconds, 854, 480, ("-g", "50"))
 
 
 def long_source_rows(seconds: int) -> list[dict]:
