@@ -38,11 +38,14 @@ browser:
 	  || echo "chromium could not be installed: tests/test_web_page.py will be skipped"; }
 
 # torch is pinned here, in the same pip command, so pip never drags a CUDA build.
+# facenet-pytorch only for the MTCNN weight files inside its wheel (pipelines/faces/mtcnn.py never
+# imports it): --no-deps, because it pins torch<2.3 and torchvision, which would replace this torch.
 $(STAMP): pyproject.toml | sysdeps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing the project into $(VENV) (pip output: $(VENV)/install.log)"
 	@$(PY) -m pip install -q --upgrade pip > $(VENV)/install.log 2>&1 \
 	  && $(PY) -m pip install -q torch==2.13.0 -e '.[dev]' >> $(VENV)/install.log 2>&1 \
+	  && $(PY) -m pip install -q --no-deps facenet-pytorch==2.6.0 >> $(VENV)/install.log 2>&1 \
 	  || { tail -n 40 $(VENV)/install.log; echo "install failed: see $(VENV)/install.log"; exit 1; }
 	@mkdir -p $(RAY_TMPDIR)
 	@touch $(STAMP)

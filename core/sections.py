@@ -76,7 +76,8 @@ class IngestConfig:
     chunk_frames: int = 50  # frames decoded and processed per block: bounds peak memory
     min_frames: int = 136  # 12 clip + 124 motion frames: shorter videos are rejected
     write_jpeg: bool = False  # also store the JPEG of each crop
-    detector: Literal["dlib", "dlib_cnn", "dwpose"] = "dlib"  # dlib = HOG (benchmarks/bench_detectors.py)
+    # dlib = HOG; mtcnn = torch MTCNN, on a GPU when use_gpu (docs/INGEST.md "Detector choice")
+    detector: Literal["dlib", "dlib_cnn", "mtcnn", "dwpose"] = "dlib"
     detect_max_side: int = 480  # make_detector's detect(): frames downscaled to this longest side (metrics, VAE fit)
     # ingest detection scale (pipelines/faces/detect.py search_face_scale / pass_scale): a search on
     # a few sampled frames finds the face size, the whole pass shows it at detect_face_px
@@ -105,7 +106,7 @@ class IngestConfig:
     test_fraction: float = 0.1  # deterministic split by hash of video_id
     num_decode_workers: Optional[int] = None  # decode + crop actor pool size; None = num_detect_actors
     model_batch_size: int = 16  # frames per VAE call
-    use_gpu: bool = False  # put the VAE / wav2vec2 actors on GPUs
+    use_gpu: bool = False  # put the VAE / wav2vec2 actors (and the analysis actors with detector mtcnn) on GPUs
     # ingest job (pipelines/ingest.py): splits, resume, Ray Data stage sizes
     split_key: Literal["video", "folder"] = "video"  # folder: one person's folder never spans both splits
     # share of the frames with a face whose head leaves the frame (landmark box + 0.1 of its side
@@ -309,7 +310,8 @@ class EvaluationConfig:
     reference_frame: int = 0  # frame of each video whose stored latent is the reference
     steps: Optional[int] = None  # DDIM steps; None = the package's sampler.steps
     device: str = "auto"  # auto | cpu | cuda (inside each actor)
-    detector: Literal["dlib", "dlib_cnn", "dwpose"] = "dlib"  # landmarks of the metrics (dwpose: weights.dwpose_dir)
+    # landmarks of the metrics (dwpose: weights.dwpose_dir; mtcnn runs on the CPU here)
+    detector: Literal["dlib", "dlib_cnn", "mtcnn", "dwpose"] = "dlib"
     min_detect_side: int = 256  # frames are upscaled to at least this side before landmark detection
     max_lag: int = 2  # frames: sync's lag search is -max_lag..max_lag
     # the codec frames (stored latents decoded by the package's VAE) scored too: codec_face_found_ratio,

@@ -1,5 +1,6 @@
-"""Face detection with 68-point landmarks: dlib HOG (default), dlib's CNN (MMOD) detector, or
-DWPose (onnxruntime) when its weights are given; and the choice of the detection scale.
+"""Face detection with 68-point landmarks: dlib HOG (default), dlib's CNN (MMOD) detector, MTCNN
+(torch, batched, CPU or GPU: ``pipelines.faces.mtcnn``) or DWPose (onnxruntime) when its weights
+are given; and the choice of the detection scale.
 
 Every detector implements :class:`FaceLandmarkDetector` (the largest face of each frame; used by
 single-image inference)::
@@ -304,6 +305,96 @@ class DlibCnnDetector(DlibDetector):
         return self.fit(frame, box)
 
 
+#: dlib-style box from MTCNN's 5 points (eye centres, nose, mouth corners): centre on the line
+#: from the eyes' midpoint to the mouth's at this fraction, side = this many eye-to-mouth
+#: distances. Measured against dlib's HOG boxes on the astronaut (0.61, 2.26) and Grace Hopper
+#: (0.63, 2.40): the 68-point predictor (trained on HOG boxes) and the calibrated score (a HOG
+#: re-score that accepts 0.67-1.5 x the box) both expect HOG-sized boxes; MTCNN's own box is
+#: taller (forehead) and differs in size from HOG's from face to face.
+_MTCNN_BOX_CENTRE, _MTCNN_BOX_SIDE = 0.62, 2.33
+
+
+def box_from_five_points(points: np.ndarray) -> np.ndarray:
+    """5 points [k, 5, 2] (left eye, right eye, nose, left / right mouth corner) -> dlib-style
+    boxes [k, 4] (x0, y0, x1, y1 pixels)."""
+    points = np.asarray(points, np.float64).reshape(-1, 5, 2)
+    eyes, mouth = points[:, :2].mean(1), points[:, 3:].mean(1)
+    d = np.linalg.norm(mouth - eyes, axis=-1, keepdims=True)
+    centre = eyes + _MTCNN_BOX_CENTRE * (mouth - eyes)
+    half = _MTCNN_BOX_SIDE * d / 2
+    return np.concatenate([centre - half, centre + half], -1)
+
+
+class MtcnnDetector(DlibDetector):
+    """MTCNN (``pipelines.faces.mtcnn``: torch, batched, CPU or CUDA) finds the faces and their
+    5 points; the 68 points are fitted by dlib's shape predictor in a HOG-sized box made from the
+    5 points (:func:`box_from_five_points`), and the calibrated score is the same HOG re-score at
+    :data:`CANONICAL_FACE_PX` as the other dlib detectors'. ``score`` = O-Net's face probability.
+    ``batch_size`` frames go through the cascade at once (memory: the float copy of the frames and
+    the first pyramid level). ``device``: "cpu", "cuda" or "cuda:N"."""
+
+    #: Smallest dlib-style box (detection-image px) counted on: with the pyramid starting at
+    #: :attr:`PYRAMID_MIN_PX`, rendered faces of 14, 16, 18, 20, 24, 28, 32 px were found in 4 of 4
+    #: frames each (640x360, scale 1); 20 keeps a margin below which the 68 points are poor anyway.
+    min_face_px = 20.0
+    PYRAMID_MIN_PX = 20.0  # MTCNN box side (detection-image px) shown 12 px to P-Net
+
+    def __init__(self, device: str = "cpu", detect_max_side: Optional[int] = 480, min_score: float = 0.9,
+                 batch_size: int = 16):
+        super().__init__(detect_max_side)
+        from pipelines.faces.mtcnn import Mtcnn
+
+        self.device = device
+        self.min_score = float(min_score)
+        self.batch_size = max(1, int(batch_size))
+        self._mtcnn = Mtcnn(device, min_face_px=self.PYRAMID_MIN_PX)
+
+    def _cascade(self, frames: np.ndarray, scale: float):
+        """MTCNN over ``frames`` in batches -> (frame [k], dlib-style boxes [k, 4], scores [k],
+        5 points [k, 5, 2]), pixels of ``frames``; faces from ``PYRAMID_MIN_PX / scale`` px."""
+        rows = []
+        for start in range(0, frames.shape[0], self.batch_size):
+            found = self._mtcnn(frames[start:start + self.batch_size], min_face_px=self.PYRAMID_MIN_PX / scale)
+            ok = found.scores >= self.min_score
+            rows.append((found.frame[ok] + start, box_from_five_points(found.points[ok]), found.scores[ok],
+                         found.points[ok]))
+        return tuple(np.concatenate(col) for col in zip(*rows))
+
+    def detect_candidates(self, frames: np.ndarray, scale: float = 1.0) -> FaceCandidates:
+        """Every face with its landmarks and, on every :data:`CALIBRATE_EVERY`-th frame, its
+        calibrated HOG score (as :meth:`DlibDetector.detect_candidates`). ``scale`` sets the
+        smallest face searched (``min_face_px / scale`` pixels of ``frames``): the frames are not
+        resized, the pyramid starts there."""
+        frames = _check_frames(frames)
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        frame_of, boxes, scores, _ = self._cascade(frames, scale)
+        if len(frame_of) == 0:
+            return FaceCandidates.empty()
+        marks, calibrated = [], []
+        for f, box in zip(frame_of, boxes):
+            frame = np.ascontiguousarray(frames[f])
+            marks.append(self.fit(frame, box))
+            calibrated.append(_canonical_score(frame, box, self._weak_boxes) if f % CALIBRATE_EVERY == 0 else np.nan)
+        return FaceCandidates(frame_of.astype(np.int64), boxes.astype(np.float32), scores.astype(np.float32),
+                              np.stack(marks).astype(np.float32), np.asarray(calibrated, np.float32))
+
+    def detect(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The largest face of each frame (boxes searched at ``detect_max_side``)."""
+        frames = _check_frames(frames)
+        n, h, w = frames.shape[:3]
+        scale = min(1.0, self.detect_max_side / max(h, w)) if self.detect_max_side else 1.0
+        frame_of, boxes, _, _ = self._cascade(frames, scale)
+        landmarks = np.full((n, NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
+        found = np.zeros(n, dtype=bool)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) if len(boxes) else np.zeros(0)
+        for f in np.unique(frame_of):
+            i = np.flatnonzero(frame_of == f)
+            landmarks[f] = self.fit(np.ascontiguousarray(frames[f]), boxes[i[np.argmax(area[i])]])
+            found[f] = True
+        return landmarks, found
+
+
 # ---------------------------------------------------------------------------------------------
 # DWPose (YOLOX-L person boxes + RTMPose-style whole-body model, SimCC heads), onnxruntime.
 DWPOSE_DET_FILE = "yolox_l.onnx"
@@ -473,18 +564,20 @@ class DWPoseDetector:
 
 
 def make_detector(detector: str = "dlib", dwpose_dir: Optional[str] = None,
-                  detect_max_side: Optional[int] = 480):
-    """``"dlib"`` (HOG, offline default), ``"dlib_cnn"`` (MMOD CNN) or ``"dwpose"``; a given
-    ``dwpose_dir`` selects DWPose. The result implements both :class:`FaceLandmarkDetector`
-    and :class:`FaceCandidateDetector`."""
+                  detect_max_side: Optional[int] = 480, device: str = "cpu"):
+    """``"dlib"`` (HOG, offline default), ``"dlib_cnn"`` (MMOD CNN), ``"mtcnn"`` (torch, on
+    ``device``) or ``"dwpose"``; a given ``dwpose_dir`` selects DWPose. The result implements both
+    :class:`FaceLandmarkDetector` and :class:`FaceCandidateDetector`."""
     if dwpose_dir or detector == "dwpose":
         if not dwpose_dir:
             raise FaceDetectorError("detector 'dwpose' needs weights.dwpose_dir (yolox_l.onnx + dw-ll_ucoco_384.onnx)")
         return DWPoseDetector(dwpose_dir)
     if detector == "dlib_cnn":
         return DlibCnnDetector(detect_max_side=detect_max_side)
+    if detector == "mtcnn":
+        return MtcnnDetector(device=device, detect_max_side=detect_max_side)
     if detector != "dlib":
-        raise FaceDetectorError(f"unknown detector {detector!r}: use 'dlib', 'dlib_cnn' or 'dwpose'")
+        raise FaceDetectorError(f"unknown detector {detector!r}: use 'dlib', 'dlib_cnn', 'mtcnn' or 'dwpose'")
     return DlibDetector(detect_max_side=detect_max_side)
 
 

@@ -95,6 +95,7 @@ from pipelines.ingestion.stages import (
     STAGE_TIMES_KEY,
     AnalyzerStage,
     DecodeStage,
+    analysis_gpus,
     screen_video_steps,
 )
 from pipelines.ingestion.units import UNIT_KEY, WorkRange, plan_ranges
@@ -263,7 +264,7 @@ def build_dataset(rows: list[dict], cfg: PlatformConfig, vae: str, wav2vec2: str
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
         ds = ds.flat_map(AnalyzerStage, fn_constructor_kwargs={"cfg": ing, "dwpose_dir": dwpose_dir},
                     compute=actor_pool_strategy(min(ing.num_detect_actors, len(rows)), one_task_per_actor=True),
-                    num_cpus=ing.stage_num_cpus, **actor_args)
+                    num_cpus=ing.stage_num_cpus, **analysis_gpus(ing), **actor_args)
         ds = ds.map_batches(AudioFeatureStage, batch_size=1,
                             fn_constructor_kwargs={"location": wav2vec2, "local_files_only": local_files_only,
                                                    "device": device, "fps": ing.fps},

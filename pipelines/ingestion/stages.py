@@ -357,6 +357,18 @@ class CropTrack:
     found: np.ndarray
 
 
+def analysis_device(cfg: IngestConfig) -> str:
+    """Device of the analysis' face detector: "cuda" for MTCNN with ``use_gpu`` (the job gives
+    those actors a GPU: :func:`analysis_gpus`), else "cpu" (dlib runs on the CPU only)."""
+    return "cuda" if cfg.use_gpu and cfg.detector == "mtcnn" else "cpu"
+
+
+def analysis_gpus(cfg: IngestConfig) -> dict:
+    """Ray resources of an analysis actor beyond its CPUs: ``model_num_gpus`` GPUs where
+    :func:`analysis_device` is "cuda" (its watched child inherits the actor's CUDA_VISIBLE_DEVICES)."""
+    return {"num_gpus": cfg.model_num_gpus} if analysis_device(cfg) == "cuda" else {}
+
+
 class VideoAnalyzer:
     """Ray Data ``map`` UDF (callable class: the face detector is built once per actor).
 
@@ -373,7 +385,8 @@ class VideoAnalyzer:
     def __init__(self, cfg: IngestConfig, dwpose_dir: Optional[str] = None):
 
         self.cfg = cfg
-        self.detector = make_detector(cfg.detector, dwpose_dir, detect_max_side=cfg.detect_max_side)
+        self.detector = make_detector(cfg.detector, dwpose_dir, detect_max_side=cfg.detect_max_side,
+                                      device=analysis_device(cfg))
 
     def __call__(self, row: dict) -> list[dict]:
         """The whole analysis of one video (or one range of it) in this process (no deadline):
