@@ -14,7 +14,9 @@ row says why they were skipped):
 * sampler, issue 14's attention (no boolean SDPA mask on any row, so the flash kernel can run;
   reference K/V once per clip) against the computation before it
   (``models.reference_attention.boolean_masks``): ratio of one clip's time, interleaved pairs;
-* sampler, reference features cached per clip against recomputed at every step: ratio.
+* sampler, reference features cached per clip against recomputed at every step: ratio;
+* (CUDA only) the MTCNN face detector's seconds per frame at batch 1 / 8 / 32 on 1280x720 frames
+  (``benchmarks.bench_detectors.gpu_rows``; real weights, from the facenet-pytorch wheel).
 
 ``python -m benchmarks.gpu_rows`` (CUDA, sd15 size); ``--quick``: fewer steps and frames (about
 2 minutes on one A100-class GPU, model construction included); ``--device cpu --tiny``: the same
@@ -231,6 +233,10 @@ def collect(device: torch.device, size: Size, quick: bool) -> list[dict]:
         _reset_peak(device)  # the model and optimizer of the row are gone: release their memory
     rows += sampler_rows(size, device, steps=10 if quick else 25, frames=24 if quick else 50,
                          ratio_steps=3 if quick else 5, pairs=2 if quick else 3)
+    if device.type == "cuda":  # the ingest's GPU face detector (ingest.detector=mtcnn with use_gpu)
+        from benchmarks.bench_detectors import gpu_rows as detector_rows
+
+        rows += detector_rows(str(device), repeats=2 if quick else 3)
     return rows
 
 

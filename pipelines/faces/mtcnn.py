@@ -208,31 +208,35 @@ def _square(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def crop_boxes(images: torch.Tensor, frame: torch.Tensor, boxes: torch.Tensor, size: int,
-               supersample: int = 4) -> torch.Tensor:
+               max_supersample: int = 4) -> torch.Tensor:
     """Crops [k, 3, size, size] of ``images`` [n, 3, H, W] (float pixels 0..255) at ``boxes``
     [k, 4] (pixels, x0, y0, x1, y1) of frames ``frame`` [k]; outside the image: 0 (black), as
-    the paper's padding. Bilinear samples on a ``supersample`` x finer grid averaged down (an
-    area-like shrink: faces far larger than the crop do not alias). One gather for all boxes of
-    all frames (grid_sample would need one image copy per box)."""
-    n, _, h, w = images.shape
-    s = size * supersample
-    t = (torch.arange(s, device=images.device, dtype=images.dtype) + 0.5) / s  # cell centres 0..1
-    x = boxes[:, 0:1] + t[None] * (boxes[:, 2:3] - boxes[:, 0:1]) - 0.5  # [k, s] pixel-centre coords
-    y = boxes[:, 1:2] + t[None] * (boxes[:, 3:4] - boxes[:, 1:2]) - 0.5
-    x0, y0 = x.floor(), y.floor()
-    fx, fy = (x - x0)[:, None, :], (y - y0)[:, :, None]  # [k, 1, s], [k, s, 1]
-    out = images.new_zeros((boxes.shape[0], s, s, 3))
-    flat = images.permute(0, 2, 3, 1)  # [n, H, W, 3]
-    f = frame[:, None, None]
-    for dy, wy in ((0, 1 - fy), (1, fy)):
-        yy = (y0 + dy).long()[:, :, None]  # [k, s, 1]
-        for dx, wx in ((0, 1 - fx), (1, fx)):
-            xx = (x0 + dx).long()[:, None, :]  # [k, 1, s]
-            inside = ((yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)).to(images.dtype)
-            px = flat[f, yy.clamp(0, h - 1), xx.clamp(0, w - 1)]  # [k, s, s, 3]
-            out += px * (wy * wx * inside)[..., None]
-    out = out.permute(0, 3, 1, 2)
-    return F.avg_pool2d(out, supersample) if supersample > 1 else out
+    the paper's padding. Bilinear ``grid_sample``, one call per frame over all its boxes (the
+    frame expanded, not copied); boxes wider than 1.5 crops are sampled on an up to
+    ``max_supersample`` x finer grid and averaged down (an area-like shrink: large faces do not
+    alias), the many small ones of P-Net directly."""
+    out = images.new_zeros((boxes.shape[0], 3, size, size))
+    h, w = images.shape[2:]
+    width = boxes[:, 2] - boxes[:, 0]
+    for sup in range(1, max_supersample + 1):
+        # supersample 1 up to 1.5 crops wide, then the next integer ratio, max_supersample above
+        lo = 0.0 if sup == 1 else (1.5 if sup == 2 else float(sup - 1)) * size
+        hi = float("inf") if sup == max_supersample else (1.5 if sup == 1 else float(sup)) * size
+        band = (width > lo) & (width <= hi)
+        if not band.any():
+            continue
+        s = size * sup
+        t = (torch.arange(s, device=images.device, dtype=images.dtype) + 0.5) / s  # cell centres 0..1
+        for f in torch.unique(frame[band]).tolist():
+            rows = torch.nonzero(band & (frame == f)).flatten()
+            b = boxes[rows]
+            gx = (b[:, 0:1] + t[None] * (b[:, 2:3] - b[:, 0:1])) / w * 2 - 1  # [m, s] in -1..1
+            gy = (b[:, 1:2] + t[None] * (b[:, 3:4] - b[:, 1:2])) / h * 2 - 1
+            grid = torch.stack([gx[:, None, :].expand(-1, s, -1), gy[:, :, None].expand(-1, -1, s)], -1)
+            crop = F.grid_sample(images[f:f + 1].expand(len(rows), -1, -1, -1), grid, mode="bilinear",
+                                 padding_mode="zeros", align_corners=False)
+            out[rows] = F.avg_pool2d(crop, sup) if sup > 1 else crop
+    return out
 
 
 def _to_net(x: torch.Tensor) -> torch.Tensor:
@@ -281,8 +285,10 @@ class Mtcnn:
     @torch.inference_mode()
     def __call__(self, frames: np.ndarray | torch.Tensor, min_face_px: Optional[float] = None) -> MtcnnFaces:
         """Faces of ``frames`` uint8 [n, H, W, 3] RGB (numpy or a tensor already on the device)."""
-        images = torch.as_tensor(np.require(frames, requirements=["C", "W"]) if isinstance(frames, np.ndarray) else frames).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        n, _, h, w = images.shape
+        if isinstance(frames, np.ndarray):  # a writable copy only where needed (torch warns on read-only)
+            frames = torch.from_numpy(np.require(frames, np.uint8, ["C", "W"]))
+        images = frames.to(self.device).permute(0, 3, 1, 2).float()  # uint8 travels, float on the device
+        h, w = images.shape[2:]
         t1, t2, t3 = self.thresholds
         dev = self.device
 
@@ -321,7 +327,7 @@ class Mtcnn:
         f = f[keep]
 
         # stage 3: O-Net on 48 x 48 crops: final score, box and 5 landmarks
-        prob, offs, marks = self.onet(_to_net(crop_boxes(images, f, boxes, 48, supersample=2)))
+        prob, offs, marks = self.onet(_to_net(crop_boxes(images, f, boxes, 48)))
         offs = offs[:, _OFFSETS]
         if not _MARKS_X_FIRST:
             marks = torch.cat([marks[:, 5:], marks[:, :5]], 1)
