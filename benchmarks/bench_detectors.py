@@ -10,7 +10,7 @@ and a face print on a shirt for false positives.
 Held-out real faces (:func:`_real_cases`; none of them is the rendered scenes' face): Grace
 Hopper's portrait (matplotlib's ``grace_hopper.jpg``, public domain) pasted into a 1280x720 frame
 over a real non-face photo (scikit-learn's ``china.jpg``), its face 5, 10, 20, 40 % of the short
-side, rolled by +-20 degrees, darkened (gamma 2.2) and mirrored; the truth box is dlib's 68-point
+side, rolled by +-20 and +40 degrees, darkened (gamma 2.2) and mirrored; the truth box is dlib's 68-point
 box on the photo, moved with it. Non-face real frames (false positives): scikit-image's cat,
 coffee, rocket, Hubble deep field and scikit-learn's china and flower photos at 1280x720. False tracks
 (:func:`_false_tracks`): candidates linked over the frames (``pipelines.faces.tracks.link_tracks``)
@@ -122,6 +122,7 @@ def _real_cases(frames_per_case: int) -> list[tuple[str, np.ndarray, np.ndarray]
     variants = [(f"hopper {frac:.0%}", frac, 0.0, 1.0, False) for frac in (0.05, 0.10, 0.20, 0.40)]
     variants += [("hopper 20 % rolled +20 deg", 0.20, 20.0, 1.0, False),
                  ("hopper 20 % rolled -20 deg", 0.20, -20.0, 1.0, False),
+                 ("hopper 20 % rolled +40 deg", 0.20, 40.0, 1.0, False),
                  ("hopper 20 % dark (gamma 2.2)", 0.20, 0.0, 2.2, False),
                  ("hopper 20 % mirrored", 0.20, 0.0, 1.0, True)]
     cases = []

@@ -107,15 +107,18 @@ def test_batched_nms_is_greedy_nms_per_frame():
     assert kept == expect and 3 < len(kept) < 60
 
 
-def test_missing_weights_name_the_file(monkeypatch):
+def test_missing_or_wrong_weights_name_the_file(monkeypatch):
     import pipelines.faces.mtcnn as mtcnn
 
     monkeypatch.setitem(mtcnn.WEIGHT_FILES, "onet", "facenet_pytorch/data/no_such_onet.pt")
     with pytest.raises(FaceDetectorError, match="no_such_onet.pt"):
         make_detector("mtcnn")
+    monkeypatch.setitem(mtcnn.WEIGHT_FILES, "onet", mtcnn.WEIGHT_FILES["pnet"])  # a state dict, not O-Net's
+    with pytest.raises(FaceDetectorError, match=r"pnet\.pt: not the MTCNN onet weights"):
+        make_detector("mtcnn")
     monkeypatch.setattr(mtcnn, "WEIGHTS_PACKAGE", "no-such-package-loopy")
     with pytest.raises(FaceDetectorError, match=r"pnet\.pt.*no-such-package-loopy is not installed"):
-        mtcnn.mtcnn_weight_path("pnet")
+        make_detector("mtcnn")
 
 
 def test_cuda_without_a_gpu_is_a_clear_error():

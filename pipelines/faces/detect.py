@@ -36,6 +36,7 @@ import numpy as np
 
 from pipelines.errors import PipelineError
 from pipelines.faces.landmarks import NUM_LANDMARKS, wholebody_to_face68
+from pipelines.faces.mtcnn import Mtcnn, MtcnnWeightsError
 from pipelines.faces.person_tracks import CANONICAL_FACE_PX
 from pipelines.faces.tracks import (
     FaceCandidates,
@@ -342,12 +343,13 @@ class MtcnnDetector(DlibDetector):
     def __init__(self, device: str = "cpu", detect_max_side: Optional[int] = 480, min_score: float = 0.9,
                  batch_size: int = 16):
         super().__init__(detect_max_side)
-        from pipelines.faces.mtcnn import Mtcnn
-
         self.device = device
         self.min_score = float(min_score)
         self.batch_size = max(1, int(batch_size))
-        self._mtcnn = Mtcnn(device, min_face_px=self.PYRAMID_MIN_PX)
+        try:
+            self._mtcnn = Mtcnn(device, min_face_px=self.PYRAMID_MIN_PX)
+        except MtcnnWeightsError as exc:
+            raise FaceDetectorError(str(exc)) from None
 
     def _cascade(self, frames: np.ndarray, scale: float):
         """MTCNN over ``frames`` in batches -> (frame [k], dlib-style boxes [k, 4], scores [k],

@@ -26,14 +26,14 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-from pipelines.faces.detect import FaceDetectorError
+from pipelines.errors import PipelineError
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS_PACKAGE = "facenet-pytorch"
 WEIGHT_FILES = {"pnet": "facenet_pytorch/data/pnet.pt", "rnet": "facenet_pytorch/data/rnet.pt",
@@ -53,8 +53,10 @@ _OFFSETS = [0, 1, 2, 3]  # box-offset outputs -> (x0, y0, x1, y1)
 _MARKS_X_FIRST = True  # landmark outputs: 5 x then 5 y
 
 
-class MtcnnWeightsError(FaceDetectorError):
-    """A weight file of the MTCNN wheel is missing or unreadable (pip install --no-deps facenet-pytorch==2.6.0)."""
+class MtcnnWeightsError(PipelineError, RuntimeError):
+    """The cascade cannot be built: a weight file of the MTCNN wheel missing or unreadable (pip
+    install --no-deps facenet-pytorch==2.6.0), or CUDA asked for where there is none.
+    ``MtcnnDetector`` turns it into a ``FaceDetectorError``."""
 
 
 def mtcnn_weight_path(net: str) -> Path:
@@ -71,82 +73,113 @@ def mtcnn_weight_path(net: str) -> Path:
     return path
 
 
-class PNet(nn.Module):
-    """[N, 3, h, w] -> (face probability [N, h', w'], offsets [N, 4, h', w']), h' = (h - 10) // 2 - 1 ..."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
-        self.conv2, self.prelu2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
-        self.conv3, self.prelu3 = nn.Conv2d(16, 32, 3), nn.PReLU(32)
-        self.conv4_1 = nn.Conv2d(32, 2, 1)
-        self.conv4_2 = nn.Conv2d(32, 4, 1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = F.max_pool2d(self.prelu1(self.conv1(x)), 2, 2, ceil_mode=True)
-        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
-        return torch.softmax(self.conv4_1(x), 1)[:, _FACE], self.conv4_2(x)
+# The architecture (the paper's Fig. 2), as the state-dict shapes it implies: conv (out, in, k, k),
+# PReLU (channels,), dense (out, in); dense inputs 576 = 64 x 3 x 3 and 1152 = 128 x 3 x 3 follow
+# from 24 / 48 px inputs with max-pooling that rounds up. A file of other shapes is refused.
+def _conv(prefix: str, out: int, inp: int, k: int) -> dict:
+    return {f"{prefix}.weight": (out, inp, k, k), f"{prefix}.bias": (out,)}
 
 
-def _flatten(x: torch.Tensor) -> torch.Tensor:
+def _dense(prefix: str, out: int, inp: int) -> dict:
+    return {f"{prefix}.weight": (out, inp), f"{prefix}.bias": (out,)}
+
+
+SHAPES = {
+    "pnet": {**_conv("conv1", 10, 3, 3), "prelu1.weight": (10,), **_conv("conv2", 16, 10, 3), "prelu2.weight": (16,),
+             **_conv("conv3", 32, 16, 3), "prelu3.weight": (32,), **_conv("conv4_1", 2, 32, 1),
+             **_conv("conv4_2", 4, 32, 1)},
+    "rnet": {**_conv("conv1", 28, 3, 3), "prelu1.weight": (28,), **_conv("conv2", 48, 28, 3), "prelu2.weight": (48,),
+             **_conv("conv3", 64, 48, 2), "prelu3.weight": (64,), **_dense("dense4", 128, 576),
+             "prelu4.weight": (128,), **_dense("dense5_1", 2, 128), **_dense("dense5_2", 4, 128)},
+    "onet": {**_conv("conv1", 32, 3, 3), "prelu1.weight": (32,), **_conv("conv2", 64, 32, 3), "prelu2.weight": (64,),
+             **_conv("conv3", 64, 64, 3), "prelu3.weight": (64,), **_conv("conv4", 128, 64, 2),
+             "prelu4.weight": (128,), **_dense("dense5", 256, 1152), "prelu5.weight": (256,),
+             **_dense("dense6_1", 2, 256), **_dense("dense6_2", 4, 256), **_dense("dense6_3", 10, 256)},
+}
+
+# The networks are functions of their weights (dicts of tensors), not nn.Modules: torch is imported
+# only when a detector is built, so importing pipelines.faces.detect (every ingest) stays torch-free.
+
+
+def _cp(w: dict, n: int, x: "torch.Tensor") -> "torch.Tensor":
+    """conv{n} then prelu{n}."""
+    import torch.nn.functional as F
+
+    return F.prelu(F.conv2d(x, w[f"conv{n}.weight"], w[f"conv{n}.bias"]), w[f"prelu{n}.weight"])
+
+
+def _dp(w: dict, name: str, n: int, x: "torch.Tensor") -> "torch.Tensor":
+    """dense ``name`` then prelu{n}."""
+    import torch.nn.functional as F
+
+    return F.prelu(F.linear(x, w[f"{name}.weight"], w[f"{name}.bias"]), w[f"prelu{n}.weight"])
+
+
+def _face(w: dict, name: str, x: "torch.Tensor") -> "torch.Tensor":
+    """Face probability of the 2-way softmax head ``name`` (dense [N, 2] or conv [N, 2, h, w])."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = F.linear(x, w[f"{name}.weight"], w[f"{name}.bias"]) if x.ndim == 2 else \
+        F.conv2d(x, w[f"{name}.weight"], w[f"{name}.bias"])
+    return torch.softmax(logits, 1)[:, _FACE]
+
+
+def _flatten(x: "torch.Tensor") -> "torch.Tensor":
     """Dense-layer input [N, C, H, W] -> [N, W x H x C] in (W, H, C) order (measured, see above:
     ``flatten`` in (C, H, W) order finds boxes at random places)."""
     return x.permute(0, 3, 2, 1).flatten(1)
 
 
-class RNet(nn.Module):
-    """[N, 3, 24, 24] -> (face probability [N], offsets [N, 4])."""
+def pnet(w: dict, x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """P-Net: [N, 3, h, w] -> (face probability [N, h', w'], offsets [N, 4, h', w']); one output
+    cell per 12 x 12 window at stride 2."""
+    import torch.nn.functional as F
 
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 28, 3), nn.PReLU(28)
-        self.conv2, self.prelu2 = nn.Conv2d(28, 48, 3), nn.PReLU(48)
-        self.conv3, self.prelu3 = nn.Conv2d(48, 64, 2), nn.PReLU(64)
-        self.dense4, self.prelu4 = nn.Linear(576, 128), nn.PReLU(128)
-        self.dense5_1 = nn.Linear(128, 2)
-        self.dense5_2 = nn.Linear(128, 4)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
-        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
-        x = self.prelu4(self.dense4(_flatten(self.prelu3(self.conv3(x)))))
-        return torch.softmax(self.dense5_1(x), 1)[:, _FACE], self.dense5_2(x)
+    x = F.max_pool2d(_cp(w, 1, x), 2, 2, ceil_mode=True)
+    x = _cp(w, 3, _cp(w, 2, x))
+    return _face(w, "conv4_1", x), F.conv2d(x, w["conv4_2.weight"], w["conv4_2.bias"])
 
 
-class ONet(nn.Module):
-    """[N, 3, 48, 48] -> (face probability [N], offsets [N, 4], landmarks [N, 10])."""
+def rnet(w: dict, x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """R-Net: [N, 3, 24, 24] -> (face probability [N], offsets [N, 4])."""
+    import torch.nn.functional as F
 
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
-        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
-        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
-        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
-        self.dense5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
-        self.dense6_1 = nn.Linear(256, 2)
-        self.dense6_2 = nn.Linear(256, 4)
-        self.dense6_3 = nn.Linear(256, 10)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
-        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
-        x = F.max_pool2d(self.prelu3(self.conv3(x)), 2, 2, ceil_mode=True)
-        x = self.prelu5(self.dense5(_flatten(self.prelu4(self.conv4(x)))))
-        return torch.softmax(self.dense6_1(x), 1)[:, _FACE], self.dense6_2(x), self.dense6_3(x)
+    x = F.max_pool2d(_cp(w, 1, x), 3, 2, ceil_mode=True)
+    x = F.max_pool2d(_cp(w, 2, x), 3, 2, ceil_mode=True)
+    x = _dp(w, "dense4", 4, _flatten(_cp(w, 3, x)))
+    return _face(w, "dense5_1", x), F.linear(x, w["dense5_2.weight"], w["dense5_2.bias"])
 
 
-def load_nets(device: str | torch.device = "cpu") -> tuple[PNet, RNet, ONet]:
-    """The three networks with the wheel's weights, in eval mode on ``device``."""
-    nets = (PNet(), RNet(), ONet())
-    for name, net in zip(("pnet", "rnet", "onet"), nets):
-        path = mtcnn_weight_path(name)
+def onet(w: dict, x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """O-Net: [N, 3, 48, 48] -> (face probability [N], offsets [N, 4], landmarks [N, 10])."""
+    import torch.nn.functional as F
+
+    x = F.max_pool2d(_cp(w, 1, x), 3, 2, ceil_mode=True)
+    x = F.max_pool2d(_cp(w, 2, x), 3, 2, ceil_mode=True)
+    x = F.max_pool2d(_cp(w, 3, x), 2, 2, ceil_mode=True)
+    x = _dp(w, "dense5", 5, _flatten(_cp(w, 4, x)))
+    return (_face(w, "dense6_1", x), F.linear(x, w["dense6_2.weight"], w["dense6_2.bias"]),
+            F.linear(x, w["dense6_3.weight"], w["dense6_3.bias"]))
+
+
+def load_weights(device: "str | torch.device" = "cpu") -> dict[str, dict]:
+    """{"pnet" | "rnet" | "onet": {name: tensor on ``device``}} from the wheel's files, each checked
+    against :data:`SHAPES` (:class:`MtcnnWeightsError` naming the file otherwise)."""
+    import torch
+
+    weights = {}
+    for net, shapes in SHAPES.items():
+        path = mtcnn_weight_path(net)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            net.load_state_dict(state)
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-            raise MtcnnWeightsError(f"{path}: not a loadable MTCNN {name} state dict ({exc})") from None
-        net.eval().to(device)
-    return nets
+            raise MtcnnWeightsError(f"{path}: not a loadable MTCNN {net} state dict ({type(exc).__name__})") from None
+        got = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) else {}
+        if got != shapes:
+            raise MtcnnWeightsError(f"{path}: not the MTCNN {net} weights (tensors {sorted(got)[:4]}...)")
+        weights[net] = {k: v.float().to(device) for k, v in state.items()}
+    return weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +194,9 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     installed beside this torch; no Python loop over boxes (GPU-friendly): the boxes of each group
     are padded into [G, m] and greedy suppression is the fixed point of ``keep[j] = no kept
     higher-scored box overlaps j``, reached in as many rounds as the longest suppression chain."""
+    import torch
+
+
     k = boxes.shape[0]
     if k == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
@@ -202,6 +238,8 @@ def _regress(boxes: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 def _square(boxes: torch.Tensor) -> torch.Tensor:
     """Boxes [k, 4] made square (the longer side) about their centres."""
+    import torch
+
     c = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = (boxes[:, 2:] - boxes[:, :2]).max(1, keepdim=True).values / 2
     return torch.cat([c - half, c + half], 1)
@@ -215,6 +253,10 @@ def crop_boxes(images: torch.Tensor, frame: torch.Tensor, boxes: torch.Tensor, s
     frame expanded, not copied); boxes wider than 1.5 crops are sampled on an up to
     ``max_supersample`` x finer grid and averaged down (an area-like shrink: large faces do not
     alias), the many small ones of P-Net directly."""
+    import torch
+    import torch.nn.functional as F
+
+
     out = images.new_zeros((boxes.shape[0], 3, size, size))
     h, w = images.shape[2:]
     width = boxes[:, 2] - boxes[:, 0]
@@ -264,10 +306,12 @@ class Mtcnn:
 
     def __init__(self, device: str | torch.device = "cpu", min_face_px: float = 20.0,
                  thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7), factor: float = 0.709):
+        import torch
+
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise FaceDetectorError(f"MTCNN on {device}: no CUDA device here (torch.cuda.is_available() is False)")
-        self.pnet, self.rnet, self.onet = load_nets(self.device)
+            raise MtcnnWeightsError(f"MTCNN on {device}: no CUDA device here (torch.cuda.is_available() is False)")
+        self.weights = load_weights(self.device)
         self.min_face_px = float(min_face_px)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.factor = float(factor)
@@ -282,9 +326,17 @@ class Mtcnn:
             s *= self.factor
         return scales
 
-    @torch.inference_mode()
     def __call__(self, frames: np.ndarray | torch.Tensor, min_face_px: Optional[float] = None) -> MtcnnFaces:
         """Faces of ``frames`` uint8 [n, H, W, 3] RGB (numpy or a tensor already on the device)."""
+        import torch
+
+        with torch.inference_mode():
+            return self._cascade(frames, min_face_px)
+
+    def _cascade(self, frames: np.ndarray | torch.Tensor, min_face_px: Optional[float]) -> MtcnnFaces:
+        import torch
+        import torch.nn.functional as F
+
         if isinstance(frames, np.ndarray):  # a writable copy only where needed (torch warns on read-only)
             frames = torch.from_numpy(np.require(frames, np.uint8, ["C", "W"]))
         images = frames.to(self.device).permute(0, 3, 1, 2).float()  # uint8 travels, float on the device
@@ -297,7 +349,7 @@ class Mtcnn:
         for s in self.pyramid(h, w, min_face_px):
             hs, ws = int(np.ceil(h * s)), int(np.ceil(w * s))
             level = F.interpolate(images, size=(hs, ws), mode="bilinear", align_corners=False, antialias=True)
-            prob, reg = self.pnet(_to_net(level))
+            prob, reg = pnet(self.weights["pnet"], _to_net(level))
             f, yy, xx = torch.nonzero(prob > t1, as_tuple=True)
             if len(f) == 0:
                 continue
@@ -316,7 +368,7 @@ class Mtcnn:
         boxes, f = _square(boxes[keep]), f[keep]
 
         # stage 2: R-Net on every 24 x 24 crop of every frame
-        prob, offs = self.rnet(_to_net(crop_boxes(images, f, boxes, 24)))
+        prob, offs = rnet(self.weights["rnet"], _to_net(crop_boxes(images, f, boxes, 24)))
         offs = offs[:, _OFFSETS]
         ok = prob > t2
         boxes, score, offs, f = boxes[ok], prob[ok], offs[ok], f[ok]
@@ -327,7 +379,7 @@ class Mtcnn:
         f = f[keep]
 
         # stage 3: O-Net on 48 x 48 crops: final score, box and 5 landmarks
-        prob, offs, marks = self.onet(_to_net(crop_boxes(images, f, boxes, 48)))
+        prob, offs, marks = onet(self.weights["onet"], _to_net(crop_boxes(images, f, boxes, 48)))
         offs = offs[:, _OFFSETS]
         if not _MARKS_X_FIRST:
             marks = torch.cat([marks[:, 5:], marks[:, :5]], 1)
