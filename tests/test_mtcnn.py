@@ -89,8 +89,13 @@ def test_detect_gives_the_largest_face(detector, two):
     assert (np.linalg.norm(centre - big, axis=1) < 0.2 * (truth[:, 0, 2] - truth[:, 0, 0])).all()
 
 
-def test_batched_nms_is_greedy_nms_per_frame():
+@pytest.mark.parametrize("chunked", [False, True])
+def test_batched_nms_is_greedy_nms_per_frame(chunked, monkeypatch):
+    from pipelines.faces import mtcnn
     from pipelines.faces.mtcnn import batched_nms
+
+    if chunked:  # one frame per overlap matrix, as with many boxes on a big batch
+        monkeypatch.setattr(mtcnn, "_NMS_ELEMENTS", 1)
 
     rng = np.random.default_rng(1)
     xy = rng.uniform(0, 100, (60, 2))

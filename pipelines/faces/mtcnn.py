@@ -49,8 +49,6 @@ WEIGHT_FILES = {"pnet": "facenet_pytorch/data/pnet.pt", "rnet": "facenet_pytorch
 # * softmax index 1 is "face";
 # * box offsets are (x0, y0, x1, y1) x box size; landmarks 5 x then 5 y, fractions of the box.
 _FACE = 1
-_OFFSETS = [0, 1, 2, 3]  # box-offset outputs -> (x0, y0, x1, y1)
-_MARKS_X_FIRST = True  # landmark outputs: 5 x then 5 y
 
 
 class MtcnnWeightsError(PipelineError, RuntimeError):
@@ -186,6 +184,9 @@ def load_weights(device: "str | torch.device" = "cpu") -> dict[str, dict]:
 # Boxes
 
 
+_NMS_ELEMENTS = 1 << 25  # largest [groups, m, m] overlap matrix of one batched_nms step (~0.5 GB of temporaries)
+
+
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, threshold: float,
                 min_overlap: bool = False) -> torch.Tensor:
     """Greedy non-maximum suppression per group (frame), all groups at once: indices (into
@@ -200,6 +201,15 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     k = boxes.shape[0]
     if k == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    uniq, counts = torch.unique(groups, return_counts=True)
+    m = int(counts.max())
+    per_chunk = max(1, _NMS_ELEMENTS // (m * m))
+    if len(uniq) > per_chunk:  # bound the [G, m, m] overlap matrices: groups in chunks
+        parts = []
+        for i in range(0, len(uniq), per_chunk):
+            rows = torch.nonzero(torch.isin(groups, uniq[i:i + per_chunk])).flatten()
+            parts.append(rows[batched_nms(boxes[rows], scores[rows], groups[rows], threshold, min_overlap)])
+        return torch.cat(parts)
     order = torch.argsort(scores, descending=True)
     order = order[torch.argsort(groups[order], stable=True)]  # by group, best first inside
     g = groups[order]
@@ -207,7 +217,6 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     starts = torch.cumsum(counts, 0) - counts
     gi = torch.repeat_interleave(torch.arange(len(uniq), device=boxes.device), counts)
     rank = torch.arange(k, device=boxes.device) - starts[gi]
-    m = int(counts.max())
     padded = boxes.new_zeros((len(uniq), m, 4))
     valid = torch.zeros((len(uniq), m), dtype=torch.bool, device=boxes.device)
     padded[gi, rank] = boxes[order]
@@ -356,7 +365,7 @@ class Mtcnn:
             cell = torch.stack([xx, yy, xx, yy], 1).float() * 2 + torch.tensor([0, 0, 12, 12], device=dev)
             boxes = cell / s
             score = prob[f, yy, xx]
-            offs = reg[f, :, yy, xx][:, _OFFSETS]
+            offs = reg[f, :, yy, xx]
             keep = batched_nms(boxes, score, f, 0.5)
             found_b.append(_regress(boxes[keep], offs[keep]))
             found_s.append(score[keep])
@@ -369,7 +378,6 @@ class Mtcnn:
 
         # stage 2: R-Net on every 24 x 24 crop of every frame
         prob, offs = rnet(self.weights["rnet"], _to_net(crop_boxes(images, f, boxes, 24)))
-        offs = offs[:, _OFFSETS]
         ok = prob > t2
         boxes, score, offs, f = boxes[ok], prob[ok], offs[ok], f[ok]
         if len(f) == 0:
@@ -380,9 +388,6 @@ class Mtcnn:
 
         # stage 3: O-Net on 48 x 48 crops: final score, box and 5 landmarks
         prob, offs, marks = onet(self.weights["onet"], _to_net(crop_boxes(images, f, boxes, 48)))
-        offs = offs[:, _OFFSETS]
-        if not _MARKS_X_FIRST:
-            marks = torch.cat([marks[:, 5:], marks[:, :5]], 1)
         ok = prob > t3
         boxes, score, offs, marks, f = boxes[ok], prob[ok], offs[ok], marks[ok], f[ok]
         if len(f) == 0:
