@@ -354,7 +354,7 @@ class MtcnnDetector(DlibDetector):
     def _cascade(self, frames: np.ndarray, scale: float):
         """MTCNN over ``frames`` in batches -> (frame [k], dlib-style boxes [k, 4], scores [k],
         5 points [k, 5, 2]), pixels of ``frames``; faces from ``PYRAMID_MIN_PX / scale`` px."""
-        rows = []
+        rows = [(np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))]
         for start in range(0, frames.shape[0], self.batch_size):
             found = self._mtcnn(frames[start:start + self.batch_size], min_face_px=self.PYRAMID_MIN_PX / scale)
             ok = found.scores >= self.min_score
