@@ -37,10 +37,11 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null \
 	  || echo "chromium could not be installed: tests/test_web_page.py will be skipped"; }
 
-# torch is pinned here, in the same pip command, so pip never drags a CUDA build.
+# torch is pinned here, in the same pip command, so pip never drags a CUDA build. The stamp also
+# depends on this Makefile, so a venv made before an install line was added gets it too.
 # facenet-pytorch only for the MTCNN weight files inside its wheel (pipelines/faces/mtcnn.py never
 # imports it): --no-deps, because it pins torch<2.3 and torchvision, which would replace this torch.
-$(STAMP): pyproject.toml | sysdeps
+$(STAMP): pyproject.toml Makefile | sysdeps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing the project into $(VENV) (pip output: $(VENV)/install.log)"
 	@$(PY) -m pip install -q --upgrade pip > $(VENV)/install.log 2>&1 \
