@@ -34,6 +34,7 @@ Generated media are cached under ``work/bench_media``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -110,7 +111,8 @@ def long_source_rows(seconds: int) -> list[dict]:
     walls, results = {}, {}
     for workers in (1, 2):
         load = os.getloadavg()[0]
-        res, _ = run_job(video, _cpu_overrides(workers) + [f"ingest.unit_s={unit_s:g}"], cores=workers)
+        res, _ = run_job(video, _cpu_overrides(workers) + [f"ingest.unit_s={unit_s:g}"], cores=workers,
+                         sample_memory=False)
         walls[workers], results[workers] = res["wall_s"], res
         results[workers]["load_before"] = load
     rows = []
@@ -282,12 +284,17 @@ print("RESULT " + json.dumps({"wall_s": wall, "ok": s.ok, "rejected": s.rejected
 """
 
 
-def run_job(input_path: Path, overrides: list[str], cores: int | None = None) -> tuple[dict, TreeRssSampler]:
-    """Ingest in a fresh process (own embedded Ray); returns (result, its memory sampler).
+def run_job(input_path: Path, overrides: list[str], cores: int | None = None,
+            sample_memory: bool = True) -> tuple[dict, TreeRssSampler | None]:
+    """Ingest in a fresh process (own embedded Ray); returns (result, its memory sampler, None
+    when ``sample_memory`` is False).
 
     ``cores``: pin the process (and so Ray's raylet and workers, which inherit it) to that many
     physical cores. Ray's logical ``num_cpus`` alone does not cap them: stages reserve fractions
-    of a CPU, so a "1 CPU" Ray would still run tasks on every core."""
+    of a CPU, so a "1 CPU" Ray would still run tasks on every core. The timing rows run without
+    the memory sampler: reading every process's ``smaps_rollup`` five times a second costs about a
+    third of a core here (measured: a run pinned to one core kept the machine 67 % busy, not 50 %),
+    which a 1-core run gets for free on the other core and a 2-core run pays, biasing the ratio."""
     pin = None
     if cores is not None:
         allowed = sorted(os.sched_getaffinity(0))[:cores]
@@ -298,7 +305,8 @@ def run_job(input_path: Path, overrides: list[str], cores: int | None = None) ->
         proc = subprocess.Popen([sys.executable, "-c", _RUNNER, str(input_path), str(out), *overrides],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(),
                                 preexec_fn=pin)
-        with TreeRssSampler(proc.pid, ready_file=ready) as sampler:
+        sampler = TreeRssSampler(proc.pid, ready_file=ready) if sample_memory else None
+        with sampler if sampler is not None else contextlib.nullcontext():
             stdout, stderr = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"ingest run failed ({proc.returncode}): {stderr[-2000:]}")
@@ -324,7 +332,7 @@ def run(long_seconds: int | None = None) -> list[dict]:
     per_min = {}
     stage_result = None
     for cpus in (1, 2):
-        res, _ = run_job(samples, _cpu_overrides(cpus), cores=cpus)
+        res, _ = run_job(samples, _cpu_overrides(cpus), cores=cpus, sample_memory=False)
         per_min[cpus] = res["ok"] / res["wall_s"] * 60.0
         rows.append({"benchmark": "ingest_job", "metric": f"videos_per_min_{cpus}cpu", "value": per_min[cpus],
                      "unit": "videos/min", "target": "",
