@@ -220,6 +220,15 @@ class FrontListener:
                 return
             ready.set()
             self._loop.run_forever()
+            # stopped: finish what is left on the loop here, so no connection coroutine is left
+            # for the garbage collector to close later, inside whatever another thread is doing
+            left = asyncio.all_tasks(self._loop)
+            for task in left:
+                task.cancel()
+            if left:
+                self._loop.run_until_complete(asyncio.wait(left, timeout=10))
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
 
         self._thread = threading.Thread(target=run, name="loopy-front", daemon=True)
         self._thread.start()
@@ -229,12 +238,17 @@ class FrontListener:
         return self
 
     def stop(self) -> None:
-        """Stop accepting (connections in flight are dropped with the loop)."""
-        if self._loop is None or self._server is None:
+        """Stop accepting; connections in flight are cancelled (their sockets closed) and the
+        loop is closed."""
+        if self._loop is None or self._server is None or self._loop.is_closed():
             return
 
         async def close() -> None:
             self._server.close()
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self._server.wait_closed()
 
         fut = asyncio.run_coroutine_threadsafe(close(), self._loop)
