@@ -71,6 +71,8 @@ class InputVideo:
     video_id: str  # 16 hex digits: the content id (video_id_for), or clip_id for a clip
     split: str  # "train" | "test"
     duplicate_of: Optional[str] = None  # source of an earlier input with the same content (and clip)
+    # a duplicate whose frames only overlap the earlier input's (a clip on either side), not a copy
+    duplicate_overlaps: bool = False
     clip: Optional[Clip] = None  # the time range an input-list row asked for; None = the whole file
     content_id: Optional[str] = None  # the file's content id (None: the same as video_id)
 
@@ -296,7 +298,8 @@ def plan_inputs(input_path: str | Path, test_fraction: float,
         if clash is not None:
             what = clash.source if clash.clip is None else f"{clash.source} [{clash.clip.label()}]"
             videos.append(InputVideo(source=entry.source, path=entry.path, video_id=vid, split=clash.split,
-                                     duplicate_of=what, clip=entry.clip, content_id=cid))
+                                     duplicate_of=what, clip=entry.clip, content_id=cid,
+                                     duplicate_overlaps=clash.clip is not None or entry.clip is not None))
             continue
         split = earlier[0].split if earlier else split_for(split_key_of(entry.path, cid, split_key), test_fraction)
         video = InputVideo(source=entry.source, path=entry.path, video_id=vid, split=split, clip=entry.clip,
@@ -308,10 +311,10 @@ def plan_inputs(input_path: str | Path, test_fraction: float,
 
 def duplicate_row(video: InputVideo) -> dict:
     """The manifest row of a copy of another input (status ``duplicate``, naming the original)."""
-    if video.clip is None and not video.duplicate_of.endswith(" s]"):
-        reason = f"duplicate: same content as {video.duplicate_of}"
-    else:  # a clip, or a whole file, overlapping an earlier input's frames of the same content
+    if video.duplicate_overlaps:  # a clip, or a whole file, overlapping an earlier input's frames
         reason = f"duplicate: overlaps {video.duplicate_of} (same content)"
+    else:
+        reason = f"duplicate: same content as {video.duplicate_of}"
     return manifest_row(video, status="duplicate", stage="duplicate", reason=reason, num_frames=0,
                         duplicate_of=video.duplicate_of)
 
