@@ -424,8 +424,6 @@ class LoopyIngress:
         return self._queue
 
     async def check_health(self) -> None:
-        if self._draining:  # drain() stopped the background tasks on purpose
-            return
         self._ensure_background()
         dead = [t for t in self._tasks if t.done()]
         if dead:
