@@ -69,10 +69,9 @@ class WorkRange:
     @staticmethod
     def of_row(row: dict, duration_s: float, fps: float) -> "WorkRange":
         """The range a row names, or the whole source (``duration_s``) when it names none."""
-        total = int(math.floor(duration_s * fps + 1e-6))
         if row.get("range_end") is None:
             vid = str(row["video_id"])
-            return WorkRange(vid, vid, 0, total, True, True)
+            return WorkRange(vid, vid, 0, clip_frames(duration_s, fps)[1], True, True)
         return WorkRange(str(row["unit_id"]), str(row["source_id"]), int(row["range_start"]),
                          int(row["range_end"]), bool(row["range_whole"]), bool(row["range_last"]),
                          bool(row.get("range_snap_start")), bool(row.get("range_snap_end")))
