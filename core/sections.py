@@ -266,6 +266,13 @@ class TrainConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
+    # what the denoiser predicts: "epsilon" (the noise: SD-1.5's and the paper's, for fine-tuning
+    # SD) or "v_prediction" (v = sqrt(a) eps - sqrt(1 - a) x0, Salimans & Ho 2022; ours for a U-Net
+    # trained from scratch, the demo's: an eps error at the noisiest steps reaches the clean-latent
+    # estimate multiplied by sqrt((1 - a) / a), 14.7 at t = 999, and a briefly trained tiny model's
+    # DDIM samples blew up to 3x the latents' std; a v error reaches it 1:1). The package records
+    # it, so the sampler's DDIM uses the same (docs/METHOD.md 4.1)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     # --- checkpoints, logging, evaluation ---
     checkpoint_every: int = 10  # steps; the last step always checkpoints
     checkpoints_to_keep: int = 2

@@ -6,16 +6,23 @@ with ``save_pretrained`` once under ``WeightsConfig.tiny_dir`` and always loaded
 ``from_pretrained``. So tests and the demo go through exactly the loading code that real weights
 use, without any download.
 
-``weights.vae`` replaces the tiny preset's random VAE when set: the demo points it at the VAE
-``training.fit_vae`` fitted to the sample faces (same architecture, ``tiny_vae_config``), so the
-tiny chain decodes recognisable faces; tests keep the random one.
+``weights.vae`` replaces the tiny preset's random VAE when set: the demo points it at the codec
+``training.fit_vae`` fitted to the sample faces (a :class:`core.patch_codec.PatchCodec`, or an
+``AutoencoderKL`` of ``tiny_vae_config``), so the tiny chain decodes recognisable faces; tests keep
+the random one. When that codec's latents have other channels than the tiny U-Net's 4, the tiny
+preset's U-Net is a random one of the same architecture with that many input and output channels
+(``sd/unet_<C>ch``, written once like the others; its first level at least 4/3 C wide,
+:func:`tiny_unet_config`): the U-Net is random either way, and its latent channels must be the
+codec's. :func:`load_vae` loads either codec class by its ``config.json``.
 
 ``sd15``: the user's SD-1.5 diffusers folder (or hub id) and ``facebook/wav2vec2-base-960h``.
 """
 from __future__ import annotations
 
 import fcntl
+import importlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -53,15 +60,24 @@ def tiny_vae_config() -> dict:
     )
 
 
-def tiny_unet_config() -> dict:
-    """A 2-level SD-style UNet2DConditionModel (same block kinds as SD-1.5, tiny widths)."""
+def tiny_unet_config(latent_channels: int = 4) -> dict:
+    """A 2-level SD-style UNet2DConditionModel (same block kinds as SD-1.5, tiny widths) for latents
+    of ``latent_channels`` channels.
+
+    Widths: [32, 64] for SD's 4 channels. For wider latents (a ``PatchCodec``'s 48) the first level
+    gets at least 4/3 of the latent channels, rounded up to 16: its feature map at the latent
+    resolution is all the decoder side has to write the noise estimate from, and with fewer
+    features than latent values per position it cannot even pass the noise through (measured
+    with 48 channels through width 32: the training loss stayed at 0.5 and DDIM's x0 estimates
+    blew up to std 5.5 against 0.7 for real latents)."""
+    first = max(32, 16 * math.ceil(4 * latent_channels / 3 / 16))
     return dict(
         sample_size=8,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
         up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-        block_out_channels=[32, 64],
+        block_out_channels=[first, max(64, first)],
         layers_per_block=1,
         cross_attention_dim=32,
         attention_head_dim=8,
@@ -118,12 +134,83 @@ def materialize_tiny_weights(root: Path, seed: int = 0) -> Path:
     return root
 
 
+def materialize_tiny_unet(root: Path, latent_channels: int, seed: int = 0) -> Path:
+    """The tiny U-Net with ``latent_channels`` input and output channels at
+    ``root/sd/unet_<C>ch`` (idempotent, process-safe; ``root`` from :func:`materialize_tiny_weights`).
+    Returns the folder."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    folder = root / "sd" / f"unet_{int(latent_channels)}ch"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        want = tiny_unet_config(int(latent_channels))
+        try:
+            have = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            have = {}
+        if any(have.get(k) != v for k, v in want.items()):  # none yet, or of an older tiny config
+            torch.manual_seed(seed)
+            UNet2DConditionModel(**tiny_unet_config(int(latent_channels))).save_pretrained(folder)
+    return folder
+
+
+# codec classes of this project by their config's ``_class_name`` -> module. Imported by name when
+# a codec is loaded, so that importing core.weights (every ingest worker does) does not import
+# diffusers; the KL-VAE is diffusers' own AutoencoderKL.
+PROJECT_CODECS = {"PatchCodec": "core.patch_codec"}
+
+
+def vae_class(location: str, local_files_only: bool):
+    """The diffusers class of the codec at ``location``: the project's class named by its
+    ``config.json`` ``_class_name`` (:data:`PROJECT_CODECS`: ``PatchCodec``), else ``AutoencoderKL``."""
+    from diffusers import AutoencoderKL
+
+    path = Path(location)
+    if path.is_dir():
+        try:
+            name = json.loads((path / "config.json").read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            name = None  # from_pretrained reports the unreadable config with its path
+    else:
+        parts = location.split("/")
+        try:
+            name = AutoencoderKL.load_config("/".join(parts[:2]), subfolder="/".join(parts[2:]) or None,
+                                             local_files_only=local_files_only).get("_class_name")
+        except (OSError, ValueError):
+            name = None
+    if name in PROJECT_CODECS:
+        return getattr(importlib.import_module(PROJECT_CODECS[name]), name)
+    return AutoencoderKL
+
+
+def load_vae(location: str, local_files_only: bool, **kwargs):
+    """The codec at ``location`` (``AutoencoderKL`` or ``PatchCodec``, :func:`vae_class`), loaded with
+    :func:`load_pretrained`."""
+    return load_pretrained(vae_class(location, local_files_only), location, local_files_only, **kwargs)
+
+
+def _local_latent_channels(location: Optional[str]) -> Optional[int]:
+    """``latent_channels`` of a local codec folder's ``config.json``; None for a hub id or no field."""
+    if not location or not (Path(location) / "config.json").is_file():
+        return None
+    try:
+        value = json.loads((Path(location) / "config.json").read_text()).get("latent_channels")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def resolve_weights(cfg: WeightsConfig) -> WeightPaths:
     """Where each pretrained part comes from under this config (tiny ones are created if needed)."""
     if cfg.preset == "tiny":
         root = materialize_tiny_weights(_tiny_root(cfg))
+        channels = _local_latent_channels(cfg.vae)
+        unet = root / "sd" / "unet"
+        if channels is not None and channels != tiny_unet_config()["in_channels"]:
+            unet = materialize_tiny_unet(root, channels)
         return WeightPaths(
-            unet=str(root / "sd" / "unet"),
+            unet=str(unet),
             vae=cfg.vae or str(root / "sd" / "vae"),
             wav2vec2=str(root / "wav2vec2"),
             dwpose_dir=cfg.dwpose_dir,

@@ -83,7 +83,9 @@ class DemoSettings:
     the test video's face is found in >= 90 % of the frames from stage-2 step 200 on."""
 
     train_steps: int = 400  # optimizer steps per stage
-    vae_steps: int = 600  # optimizer steps of the VAE fit (training.fit_vae; 600 x 0.22 CPU s, estimated)
+    prediction_type: str = "v_prediction"  # train.prediction_type: a from-scratch U-Net (core/sections.py)
+    vae_codec: str = "patch"  # training.fit_vae --codec: the PCA patch codec (keeps unseen faces; docs/EVALUATION.md)
+    vae_steps: int = 600  # optimizer steps of a "kl" VAE fit (600 x 0.22 CPU s, estimated); unused by "patch"
     train_lr: float = 1e-3  # the tiny U-Net learns from random init (the paper's 1e-5 is for SD-1.5 fine-tuning)
     stages: tuple[int, ...] = (1, 2)  # training stages, in order
     num_cpus: int = 2
@@ -129,6 +131,7 @@ def config_overrides(paths: DemoPaths, settings: DemoSettings) -> list[str]:
         "ingest.split_key=folder",
         f"ingest.test_fraction={SPLIT_TEST_FRACTION:g}",
         f"train.storage_path={paths.ray_results}",
+        f"train.prediction_type={settings.prediction_type}",
         f"serve.job_dir={paths.serve_jobs}",
     ]
 
@@ -139,7 +142,7 @@ def step_commands(paths: DemoPaths, settings: DemoSettings, python: str = sys.ex
     return {
         "samples": [python, "-m", "pipelines.samples", "--output", str(paths.samples), "--heldout"],
         "fit_vae": [python, "-m", "training.fit_vae", "--samples", str(paths.train_samples),
-                    "--out", str(paths.fitted_vae), "--steps", str(settings.vae_steps),
+                    "--out", str(paths.fitted_vae), "--codec", settings.vae_codec, "--steps", str(settings.vae_steps),
                     "--threads", str(settings.num_cpus), *common],
         "ingest": [python, str(PROJECT_ROOT / "pipelines" / "ingest.py"), "--input", str(paths.samples),
                    "--output", str(paths.ingested), *common],

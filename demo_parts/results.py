@@ -98,13 +98,13 @@ def drop_ingest_of_another_vae(paths: DemoPaths) -> bool:
 
 
 def vae_summary(folder: Path) -> str:
-    """One line from ``training.fit_vae``'s record: held-out PSNR of the fitted and the random VAE."""
+    """One line from ``training.fit_vae``'s record: held-out PSNR of the fitted and the unfitted codec."""
     try:
         record = json.loads((folder / "fit_vae.json").read_text())
     except (OSError, ValueError) as exc:
         raise StepError("fit_vae", f"no fit record in {folder}: {exc}") from exc
     return (f"VAE fitted to the training faces: PSNR {record['psnr_db']:.1f} dB on held-out frames "
-            f"(random VAE {record['psnr_random_db']:.1f} dB; fitted in {record['seconds']:.0f} s)")
+            f"(unfitted {record.get('codec', 'kl')} codec {record['psnr_random_db']:.1f} dB; fitted in {record['seconds']:.0f} s)")
 
 
 def short(path: Path) -> str:

@@ -212,10 +212,10 @@ def _check_fits(sampler: LoopySampler, video: EvalVideo) -> None:
     if shape != (mc.audio_layers, mc.audio_dim):
         raise EvalVideoError(f"video {video.video_id}: audio features {list(shape)} do not fit the model "
                              f"(model.audio_layers {mc.audio_layers}, model.audio_dim {mc.audio_dim})")
-    model_side = sampler.cfg.ingest.crop_size // 8
-    if video.ref_latent.shape[-1] != model_side:
-        raise EvalVideoError(f"video {video.video_id}: latents of side {video.ref_latent.shape[-1]} do not fit "
-                             f"the model (ingest.crop_size {sampler.cfg.ingest.crop_size} -> {model_side})")
+    want = sampler.codec.latent_shape(sampler.cfg.ingest.crop_size)
+    if tuple(video.ref_latent.shape[-3:]) != tuple(want):
+        raise EvalVideoError(f"video {video.video_id}: latents {list(video.ref_latent.shape[-3:])} do not fit "
+                             f"the model's VAE (ingest.crop_size {sampler.cfg.ingest.crop_size} -> {list(want)})")
 
 
 def generate_frames(sampler: LoopySampler, video: EvalVideo, steps: Optional[int] = None,

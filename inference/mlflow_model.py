@@ -48,7 +48,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 from core.sections import SamplerConfig
-from core.weights import load_pretrained, resolve_weights
+from core.weights import load_pretrained, load_vae, resolve_weights
 from inference.errors import BadInputError
 from inference.portrait import load_image
 from inference.sampler import LoopySampler
@@ -153,9 +153,7 @@ def _materialize(kind: str, location: str, local_files_only: bool, dst: Path) ->
         shutil.copytree(location, dst, copy_function=_link_or_copy)
         return
     if kind == "vae":
-        from diffusers import AutoencoderKL
-
-        load_pretrained(AutoencoderKL, location, local_files_only).save_pretrained(str(dst))
+        load_vae(location, local_files_only).save_pretrained(str(dst))
     else:
         from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 

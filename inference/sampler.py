@@ -50,6 +50,14 @@ SD15_SCHEDULER = dict(
 )
 
 
+def training_schedule(train_cfg) -> dict:
+    """DDIM settings for a package without a ``scheduler/`` folder: SD-1.5's, with the noise
+    schedule and ``prediction_type`` its model was trained with (the package's ``train`` section)."""
+    return dict(SD15_SCHEDULER, num_train_timesteps=train_cfg.num_train_timesteps, beta_start=train_cfg.beta_start,
+                beta_end=train_cfg.beta_end, beta_schedule=train_cfg.beta_schedule,
+                prediction_type=train_cfg.prediction_type)
+
+
 @dataclass(frozen=True)
 class ClipProgress:
     """Reported after each generated clip."""
@@ -101,7 +109,7 @@ class LoopySampler:
         self.audio_radius = rc.audio_window
         self.segment = TemporalSegmentModule(rc.motion_frames, rc.segment_stride, rc.segment_ratio,
                                              rc.abstraction).to(device)
-        self.scheduler_config = dict(scheduler_config or SD15_SCHEDULER)
+        self.scheduler_config = dict(scheduler_config or training_schedule(platform_cfg.train))
         self.dtype = next(self.model.parameters()).dtype
         self.default_options: SamplerConfig = platform_cfg.sampler
 

@@ -94,6 +94,7 @@ def test_demo_holds_out_a_test_video_and_fits_the_vae_first(tmp_path):
     assert fit[:3] == ["/venv/bin/python", "-m", "training.fit_vae"]
     assert fit[fit.index("--samples") + 1] == str(paths.train_samples)
     assert fit[fit.index("--out") + 1] == str(paths.fitted_vae)
+    assert fit[fit.index("--codec") + 1] == "patch"  # the codec that keeps unseen faces
     ev = evaluate_command(paths, settings, "models:/loopy/3", python="/venv/bin/python")
     assert ev[1] == str(ROOT / "evaluate.py") and ev[ev.index("--split") + 1] == "test"
     ev_cfg = load_platform_config(None, [a for a in ev if re.fullmatch(r"[a-z_]+\.[a-z_]+=.*", a)])

@@ -93,6 +93,36 @@ def test_one_timestep_per_clip(tmp_path, data_dir, tiny_weights):
     assert torch.allclose(noisy, expect, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_loss_target_follows_the_prediction_type(kind):
+    """train.prediction_type picks the target: a model that returns exactly it has loss 0, and the
+    sampler's DDIM (a package without a scheduler folder) uses the same type and schedule."""
+    from core.sections import PlatformConfig, TrainConfig
+    from inference.sampler import training_schedule
+    from training.step import diffusion_loss, make_noise_scheduler
+
+    cfg = TrainConfig(prediction_type=kind)
+    sched = make_noise_scheduler(cfg)
+    latents = torch.randn(2, 3, 6, 4, 4)
+    t = torch.tensor([20, 980])
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(latents.shape, generator=g)  # what diffusion_loss draws first from the same seed
+    a = sched.alphas_cumprod[t].sqrt()[:, None, None, None, None]
+    target = noise if kind == "epsilon" else a * noise - (1 - a**2).sqrt() * latents
+
+    class Oracle(torch.nn.Module):
+        def forward(self, noisy_latents, timesteps):
+            return target
+
+    loss = diffusion_loss(Oracle(), {"latents": latents}, sched, torch.Generator().manual_seed(0), t)
+    assert float(loss) < 1e-10
+    other = "v_prediction" if kind == "epsilon" else "epsilon"
+    assert float(diffusion_loss(Oracle(), {"latents": latents}, make_noise_scheduler(TrainConfig(prediction_type=other)),
+                                torch.Generator().manual_seed(0), t)) > 0.1
+    ddim = training_schedule(PlatformConfig(train=cfg).train)
+    assert ddim["prediction_type"] == kind and ddim["beta_schedule"] == cfg.beta_schedule
+
+
 # --- Ray Train runs ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -41,11 +41,13 @@ class StepResult:
 
 
 def make_noise_scheduler(cfg: TrainConfig):
-    """diffusers ``DDPMScheduler`` with SD-1.5's training schedule (epsilon prediction)."""
+    """diffusers ``DDPMScheduler`` with the training schedule (SD-1.5's by default) and
+    ``train.prediction_type`` (epsilon or v)."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
-                         beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule, prediction_type="epsilon")
+                         beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule,
+                         prediction_type=cfg.prediction_type)
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -94,8 +96,10 @@ def autocast_context(device: torch.device, mixed_precision: str):
 def diffusion_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], noise_scheduler,
                    generator: torch.Generator, timesteps: Optional[torch.Tensor] = None,
                    mixed_precision: str = "no") -> torch.Tensor:
-    """MSE between the model's noise prediction and the noise added to ``batch["latents"]`` at
-    one timestep per clip (``timesteps`` [B], default: uniform draws from ``generator``)."""
+    """MSE between the model's prediction and its target at one timestep per clip (``timesteps``
+    [B], default: uniform draws from ``generator``): the noise added to ``batch["latents"]``
+    (``epsilon``), or the velocity ``sqrt(a) eps - sqrt(1 - a) x0`` (``v_prediction``, diffusers'
+    ``get_velocity``), as ``noise_scheduler.config.prediction_type`` says."""
     latents = batch["latents"]
     device = latents.device
     b = latents.shape[0]
@@ -106,7 +110,14 @@ def diffusion_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], no
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # broadcasts alpha_t over F, C, h, w
     with autocast_context(device, mixed_precision):
         eps = model(**model_inputs(model, batch), noisy_latents=noisy, timesteps=timesteps)
-    return F.mse_loss(eps.float(), noise)
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"train.prediction_type {kind!r} is not epsilon or v_prediction")
+    return F.mse_loss(eps.float(), target)
 
 
 def ranks_agree_bad(local_bad: bool, device: torch.device) -> bool:

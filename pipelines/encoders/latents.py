@@ -1,12 +1,14 @@
-"""Frames <-> VAE latents with SD's KL autoencoder (diffusers ``AutoencoderKL``, not a VQ-VAE).
+"""Frames <-> VAE latents with SD's KL autoencoder (diffusers ``AutoencoderKL``, not a VQ-VAE) or
+the tiny preset's linear :class:`core.patch_codec.PatchCodec` (same interface).
 
 One implementation for ingest (encode every crop once, offline) and the sampler (decode generated
 latents, encode the reference image).
 
 Conventions:
 * Frames: uint8 RGB [n, S, S, 3] (S divisible by 8), mapped to [-1, 1] as ``x / 127.5 - 1``.
-* Latents: [n, 4, S/8, S/8] = ``latent_dist.mean * scaling_factor`` (0.18215 for SD-1.5), so they
-  have roughly unit variance, as the diffusion model expects.
+* Latents: [n, C, S/d, S/d] = ``latent_dist.mean * scaling_factor`` (0.18215 for SD-1.5), so they
+  have roughly unit variance, as the diffusion model expects. C = the codec's ``latent_channels``
+  (4 for SD's VAE), d its downsampling (8 for SD's 4-level VAE, ``patch_size`` for a PatchCodec).
 * ``encode`` uses the posterior **mean**, not a sample: it is deterministic (the same frame always
   gives the same latent, so stored latents are reproducible) and the posterior's std is tiny for
   SD's VAE (sampling would only add noise of order exp(logvar / 2)). ``encode(..., sample=True)``
@@ -21,30 +23,36 @@ from typing import Union
 import numpy as np
 import torch
 
-from core.weights import load_pretrained
+from core.weights import load_vae
+
+
+def vae_downsample(config: dict) -> int:
+    """Pixels per latent along a side, from a codec's config: ``patch_size`` (PatchCodec), else
+    2^(levels - 1) of an ``AutoencoderKL`` (8 for SD's 4 levels; 8 when the field is absent)."""
+    if config.get("patch_size"):
+        return int(config["patch_size"])
+    return 2 ** (len(config.get("block_out_channels") or [0] * 4) - 1)
 
 
 class LatentCodec:
     """Encode frames to scaled KL-VAE latents and decode them back.
 
-    ``location``: a diffusers ``AutoencoderKL`` folder (``resolve_weights(...).vae``: the tiny preset
-    or ``<sd15>/vae``), loaded with ``core.weights.load_pretrained``. Models run under
+    ``location``: a diffusers ``AutoencoderKL`` or ``PatchCodec`` folder (``resolve_weights(...).vae``:
+    the tiny preset or ``<sd15>/vae``), loaded with ``core.weights.load_vae``. Models run under
     ``torch.inference_mode`` on ``device`` in ``dtype``; results come back on the CPU as numpy.
     """
 
     def __init__(self, location: str, local_files_only: bool = True, device: str = "cpu",
                  dtype: torch.dtype = torch.float32):
-        from diffusers import AutoencoderKL
-
         self.location = str(location)
         self.device = torch.device(device)
         self.dtype = dtype
-        vae = load_pretrained(AutoencoderKL, self.location, local_files_only, torch_dtype=dtype)
+        vae = load_vae(self.location, local_files_only, torch_dtype=dtype)
         self.vae = vae.to(device=self.device).eval()
         cfg = self.vae.config
         self.scaling_factor = float(cfg.scaling_factor)
         self.latent_channels = int(cfg.latent_channels)
-        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)  # 8 for SD's 4-level VAE
+        self.downsample = vae_downsample(dict(cfg))
 
     def latent_shape(self, size: int) -> tuple[int, int, int]:
         """Latent shape of one S x S frame: (4, S/8, S/8)."""

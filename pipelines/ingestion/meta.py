@@ -11,10 +11,10 @@ Where each value comes from (nothing is replaced by a guess):
 * ``latent_rgb_map``: the linear latent <-> RGB relation of this VAE
   (:func:`pipelines.encoders.latents.fit_colour_map`, fitted on smooth colour fields when the
   meta is written; the reader's appearance augmentation recolours cached latents with it).
-* ``latent_shape`` [4, S/8, S/8] and ``audio_shape`` [L, D] (L transformer layers of wav2vec2,
+* ``latent_shape`` [C, S/d, S/d] and ``audio_shape`` [L, D] (L transformer layers of wav2vec2,
   width D): those of this run's frames; else those recorded in an existing frame file of the
   directory; else those of an existing ``ingest_meta.json``; else (nothing ingested at all) the
-  model configs': ``[4, crop_size / 8, crop_size / 8]`` and wav2vec2's ``config.json`` fields
+  model configs': the VAE's ``latent_channels`` and downsampling (:func:`vae_latent_shape`) and wav2vec2's ``config.json`` fields
   ``num_hidden_layers`` / ``hidden_size`` (:func:`wav2vec2_feature_shape`; missing or unreadable:
   :class:`ModelConfigError` naming the file and field).
 
@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from core.sections import PlatformConfig
 from core.storage import parquet_source
 from core.weights import WeightPaths
-from pipelines.encoders.latents import LatentCodec, fit_colour_map
+from pipelines.encoders.latents import LatentCodec, fit_colour_map, vae_downsample
 from pipelines.dataset.schema import (
     META_NAME,
     SCHEMA_VERSION,
@@ -74,23 +74,28 @@ def _local_config(folder: Path, what: str) -> tuple[dict, str]:
     return conf, str(path)
 
 
-def vae_scaling_factor(vae: str, local_files_only: bool) -> float:
-    """The latent scaling factor of the VAE at ``vae`` (a local diffusers folder, read as JSON
-    without importing diffusers, or a hub id ``org/name[/subfolder]``). See the module docstring
-    for the rule when the field is absent. Raises :class:`ModelConfigError`."""
+def vae_config(vae: str, local_files_only: bool) -> tuple[dict, str]:
+    """(the ``config.json`` of the VAE at ``vae`` as a dict, where it was read). A local diffusers
+    folder is read as JSON without importing diffusers, a hub id ``org/name[/subfolder]`` through
+    ``AutoencoderKL.load_config``. Raises :class:`ModelConfigError`."""
     folder = Path(vae)
     if folder.exists():
-        conf, where = _local_config(folder, "VAE")
-    else:
-        from diffusers import AutoencoderKL
+        return _local_config(folder, "VAE")
+    from diffusers import AutoencoderKL
 
-        repo, sub = _hub_parts(vae)
-        try:
-            conf = AutoencoderKL.load_config(repo, subfolder=sub, local_files_only=local_files_only)
-        except Exception as exc:  # noqa: BLE001 - OSError, EnvironmentError, ValueError per hub state
-            raise ModelConfigError(f"VAE config of {vae!r}: cannot be loaded ({type(exc).__name__}: "
-                                   f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-        where = f"{vae} config.json"
+    repo, sub = _hub_parts(vae)
+    try:
+        conf = AutoencoderKL.load_config(repo, subfolder=sub, local_files_only=local_files_only)
+    except Exception as exc:  # noqa: BLE001 - OSError, EnvironmentError, ValueError per hub state
+        raise ModelConfigError(f"VAE config of {vae!r}: cannot be loaded ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return conf, f"{vae} config.json"
+
+
+def vae_scaling_factor(vae: str, local_files_only: bool) -> float:
+    """The latent scaling factor of the VAE at ``vae`` (:func:`vae_config`). See the module docstring
+    for the rule when the field is absent. Raises :class:`ModelConfigError`."""
+    conf, where = vae_config(vae, local_files_only)
     if "scaling_factor" not in conf:
         log.warning("%s: no scaling_factor: using diffusers' AutoencoderKL default %g (the value the VAE "
                     "encodes with)", where, DIFFUSERS_VAE_SCALING_FACTOR)
@@ -99,6 +104,26 @@ def vae_scaling_factor(vae: str, local_files_only: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ModelConfigError(f"{where}: field scaling_factor is {value!r}, not a positive number")
     return float(value)
+
+
+def vae_latent_shape(vae: str, local_files_only: bool, crop_size: int) -> list[int]:
+    """[C, S/d, S/d] of one ``crop_size`` frame's latent under the VAE at ``vae``: C its
+    ``latent_channels`` (4 when absent, diffusers' default), d its downsampling
+    (:func:`pipelines.encoders.latents.vae_downsample`). Raises :class:`ModelConfigError` when a
+    field is not a positive integer or the crop is not a multiple of d."""
+    conf, where = vae_config(vae, local_files_only)
+    channels = conf.get("latent_channels", 4)
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
+        raise ModelConfigError(f"{where}: field latent_channels is {channels!r}, not a positive integer")
+    try:
+        d = vae_downsample(conf)
+    except (TypeError, ValueError):
+        raise ModelConfigError(f"{where}: fields patch_size / block_out_channels do not give a "
+                               f"downsampling factor") from None
+    if d <= 0 or crop_size % d:
+        raise ModelConfigError(f"ingest.crop_size {crop_size} is not a multiple of the VAE's downsampling "
+                               f"{d} ({where})")
+    return [channels, crop_size // d, crop_size // d]
 
 
 def wav2vec2_feature_shape(location: str, local_files_only: bool) -> list[int]:
@@ -130,7 +155,7 @@ def wav2vec2_feature_shape(location: str, local_files_only: bool) -> list[int]:
 @dataclass(frozen=True)
 class ModelFacts:
     """What the model configs say about the ingest's output: ``vae_scaling_factor``;
-    ``latent_shape`` [4, S/8, S/8] and ``audio_shape`` [L, D] of one frame."""
+    ``latent_shape`` [C, S/d, S/d] (:func:`vae_latent_shape`) and ``audio_shape`` [L, D] of one frame."""
 
     vae_scaling_factor: float
     latent_shape: list[int]
@@ -140,10 +165,9 @@ class ModelFacts:
 def read_model_facts(cfg: PlatformConfig, weights: WeightPaths) -> ModelFacts:
     """Read the VAE and wav2vec2 configs of ``weights`` (before any work). Raises
     :class:`ModelConfigError`."""
-    s = cfg.ingest.crop_size // 8
     return ModelFacts(
         vae_scaling_factor=vae_scaling_factor(weights.vae, weights.local_files_only),
-        latent_shape=[4, s, s],
+        latent_shape=vae_latent_shape(weights.vae, weights.local_files_only, cfg.ingest.crop_size),
         audio_shape=wav2vec2_feature_shape(weights.wav2vec2, weights.local_files_only),
     )
 
