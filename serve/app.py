@@ -109,6 +109,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and option fields on top of the two files
 JOB_DB_ENV = "LOOPY_SERVE_JOB_DB"  # SQLAlchemy URL with a password (a Secret), wins over serve.job_db
 BUSY_RETRY_S = 1.0  # wait before offering a job again to a worker whose previous job is still stopping
+DRAIN_TASKS_STOP_S = 10.0  # after the grace: how long a drain waits for its cancelled background tasks
 
 # docs, redoc and the OpenAPI schema are off here; routes below serve them only with serve.docs=true
 fastapi_app = FastAPI(title="Loopy", description="Audio-driven portrait video generation",
@@ -125,6 +126,26 @@ class JobStopped(ServeError, RuntimeError):
 
 def _error(exc: UploadError, headers: Optional[dict] = None) -> JSONResponse:
     return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+
+
+async def run_within(coro, timeout_s: float):
+    """``await coro`` for at most ``timeout_s`` seconds, else :class:`asyncio.TimeoutError` (the
+    coroutine's task is cancelled and has stopped when this raises): ``asyncio.wait_for`` without
+    its lost cancellation. Before Python 3.12, a ``wait_for`` whose caller is cancelled after the
+    awaited task finished but before the caller resumed returns that task's result and drops the
+    cancellation (CPython gh-86296). A drain that saw the running job recorded done and cancelled
+    the dispatcher in that window (a few event-loop steps) waited forever: the dispatcher went on
+    to ``queue.get()``. Here the caller's cancellation always propagates."""
+    task = asyncio.ensure_future(coro)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if done:
+            return task.result()
+        raise asyncio.TimeoutError()
+    finally:
+        if not task.done():  # the deadline, or the caller cancelled: stop the task, as wait_for does
+            task.cancel()
+            await asyncio.wait({task})
 
 
 def http_options(sc: ServeConfig, proxy_port: Optional[int] = None) -> dict[str, Any]:
@@ -504,7 +525,8 @@ class LoopyIngress:
             return
         self.store.progress(job_id, 0, job.clips_total, job.num_frames, first["started"]["model_version"])
         try:
-            await asyncio.wait_for(self._follow(job_id, stream), timeout_s)
+            # not asyncio.wait_for: it may drop the drain's cancellation of this task (run_within)
+            await run_within(self._follow(job_id, stream), timeout_s)
         except asyncio.TimeoutError:
             stream.cancel()
             self.store.fail(job_id, f"deadline: the job ran longer than {timeout_s:g} s (serve.job_timeout_s)")
@@ -654,7 +676,12 @@ class LoopyIngress:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:  # bounded, so the drain returns even if a task does not stop on its cancellation
+            _, stuck = await asyncio.wait([asyncio.gather(*tasks, return_exceptions=True)],
+                                          timeout=DRAIN_TASKS_STOP_S)
+            if stuck:
+                log.warning("drain: background tasks did not stop within %.0f s of their cancellation",
+                            DRAIN_TASKS_STOP_S)
         interrupted = [job_id for job_id in self.store.ids(JobState.running) if self.store.interrupt(job_id)]
         for stream in streams:
             stream.cancel()  # the worker stops its sampler after the current clip

@@ -208,6 +208,52 @@ def test_options_unknown_and_out_of_range_name_the_field():
         assert err.value.status == 422 and err.value.field == field
 
 
+def test_run_within_keeps_a_cancellation_that_lands_after_the_job_ended():
+    """A drain cancels the dispatcher as soon as it sees the running job recorded done, which can be
+    in the few event-loop steps before the dispatcher resumes. ``asyncio.wait_for`` (Python < 3.12)
+    returns the job's result then and drops the cancellation: the dispatcher went back to its queue
+    and the drain waited for it forever (test_serve_drain, flaky). ``run_within`` keeps it, and
+    still times out and stops the work like ``wait_for``."""
+    import asyncio
+
+    from serve.app import run_within
+
+    async def dispatcher_cancelled_just_after_its_job() -> bool:
+        me = None
+
+        async def job():
+            asyncio.get_running_loop().call_soon(me.cancel)  # runs once job() has returned
+            return "done"
+
+        async def dispatcher():
+            assert await run_within(job(), 60) == "done"
+            await asyncio.Event().wait()  # back at the queue: only a cancellation ends it
+
+        me = asyncio.ensure_future(dispatcher())
+        await asyncio.wait({me}, timeout=2)
+        lost = not me.done()
+        me.cancel()
+        return not lost and me.cancelled()
+
+    async def slow_work_times_out_and_stops() -> bool:
+        stopped = asyncio.Event()
+
+        async def work():
+            try:
+                await asyncio.sleep(60)
+            finally:
+                stopped.set()
+
+        try:
+            await run_within(work(), 0.05)
+        except asyncio.TimeoutError:
+            return stopped.is_set()  # stopped before run_within raised
+        return False
+
+    assert asyncio.run(dispatcher_cancelled_just_after_its_job())
+    assert asyncio.run(slow_work_times_out_and_stops())
+
+
 # --- end to end over HTTP -----------------------------------------------------------------------------
 
 def test_submit_poll_download_valid_mp4_with_audio(service, media, tmp_path):
