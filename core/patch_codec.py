@@ -133,6 +133,12 @@ class PatchCodec(ModelMixin, ConfigMixin):
             return (x,)
         return DecoderOutput(sample=x)
 
+    def pixel_energy(self) -> torch.Tensor:
+        """[k]: the squared pixel-space norm of the patch that one latent unit of each channel decodes
+        to (``latent_std^2``, the basis rows being orthonormal): the weight that makes a latent-space
+        MSE the MSE of the decoded patches (``train.latent_loss_weight=pixel``)."""
+        return self.latent_std.detach().double() ** 2
+
     @torch.no_grad()
     def fit(self, images: torch.Tensor) -> "PatchCodec":
         """Set ``mean``, ``basis`` and ``latent_std`` to the principal components of the patches of

@@ -130,3 +130,56 @@ def test_ingest_latent_shape_follows_the_codec(tmp_path):
     (bad / "config.json").write_text(json.dumps({"_class_name": "PatchCodec", "patch_size": 8, "latent_channels": "x"}))
     with pytest.raises(ModelConfigError, match="latent_channels"):
         vae_latent_shape(str(bad), True, 64)
+
+
+def test_pixel_loss_weight_makes_the_latent_mse_the_decoded_mse(tmp_path):
+    """train.latent_loss_weight=pixel: with the codec's weights, the weighted MSE between two latent
+    tensors is proportional to the MSE of what they decode to (one factor for any pair), which the
+    uniform MSE is not; a KL-VAE (not linear) is refused by name."""
+    from core.sections import TrainConfig
+    from training.errors import TrainingError
+    from training.step import diffusion_loss, latent_loss_weights, make_noise_scheduler
+
+    codec = PatchCodec(patch_size=4, latent_channels=12).fit(smooth_images(16, 32))
+    codec.save_pretrained(tmp_path / "codec")
+    weights_cfg = WeightsConfig(preset="tiny", tiny_dir=str(tmp_path / "tiny"), vae=str(tmp_path / "codec"))
+    assert latent_loss_weights(TrainConfig(), weights_cfg) is None  # uniform: the default
+    w = latent_loss_weights(TrainConfig(latent_loss_weight="pixel"), weights_cfg)
+    assert w.shape == (12,) and abs(float(w.mean()) - 1) < 1e-5 and float(w[0]) > 10 * float(w[-1])
+
+    sched = make_noise_scheduler(TrainConfig())
+    t = torch.tensor([500, 500])
+
+    def losses(latents, prediction):
+        class Fixed(torch.nn.Module):
+            def forward(self, noisy_latents, timesteps):
+                return prediction
+
+        g = torch.Generator().manual_seed(1)
+        noise = torch.randn(latents.shape, generator=g)  # the target diffusion_loss draws (epsilon)
+        decoded = [codec.decode(x.flatten(0, 1)).sample for x in (prediction, noise)]
+        weighted = diffusion_loss(Fixed(), {"latents": latents}, sched, torch.Generator().manual_seed(1), t,
+                                  channel_weights=w)
+        plain = diffusion_loss(Fixed(), {"latents": latents}, sched, torch.Generator().manual_seed(1), t)
+        pixel = float(((decoded[0] - decoded[1]) ** 2).mean())  # the codec's mean cancels
+        return float(weighted), float(plain), pixel
+
+    latents = torch.randn(2, 3, 12, 2, 2)
+    ratios, plain_ratios = [], []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        scale = torch.rand(12, generator=g)[None, None, :, None, None] * 3  # errors spread unevenly over channels
+        prediction = torch.randn(latents.shape, generator=g) * scale
+        weighted, plain, pixel = losses(latents, prediction)
+        ratios.append(weighted / pixel)
+        plain_ratios.append(plain / pixel)
+    assert max(ratios) / min(ratios) < 1 + 1e-4
+    assert max(plain_ratios) / min(plain_ratios) > 1.2
+
+    from diffusers import AutoencoderKL
+
+    from core.weights import tiny_vae_config
+    AutoencoderKL(**tiny_vae_config()).save_pretrained(tmp_path / "kl")
+    kl_cfg = WeightsConfig(preset="tiny", tiny_dir=str(tmp_path / "tiny"), vae=str(tmp_path / "kl"))
+    with pytest.raises(TrainingError, match="weights.vae"):
+        latent_loss_weights(TrainConfig(latent_loss_weight="pixel"), kl_cfg)

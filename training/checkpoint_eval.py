@@ -39,7 +39,7 @@ from models.registry import write_model_package
 from pipelines.faces.detect import make_detector
 from training import evaluation
 from training.checkpointing import MODEL_CONFIG_FILE, load_weights
-from training.step import make_noise_scheduler
+from training.step import latent_loss_weights, make_noise_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class CheckpointEvaluator:
             log.warning("%s has no test-split samples: validation loss skipped", self.data_dir)
         precision = tc.mixed_precision if device.type == "cuda" else "no"
         metrics = evaluation.validation_loss(net, batches, make_noise_scheduler(tc), tc.eval_timesteps, tc.seed,
-                                             device, precision)
+                                             device, precision, latent_loss_weights(tc, self.cfg.weights))
         self._log(lambda run: run.log_metrics(metrics, step))
         self._log(lambda run: run.log_artifact(self._loss_plot(run, step, tmp), "eval"))
         if self.stage == 2 and batches:

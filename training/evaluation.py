@@ -72,8 +72,9 @@ def load_test_batches(data_dir: str | Path, reader_cfg, batch_size: int, max_bat
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], noise_scheduler,
                     timesteps: Sequence[int], seed: int, device: torch.device,
-                    mixed_precision: str = "no") -> dict[str, float]:
-    """Mean epsilon-MSE over ``batches`` at each fixed timestep -> ``{"val_loss", "val_loss_t<T>"}``."""
+                    mixed_precision: str = "no", channel_weights: Optional[torch.Tensor] = None) -> dict[str, float]:
+    """Mean training loss (the same target and channel weights, :func:`training.step.diffusion_loss`)
+    over ``batches`` at each fixed timestep -> ``{"val_loss", "val_loss_t<T>"}``."""
     if not batches:
         return {}
     was_training = model.training
@@ -86,7 +87,8 @@ def validation_loss(model: torch.nn.Module, batches: Sequence[dict[str, torch.Te
             for t in per_t:
                 gen = torch.Generator().manual_seed(seed * 7919 + i)
                 ts = torch.full((b,), t, dtype=torch.long)
-                per_t[t].append(float(diffusion_loss(model, batch, noise_scheduler, gen, ts, mixed_precision)))
+                per_t[t].append(float(diffusion_loss(model, batch, noise_scheduler, gen, ts, mixed_precision,
+                                                            channel_weights)))
     finally:
         model.train(was_training)
     out = {f"val_loss_t{t}": float(np.mean(v)) for t, v in per_t.items()}

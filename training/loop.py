@@ -59,6 +59,7 @@ from training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from training.errors import InputStalledError
 from training.step import (
     NonFiniteLossError,
+    latent_loss_weights,
     make_noise_scheduler,
     train_step,
     trainable,
@@ -331,6 +332,7 @@ def _train(job: StageJob, rank: int, world: int, device: torch.device, logger: O
     # values; measured on the tiny stage-2 model, 1 thread: 7.5 ms a step instead of 14 ms)
     ema = EMAModel(params, decay=tc.ema_decay, foreach=True) if tc.ema_decay else None
     noise_scheduler = make_noise_scheduler(tc)
+    channel_weights = latent_loss_weights(tc, cfg.weights)  # None: every latent channel alike
     fp16_scaler: Union[torch.amp.GradScaler, None] = (
         torch.amp.GradScaler("cuda") if device.type == "cuda" and tc.mixed_precision == "fp16" else None)
 
@@ -387,7 +389,7 @@ def _train(job: StageJob, rank: int, world: int, device: torch.device, logger: O
             t_start = time.perf_counter()
             try:  # steps are numbered 1..max_steps (as in the metrics)
                 res = train_step(model, batch, optimizer, lr_scheduler, noise_scheduler, tc, state.step + 1, rank,
-                                 device, ema=ema, fp16_scaler=fp16_scaler)
+                                 device, ema=ema, fp16_scaler=fp16_scaler, channel_weights=channel_weights)
             except NonFiniteLossError as err:  # every rank raises at the same step (agreed flag)
                 _report_nan(job, rank, err, logger)
                 return

@@ -3,7 +3,9 @@ optimizer / LR-scheduler / EMA update, and the NaN guard.
 
 Shapes: ``latents`` [B, F, 4, h, w] (F = 12 clip frames, 1 in stage 1); timesteps [B] in
 0..num_train_timesteps-1, the same for every frame of a clip (seed defect 17); noise
-[B, F, 4, h, w]. The loss is the MSE between predicted and true noise (epsilon objective).
+[B, F, 4, h, w]. The loss is the MSE between the prediction and its target (the noise, or the
+velocity with ``train.prediction_type=v_prediction``), each latent channel weighted alike or, with
+``train.latent_loss_weight=pixel``, by its decoded pixel energy (:func:`latent_loss_weights`).
 
 Randomness of a step (timesteps and noise) comes from a generator seeded by (seed, rank, step),
 so a resumed run draws exactly the noise the uninterrupted run drew at the same step.
@@ -19,7 +21,8 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from core.sections import TrainConfig
+from core.sections import TrainConfig, WeightsConfig
+from core.weights import load_vae, resolve_weights
 from training.errors import TrainingError
 
 PROVENANCE_KEYS = ("video_index", "clip_frame_indices", "ref_frame_index")
@@ -93,13 +96,31 @@ def autocast_context(device: torch.device, mixed_precision: str):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def latent_loss_weights(tc: TrainConfig, weights: WeightsConfig) -> Optional[torch.Tensor]:
+    """Per-channel weights [C] of the diffusion MSE, mean 1, or None for ``uniform``. ``pixel``: the
+    codec's ``pixel_energy()`` (a linear codec: :class:`core.patch_codec.PatchCodec`), so the loss
+    is proportional to the MSE of the decoded patches; a codec without it (``AutoencoderKL``: its
+    decoder is not linear) is a :class:`TrainingError` naming ``weights.vae``."""
+    if tc.latent_loss_weight == "uniform":
+        return None
+    paths = resolve_weights(weights)
+    codec = load_vae(str(paths.vae), paths.local_files_only)
+    if not hasattr(codec, "pixel_energy"):
+        raise TrainingError(f"train.latent_loss_weight=pixel needs a linear codec with pixel_energy() "
+                            f"(training.fit_vae --codec patch); weights.vae {paths.vae} is a {type(codec).__name__}")
+    energy = codec.pixel_energy()
+    return (energy / energy.mean()).float()
+
+
 def diffusion_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], noise_scheduler,
                    generator: torch.Generator, timesteps: Optional[torch.Tensor] = None,
-                   mixed_precision: str = "no") -> torch.Tensor:
+                   mixed_precision: str = "no", channel_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MSE between the model's prediction and its target at one timestep per clip (``timesteps``
     [B], default: uniform draws from ``generator``): the noise added to ``batch["latents"]``
     (``epsilon``), or the velocity ``sqrt(a) eps - sqrt(1 - a) x0`` (``v_prediction``, diffusers'
-    ``get_velocity``), as ``noise_scheduler.config.prediction_type`` says."""
+    ``get_velocity``), as ``noise_scheduler.config.prediction_type`` says. ``channel_weights`` [C]
+    (mean 1, :func:`latent_loss_weights`) weighs the squared error of each latent channel; None:
+    the plain MSE."""
     latents = batch["latents"]
     device = latents.device
     b = latents.shape[0]
@@ -117,7 +138,10 @@ def diffusion_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], no
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"train.prediction_type {kind!r} is not epsilon or v_prediction")
-    return F.mse_loss(eps.float(), target)
+    if channel_weights is None:
+        return F.mse_loss(eps.float(), target)
+    weights = channel_weights.to(device=device, dtype=torch.float32).view(1, 1, -1, 1, 1)  # over [B, F, C, h, w]
+    return ((eps.float() - target) ** 2 * weights).mean()
 
 
 def ranks_agree_bad(local_bad: bool, device: torch.device) -> bool:
@@ -139,7 +163,8 @@ MIN_FP16_SCALE = 1.0
 
 def train_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], optimizer, lr_scheduler,
                noise_scheduler, cfg: TrainConfig, step: int, rank: int, device: torch.device,
-               ema=None, fp16_scaler: Optional[torch.amp.GradScaler] = None) -> StepResult:
+               ema=None, fp16_scaler: Optional[torch.amp.GradScaler] = None,
+               channel_weights: Optional[torch.Tensor] = None) -> StepResult:
     """Step number ``step`` (1-based): forward, backward (DDP averages gradients), clip, update.
 
     Bad steps are agreed across ranks before any update: each rank's "my loss is not finite" flag
@@ -154,7 +179,7 @@ def train_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], optimi
     batch = to_device(batch, device)
     lr = optimizer.param_groups[0]["lr"]
     loss = diffusion_loss(model, batch, noise_scheduler, step_generator(cfg.seed, rank, step),
-                          mixed_precision=cfg.mixed_precision)
+                          mixed_precision=cfg.mixed_precision, channel_weights=channel_weights)
     optimizer.zero_grad(set_to_none=True)
     (fp16_scaler.scale(loss) if fp16_scaler is not None else loss).backward()
     if fp16_scaler is not None:
