@@ -332,7 +332,7 @@ def _train(job: StageJob, rank: int, world: int, device: torch.device, logger: O
     # values; measured on the tiny stage-2 model, 1 thread: 7.5 ms a step instead of 14 ms)
     ema = EMAModel(params, decay=tc.ema_decay, foreach=True) if tc.ema_decay else None
     noise_scheduler = make_noise_scheduler(tc)
-    channel_weights = latent_loss_weights(tc, cfg.weights)  # None: every latent channel alike
+    channel_weights = latent_loss_weights(tc, job.cfg.weights)  # None: every latent channel alike
     fp16_scaler: Union[torch.amp.GradScaler, None] = (
         torch.amp.GradScaler("cuda") if device.type == "cuda" and tc.mixed_precision == "fp16" else None)
 
