@@ -271,13 +271,13 @@ class TrainConfig:
     # trained from scratch, the demo's: an eps error at the noisiest steps reaches the clean-latent
     # estimate multiplied by sqrt((1 - a) / a), 14.7 at t = 999, and a briefly trained tiny model's
     # DDIM samples blew up to 3x the latents' std; a v error reaches it 1:1). The package records
-    # it, so the sampler's DDIM uses the same (docs/METHOD.md 4.1)
+    # it, so the sampler's DDIM uses the same (docs/METHOD.md 8)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     # how the diffusion MSE weighs the latent channels: "uniform" (every channel alike: SD's, the
     # paper's) or "pixel" (ours, for a linear codec: each channel by the pixel energy one latent
     # unit of it decodes to, so the loss is the MSE of the decoded patches; a whitened PatchCodec's
     # first channels, a patch's mean colour, decode 10-30x larger than its detail channels, and a
-    # uniform loss spends most of a short run on the details; docs/METHOD.md 4.1)
+    # uniform loss spends most of a short run on the details; docs/METHOD.md 8)
     latent_loss_weight: Literal["uniform", "pixel"] = "uniform"
     # --- checkpoints, logging, evaluation ---
     checkpoint_every: int = 10  # steps; the last step always checkpoints
