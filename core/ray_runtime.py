@@ -102,3 +102,39 @@ def loopback_node():
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+# Ray's cluster-state reads (``ray.cluster_resources()``, ``ray.nodes()``) are blocking C++ calls on
+# the driver's own GCS state channel, with no timeout argument. In CI one hung for 900 s (the channel
+# had been sent a gRPC GOAWAY "too_many_pings") while the cluster itself went on running tasks, so
+# a job must not wait on one forever: the read runs in a daemon thread (a ThreadPoolExecutor's threads
+# are joined at interpreter exit, a hung one would hold the process) and is given up after this long.
+STATE_READ_TIMEOUT_S = 60.0
+
+
+class RayStateTimeout(RuntimeError):
+    """Ray's state API did not answer in time (an infrastructure fault, not the data's)."""
+
+
+def bounded_state_read(read, what: str, timeout_s: float = STATE_READ_TIMEOUT_S):
+    """``read()`` (a Ray state call such as ``ray.nodes``) within ``timeout_s`` seconds; raises
+    :class:`RayStateTimeout` naming ``what`` when it does not return in time (the thread it ran in is
+    left behind, a daemon). An exception raised by ``read`` is raised here."""
+    import threading
+
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = read()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller below
+            box["error"] = err
+
+    thread = threading.Thread(target=run, name=f"ray-state-read:{what}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise RayStateTimeout(f"Ray's state API did not answer {what} within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

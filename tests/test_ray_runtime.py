@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,39 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path):
     assert {"gcs_server", "raylet"} <= names, result["sockets"]
     exposed = [s for s in result["sockets"] if not loopback(s[1])]
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def test_bounded_state_read_returns_raises_and_gives_up_on_a_hung_call():
+    import threading
+
+    from core.ray_runtime import RayStateTimeout, bounded_state_read
+
+    assert bounded_state_read(lambda: {"CPU": 2.0}, "cpus") == {"CPU": 2.0}
+    with pytest.raises(KeyError):
+        bounded_state_read(lambda: {}["CPU"], "cpus")
+    release = threading.Event()
+    t0 = time.monotonic()
+    with pytest.raises(RayStateTimeout, match="the cluster's nodes within 0.3 s"):
+        bounded_state_read(lambda: release.wait(60), "the cluster's nodes", timeout_s=0.3)
+    assert time.monotonic() - t0 < 10
+    release.set()
+
+
+def test_screen_window_falls_back_to_the_pool_size_when_ray_state_hangs(monkeypatch):
+    import threading
+
+    import ray
+
+    from core.sections import IngestConfig
+    from pipelines.ingestion import job
+
+    ing = IngestConfig(num_detect_actors=3, stage_num_cpus=1.0)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    assert job.screen_window(ing) == 8
+    release = threading.Event()
+    monkeypatch.setattr(ray, "cluster_resources", lambda: release.wait(60))
+    real = job.bounded_state_read
+    monkeypatch.setattr(job, "bounded_state_read", lambda read, what: real(read, what, timeout_s=0.2))
+    with pytest.warns(RuntimeWarning, match="did not answer the cluster's CPUs.*3 videos at once"):
+        assert job.screen_window(ing) == 3
+    release.set()

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from core.atomic_files import write_text_atomic
+from core.ray_runtime import bounded_state_read
 from core.config import PlatformConfig
 from core.paths import project_path, resolve_tracking_uri
 from core.ray_runtime import init_ray
@@ -298,11 +299,14 @@ def worker_resources(cfg: PlatformConfig) -> dict:
 
 
 def cluster_nodes() -> list[NodeShape]:
-    """The alive nodes of the connected Ray cluster with their total logical resources."""
+    """The alive nodes of the connected Ray cluster with their total logical resources. Raises
+    :class:`core.ray_runtime.RayStateTimeout` when Ray's state API does not answer (the job stops
+    with that reason before any MLflow run, instead of waiting forever; a rerun resumes it)."""
     import ray
 
+    nodes = bounded_state_read(ray.nodes, "the cluster's nodes")
     return [NodeShape(n["NodeID"], n.get("NodeManagerAddress", "?"), dict(n.get("Resources") or {}))
-            for n in ray.nodes() if n.get("Alive")]
+            for n in nodes if n.get("Alive")]
 
 
 def resolve_placement(cfg: PlatformConfig, nodes: Sequence[NodeShape]) -> str:

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from core.ray_runtime import init_ray
+from core.ray_runtime import RayStateTimeout, bounded_state_read, init_ray
 from core.sections import PlatformConfig
 from core.storage import StorageUnavailableError
 from core.weights import WeightPaths, resolve_weights
@@ -168,10 +168,17 @@ def decode_pool_size(ing) -> int:
 def screen_window(ing) -> int:
     """How many probe tasks of :func:`screen_inputs` run at once: the tasks the cluster's CPUs
     hold at ``ingest.stage_num_cpus`` each (at least 1). Bounded, so each task's deadline, counted
-    from its submission, is spent running and not waiting in Ray's queue."""
+    from its submission, is spent running and not waiting in Ray's queue. When Ray's state API does
+    not answer (:func:`core.ray_runtime.bounded_state_read`), the analysis pool's size
+    (``ingest.num_detect_actors``) stands in, with a warning: a smaller window is slower, never wrong."""
     import ray
 
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    try:
+        cpus = float(bounded_state_read(ray.cluster_resources, "the cluster's CPUs").get("CPU", 1.0))
+    except RayStateTimeout as err:
+        warnings.warn(f"{err}; screening {max(1, int(ing.num_detect_actors))} videos at once "
+                      f"(ingest.num_detect_actors)", RuntimeWarning, stacklevel=2)
+        return max(1, int(ing.num_detect_actors))
     return max(1, int(cpus / max(float(ing.stage_num_cpus), 1e-3)))
 
 
