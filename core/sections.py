@@ -202,6 +202,11 @@ class ModelConfig:
     motion_latent_tokens: int = 8  # size of the audio-to-latents embedding bank
     gradient_checkpointing: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The reference latent also enters the denoising U-Net's input beside the noisy latents (conv_in
+    # widened, its new weights zero: at the start it computes what the paper's model computes).
+    # Our addition, not the paper's (docs/METHOD.md): a position-aligned path for the reference's
+    # appearance, for U-Nets whose attention alone does not learn to copy it (the tiny preset).
+    reference_concat: bool = False
 
 
 @dataclass

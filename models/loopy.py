@@ -152,7 +152,9 @@ class LoopyModel(ModelMixin, ConfigMixin):
 
     Config (saved in ``config.json``): ``unet_config`` (SD U-Net config dict), ``stage``,
     ``audio_layers`` L, ``audio_dim`` D, ``audio_window`` W (5), ``motion_latent_tokens``
-    (audio-to-latents bank size), ``context_tokens``, ``landmark_points`` (68).
+    (audio-to-latents bank size), ``context_tokens``, ``landmark_points`` (68),
+    ``reference_concat`` (the reference latent also enters the denoising U-Net's ``conv_in``
+    beside the noisy latents: 2C input channels, ``ModelConfig.reference_concat``).
     """
 
     _supports_gradient_checkpointing = True
@@ -160,7 +162,7 @@ class LoopyModel(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, unet_config: dict, stage: int = 1, audio_layers: int = 2, audio_dim: int = 32,
                  audio_window: int = 5, motion_latent_tokens: int = 8, context_tokens: int = 1,
-                 landmark_points: int = 68):
+                 landmark_points: int = 68, reference_concat: bool = False):
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
@@ -168,7 +170,11 @@ class LoopyModel(ModelMixin, ConfigMixin):
         ref_cfg = dict(unet_config)
         ref_cfg.pop("class_embed_type", None)
         self.reference_net = UNet2DConditionModel.from_config(ref_cfg)
-        self.denoise_unet = UNet2DConditionModel.from_config({**ref_cfg, "class_embed_type": "identity"})
+        den_cfg = {**ref_cfg, "class_embed_type": "identity"}
+        if reference_concat:  # [noisy latents ; reference latent] in, noise prediction (C) out
+            den_cfg["in_channels"] = 2 * int(ref_cfg["in_channels"])
+            den_cfg["out_channels"] = int(ref_cfg.get("out_channels") or ref_cfg["in_channels"])
+        self.denoise_unet = UNet2DConditionModel.from_config(den_cfg)
         cross_dim = self.reference_net.config.cross_attention_dim
         self.null_context = nn.Parameter(torch.zeros(1, context_tokens, cross_dim))
 
@@ -226,12 +232,17 @@ class LoopyModel(ModelMixin, ConfigMixin):
         kwargs = {}
         if model_cfg is not None:
             kwargs = dict(audio_layers=model_cfg.audio_layers, audio_dim=model_cfg.audio_dim,
-                          motion_latent_tokens=model_cfg.motion_latent_tokens)
+                          motion_latent_tokens=model_cfg.motion_latent_tokens,
+                          reference_concat=bool(getattr(model_cfg, "reference_concat", False)))
         kwargs.update(overrides)
         model = cls(unet_config=_plain_unet_config(unet.config), stage=stage, **kwargs)
         state = {k: v for k, v in unet.state_dict().items()}
         model.reference_net.load_state_dict(state, strict=True)
-        missing, unexpected = model.denoise_unet.load_state_dict(state, strict=False)
+        den_state = dict(state)
+        if model.config.reference_concat:  # conv_in widened: the reference's input weights start at zero
+            w = state["conv_in.weight"]
+            den_state["conv_in.weight"] = torch.cat([w, torch.zeros_like(w)], dim=1)
+        missing, unexpected = model.denoise_unet.load_state_dict(den_state, strict=False)
         bad = [k for k in missing if ".processor." not in k]
         if bad or unexpected:
             raise IncompatibleWeightsError(f"U-Net weights do not fit the denoising U-Net: missing {bad[:5]}, "
@@ -260,6 +271,11 @@ class LoopyModel(ModelMixin, ConfigMixin):
         cfg = dict(stage1.config)
         kwargs = {k: cfg[k] for k in ("unet_config", "audio_layers", "audio_dim", "audio_window",
                                       "motion_latent_tokens", "context_tokens", "landmark_points")}
+        kwargs["reference_concat"] = bool(cfg.get("reference_concat", False))
+        wanted = None if model_cfg is None else getattr(model_cfg, "reference_concat", None)
+        if wanted is not None and bool(wanted) != kwargs["reference_concat"]:
+            raise IncompatibleWeightsError(f"model.reference_concat={wanted} but the stage-1 model was built with "
+                                           f"reference_concat={kwargs['reference_concat']}: train stage 1 again")
         if model_cfg is not None:
             kwargs.update(audio_layers=model_cfg.audio_layers, audio_dim=model_cfg.audio_dim,
                           motion_latent_tokens=model_cfg.motion_latent_tokens)
@@ -342,7 +358,8 @@ class LoopyModel(ModelMixin, ConfigMixin):
             motion_valid = (torch.ones(b, m, dtype=torch.bool, device=dev) if motion_mask is None
                             else motion_mask.to(device=dev, dtype=torch.bool))
         feats = ReferenceFeatures(ref_tokens, motion_tokens, torch.ones(b, dtype=torch.bool, device=dev),
-                                  motion_valid, motion_valid)
+                                  motion_valid, motion_valid,
+                                  ref_latent=ref_latent.to(self.dtype) if self.config.reference_concat else None)
         if drop_ref is None:
             drop_ref = torch.zeros(b, dtype=torch.bool, device=dev)
         return feats.with_drops(drop_ref, drop_motion_frames)
@@ -371,6 +388,12 @@ class LoopyModel(ModelMixin, ConfigMixin):
             raise ValueError(f"reference features were computed for {ref_n} latent positions, "
                              f"noisy_latents are {tuple(noisy_latents.shape[-2:])}")
         x = noisy_latents.flatten(0, 1).to(dtype)
+        if self.config.reference_concat:
+            if reference.ref_latent is None:
+                raise ValueError("this model concatenates the reference latent to its input, but the reference "
+                                 "features carry none (compute them with this model's compute_reference)")
+            ref = reference.ref_latent.to(dtype) * reference.ref_keep.to(dtype)[:, None, None, None]
+            x = torch.cat([x, ref.repeat_interleave(f, dim=0)], dim=1)  # [B*F, 2C, h, w], frame-major per sample
         t = timesteps.to(dev).reshape(b).repeat_interleave(f)
         time_dim = self.denoise_unet.time_embedding.linear_2.out_features
         class_labels = torch.zeros(b * f, time_dim, device=dev, dtype=dtype)

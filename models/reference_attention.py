@@ -202,6 +202,9 @@ class ReferenceFeatures:
                           value projections of ``ref_tokens[layer]`` (timestep-independent, so
                           the sampler computes them once per clip: :func:`with_reference_kv`);
                           None = projected in every call
+    ref_latent:           [B, C, h, w] or None: the reference latent itself, kept only for a model
+                          built with ``reference_concat`` (it enters the denoising U-Net's input
+                          channels beside the noisy latents; zeros where ``ref_keep`` is False)
     """
 
     ref_tokens: dict[str, torch.Tensor]
@@ -210,6 +213,7 @@ class ReferenceFeatures:
     motion_valid: Optional[torch.Tensor]
     motion_keep: Optional[torch.Tensor]
     ref_kv: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None
+    ref_latent: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -235,7 +239,8 @@ class ReferenceFeatures:
         motion = None if self.motion_tokens is None else {k: rep(v) for k, v in self.motion_tokens.items()}
         kv = None if self.ref_kv is None else {k: (rep(a), rep(b)) for k, (a, b) in self.ref_kv.items()}
         return ReferenceFeatures({k: rep(v) for k, v in self.ref_tokens.items()}, motion,
-                                 rep(self.ref_keep), rep(self.motion_valid), rep(self.motion_keep), kv)
+                                 rep(self.ref_keep), rep(self.motion_valid), rep(self.motion_keep), kv,
+                                 rep(self.ref_latent))
 
     def select(self, rows: torch.Tensor) -> "ReferenceFeatures":
         """The samples ``rows`` (long [b]) of every field (e.g. one guidance condition)."""
@@ -244,7 +249,7 @@ class ReferenceFeatures:
         motion = None if self.motion_tokens is None else {k: sel(v) for k, v in self.motion_tokens.items()}
         kv = None if self.ref_kv is None else {k: (sel(a), sel(b)) for k, (a, b) in self.ref_kv.items()}
         return ReferenceFeatures({k: sel(v) for k, v in self.ref_tokens.items()}, motion, sel(self.ref_keep),
-                                 sel(self.motion_valid), sel(self.motion_keep), kv)
+                                 sel(self.motion_valid), sel(self.motion_keep), kv, sel(self.ref_latent))
 
 
 def with_reference_kv(reference: ReferenceFeatures, denoise_unet: nn.Module) -> ReferenceFeatures:

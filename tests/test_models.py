@@ -338,3 +338,37 @@ def test_tiny_model_overfits_one_sample(stage2):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 5, losses
+
+
+def test_reference_concat_starts_as_the_paper_model_and_carries_the_reference_by_position(tiny_weights, stage1,
+                                                                                           tmp_path):
+    """model.reference_concat: conv_in takes [noisy ; reference latent], its reference half zero at
+    the start (same output as without); once trained, the output follows the reference latent,
+    except where the reference is dropped; stage 2 and a saved package keep it."""
+    from models.errors import IncompatibleWeightsError
+    from models.loopy import LoopyModel
+
+    _, paths = tiny_weights
+    torch.manual_seed(0)
+    concat1 = LoopyModel.from_sd15(paths.unet, ModelConfig(reference_concat=True), ReaderConfig(), stage=1).eval()
+    assert concat1.denoise_unet.conv_in.in_channels == 8 and concat1.denoise_unet.conv_out.out_channels == 4
+    batch = make_batch(frames=1)
+    with torch.no_grad():
+        torch.testing.assert_close(concat1(**batch), stage1(**batch))
+        concat1.denoise_unet.conv_in.weight[:, 4:].normal_(0, 0.3, generator=torch.Generator().manual_seed(5))
+        base = concat1(**batch)
+        other_ref = dict(batch, ref_latent=batch["ref_latent"].flip(0))
+        moved = (concat1(**other_ref) - base).abs().amax(dim=(1, 2, 3, 4))
+        assert bool((moved > 1e-3).all())
+        dropped = torch.ones(B, dtype=torch.bool)
+        torch.testing.assert_close(concat1(**dict(batch, drop_ref=dropped)), concat1(**dict(other_ref, drop_ref=dropped)))
+
+    concat2 = LoopyModel.from_stage1(concat1, ModelConfig(reference_concat=True), ReaderConfig()).eval()
+    torch.testing.assert_close(concat2.denoise_unet.conv_in.weight, concat1.denoise_unet.conv_in.weight)
+    with pytest.raises(IncompatibleWeightsError, match="reference_concat"):
+        LoopyModel.from_stage1(concat1, ModelConfig(reference_concat=False), ReaderConfig())
+    concat2.save_pretrained(tmp_path / "loopy")
+    loaded = LoopyModel.from_pretrained(str(tmp_path / "loopy")).eval()
+    batch2 = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch2), concat2(**batch2), rtol=0, atol=0)

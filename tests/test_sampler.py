@@ -200,6 +200,35 @@ def test_cached_reference_equals_recomputed_reference(core_sampler):
     assert torch.allclose(cached, three, atol=1e-4, rtol=1e-4)
 
 
+def test_reference_concat_model_samples_the_same_on_every_path_and_follows_its_reference(core_sampler):
+    """model.reference_concat through the sampler: the batched three-way guidance, the separate
+    passes and the uncached reference agree, and another reference latent gives another output."""
+    from core.sections import ModelConfig, ReaderConfig
+    from models.loopy import LoopyModel
+    from pipelines.encoders.audio_features import audio_windows
+
+    base = core_sampler.model
+    config = {k: v for k, v in base.config.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    stage1 = LoopyModel(**config | {"stage": 1, "reference_concat": True})
+    stage1.reference_net.load_state_dict(base.reference_net.state_dict())
+    model = LoopyModel.from_stage1(stage1, ModelConfig(reference_concat=True), None).eval()
+    with torch.no_grad():
+        model.denoise_unet.conv_in.weight[:, 4:].normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    s = LoopySampler(model, None, None, None, core_sampler.cfg, torch.device("cpu"))
+    ref, feats = random_inputs(s, 12, seed=4)
+    audio = s.clip_audio(audio_windows(feats, radius=s.audio_radius), 0)
+    motion, mask = s.motion_history(torch.zeros(12, 4, 8, 8), 0, ref)
+    opts = SamplerConfig(steps=2, seed=1)
+    cached = s.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0))
+    again = s.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0), cache_reference=False)
+    three = s.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0), batched=False)
+    assert torch.allclose(cached, again, atol=1e-5)
+    assert torch.allclose(cached, three, atol=1e-4, rtol=1e-4)
+    other = s.denoise_clip(-ref, motion, mask, audio, opts, torch.Generator().manual_seed(0))
+    assert (other - cached).abs().max() > 1e-2
+
+
 # --- end to end: image + audio file -> mp4 ----------------------------------------------------------
 
 @pytest.mark.parametrize("seconds, container", [(0.3, "wav"), (1.03, "m4a")])
