@@ -262,6 +262,10 @@ class TrainConfig:
     warmup_steps: int = 10  # linear warm-up, then constant (diffusers "constant_with_warmup")
     max_grad_norm: float = 1.0  # gradient clipping; <= 0 disables
     max_steps: int = 20  # per stage
+    # stage 1's own step count (None: max_steps). A stage-1 step (one frame per clip, no motion
+    # frames or audio) costs ~1/4 of a stage-2 step on the tiny preset, and stage 1 is where the
+    # reference path (the appearance) is learned.
+    stage1_max_steps: Optional[int] = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast on GPU only
     ema_decay: Optional[float] = None  # e.g. 0.9999; None = no EMA
     find_unused_parameters: bool = False  # DDP; only if the model leaves parameters unused

@@ -126,6 +126,17 @@ def test_gpu_workers_need_whole_gpus(tmp_path, data_dir, tiny_weights):
         prepare_job(train_cfg(tmp_path, tiny_weights, "train.batch_timeout_s=0"), data_dir, [1])
 
 
+def test_stage1_has_its_own_step_count_when_set(tmp_path, data_dir, tiny_weights):
+    from training.stages import stage_config
+
+    cfg = train_cfg(tmp_path, tiny_weights, "train.max_steps=7", "train.stage1_max_steps=30")
+    assert stage_config(cfg, 1).train.max_steps == 30 and stage_config(cfg, 1).reader.stage == 1
+    assert stage_config(cfg, 2).train.max_steps == 7 and stage_config(cfg, 2).reader.stage == 2
+    plain = train_cfg(tmp_path, tiny_weights, "train.max_steps=7")
+    assert stage_config(plain, 1).train.max_steps == 7
+    with pytest.raises(TrainSetupError, match="train.stage1_max_steps must be >= 1"):
+        prepare_job(train_cfg(tmp_path, tiny_weights, "train.stage1_max_steps=0"), data_dir, [1])
+
 def test_refused_placement_on_the_real_cluster_starts_nothing(tmp_path, data_dir, tiny_weights, ray_local):
     """On the embedded Ray (one node, 2 CPUs): the default plan fits; 1-CPU workers leave no
     CPU for the reader: ``run_job`` refuses before any MLflow run, ``train.py`` exits 2."""

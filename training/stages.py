@@ -130,8 +130,12 @@ def storage_root(cfg: PlatformConfig) -> Location:
 
 
 def stage_config(cfg: PlatformConfig, stage: int) -> PlatformConfig:
-    """``cfg`` with ``reader.stage`` set to ``stage`` (stage 1: one target frame, no motion/audio)."""
-    return dataclasses.replace(cfg, reader=dataclasses.replace(cfg.reader, stage=stage))
+    """``cfg`` with ``reader.stage`` set to ``stage`` (stage 1: one target frame, no motion/audio)
+    and, in stage 1, ``train.max_steps`` from ``train.stage1_max_steps`` when that is set."""
+    train = cfg.train
+    if stage == 1 and train.stage1_max_steps is not None:
+        train = dataclasses.replace(train, max_steps=int(train.stage1_max_steps))
+    return dataclasses.replace(cfg, reader=dataclasses.replace(cfg.reader, stage=stage), train=train)
 
 
 def _check_train_config(cfg: PlatformConfig) -> None:
@@ -141,6 +145,8 @@ def _check_train_config(cfg: PlatformConfig) -> None:
     for name in positive:
         if getattr(tc, name) < 1:
             raise TrainSetupError(f"train.{name} must be >= 1, got {getattr(tc, name)}")
+    if tc.stage1_max_steps is not None and tc.stage1_max_steps < 1:
+        raise TrainSetupError(f"train.stage1_max_steps must be >= 1 (or null: train.max_steps), got {tc.stage1_max_steps}")
     if tc.lr <= 0:
         raise TrainSetupError(f"train.lr must be > 0, got {tc.lr}")
     if tc.warmup_steps < 0 or tc.eval_every < 0 or tc.eval_sample_steps < 0 or tc.max_failures < -1:
