@@ -112,7 +112,7 @@ def run_demo(work: Path, settings: DemoSettings, console: Optional[Console] = No
 
     # training, stage 1 then stage 2 (Ray Train); the stage-2 model from the MLflow registry
     since_ms = int(time.time() * 1000)
-    train_output = TrainOutput(console, settings.stages, settings.train_steps)
+    train_output = TrainOutput(console, settings.stages, settings.stage_steps())
     train_output.start()
     seconds = step("train", settings.train_timeout_s, train_output)
     say(f"train: {len(settings.stages)} stages with Ray Train in {seconds:.0f} s")
@@ -184,7 +184,7 @@ def run_demo(work: Path, settings: DemoSettings, console: Optional[Console] = No
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python demo.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, type=Path, help="folder for everything the demo writes")
-    parser.add_argument("--train-steps", type=int, default=DemoSettings.train_steps, help="optimizer steps per stage")
+    parser.add_argument("--train-steps", type=int, default=DemoSettings.train_steps, help="optimizer steps of stage 2 (stage 1: 6x as many)")
     parser.add_argument("--sample-steps", type=int, default=DemoSettings.sample_steps, help="DDIM steps of the video")
     parser.add_argument("--vae-steps", type=int, default=DemoSettings.vae_steps,
                         help="optimizer steps of the tiny VAE's fit to the sample faces")

@@ -4,7 +4,8 @@ logged to MLflow.
 
 Set-up: the demo's own first steps (``demo.step_commands``: sample videos with one held out as the
 test split, the tiny VAE fitted to the training faces, the ingest), then one ``train.py`` run of
-stage 1 and stage 2 (``LOOPY_BENCH_LEARNING_STEPS`` each, default 400: the demo's) with the
+stage 1 and stage 2 (``LOOPY_BENCH_LEARNING_STEPS`` stage-2 steps, default the demo's
+``DemoSettings.train_steps``, and ``DemoSettings.stage1_step_ratio`` times as many in stage 1) with the
 demo's learning rate and EMA decay (``DemoSettings.ema_decay``: from the step count; the checkpoint
 evaluator scores the EMA weights, as the package holds them), evaluated every ``LOOPY_BENCH_LEARNING_EVERY`` steps (default 100) by the
 checkpoint evaluator with ``train.eval_videos=3`` (the three test people, so that
@@ -24,8 +25,8 @@ Targets (issues 12 and 22, on the demo's output): ``sync`` >= 0.30 and >= 0.15 a
 ``sync_control``; ``identity`` <= 0.6 and >= 0.1 below ``identity_control``.
 Everything is written under ``LOOPY_BENCH_LEARNING_WORK`` (default: a temporary folder; point it
 at a demo's ``--work`` folder to reuse its samples, fitted VAE and ingest). Not in the test suite:
-on 2 CPU cores the default schedule takes about 20 minutes after the set-up (``LOOPY_BENCH_QUICK=1``:
-40 steps per stage, evaluated every 20).
+on 2 CPU cores the default schedule (1200 + 200 steps, evaluated every 100 stage-2 steps) takes
+about 17 minutes after the set-up (``LOOPY_BENCH_QUICK=1``: 40 stage-2 steps, evaluated every 20).
 """
 from __future__ import annotations
 
@@ -50,9 +51,11 @@ TARGETS = {"eval_sync": f">= {TARGET_SYNC}", "eval_face_found_ratio": f">= {TARG
 
 
 def _schedule() -> tuple[int, int]:
-    """(steps per stage, evaluate every) from the environment."""
+    """(stage-2 steps, evaluate every) from the environment."""
+    from demo import DemoSettings
+
     quick = bool(os.environ.get("LOOPY_BENCH_QUICK"))
-    steps = int(os.environ.get("LOOPY_BENCH_LEARNING_STEPS", 40 if quick else 400))
+    steps = int(os.environ.get("LOOPY_BENCH_LEARNING_STEPS", 40 if quick else DemoSettings.train_steps))
     every = int(os.environ.get("LOOPY_BENCH_LEARNING_EVERY", 20 if quick else 100))
     return steps, every
 
@@ -88,7 +91,7 @@ def prepare(work: Path, steps: int, every: int) -> tuple[list[str], list[str]]:
     if not (paths.ingested / "videos.parquet").is_file():
         _run(cmds["ingest"] + tracking, paths.logs / "ingest.log")
     train = [sys.executable, "train.py", "--data", str(paths.ingested), "--stages", "1,2", *common,
-             f"train.max_steps={steps}", f"train.lr={settings.train_lr:g}", *settings.ema_overrides(),
+             *settings.train_overrides(),
              f"train.checkpoint_every={every}",
              f"train.eval_every={every}", "train.eval_videos=3", f"train.eval_sample_steps={settings.sample_steps}",
              f"evaluation.max_seconds={settings.audio_seconds:g}", *_extra_overrides()]
@@ -157,6 +160,8 @@ def plot(hist: dict[str, list[tuple[int, float]]], out: Path) -> Path:
 def run() -> list[dict]:
     from mlflow import MlflowClient
 
+    from demo import DemoSettings
+
     steps, every = _schedule()
     given = os.environ.get("LOOPY_BENCH_LEARNING_WORK")
     tmp = None if given else tempfile.TemporaryDirectory(prefix="loopy_bench_learning_")
@@ -173,7 +178,7 @@ def run() -> list[dict]:
             for step, value in hist[name]:
                 rows.append({"benchmark": "learning", "metric": f"{name.removeprefix('eval_')} @ step {step}",
                              "value": value, "unit": UNITS.get(name, "corr"), "target": TARGETS.get(name, ""),
-                             "note": f"tiny preset, {steps} steps per stage, 3 test videos"})
+                             "note": f"tiny preset, {steps} stage-2 steps (stage 1: {DemoSettings.stage1_step_ratio}x), 3 test videos"})
         if hist.get("eval_sync") and hist.get("eval_sync_control"):
             last_sync, last_ctrl = hist["eval_sync"][-1][1], hist["eval_sync_control"][-1][1]
             rows.append({"benchmark": "learning", "metric": "sync - sync_control (last)",

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence, TextIO
+from typing import Mapping, Optional, Sequence, TextIO
 
 from tqdm import tqdm
 
@@ -165,10 +165,13 @@ class TrainOutput:
 
     STEP = re.compile(r"\[train\] stage (\d+) step (\d+)/(\d+) loss (\S+)")
 
-    def __init__(self, console: Console, stages: Sequence[int] = (1, 2), steps: int = 100):
+    def __init__(self, console: Console, stages: Sequence[int] = (1, 2), steps: int | Mapping[int, int] = 100):
+        """``steps``: each stage's step count (one for all, or {stage: steps}); the job's own
+        count in its progress lines wins."""
         self.console = console
         self.stages = list(stages)
-        self.progress = {s: StageLosses(s, steps) for s in self.stages}
+        per_stage = steps if isinstance(steps, Mapping) else {s: steps for s in self.stages}
+        self.progress = {s: StageLosses(s, int(per_stage[s])) for s in self.stages}
         self.index = 0  # position of the current stage in `stages`
         self.started_s = time.monotonic()
         self.bar: Optional[tqdm] = None
