@@ -67,7 +67,7 @@ def test_step_commands_run_the_makefile_clis(tmp_path):
     assert train[train.index("--stages") + 1] == "1,2"
     # every trailing key=value is a valid override of the platform config
     for name in ("ingest", "train"):
-        overrides = [a for a in cmds[name] if re.fullmatch(r"[a-z_]+\.[a-z_]+=.*", a)]
+        overrides = [a for a in cmds[name] if re.fullmatch(r"[a-z0-9_]+\.[a-z0-9_]+=.*", a)]
         cfg = load_platform_config(None, overrides)
         if name == "train":  # stage 2's steps, and stage 1 gets stage1_step_ratio times as many
             assert cfg.train.max_steps == 7 and cfg.train.stage1_max_steps == 7 * settings.stage1_step_ratio
@@ -98,7 +98,7 @@ def test_demo_holds_out_a_test_video_and_fits_the_vae_first(tmp_path):
     assert fit[fit.index("--codec") + 1] == "patch"  # the codec that keeps unseen faces
     ev = evaluate_command(paths, settings, "models:/loopy/3", python="/venv/bin/python")
     assert ev[1] == str(ROOT / "evaluate.py") and ev[ev.index("--split") + 1] == "test"
-    ev_cfg = load_platform_config(None, [a for a in ev if re.fullmatch(r"[a-z_]+\.[a-z_]+=.*", a)])
+    ev_cfg = load_platform_config(None, [a for a in ev if re.fullmatch(r"[a-z0-9_]+\.[a-z0-9_]+=.*", a)])
     assert ev_cfg.evaluation.steps == settings.sample_steps
     assert Path(ev_cfg.evaluation.output_dir).is_relative_to(tmp_path)
 
