@@ -185,9 +185,9 @@ def test_output_length_for_several_lengths_and_determinism(core_sampler):
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
-def test_cached_reference_equals_recomputed_reference(core_sampler):
-    s = core_sampler
-    ref, feats = random_inputs(s, 12, seed=4)
+def denoise_on_every_path(s: LoopySampler, ref: torch.Tensor, feats) -> torch.Tensor:
+    """One clip denoised with the reference cached, recomputed and in three separate guidance
+    passes: asserts the three agree, returns the first."""
     from pipelines.encoders.audio_features import audio_windows
 
     audio = s.clip_audio(audio_windows(feats, radius=s.audio_radius), 0)
@@ -198,14 +198,19 @@ def test_cached_reference_equals_recomputed_reference(core_sampler):
     three = s.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0), batched=False)
     assert torch.allclose(cached, again, atol=1e-5)
     assert torch.allclose(cached, three, atol=1e-4, rtol=1e-4)
+    return cached
+
+
+def test_cached_reference_equals_recomputed_reference(core_sampler):
+    ref, feats = random_inputs(core_sampler, 12, seed=4)
+    denoise_on_every_path(core_sampler, ref, feats)
 
 
 def test_reference_concat_model_samples_the_same_on_every_path_and_follows_its_reference(core_sampler):
     """model.reference_concat through the sampler: the batched three-way guidance, the separate
     passes and the uncached reference agree, and another reference latent gives another output."""
-    from core.sections import ModelConfig, ReaderConfig
+    from core.sections import ModelConfig
     from models.loopy import LoopyModel
-    from pipelines.encoders.audio_features import audio_windows
 
     base = core_sampler.model
     config = {k: v for k, v in base.config.items() if not k.startswith("_")}
@@ -217,15 +222,8 @@ def test_reference_concat_model_samples_the_same_on_every_path_and_follows_its_r
         model.denoise_unet.conv_in.weight[:, 4:].normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
     s = LoopySampler(model, None, None, None, core_sampler.cfg, torch.device("cpu"))
     ref, feats = random_inputs(s, 12, seed=4)
-    audio = s.clip_audio(audio_windows(feats, radius=s.audio_radius), 0)
-    motion, mask = s.motion_history(torch.zeros(12, 4, 8, 8), 0, ref)
-    opts = SamplerConfig(steps=2, seed=1)
-    cached = s.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0))
-    again = s.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0), cache_reference=False)
-    three = s.denoise_clip(ref, motion, mask, audio, opts, torch.Generator().manual_seed(0), batched=False)
-    assert torch.allclose(cached, again, atol=1e-5)
-    assert torch.allclose(cached, three, atol=1e-4, rtol=1e-4)
-    other = s.denoise_clip(-ref, motion, mask, audio, opts, torch.Generator().manual_seed(0))
+    cached = denoise_on_every_path(s, ref, feats)
+    other = denoise_on_every_path(s, -ref, feats)
     assert (other - cached).abs().max() > 1e-2
 
 
