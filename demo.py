@@ -184,7 +184,7 @@ def run_demo(work: Path, settings: DemoSettings, console: Optional[Console] = No
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python demo.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, type=Path, help="folder for everything the demo writes")
-    parser.add_argument("--train-steps", type=int, default=DemoSettings.train_steps, help="optimizer steps of stage 2 (stage 1: 6x as many)")
+    parser.add_argument("--train-steps", type=int, default=DemoSettings.train_steps, help=f"optimizer steps of stage 2 (stage 1: {DemoSettings.stage1_step_ratio}x as many)")
     parser.add_argument("--sample-steps", type=int, default=DemoSettings.sample_steps, help="DDIM steps of the video")
     parser.add_argument("--vae-steps", type=int, default=DemoSettings.vae_steps,
                         help="optimizer steps of the tiny VAE's fit to the sample faces")

@@ -162,6 +162,7 @@ def config_overrides(paths: DemoPaths, settings: DemoSettings) -> list[str]:
 def step_commands(paths: DemoPaths, settings: DemoSettings, python: str = sys.executable) -> dict[str, list[str]]:
     """The command line of each subprocess step (the same CLIs users and cluster jobs run)."""
     common = config_overrides(paths, settings)
+    longest_stage = max(settings.stage_steps().values())
     return {
         "samples": [python, "-m", "pipelines.samples", "--output", str(paths.samples), "--heldout"],
         "fit_vae": [python, "-m", "training.fit_vae", "--samples", str(paths.train_samples),
@@ -173,8 +174,7 @@ def step_commands(paths: DemoPaths, settings: DemoSettings, python: str = sys.ex
                   "--stages", ",".join(map(str, settings.stages)),
                   *common, *settings.train_overrides(),
                   # one checkpoint (and validation) per stage: at its last step
-                  f"train.checkpoint_every={max(settings.stage_steps().values())}",
-                  f"train.eval_every={max(settings.stage_steps().values())}"],
+                  f"train.checkpoint_every={longest_stage}", f"train.eval_every={longest_stage}"],
     }
 
 

@@ -233,7 +233,7 @@ class LoopyModel(ModelMixin, ConfigMixin):
         if model_cfg is not None:
             kwargs = dict(audio_layers=model_cfg.audio_layers, audio_dim=model_cfg.audio_dim,
                           motion_latent_tokens=model_cfg.motion_latent_tokens,
-                          reference_concat=bool(getattr(model_cfg, "reference_concat", False)))
+                          reference_concat=model_cfg.reference_concat)
         kwargs.update(overrides)
         model = cls(unet_config=_plain_unet_config(unet.config), stage=stage, **kwargs)
         state = {k: v for k, v in unet.state_dict().items()}
@@ -272,10 +272,9 @@ class LoopyModel(ModelMixin, ConfigMixin):
         kwargs = {k: cfg[k] for k in ("unet_config", "audio_layers", "audio_dim", "audio_window",
                                       "motion_latent_tokens", "context_tokens", "landmark_points")}
         kwargs["reference_concat"] = bool(cfg.get("reference_concat", False))
-        wanted = None if model_cfg is None else getattr(model_cfg, "reference_concat", None)
-        if wanted is not None and bool(wanted) != kwargs["reference_concat"]:
-            raise IncompatibleWeightsError(f"model.reference_concat={wanted} but the stage-1 model was built with "
-                                           f"reference_concat={kwargs['reference_concat']}: train stage 1 again")
+        if model_cfg is not None and model_cfg.reference_concat != kwargs["reference_concat"]:
+            raise IncompatibleWeightsError(f"model.reference_concat={model_cfg.reference_concat} but the stage-1 model "
+                                           f"was built with reference_concat={kwargs['reference_concat']}: train stage 1 again")
         if model_cfg is not None:
             kwargs.update(audio_layers=model_cfg.audio_layers, audio_dim=model_cfg.audio_dim,
                           motion_latent_tokens=model_cfg.motion_latent_tokens)

@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from core.atomic_files import write_text_atomic
-from core.ray_runtime import bounded_state_read
 from core.config import PlatformConfig
 from core.paths import project_path, resolve_tracking_uri
-from core.ray_runtime import init_ray
+from core.ray_runtime import bounded_state_read, init_ray
 from core.run_logging import RunLogger
 from core.storage import Location, StorageError, StoragePath, check_location, pyarrow_filesystem
 from core.weights import resolve_weights

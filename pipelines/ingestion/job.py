@@ -176,9 +176,10 @@ def screen_window(ing) -> int:
     try:
         cpus = float(bounded_state_read(ray.cluster_resources, "the cluster's CPUs").get("CPU", 1.0))
     except RayStateTimeout as err:
-        warnings.warn(f"{err}; screening {max(1, int(ing.num_detect_actors))} videos at once "
-                      f"(ingest.num_detect_actors)", RuntimeWarning, stacklevel=2)
-        return max(1, int(ing.num_detect_actors))
+        fallback = max(1, int(ing.num_detect_actors))
+        warnings.warn(f"{err}; screening {fallback} videos at once (ingest.num_detect_actors)",
+                      RuntimeWarning, stacklevel=2)
+        return fallback
     return max(1, int(cpus / max(float(ing.stage_num_cpus), 1e-3)))
 
 
