@@ -142,8 +142,10 @@ class IngestConfig:
     max_pixels: int = 3840 * 2160  # coded width x height from the stream header
     min_source_frames_ratio: float = 0.3  # distinct source frames / output frames (below: frozen/sparse)
     # per-video deadline of the analysis (probe, detection pass, audio) and, separately, of the
-    # full-resolution decode + crop, each in a watched child process: base + per_s x duration; past
-    # it the child is killed and the video rejected (stage "timeout")
+    # full-resolution decode + crop, each in a watched child process: base + per_s x duration, in
+    # seconds the child works (time it waits for a CPU on a loaded node is not charged:
+    # pipelines/ingestion/watchdog.py WorkBudget); past it the child is killed and the video
+    # rejected (stage "timeout")
     deadline_base_s: float = 120.0
     deadline_per_s: float = 4.0  # seconds of work allowed per second of video
     # fault injection (tests / drills only): the analysis of a file whose name contains

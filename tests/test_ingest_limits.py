@@ -202,6 +202,92 @@ def test_a_hung_analysis_is_killed_at_its_deadline_and_the_next_call_gets_a_fres
     worker.close()
 
 
+HAS_SCHEDSTAT = Path("/proc/self/schedstat").exists() and hasattr(__import__("os"), "sched_setaffinity")
+
+
+@pytest.fixture
+def one_cpu_crowded():
+    """One CPU of this machine with four busy-looping processes pinned to it: a process pinned
+    there too gets about a fifth of it. Yields the CPU's number."""
+    import os
+    import sys
+
+    cpu = min(os.sched_getaffinity(0))
+    hogs = [subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+            for _ in range(4)]
+    try:
+        time.sleep(0.3)
+        yield cpu
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+
+def _hash_rounds_for(cpu_s: float) -> int:
+    """PBKDF2 rounds that take about ``cpu_s`` CPU seconds here (one thread, pure CPU)."""
+    import hashlib
+
+    n = 20000
+    while True:  # time at least 0.2 s of it: a short run is mostly noise
+        t0 = time.process_time()
+        hashlib.pbkdf2_hmac("sha256", b"x", b"salt", n)
+        took = time.process_time() - t0
+        if took >= 0.2:
+            return max(1, int(n * cpu_s / took))
+        n *= 4
+
+
+@pytest.mark.skipif(not HAS_SCHEDSTAT, reason="needs Linux's per-thread schedstat and sched_setaffinity")
+def test_a_deadline_does_not_charge_the_time_a_busy_machine_keeps_the_child_waiting(one_cpu_crowded):
+    """The CI failure this guards against: a good 6 s clip killed at 44 s on a loaded node. A child
+    doing ~1 s of CPU work on a CPU it shares with four busy loops takes ~5 s of wall time; with a
+    budget of 2.5x its work it is not killed (wall time alone would have killed it), and the
+    budget says how much waiting it left out."""
+    import os
+
+    from pipelines.ingestion.watchdog import WatchedWorker, WorkBudget
+
+    rounds = _hash_rounds_for(1.0)
+    worker = WatchedWorker("importlib:import_module", {"name": "hashlib"})  # the child's object: the module
+    worker.start()
+    os.sched_setaffinity(worker.proc.pid, {one_cpu_crowded})
+    budget = WorkBudget(2.5)
+    t0 = time.monotonic()
+    worker.call("pbkdf2_hmac", "sha256", b"x", b"salt", rounds, deadline_s=budget)
+    wall = time.monotonic() - t0
+    assert wall > 2.5, f"the crowded CPU did not slow the child ({wall:.1f} s): nothing was tested"
+    assert budget.used_s < 2.5 <= budget.wall_s and budget.starved_s > 0.4 * wall, budget.describe()
+    worker.close()
+
+
+@pytest.mark.skipif(not HAS_SCHEDSTAT, reason="needs Linux's per-thread schedstat and sched_setaffinity")
+def test_a_blocked_hang_is_charged_wall_time_on_a_busy_machine_and_a_budget_spans_calls(one_cpu_crowded):
+    """A child blocked (as a decoder stuck in a read) waits off the run queue: charged at wall
+    speed and killed at its budget however crowded its CPU. A budget shared by several calls (the
+    decode stage's chunks) is spent by their sum, and time between calls is free."""
+    import os
+
+    from pipelines.ingestion.watchdog import DeadlineExceeded, WatchedWorker, WorkBudget
+
+    worker = WatchedWorker("importlib:import_module", {"name": "time"})
+    worker.start()
+    os.sched_setaffinity(worker.proc.pid, {one_cpu_crowded})
+    t0 = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="waiting for a CPU"):
+        worker.call("sleep", 3600, deadline_s=1.5)
+    assert 1.5 <= time.monotonic() - t0 < 4.5
+    shared = WorkBudget(1.6)
+    worker.call("sleep", 0.6, deadline_s=shared)
+    time.sleep(1.0)  # between calls: not charged
+    worker.call("sleep", 0.6, deadline_s=shared)
+    assert 1.1 < shared.used_s < 1.6, shared.describe()
+    with pytest.raises(DeadlineExceeded):
+        worker.call("sleep", 0.6, deadline_s=shared)
+    assert worker.proc is None and worker.starts == 2
+    worker.close()
+
+
 def test_a_killed_analysis_process_is_a_worker_death_not_a_bad_file(media):
     """Kill the child from outside (as the OOM killer does) during a call: WorkerDied naming
     the signal; the stage turns it into a ``failed`` row."""

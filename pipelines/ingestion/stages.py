@@ -75,6 +75,7 @@ from pipelines.ingestion.watchdog import (
     DeadlineExceeded,
     RemoteError,
     WatchedWorker,
+    WorkBudget,
     WorkerDied,
 )
 from pipelines.media.audio_decode import AudioDecodeError, decode_audio, is_silent
@@ -850,22 +851,22 @@ class AnalyzerStage:
                                         "range_last", "range_snap_start", "range_snap_end") if k in row}}
         # the probe of screen_video, when the row carries it (the job's rows do): not probed again
         screened = {k: row[k] for k in ("probe", "stream_pts_s", "probe_s") if k in row}
-        budget = cfg.deadline_base_s
+        clock = WorkBudget(cfg.deadline_base_s)  # charged as in watchdog.WorkBudget: CPU waits are free
         try:
             self.worker.ensure_started()  # after a timeout / death: outside the deadline
         except (DeadlineExceeded, WorkerDied, RemoteError) as exc:
             return [failed_row(video_id, path, "analyze", f"{path}: the analysis process did not start: {exc}")]
         try:
-            first = self.worker.call("begin", {**plain, **screened}, deadline_s=budget)
+            first = self.worker.call("begin", {**plain, **screened}, deadline_s=clock)
             if first["kind"] != "probed":
                 return [first]
-            budget = cfg.deadline_base_s + cfg.deadline_per_s * float(first["duration_s"])
-            return self.worker.call("finish", plain, deadline_s=budget)
+            clock = WorkBudget(cfg.deadline_base_s + cfg.deadline_per_s * float(first["duration_s"]))
+            return self.worker.call("finish", plain, deadline_s=clock)
         except DeadlineExceeded:
             return [reject_row(video_id, path, "timeout",
-                               f"{path}: analysis not finished within its deadline of {budget:.1f} s "
+                               f"{path}: analysis not finished within its deadline of {clock.budget_s:.1f} s "
                                f"(deadline_base_s {cfg.deadline_base_s:g} + deadline_per_s "
-                               f"{cfg.deadline_per_s:g} x duration): its process was killed")]
+                               f"{cfg.deadline_per_s:g} x duration; {clock.describe()}): its process was killed")]
         except WorkerDied as exc:
             return [failed_row(video_id, path, "analyze", f"{path}: {exc}")]
         except RemoteError as exc:
@@ -1003,14 +1004,16 @@ class DecodeStage:
             yield chunk_row(row, "failed", stage="decode",
                             reason=f"failed: decode: {path}: the decode process did not start: {exc}")
             return
-        deadline = time.monotonic() + budget
+        # one budget for all of this video's calls, charged only while a call runs (a downstream
+        # that is slow to take the next chunk costs the video nothing) and not for the child's
+        # waits for a CPU (watchdog.WorkBudget)
+        clock = WorkBudget(budget)
         try:
             self.worker.call("open", path, n_total, int(info["width"]), int(info["height"]), row["stream_pts_s"],
                              info[DECODE_SOURCE_KEY], np.asarray(boxes, np.float32),
-                             int((info.get(UNIT_KEY) or {}).get("start", 0)),
-                             deadline_s=max(0.0, deadline - time.monotonic()))
+                             int((info.get(UNIT_KEY) or {}).get("start", 0)), deadline_s=clock)
             while written < n_total:
-                chunk = self.worker.call("next_chunk", deadline_s=max(0.0, deadline - time.monotonic()))
+                chunk = self.worker.call("next_chunk", deadline_s=clock)
                 if chunk is None:
                     break
                 start, stop = int(chunk["start"]), int(chunk["stop"])
@@ -1032,7 +1035,7 @@ class DecodeStage:
             yield chunk_row(row, "reject", stage="timeout",
                             reason=f"timeout: {path}: full-resolution decode not finished within its deadline of "
                                    f"{budget:.1f} s (deadline_base_s {cfg.deadline_base_s:g} + deadline_per_s "
-                                   f"{cfg.deadline_per_s:g} x duration): its process was killed")
+                                   f"{cfg.deadline_per_s:g} x duration; {clock.describe()}): its process was killed")
             return
         except WorkerDied as exc:
             yield chunk_row(row, "failed", stage="decode", reason=f"failed: decode: {path}: {exc}")

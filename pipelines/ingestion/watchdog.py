@@ -16,6 +16,17 @@ object from a ``module:Class`` factory and then serves method calls. Messages on
 killed actor leaves no hung decoder behind. A child that dies (killed by the kernel's OOM killer,
 a segfault) raises :class:`WorkerDied` naming the signal: an infrastructure failure, not a bad
 file.
+
+A deadline is a :class:`WorkBudget`: seconds counted only while a call is in progress, less the time
+the child was runnable but waiting for a CPU (Linux keeps that per thread: the second field of
+``/proc/<pid>/task/<tid>/schedstat``, the run-queue wait in ns). Why not plain wall time: on a
+loaded node (a training job beside the ingest, more actors than cores) a good video's analysis can
+take several times its idle wall time, and a wall-clock deadline then records a good file as a bad
+one (stage ``timeout``, kept on a rerun). A hang is still caught at the budget: a decoder blocked
+in a read or a lock waits off the run queue, so its clock runs at wall speed; a decoder that spins
+is charged for every slice it gets. Each sample takes, per interval, the largest run-queue wait of
+any of the child's threads (threads run side by side: their waits overlap), never more than the
+interval. Where schedstat is missing (not Linux) the clock is wall time during calls.
 """
 from __future__ import annotations
 
@@ -28,7 +39,7 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Any, BinaryIO, Optional
+from typing import Any, BinaryIO, Optional, Union
 
 _HEADER = struct.Struct("<Q")
 
@@ -59,15 +70,76 @@ def _send(stream: BinaryIO, obj: Any) -> None:
     stream.flush()
 
 
-def _read_exact(fd: int, n: int, deadline: Optional[float]) -> Optional[bytes]:
-    """``n`` bytes from ``fd``; None at EOF; raises :class:`DeadlineExceeded` past ``deadline``
-    (``time.monotonic()`` value, None = wait forever)."""
+POLL_S = 0.5  # how often a waiting parent samples its child's clock (a few /proc reads)
+
+
+def thread_cpu_waits(pid: int) -> dict[int, int]:
+    """Run-queue wait (ns) of each thread of process ``pid``: time runnable but not running,
+    from ``/proc/<pid>/task/<tid>/schedstat``; {} where that is not available."""
+    waits: dict[int, int] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return waits
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                waits[int(tid)] = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):  # the thread ended, or no schedstat
+            continue
+    return waits
+
+
+class WorkBudget:
+    """Seconds of work allowed to one piece of work in a watched child, over one or several calls
+    (the decode stage spends one budget on all the chunks of a video). Counted only while a call
+    is in progress (a parent that is slow to ask for the next chunk costs the video nothing),
+    less the time the child waited for a CPU (module docstring). ``used_s`` / ``wall_s`` /
+    ``starved_s``: seconds so far, charged / elapsed in calls / given back for CPU waits."""
+
+    def __init__(self, budget_s: float):
+        self.budget_s = float(budget_s)
+        self.used_s = self.wall_s = self.starved_s = 0.0
+        self._pid: Optional[int] = None
+        self._t = 0.0
+        self._waits: dict[int, int] = {}
+
+    def begin(self, pid: int) -> None:
+        """A call to process ``pid`` starts: the clock runs from here."""
+        self._pid, self._t, self._waits = pid, time.monotonic(), thread_cpu_waits(pid)
+
+    def tick(self) -> float:
+        """Charge the interval since the last tick; seconds left (<= 0: spent)."""
+        now = time.monotonic()
+        waits = thread_cpu_waits(self._pid) if self._pid is not None else {}
+        dt = now - self._t
+        starved = max((w - self._waits.get(tid, 0) for tid, w in waits.items()), default=0) / 1e9
+        starved = min(max(starved, 0.0), dt)
+        self._t, self._waits = now, waits
+        self.wall_s += dt
+        self.starved_s += starved
+        self.used_s += dt - starved
+        return self.budget_s - self.used_s
+
+    def describe(self) -> str:
+        return (f"{self.used_s:.1f} s charged of {self.budget_s:.1f} s ({self.wall_s:.1f} s in calls, "
+                f"{self.starved_s:.1f} s of it waiting for a CPU, not charged)")
+
+
+def _read_exact(fd: int, n: int, budget: Optional[WorkBudget]) -> Optional[bytes]:
+    """``n`` bytes from ``fd``; None at EOF; raises :class:`DeadlineExceeded` once ``budget``
+    (begun by the caller) is spent (None = wait forever)."""
     parts, got = [], 0
     while got < n:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        timeout = None
+        if budget is not None:
+            left = budget.tick()
+            if left <= 0:
+                raise DeadlineExceeded("deadline passed")
+            timeout = min(left, POLL_S)
         ready, _, _ = select.select([fd], [], [], timeout)
         if not ready:
-            raise DeadlineExceeded("deadline passed")
+            continue
         chunk = os.read(fd, min(n - got, 1 << 20))
         if not chunk:
             return None
@@ -106,7 +178,7 @@ class WatchedWorker:
                                      stdout=subprocess.PIPE, close_fds=True)
         self.starts += 1
         _send(self.proc.stdin, (self.factory, self.kwargs))
-        self._receive(self.start_timeout_s, "starting")
+        self._receive(WorkBudget(self.start_timeout_s), "starting")
 
     def ensure_started(self) -> None:
         """:meth:`start` a child when there is none or it has ended (after a timeout or a death);
@@ -114,15 +186,20 @@ class WatchedWorker:
         if self.proc is None or self.proc.poll() is not None:
             self.start()
 
-    def _receive(self, deadline_s: Optional[float], what: str) -> Any:
-        deadline = None if deadline_s is None else time.monotonic() + deadline_s
+    def _receive(self, budget: Optional[WorkBudget], what: str) -> Any:
+        if budget is not None:
+            budget.begin(self.proc.pid)
         try:
             fd = self.proc.stdout.fileno()
-            head = _read_exact(fd, _HEADER.size, deadline)
-            body = None if head is None else _read_exact(fd, _HEADER.unpack(head)[0], deadline)
+            head = _read_exact(fd, _HEADER.size, budget)
+            body = None if head is None else _read_exact(fd, _HEADER.unpack(head)[0], budget)
         except DeadlineExceeded:
             self.kill()
-            raise DeadlineExceeded(f"{what}: no result after {deadline_s:.1f} s: the worker process was killed") from None
+            raise DeadlineExceeded(f"{what}: no result within its budget: {budget.describe()}: "
+                                   "the worker process was killed") from None
+        finally:
+            if budget is not None:
+                budget.tick()  # the last interval counts too (a budget shared by several calls)
         if body is None:
             code = self.proc.wait()
             self.proc = None
@@ -132,16 +209,19 @@ class WatchedWorker:
             return payload[0]
         raise RemoteError(*payload)
 
-    def call(self, method: str, *args: Any, deadline_s: Optional[float] = None) -> Any:
+    def call(self, method: str, *args: Any, deadline_s: Union[float, WorkBudget, None] = None) -> Any:
         """``getattr(obj, method)(*args)`` in the child (started first when there is none).
-        Raises :class:`DeadlineExceeded` (child killed) after ``deadline_s`` seconds,
-        :class:`WorkerDied` when the child died, :class:`RemoteError` when the call raised."""
+        ``deadline_s``: seconds for this call (a fresh :class:`WorkBudget`), a budget shared with
+        other calls, or None (no limit). Raises :class:`DeadlineExceeded` (child killed) once the
+        budget is spent, :class:`WorkerDied` when the child died, :class:`RemoteError` when the
+        call raised."""
         self.ensure_started()
+        budget = WorkBudget(deadline_s) if isinstance(deadline_s, (int, float)) else deadline_s
         try:
             _send(self.proc.stdin, (method, args))
         except BrokenPipeError:
             pass  # the child is gone: _receive reports how it ended
-        return self._receive(deadline_s, f"running {method}")
+        return self._receive(budget, f"running {method}")
 
     def kill(self) -> None:
         if self.proc is not None:
