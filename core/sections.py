@@ -220,11 +220,25 @@ class SamplerConfig:
     steps: int = 25  # DDIM steps
     audio_ratio: float = 5.0  # e_final = audio_ratio * (e_audio - e_ref) + ...
     ref_ratio: float = 3.0  # ... + ref_ratio * (e_ref - e_base) + e_base
+    # (ours; 0 = the paper's sampler) the guided prediction's standard deviation pulled back
+    # towards that of the fully conditioned one, this share (Lin et al. 2023, "Common diffusion
+    # noise schedules and sample steps are flawed", 3.4): high guidance on a weak model blows the
+    # latents up; docs/METHOD.md 9
+    guidance_rescale: float = 0.0
+    # (ours; 0 = the paper's sampler) each clip starts from its reference latent noised to this
+    # share of the schedule (the DDIM steps above it are skipped) instead of from pure noise
+    reference_init: float = 0.0
     seed: int = 0  # initial noise of every clip is drawn from one generator seeded with this
     fps: float = 25.0  # output frame rate; audio features are computed for this rate
     size: Optional[int] = None  # output side in pixels; None = the model's crop size
     max_audio_s: Optional[float] = 60.0  # longer audio is refused by the sampler (None: no limit)
     device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self):
+        for name in ("guidance_rescale", "reference_init"):
+            value = getattr(self, name)
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"sampler.{name} must be between 0 and 1, got {value!r}")
 
 
 # --- training ------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 
 from core.sections import SamplerConfig
 from core.temporal_segment import TemporalSegmentModule
@@ -205,10 +206,8 @@ class LoopySampler:
         audio3 = stack_conditions(audio).to(self.dtype)
         reference = self.reference_for_guidance(ref_latent, motion, motion_mask) if cache_reference else None
         scheduler = self.make_scheduler(options.steps)
-        h, w = ref_latent.shape[-2:]
-        latents = torch.randn((b, self.clip_frames, ref_latent.shape[1], h, w), generator=generator,
-                              dtype=torch.float32).to(self.device) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
+        latents, timesteps = self.initial_latents(scheduler, ref_latent, options.reference_init, generator)
+        for t in timesteps:
             if reference is None:
                 step_reference = self.reference_for_guidance(ref_latent, motion, motion_mask)
             else:
@@ -219,8 +218,33 @@ class LoopySampler:
             else:
                 eps = self.guidance_forward_separately(x, t, step_reference, audio3, sw)
             guided = combine_stacked(eps.float(), options.audio_ratio, options.ref_ratio)
+            if options.guidance_rescale > 0:
+                # per sample, over frames, channels and positions, towards e_audio's spread
+                guided = rescale_noise_cfg(guided, eps[:b].float(), options.guidance_rescale)
             latents = scheduler.step(guided, t, latents).prev_sample
         return latents
+
+    def initial_latents(self, scheduler, ref_latent: torch.Tensor, reference_init: float,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clip's starting latents [B, F, C, h, w] and the timesteps left to run.
+
+        ``reference_init`` 0 (the paper): pure noise, every timestep. Above 0 (ours,
+        ``sampler.reference_init``): the reference latent of each sample, repeated over the
+        clip's frames and noised by the scheduler to the first timestep at or below
+        ``reference_init x num_train_timesteps``; the steps above it are skipped (as an
+        image-to-image pipeline's ``strength``). The noise is drawn from ``generator`` either way,
+        so a seed gives the same video."""
+        b, c, h, w = ref_latent.shape
+        noise = torch.randn((b, self.clip_frames, c, h, w), generator=generator, dtype=torch.float32).to(self.device)
+        timesteps = scheduler.timesteps
+        if reference_init <= 0:
+            return noise * scheduler.init_noise_sigma, timesteps
+        start = reference_init * scheduler.config.num_train_timesteps
+        timesteps = timesteps[timesteps <= start]
+        if len(timesteps) == 0:  # below the last step: nothing left to denoise
+            timesteps = scheduler.timesteps[-1:]
+        clean = ref_latent.float()[:, None].expand(b, self.clip_frames, c, h, w)
+        return scheduler.add_noise(clean, noise, timesteps[:1].expand(b)), timesteps
 
     def guidance_forward(self, x3: torch.Tensor, t: torch.Tensor, reference, audio3: torch.Tensor, sw):
         """ONE model forward of the stacked batch [3B, F, 4, h, w] (conditions audio, ref, base)

@@ -227,6 +227,59 @@ def test_reference_concat_model_samples_the_same_on_every_path_and_follows_its_r
     assert (other - cached).abs().max() > 1e-2
 
 
+def test_reference_init_starts_from_the_noised_reference_and_skips_the_steps_above_it(core_sampler):
+    """sampler.reference_init: the clip starts from the reference latent, repeated over its frames
+    and noised to the first DDIM timestep at or below the share asked for, with the steps above
+    it skipped; 0 (the paper's default) is pure noise and every step; out of [0, 1] is refused."""
+    s = core_sampler
+    ref = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    scheduler = s.make_scheduler(10)
+    noise_only, all_steps = s.initial_latents(scheduler, ref, 0.0, torch.Generator().manual_seed(1))
+    assert torch.equal(all_steps, scheduler.timesteps) and noise_only.shape == (2, s.clip_frames, 4, 8, 8)
+    started, steps = s.initial_latents(scheduler, ref, 0.5, torch.Generator().manual_seed(1))
+    assert steps.tolist() == [t for t in scheduler.timesteps.tolist() if t <= 500] and len(steps) < 10
+    a = scheduler.alphas_cumprod[int(steps[0])]
+    expected = a.sqrt() * ref[:, None] + (1 - a).sqrt() * noise_only  # the same draw of noise
+    assert torch.allclose(started, expected, atol=1e-5)
+    # low in the schedule the start is close to the reference; the loop runs from there
+    near, _ = s.initial_latents(scheduler, ref, 0.05, torch.Generator().manual_seed(1))
+    assert (near - ref[:, None]).std() < 0.35 * (noise_only - ref[:, None]).std()
+    ref1, feats = random_inputs(s, 12, seed=4)
+    out = s.generate_latents(ref1, feats, SamplerConfig(steps=4, seed=3, reference_init=0.6))
+    assert out.shape == (12, 4, 8, 8) and torch.isfinite(out).all()
+    assert not torch.allclose(out, s.generate_latents(ref1, feats, SamplerConfig(steps=4, seed=3)))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="sampler.reference_init"):
+            SamplerConfig(reference_init=bad)
+
+
+def test_guidance_rescale_pulls_the_guided_spread_back_to_the_conditioned_one(core_sampler, monkeypatch):
+    """sampler.guidance_rescale: with 1 the guided prediction of each sample has the standard
+    deviation of its fully conditioned prediction (e_audio); 0 leaves the paper's guidance as is."""
+    import inference.sampler as sampler_module
+
+    seen = []
+    real = sampler_module.rescale_noise_cfg
+
+    def spy(guided, conditioned, phi):
+        out = real(guided, conditioned, phi)
+        seen.append((guided.std(dim=(1, 2, 3, 4)), conditioned.std(dim=(1, 2, 3, 4)), out.std(dim=(1, 2, 3, 4)), phi))
+        return out
+
+    monkeypatch.setattr(sampler_module, "rescale_noise_cfg", spy)
+    ref, feats = random_inputs(core_sampler, 12, seed=4)
+    plain = core_sampler.generate_latents(ref, feats, SamplerConfig(steps=3, seed=3, audio_ratio=5, ref_ratio=3))
+    assert seen == []
+    rescaled = core_sampler.generate_latents(ref, feats, SamplerConfig(steps=3, seed=3, audio_ratio=5, ref_ratio=3,
+                                                                       guidance_rescale=1.0))
+    assert len(seen) == 3
+    for guided_std, conditioned_std, out_std, phi in seen:
+        assert phi == 1.0 and torch.allclose(out_std, conditioned_std, rtol=1e-4)
+    assert not torch.allclose(plain, rescaled)
+    with pytest.raises(ValueError, match="sampler.guidance_rescale"):
+        SamplerConfig(guidance_rescale=2.0)
+
+
 # --- end to end: image + audio file -> mp4 ----------------------------------------------------------
 
 @pytest.mark.parametrize("seconds, container", [(0.3, "wav"), (1.03, "m4a")])
