@@ -4,10 +4,12 @@
                             [--device cpu|cuda|auto] [section.key=value ...]
 
 ``--model``: an MLflow model URI (``models:/loopy/3``, ``models:/loopy@stage2``, ``runs:/...``)
-or a model package folder; default ``serve.model`` of the config. Sampling options come from the
-``sampler`` section (``sampler.steps=25 sampler.audio_ratio=5 sampler.ref_ratio=3 sampler.seed=0
-sampler.fps=25 sampler.size=N``); the model itself is read from the package with the ``platform.yaml`` it was
-trained with. Progress is printed per 12-frame clip. Exit status 2 for bad input (the message
+or a model package folder; default ``serve.model`` of the config. Sampling options are the
+package's ``sampler`` section (what the model was trained and evaluated with, as the service
+uses), with every ``sampler.*`` key this command is given (``--config`` file or
+``sampler.steps=25 sampler.audio_ratio=5 sampler.ref_ratio=3 sampler.seed=0 sampler.fps=25
+sampler.size=N``) on top; the model itself is read from the package with the ``platform.yaml`` it
+was trained with. Progress is printed per 12-frame clip. Exit status 2 for bad input (the message
 names the file), 1 for other failures.
 """
 from __future__ import annotations
@@ -38,6 +40,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def given_sampler_keys(config: Optional[str], overrides: Sequence[str]) -> set[str]:
+    """The ``sampler`` keys this command was given: those of the ``--config`` file's ``sampler``
+    mapping and of the ``sampler.KEY=VALUE`` overrides (the rest come from the package)."""
+    import yaml
+
+    keys = {o.split("=", 1)[0].split(".", 1)[1] for o in overrides if o.startswith("sampler.") and "=" in o}
+    if config:
+        section = (yaml.safe_load(Path(config).read_text()) or {}).get("sampler") or {}
+        keys |= set(section) if isinstance(section, dict) else set()
+    return keys
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
@@ -62,7 +76,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     sampler = LoopySampler.from_package(model, device=args.device or cfg.sampler.device,
                                         tracking_uri=cfg.tracking.tracking_uri)
-    options = cfg.sampler if args.size is None else dataclasses.replace(cfg.sampler, size=args.size)
+    options = dataclasses.replace(sampler.default_options,
+                                  **{k: getattr(cfg.sampler, k) for k in given_sampler_keys(args.config, args.overrides)})
+    if args.size is not None:
+        options = dataclasses.replace(options, size=args.size)
     print(f"model {model} loaded in {time.perf_counter() - started:.1f} s on {sampler.device}", flush=True)
 
     def report(p) -> None:

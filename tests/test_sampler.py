@@ -375,6 +375,40 @@ def test_cli_writes_video(tiny_package, tmp_path):
     assert too_short.returncode == 2 and "tiny.wav" in too_short.stderr and "Traceback" not in too_short.stderr
 
 
+def test_cli_starts_from_the_package_sampler_section_and_applies_only_the_keys_it_is_given(tiny_package, tmp_path):
+    """The CLI samples as the service does (the package's sampler section: what the model was
+    trained and evaluated with), with the sampler keys of its own --config file and overrides on
+    top; a key it is not given keeps the package's value."""
+    import shutil
+    import sys
+
+    import yaml
+
+    from inference.sample import given_sampler_keys
+
+    package = tmp_path / "pkg"
+    shutil.copytree(tiny_package, package)
+    platform = yaml.safe_load((package / "platform.yaml").read_text())
+    platform.setdefault("sampler", {})["fps"] = 10.0  # the package's rate: 0.3 s of audio -> 3 frames
+    (package / "platform.yaml").write_text(yaml.safe_dump(platform))
+    image, audio = make_portrait(tmp_path / "p.jpg"), make_audio(tmp_path / "a.wav", 0.3)
+    for extra, frames in (([], 3), (["sampler.fps=25"], 7)):
+        out = tmp_path / f"cli{frames}.mp4"
+        proc = subprocess.run([sys.executable, "-m", "inference.sample", "--image", str(image), "--audio", str(audio),
+                               "--out", str(out), "--model", str(package), "--device", "cpu", "sampler.steps=1",
+                               *extra], capture_output=True, text=True, timeout=180,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert int(probe_streams(out)["video"]["nb_read_frames"]) == frames, extra
+
+    config = tmp_path / "c.yaml"
+    config.write_text("sampler:\n  seed: 4\ntrain:\n  lr: 0.1\n")
+    assert given_sampler_keys(None, ["sampler.steps=3", "train.lr=1", "sampler.reference_init=0.2"]) == \
+        {"steps", "reference_init"}
+    assert given_sampler_keys(str(config), ["sampler.steps=3"]) == {"steps", "seed"}
+    assert given_sampler_keys(None, []) == set()
+
+
 @pytest.mark.slow
 def test_sampler_loads_a_registered_mlflow_model(tiny_package, tmp_path):
     import mlflow
