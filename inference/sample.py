@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from core.config import ConfigError, add_config_arguments, load_platform_config
+from core.config import ConfigError, add_config_arguments, load_platform_config, parse_overrides, read_yaml
 from inference.errors import BadInputError
 from inference.portrait import NoFaceError, load_image
 from inference.sampler import LoopySampler
@@ -42,12 +42,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def given_sampler_keys(config: Optional[str], overrides: Sequence[str]) -> set[str]:
     """The ``sampler`` keys this command was given: those of the ``--config`` file's ``sampler``
-    mapping and of the ``sampler.KEY=VALUE`` overrides (the rest come from the package)."""
-    import yaml
-
-    keys = {o.split("=", 1)[0].split(".", 1)[1] for o in overrides if o.startswith("sampler.") and "=" in o}
-    if config:
-        section = (yaml.safe_load(Path(config).read_text()) or {}).get("sampler") or {}
+    mapping (with its ``base:`` file, read as ``load_config`` reads it) and of the
+    ``sampler.KEY=VALUE`` overrides (the rest come from the package)."""
+    keys: set[str] = set()
+    for given in (read_yaml(config) if config else {}, parse_overrides(overrides)):
+        section = given.get("sampler")
         keys |= set(section) if isinstance(section, dict) else set()
     return keys
 

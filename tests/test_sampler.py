@@ -406,6 +406,9 @@ def test_cli_starts_from_the_package_sampler_section_and_applies_only_the_keys_i
     assert given_sampler_keys(None, ["sampler.steps=3", "train.lr=1", "sampler.reference_init=0.2"]) == \
         {"steps", "reference_init"}
     assert given_sampler_keys(str(config), ["sampler.steps=3"]) == {"steps", "seed"}
+    child = tmp_path / "child.yaml"  # a config that names a base file gets the base's sampler keys too
+    child.write_text("base: c.yaml\nsampler:\n  fps: 12\n")
+    assert given_sampler_keys(str(child), []) == {"seed", "fps"}
     assert given_sampler_keys(None, []) == set()
 
 
