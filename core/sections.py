@@ -228,6 +228,10 @@ class SamplerConfig:
     # (ours; 0 = the paper's sampler) each clip starts from its reference latent noised to this
     # share of the schedule (the DDIM steps above it are skipped) instead of from pure noise
     reference_init: float = 0.0
+    # (ours; 1 = the paper's sampler) the starting noise is scaled by this ("temperature"): DDIM
+    # adds no noise after the start, so below 1 every latent component the model cannot predict
+    # ends nearer its conditional mean instead of a random draw of its spread; docs/METHOD.md 9
+    noise_scale: float = 1.0
     seed: int = 0  # initial noise of every clip is drawn from one generator seeded with this
     fps: float = 25.0  # output frame rate; audio features are computed for this rate
     size: Optional[int] = None  # output side in pixels; None = the model's crop size
@@ -235,7 +239,7 @@ class SamplerConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self):
-        for name in ("guidance_rescale", "reference_init"):
+        for name in ("guidance_rescale", "reference_init", "noise_scale"):
             value = getattr(self, name)
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"sampler.{name} must be between 0 and 1, got {value!r}")

@@ -17,7 +17,8 @@ Signature (one row per video; binary columns travel base64-encoded in MLflow's J
 
     inputs   image: binary (an image file, any format Pillow reads)
              audio: binary (an audio file, any container / codec ffmpeg reads)
-    params   steps: long, audio_ratio: double, ref_ratio: double, reference_init: double, seed: long, fps: double,
+    params   steps: long, audio_ratio: double, ref_ratio: double, reference_init: double, noise_scale: double,
+             seed: long, fps: double,
              size: long (0 = the model's crop size); defaults = the package's ``sampler`` section
     outputs  video: binary (mp4 with the audio), num_frames: long, fps: double, duration_s: double
 
@@ -67,7 +68,8 @@ __all__ = ["LoopyPyfuncModel", "log_model_package", "model_signature", "save_pyf
 PROJECT_DIST = "loopy-platform"
 # request options a client may set (SamplerConfig fields) and their MLflow param types
 REQUEST_PARAMS: dict[str, str] = {"steps": "long", "audio_ratio": "double", "ref_ratio": "double",
-                                  "reference_init": "double", "seed": "long", "fps": "double", "size": "long"}
+                                  "reference_init": "double", "noise_scale": "double", "seed": "long", "fps": "double",
+                                  "size": "long"}
 _PY_TYPES = {"long": int, "double": float}
 
 

@@ -206,7 +206,8 @@ class LoopySampler:
         audio3 = stack_conditions(audio).to(self.dtype)
         reference = self.reference_for_guidance(ref_latent, motion, motion_mask) if cache_reference else None
         scheduler = self.make_scheduler(options.steps)
-        latents, timesteps = self.initial_latents(scheduler, ref_latent, options.reference_init, generator)
+        latents, timesteps = self.initial_latents(scheduler, ref_latent, options.reference_init, generator,
+                                                  options.noise_scale)
         for t in timesteps:
             if reference is None:
                 step_reference = self.reference_for_guidance(ref_latent, motion, motion_mask)
@@ -225,7 +226,7 @@ class LoopySampler:
         return latents
 
     def initial_latents(self, scheduler, ref_latent: torch.Tensor, reference_init: float,
-                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                        generator: torch.Generator, noise_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """The clip's starting latents [B, F, C, h, w] and the timesteps left to run.
 
         ``reference_init`` 0 (the paper): pure noise, every timestep. Above 0 (ours,
@@ -236,6 +237,7 @@ class LoopySampler:
         so a seed gives the same video."""
         b, c, h, w = ref_latent.shape
         noise = torch.randn((b, self.clip_frames, c, h, w), generator=generator, dtype=torch.float32).to(self.device)
+        noise = noise * float(noise_scale)
         timesteps = scheduler.timesteps
         if reference_init <= 0:
             return noise * scheduler.init_noise_sigma, timesteps

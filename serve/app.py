@@ -23,7 +23,7 @@ HTTP API (``/v1`` needs ``Authorization: Bearer <token>`` when client tokens are
 :mod:`serve.auth`; each job is visible only to the client that created it, others get 404):
 
 * ``POST /v1/videos``: multipart ``image`` + ``audio`` files and optional option fields
-  (``steps``, ``audio_ratio``, ``ref_ratio``, ``reference_init``, ``seed``, ``fps``, ``size``) -> ``202 {"id": ...}``
+  (``steps``, ``audio_ratio``, ``ref_ratio``, ``reference_init``, ``noise_scale``, ``seed``, ``fps``, ``size``) -> ``202 {"id": ...}``
   once checked; 413 / 422 naming the field for bad input, 408 for a body not sent in time,
   403 for a cross-origin browser post, 429 + ``Retry-After`` when the queue is full, 503 +
   ``Retry-After`` when the job storage is full;

@@ -185,7 +185,7 @@ class VideoClient:
     # --- jobs ------------------------------------------------------------------------------------
     def submit(self, image: Path | bytes, audio: Path | bytes, options: Optional[Mapping[str, Any]] = None) -> str:
         """``POST /v1/videos`` with the portrait ``image`` and the ``audio`` (a file path or the
-        bytes) and sampler ``options`` (``steps``, ``seed``, ``audio_ratio``, ``ref_ratio``, ``reference_init``, ``fps``,
+        bytes) and sampler ``options`` (``steps``, ``seed``, ``audio_ratio``, ``ref_ratio``, ``reference_init``, ``noise_scale``, ``fps``,
         ``size``; sent as form fields). Returns the job id. A refusal (413 / 422 naming the field,
         429 with ``retry_after_s`` when the queue is full, 503 when its storage is full, 401)
         raises :class:`RequestRejected`."""

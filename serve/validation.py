@@ -252,6 +252,7 @@ OPTION_RULES: dict[str, OptionRule] = {
     "audio_ratio": OptionRule(float, 0.0, 20.0),
     "ref_ratio": OptionRule(float, 0.0, 20.0),
     "reference_init": OptionRule(float, 0.0, 1.0),  # 0 = from pure noise (docs/METHOD.md 9)
+    "noise_scale": OptionRule(float, 0.0, 1.0),  # the starting noise's scale; 1 = the paper's (docs/METHOD.md 9)
     "seed": OptionRule(int, 0, 2**31 - 1),
     "fps": OptionRule(float, 1.0, 60.0),
     "size": OptionRule(int, 16, 1024),

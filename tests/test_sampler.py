@@ -253,6 +253,30 @@ def test_reference_init_starts_from_the_noised_reference_and_skips_the_steps_abo
             SamplerConfig(reference_init=bad)
 
 
+def test_noise_scale_scales_the_starting_noise_and_zero_makes_the_seed_irrelevant(core_sampler):
+    """sampler.noise_scale: the starting noise (pure, or added to the reference) is the same draw
+    times the scale; with 0 and a reference start every seed gives the same video (DDIM adds no
+    noise after the start), with 1 (the paper's) seeds differ; out of [0, 1] is refused."""
+    s = core_sampler
+    ref = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    scheduler = s.make_scheduler(10)
+    full, _ = s.initial_latents(scheduler, ref, 0.0, torch.Generator().manual_seed(1))
+    half, _ = s.initial_latents(scheduler, ref, 0.0, torch.Generator().manual_seed(1), noise_scale=0.5)
+    assert torch.allclose(half, 0.5 * full)
+    started, steps = s.initial_latents(scheduler, ref, 0.5, torch.Generator().manual_seed(1), noise_scale=0.25)
+    a = scheduler.alphas_cumprod[int(steps[0])]
+    assert torch.allclose(started, a.sqrt() * ref[:, None] + (1 - a).sqrt() * 0.25 * full, atol=1e-5)
+    ref1, feats = random_inputs(s, 12, seed=4)
+    quiet = [s.generate_latents(ref1, feats, SamplerConfig(steps=4, seed=seed, reference_init=0.6, noise_scale=0.0))
+             for seed in (3, 4)]
+    assert torch.equal(quiet[0], quiet[1])
+    loud = [s.generate_latents(ref1, feats, SamplerConfig(steps=4, seed=seed, reference_init=0.6)) for seed in (3, 4)]
+    assert not torch.allclose(loud[0], loud[1])
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="sampler.noise_scale"):
+            SamplerConfig(noise_scale=bad)
+
+
 def test_guidance_rescale_pulls_the_guided_spread_back_to_the_conditioned_one(core_sampler, monkeypatch):
     """sampler.guidance_rescale: with 1 the guided prediction of each sample has the standard
     deviation of its fully conditioned prediction (e_audio); 0 leaves the paper's guidance as is."""

@@ -202,9 +202,10 @@ def test_options_unknown_and_out_of_range_name_the_field():
     assert parse_options({"steps": "3", "seed": "7", "audio_ratio": "4.5"}, base) == dataclasses.replace(
         base, steps=3, seed=7, audio_ratio=4.5)
     assert parse_options({"reference_init": "0.5"}, base).reference_init == 0.5
+    assert parse_options({"noise_scale": "0.1"}, base).noise_scale == 0.1
     for raw, field in (({"stepz": "3"}, "stepz"), ({"steps": "0"}, "steps"), ({"steps": "abc"}, "steps"),
                        ({"ref_ratio": "nan"}, "ref_ratio"), ({"size": "63"}, "size"), ({"fps": "1000"}, "fps"),
-                       ({"reference_init": "1.5"}, "reference_init")):
+                       ({"reference_init": "1.5"}, "reference_init"), ({"noise_scale": "2"}, "noise_scale")):
         with pytest.raises(UploadError) as err:
             parse_options(raw, base)
         assert err.value.status == 422 and err.value.field == field
