@@ -28,6 +28,13 @@ Rows:
   CPUs and the analysis / decode / VAE pools sized to match). The source is split into work
   ranges (``ingest.unit_s``: 300 s, or ``seconds / 8`` when that is shorter, so a short quick run
   still has ranges to spread); the speed-up is wall(1) / wall(2). Target >= 1.7.
+* ``core_pair_scaling`` (issue 23, context for the row above): what this machine itself gives two
+  processes. The ingest's largest stage (dlib HOG detection on the long source's 854x480 frames,
+  one thread) runs as one process pinned to one core, then as two copies at once pinned to two
+  cores; the row is their throughput ratio (2 x wall(one) / wall(two at once)). Nothing else of
+  the ingest (Ray, scheduling, fill and drain) is in it: it is the ceiling the speed-up can reach
+  here (two vCPUs of a VM may be two hyperthreads of one core, sharing its execution units; on
+  the development machine they are not: 2.0).
 
 Run ``python -m benchmarks.bench_ingest`` for every row, ``--only long`` for the long-source rows.
 Generated media are cached under ``work/bench_media``.
@@ -127,7 +134,55 @@ def long_source_rows(seconds: int) -> list[dict]:
                  "value": walls[1] / walls[2], "unit": "x", "target": ">= 1.7",
                  "note": f"wall(1 worker) / wall(2 workers) of the same {seconds} s source (model loading included, "
                          f"Ray start excluded)"})
+    if len(os.sched_getaffinity(0)) >= 2:
+        rows += core_pair_rows(video)
     return rows
+
+
+_DETECT_LOOP = """
+import sys, time
+import numpy as np
+from pipelines.faces.detect import make_detector
+from pipelines.media.video_decode import iter_frames
+frames = next(iter(iter_frames(sys.argv[1], fps=25.0, chunk_frames=int(sys.argv[2]))))
+frames = getattr(frames, "frames", frames)
+det = make_detector("dlib")
+det.detect(frames[:1])  # warm
+t0 = time.process_time(); w0 = time.perf_counter()
+for _ in range(int(sys.argv[3])):
+    det.detect(frames)
+print("RESULT", time.perf_counter() - w0, time.process_time() - t0)
+"""
+
+
+def core_pair_rows(video: Path, frames: int = 25, rounds: int = 8, repeats: int = 3) -> list[dict]:
+    """``core_pair_scaling`` (module docstring): ``repeats`` interleaved pairs of (one process
+    alone, two at once); the ratio of the medians."""
+    import statistics
+
+    cores = sorted(os.sched_getaffinity(0))[:2]
+
+    def launch(core: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", _DETECT_LOOP, str(video), str(frames), str(rounds)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(),
+                                preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+
+    def wall(proc: subprocess.Popen) -> float:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"detection loop failed: {err[-2000:]}")
+        return float(next(ln for ln in out.splitlines() if ln.startswith("RESULT")).split()[1])
+
+    alone, together = [], []
+    for _ in range(repeats):
+        alone.append(wall(launch(cores[0])))
+        pair = [launch(c) for c in cores]
+        together.append(max(wall(p) for p in pair))
+    a, t = statistics.median(alone), statistics.median(together)
+    return [{"benchmark": "ingest_long_source", "metric": "core_pair_scaling", "value": 2 * a / t, "unit": "x",
+             "target": "", "note": f"dlib HOG on {frames} 854x480 frames x {rounds}, one thread: {a:.1f} s alone, "
+                                   f"{t:.1f} s two at once on cores {cores} (medians of {repeats}); the ceiling of "
+                                   f"the 2-worker speed-up on this machine"}]
 
 
 def scaled_samples(width: int, height: int) -> Path:
