@@ -72,7 +72,9 @@ def test_step_commands_run_the_makefile_clis(tmp_path):
         if name == "train":  # stage 2's steps, and stage 1 gets stage1_step_ratio times as many
             assert cfg.train.max_steps == 7 and cfg.train.stage1_max_steps == 7 * settings.stage1_step_ratio
             assert cfg.model.reference_concat is settings.reference_concat
-            assert cfg.sampler.reference_init == settings.reference_init  # the package's sampler section
+            # the package's sampler section
+            assert (cfg.sampler.reference_init, cfg.sampler.noise_scale, cfg.sampler.ref_ratio) == \
+                (settings.reference_init, settings.noise_scale, settings.ref_ratio)
     serve = serve_command(paths, settings, "models:/loopy/3", 8123, python="/venv/bin/python")
     cfg = load_platform_config(None, [a for a in serve if "=" in a])
     assert (cfg.serve.host, cfg.serve.port, cfg.serve.model) == ("127.0.0.1", 8123, "models:/loopy/3")
