@@ -234,7 +234,8 @@ class LoopySampler:
         clip's frames and noised by the scheduler to the first timestep at or below
         ``reference_init x num_train_timesteps``; the steps above it are skipped (as an
         image-to-image pipeline's ``strength``). The noise is drawn from ``generator`` either way,
-        so a seed gives the same video."""
+        so a seed gives the same video, and multiplied by ``noise_scale`` (ours,
+        ``sampler.noise_scale``; 1 = the paper's) before it is used."""
         b, c, h, w = ref_latent.shape
         noise = torch.randn((b, self.clip_frames, c, h, w), generator=generator, dtype=torch.float32).to(self.device)
         noise = noise * float(noise_scale)

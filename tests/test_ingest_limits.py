@@ -649,3 +649,34 @@ def test_a_decode_process_that_cannot_start_is_failed_not_rejected(media):
     assert out["kind"] == "failed" and "did not start" in out["reason"], out["reason"]
     assert out["reason"].startswith("failed: decode: ") and media["good"].name in out["reason"]
     stage.worker.close()
+
+
+def test_a_wait_reported_late_is_given_back_in_the_intervals_after_it(monkeypatch):
+    """The kernel adds a run-queue wait to schedstat only when the thread runs again, so a 0.8 s
+    wait can first show in a 0.5 s interval: the 0.3 s beyond it is given back in the next
+    interval, not dropped (dropping it charged a crowded child for its waits and killed a good call
+    in a full test run); no interval is given back more than its length, and a new call starts
+    with nothing pending."""
+    import pipelines.ingestion.watchdog as watchdog
+
+    clock = {"t": 100.0, "wait_ns": 0}
+    monkeypatch.setattr(watchdog.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(watchdog, "thread_cpu_waits", lambda pid: {1: clock["wait_ns"]})
+    budget = watchdog.WorkBudget(10.0)
+    budget.begin(1234)
+
+    def tick(dt: float, reported_wait_s: float) -> None:
+        clock["t"] += dt
+        clock["wait_ns"] += int(reported_wait_s * 1e9)
+        budget.tick()
+
+    tick(0.5, 0.8)  # a 0.8 s wait reported in a 0.5 s interval
+    assert (budget.starved_s, budget.used_s) == pytest.approx((0.5, 0.0))
+    tick(0.5, 0.0)  # the 0.3 s left is given back here
+    assert (budget.starved_s, budget.used_s) == pytest.approx((0.8, 0.2))
+    tick(0.5, 0.0)
+    assert (budget.starved_s, budget.used_s) == pytest.approx((0.8, 0.7))
+    tick(0.5, 2.0)  # 1.5 s pending after this interval ...
+    budget.begin(1234)  # ... belongs to the call that ended, not to the next one
+    tick(0.5, 0.0)
+    assert (budget.starved_s, budget.used_s) == pytest.approx((1.3, 1.2))

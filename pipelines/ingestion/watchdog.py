@@ -25,8 +25,11 @@ take several times its idle wall time, and a wall-clock deadline then records a 
 one (stage ``timeout``, kept on a rerun). A hang is still caught at the budget: a decoder blocked
 in a read or a lock waits off the run queue, so its clock runs at wall speed; a decoder that spins
 is charged for every slice it gets. Each sample takes, per interval, the largest run-queue wait of
-any of the child's threads (threads run side by side: their waits overlap), never more than the
-interval. Where schedstat is missing (not Linux) the clock is wall time during calls.
+any of the child's threads (threads run side by side: their waits overlap). The kernel adds a wait
+to schedstat only when the thread gets a CPU again, so a wait can be reported in a later interval
+than the one it filled and be longer than that interval: what exceeds an interval is given back in
+the intervals that follow (an interval is never given back more than its own length). Where
+schedstat is missing (not Linux) the clock is wall time during calls.
 """
 from __future__ import annotations
 
@@ -103,18 +106,26 @@ class WorkBudget:
         self._pid: Optional[int] = None
         self._t = 0.0
         self._waits: dict[int, int] = {}
+        # wait seen but not yet given back: the kernel adds a run-queue wait to a thread's
+        # schedstat only when the thread gets a CPU again, so a wait can land in a later interval
+        # than the one it filled, and be longer than that interval; it is given back over the
+        # intervals that follow instead of being cut at one interval's length (and lost)
+        self._pending_s = 0.0
 
     def begin(self, pid: int) -> None:
         """A call to process ``pid`` starts: the clock runs from here."""
         self._pid, self._t, self._waits = pid, time.monotonic(), thread_cpu_waits(pid)
+        self._pending_s = 0.0  # a wait reported after a call ended belongs to no call
 
     def tick(self) -> float:
         """Charge the interval since the last tick; seconds left (<= 0: spent)."""
         now = time.monotonic()
         waits = thread_cpu_waits(self._pid) if self._pid is not None else {}
         dt = now - self._t
-        starved = max((w - self._waits.get(tid, 0) for tid, w in waits.items()), default=0) / 1e9
-        starved = min(max(starved, 0.0), dt)
+        reported = max((w - self._waits.get(tid, 0) for tid, w in waits.items()), default=0) / 1e9
+        self._pending_s += max(reported, 0.0)
+        starved = min(self._pending_s, dt)
+        self._pending_s -= starved
         self._t, self._waits = now, waits
         self.wall_s += dt
         self.starved_s += starved
