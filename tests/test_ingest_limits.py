@@ -657,10 +657,12 @@ def test_a_wait_reported_late_is_given_back_in_the_intervals_after_it(monkeypatc
     interval, not dropped (dropping it charged a crowded child for its waits and killed a good call
     in a full test run); no interval is given back more than its length, and a new call starts
     with nothing pending."""
+    from types import SimpleNamespace
+
     import pipelines.ingestion.watchdog as watchdog
 
     clock = {"t": 100.0, "wait_ns": 0}
-    monkeypatch.setattr(watchdog.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(watchdog, "time", SimpleNamespace(monotonic=lambda: clock["t"]))  # this module's clock only
     monkeypatch.setattr(watchdog, "thread_cpu_waits", lambda pid: {1: clock["wait_ns"]})
     budget = watchdog.WorkBudget(10.0)
     budget.begin(1234)

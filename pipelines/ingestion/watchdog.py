@@ -106,11 +106,7 @@ class WorkBudget:
         self._pid: Optional[int] = None
         self._t = 0.0
         self._waits: dict[int, int] = {}
-        # wait seen but not yet given back: the kernel adds a run-queue wait to a thread's
-        # schedstat only when the thread gets a CPU again, so a wait can land in a later interval
-        # than the one it filled, and be longer than that interval; it is given back over the
-        # intervals that follow instead of being cut at one interval's length (and lost)
-        self._pending_s = 0.0
+        self._pending_s = 0.0  # wait reported but not yet given back (module docstring: reported late)
 
     def begin(self, pid: int) -> None:
         """A call to process ``pid`` starts: the clock runs from here."""
