@@ -47,7 +47,7 @@ from pipelines.faces.detect import FaceLandmarkDetector
 from pipelines.media.audio_decode import decode_audio
 from pipelines.media.probe import probe_video
 from pipelines.media.video_decode import iter_frames, plan_from_timestamps
-from pipelines.metrics.video_metrics import MIN_DETECT_SIDE, score_video
+from pipelines.metrics.video_metrics import MIN_DETECT_SIDE, SYNC_DETREND_S, score_video
 
 
 class EvalVideoError(InferenceError, ValueError):
@@ -246,10 +246,12 @@ def real_frames_of(sampler: LoopySampler, video: EvalVideo) -> np.ndarray:
 
 def evaluate_video(sampler: LoopySampler, video: EvalVideo, detector: FaceLandmarkDetector,
                    steps: Optional[int] = None, max_lag: int = 2,
-                   min_detect_side: int = MIN_DETECT_SIDE, codec: bool = True) -> VideoEvaluation:
-    """Generate ``video`` and score it against its real frames and waveform. Without a waveform
-    the sync metrics are NaN (silence of the right length is scored instead, so the frame
-    metrics are still computed). With ``codec`` and real frames that are not themselves decoded
+                   min_detect_side: int = MIN_DETECT_SIDE, codec: bool = True,
+                   detrend_s: Optional[float] = SYNC_DETREND_S) -> VideoEvaluation:
+    """Generate ``video`` and score it against its real frames and waveform (``max_lag``,
+    ``min_detect_side``, ``detrend_s``: those of :func:`pipelines.metrics.video_metrics.score_video`).
+    Without a waveform the sync metrics are NaN (silence of the right length is scored instead,
+    so the frame metrics are still computed). With ``codec`` and real frames that are not themselves decoded
     latents, the codec frames are scored too (``codec_`` + :data:`CODEC_KEYS`)."""
     t0 = time.perf_counter()
     generated = generate_frames(sampler, video, steps)
@@ -259,12 +261,12 @@ def evaluate_video(sampler: LoopySampler, video: EvalVideo, detector: FaceLandma
     if samples is None:
         samples = np.zeros(int(round(video.num_frames / video.fps * video.sample_rate)), np.float32)
     metrics = score_video(generated, real, samples, video.sample_rate, video.fps, detector,
-                          max_lag=max_lag, min_detect_side=min_detect_side)
+                          max_lag=max_lag, min_detect_side=min_detect_side, detrend_s=detrend_s)
     codec_frames = None
     if codec and video.real_from != "latents" and video.latents is not None:
         codec_frames = decode_stored_latents(sampler, video)
         codec_metrics = score_video(codec_frames, real, samples, video.sample_rate, video.fps, detector,
-                                    max_lag=max_lag, min_detect_side=min_detect_side)
+                                    max_lag=max_lag, min_detect_side=min_detect_side, detrend_s=detrend_s)
         metrics.update({f"codec_{k}": codec_metrics[k] for k in CODEC_KEYS})
     if video.samples is None:
         for key in ("sync", "sync_control", "sync_gt", "sync_control_gt", "codec_sync"):

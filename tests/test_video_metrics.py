@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from pipelines.faces.landmarks import MOUTH
+from pipelines.faces.mouth_sync import remove_trend as remove_trend
 from pipelines.faces.motion_stats import clip_motion_stats
 from pipelines.metrics import video_metrics as vm
 
@@ -74,6 +75,30 @@ def test_sync_score_finds_the_lag_and_ignores_constant_signals():
     assert vm.sync_score(np.full(200, 0.1), loud) == 0.0  # a still mouth
     assert vm.sync_score(follows, np.zeros(200)) == 0.0  # silence
     assert np.isnan(vm.sync_score(np.full(200, np.nan), loud))  # no face anywhere
+
+
+def test_detrended_sync_counts_frame_to_frame_following_not_a_shared_slow_drift():
+    """A mouth that drifts open over the video while the speech gets louder, with no frame-level
+    relation, correlates at every lag (the raw score is high); removing the 1 s moving mean leaves
+    chance. A mouth that follows the loudness frame by frame keeps its score through the same
+    drift; a still mouth stays 0; NaN frames (no face) stay out of the means."""
+    rng = np.random.default_rng(7)
+    n, window = 250, 25  # 10 s at 25 fps, 1 s window
+    drift = np.linspace(0.0, 1.0, n)
+    loud = rng.uniform(0, 1, n) + 3 * drift
+    idle_mouth = rng.uniform(0, 1, n) + 3 * drift  # opens slowly, ignores the syllables
+    assert vm.sync_score(idle_mouth, loud, max_lag=2) > 0.8
+    assert abs(vm.sync_score(idle_mouth, loud, max_lag=2, detrend_frames=window)) < 0.3
+    follows = np.roll(loud - 3 * drift, 1) + 5 * drift[::-1]  # follows by a frame, drifts the other way
+    follows[0] = follows[1]
+    assert vm.sync_score(follows, loud, max_lag=2) < 0.0
+    assert vm.sync_score(follows, loud, max_lag=2, detrend_frames=window) > 0.8
+    assert vm.sync_score(np.full(n, 0.2), loud, detrend_frames=window) == 0.0
+    gappy = follows.copy()
+    gappy[::7] = np.nan
+    assert vm.sync_score(gappy, loud, max_lag=2, detrend_frames=window) > 0.8
+    x = np.array([1.0, 2.0, np.nan, 4.0, 5.0])
+    np.testing.assert_allclose(remove_trend(x, 3), [1.0 - 1.5, 2.0 - 1.5, np.nan, 4.0 - 4.5, 5.0 - 4.5])
 
 
 def test_lmd_is_zero_for_moved_scaled_copies_and_measures_mouth_shape():

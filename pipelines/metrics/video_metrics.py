@@ -16,7 +16,8 @@ Metrics (docs/EVALUATION.md has the full definitions):
   :mod:`pipelines.faces.mouth_sync` (the ingest uses the same to find who speaks):
 * ``mouth_opening``: inner-lip gap / face width per frame (dimensionless);
 * ``audio_loudness_per_frame``: RMS of the samples shown with each frame (linear, full scale 1);
-* ``sync``: Pearson correlation of mouth opening and loudness, best lag within +-``max_lag``
+* ``sync``: Pearson correlation of mouth opening and loudness, both less their moving mean over
+  :data:`SYNC_DETREND_S` (frame-to-frame following only), best lag within +-``max_lag``
   frames; ``sync_control`` the same against the time-reversed audio (what chance gives with the
   same lag search);
 * ``lmd``: mouth landmark distance, the 20 mouth points (48-67) relative to their centroid,
@@ -50,6 +51,11 @@ PSNR_CAP_DB = 100.0
 #: dlib landmark detector sees them: its HOG face detector misses faces below ~80 px, and the
 #: 64-256 px crops the platform generates are often smaller than that.
 MIN_DETECT_SIDE = 256
+#: Seconds of the moving mean ``sync`` removes from the mouth opening and the loudness first
+#: (:func:`pipelines.faces.mouth_sync.remove_trend`): changes slower than this are not lip sync
+#: (a mouth drifting open over a clip, the silence after a sentence) yet correlate at every lag.
+#: Syllables come at 3-8 a second, so the speech-rate part of both series passes.
+SYNC_DETREND_S = 1.0
 
 
 def _check_frames(frames: np.ndarray, name: str) -> np.ndarray:
@@ -164,7 +170,8 @@ def _resize_like(frames: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def score_video(gen_frames: np.ndarray, real_frames: Optional[np.ndarray], samples: np.ndarray,
                 sample_rate: int, fps: float, landmark_detector: FaceLandmarkDetector,
-                max_lag: int = 2, min_detect_side: int = MIN_DETECT_SIDE) -> dict[str, float]:
+                max_lag: int = 2, min_detect_side: int = MIN_DETECT_SIDE,
+                detrend_s: Optional[float] = SYNC_DETREND_S) -> dict[str, float]:
     """Every metric of one generated video.
 
     ``gen_frames`` uint8 [T, H, W, 3] at ``fps``; ``real_frames`` the real video's frames
@@ -172,7 +179,7 @@ def score_video(gen_frames: np.ndarray, real_frames: Optional[np.ndarray], sampl
     ``samples`` float [n] mono audio at ``sample_rate`` Hz starting at frame 0;
     ``landmark_detector`` a :class:`pipelines.faces.detect.FaceLandmarkDetector` (dlib by default
     in the platform), run on frames upscaled to >= ``min_detect_side`` px; ``max_lag`` frames is
-    the lag search of :func:`sync_score`.
+    the lag search of :func:`sync_score`; ``detrend_s`` seconds its ``detrend_frames`` (None: off).
 
     Keys (floats; NaN where undefined): ``frames``, ``face_found_ratio``, ``sync``,
     ``sync_control``, ``glo``, ``exp``, and with real frames also ``psnr``, ``ssim``, ``lmd``,
@@ -191,10 +198,12 @@ def score_video(gen_frames: np.ndarray, real_frames: Optional[np.ndarray], sampl
     loud = audio_loudness_per_frame(samples, sample_rate, fps, t)
     # the audio of the video's own length, time-reversed: frame k gets frame T-1-k's loudness
     loud_rev = loud[::-1].copy()
+    detrend = max(1, round(detrend_s * fps)) if detrend_s else None
 
     def sync_pair(lm: np.ndarray) -> tuple[float, float]:
         opening = mouth_opening(lm)
-        return sync_score(opening, loud, max_lag), sync_score(opening, loud_rev, max_lag)
+        return (sync_score(opening, loud, max_lag, detrend),
+                sync_score(opening, loud_rev, max_lag, detrend))
 
     lm_gen, found_gen = detect_landmarks(gen, landmark_detector, min_detect_side)
     out: dict[str, float] = {"frames": float(t), "face_found_ratio": float(found_gen.mean())}
