@@ -184,7 +184,12 @@ def run_demo(work: Path, settings: DemoSettings, console: Optional[Console] = No
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python demo.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, type=Path, help="folder for everything the demo writes")
-    parser.add_argument("--train-steps", type=int, default=DemoSettings.train_steps, help=f"optimizer steps of stage 2 (stage 1: {DemoSettings.stage1_step_ratio}x as many)")
+    parser.add_argument("--train-steps", type=int, default=DemoSettings.train_steps, help="optimizer steps of stage 2")
+    parser.add_argument("--stage1-step-ratio", type=float, default=DemoSettings.stage1_step_ratio,
+                        help="stage 1's steps as a multiple of --train-steps")
+    parser.add_argument("--mouth-loss-weight", type=float, default=DemoSettings.mouth_loss_weight,
+                        help="train.mouth_loss_weight of stage 2 (docs/METHOD.md 8; lip sync in the tiny model: "
+                             "--train-steps 1200 --stage1-step-ratio 1 --mouth-loss-weight 4, docs/EVALUATION.md)")
     parser.add_argument("--sample-steps", type=int, default=DemoSettings.sample_steps, help="DDIM steps of the video")
     parser.add_argument("--vae-steps", type=int, default=DemoSettings.vae_steps,
                         help="optimizer steps of the tiny VAE's fit to the sample faces")
@@ -200,8 +205,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if shutil.which(tool) is None:
             print(f"demo failed at step 'setup': {tool} not found (make sysdeps installs it)", file=sys.stderr)
             return 2
-    settings = DemoSettings(train_steps=args.train_steps, sample_steps=args.sample_steps, vae_steps=args.vae_steps,
-                            port=args.port)
+    settings = DemoSettings(train_steps=args.train_steps, stage1_step_ratio=args.stage1_step_ratio,
+                            mouth_loss_weight=args.mouth_loss_weight, sample_steps=args.sample_steps,
+                            vae_steps=args.vae_steps, port=args.port)
     try:
         video = run_demo(args.work, settings)
     except StepError as exc:

@@ -16,7 +16,8 @@ on frames upscaled to >= 256 px) land in the stage-2 MLflow run as ``eval_face_f
 ``eval_sync``, ``eval_sync_control``, ``eval_identity``, ``eval_identity_control``, ``eval_psnr``
 at each evaluated step (``eval_sync`` is
 missing at a step where no face was found: NaN is not logged). The table has one row per (step,
-metric); the plot (``learning_curve.png``) goes to that run's artifacts.
+metric), with ``val_audio_gain`` beside them (the checkpoint evaluation's measure of the audio path
+alone: ``training.evaluation.audio_use``); the plot (``learning_curve.png``) goes to that run's artifacts.
 ``LOOPY_BENCH_LEARNING_OVERRIDES`` adds ``section.key=value`` overrides to the train command
 (e.g. ``train.lr=0.0002``, ``sampler.audio_ratio=1`` or ``train.ema_decay=0.99``) for another
 point of the design space.
@@ -37,14 +38,15 @@ import tempfile
 from pathlib import Path
 
 CURVE_METRICS = ("eval_face_found_ratio", "eval_sync", "eval_sync_control", "eval_identity", "eval_identity_control",
-                 "eval_psnr", "eval_codec_face_found_ratio", "eval_codec_identity", "eval_codec_psnr")
+                 "eval_psnr", "eval_codec_face_found_ratio", "eval_codec_identity", "eval_codec_psnr",
+                 "val_audio_gain")
 TARGET_IDENTITY = 0.6
 TARGET_IDENTITY_MARGIN = 0.1
 TARGET_SYNC = 0.30
 TARGET_MARGIN = 0.15
 TARGET_FACE_FOUND = 0.90
 UNITS = {"eval_psnr": "dB", "eval_face_found_ratio": "share", "eval_codec_psnr": "dB",
-         "eval_codec_face_found_ratio": "share"}
+         "eval_codec_face_found_ratio": "share", "val_audio_gain": "share"}
 UNITS.update({"eval_identity": "distance", "eval_identity_control": "distance", "eval_codec_identity": "distance"})
 TARGETS = {"eval_sync": f">= {TARGET_SYNC}", "eval_face_found_ratio": f">= {TARGET_FACE_FOUND}",
            "eval_identity": f"<= {TARGET_IDENTITY}"}

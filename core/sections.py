@@ -308,6 +308,13 @@ class TrainConfig:
     # first channels, a patch's mean colour, decode 10-30x larger than its detail channels, and a
     # uniform loss spends most of a short run on the details; docs/METHOD.md 8)
     latent_loss_weight: Literal["uniform", "pixel"] = "uniform"
+    # stage 2 only (ours, not the paper's; 0 = off = the paper's loss): the squared error of the
+    # latent cells over the mouth counts 1 + mouth_loss_weight times (the box of the clip frame's
+    # lip landmarks 48-67, grown by mouth_loss_margin of its size on each side, as the share of
+    # each latent cell it covers). The mouth is a few % of a face crop and the only region the
+    # audio predicts; a uniform MSE spends a short run on the rest (docs/METHOD.md 8)
+    mouth_loss_weight: float = 0.0
+    mouth_loss_margin: float = 0.5
     # --- checkpoints, logging, evaluation ---
     checkpoint_every: int = 10  # steps; the last step always checkpoints
     checkpoints_to_keep: int = 2
@@ -336,6 +343,12 @@ class TrainConfig:
     fault_kind: Literal["exit", "nan", "mlflow_outage", "stall"] = "exit"  # "stall": its input blocks forever
     fault_steps: int = 1
 
+    def __post_init__(self):
+        for name in ("mouth_loss_weight", "mouth_loss_margin"):
+            value = getattr(self, name)
+            if not float(value) >= 0.0:
+                raise ValueError(f"train.{name} must be >= 0, got {value!r}")
+
 
 # --- evaluation ---------------------------------------------------------------------------------
 
@@ -356,6 +369,9 @@ class EvaluationConfig:
     detector: Literal["dlib", "dlib_cnn", "mtcnn", "dwpose"] = "dlib"
     min_detect_side: int = 256  # frames are upscaled to at least this side before landmark detection
     max_lag: int = 2  # frames: sync's lag search is -max_lag..max_lag
+    # seconds of the moving mean sync removes from the mouth opening and the loudness first (only
+    # the frame-to-frame following counts; None = off, the correlation of the raw series)
+    sync_detrend_s: Optional[float] = 1.0
     # the codec frames (stored latents decoded by the package's VAE) scored too: codec_face_found_ratio,
     # codec_psnr, codec_ssim, codec_sync, codec_identity, the ceiling the VAE puts on every figure
     codec_metrics: bool = True

@@ -70,7 +70,8 @@ def test_step_commands_run_the_makefile_clis(tmp_path):
         overrides = [a for a in cmds[name] if re.fullmatch(r"[a-z0-9_]+\.[a-z0-9_]+=.*", a)]
         cfg = load_platform_config(None, overrides)
         if name == "train":  # stage 2's steps, and stage 1 gets stage1_step_ratio times as many
-            assert cfg.train.max_steps == 7 and cfg.train.stage1_max_steps == 7 * settings.stage1_step_ratio
+            assert cfg.train.max_steps == 7 and cfg.train.stage1_max_steps == round(7 * settings.stage1_step_ratio)
+            assert cfg.train.mouth_loss_weight == settings.mouth_loss_weight
             assert cfg.model.reference_concat is settings.reference_concat
             # the package's sampler section
             assert (cfg.sampler.reference_init, cfg.sampler.noise_scale, cfg.sampler.ref_ratio) == \

@@ -123,6 +123,99 @@ def test_loss_target_follows_the_prediction_type(kind):
     assert ddim["prediction_type"] == kind and ddim["beta_schedule"] == cfg.beta_schedule
 
 
+def test_mouth_region_weights_cover_the_lip_box_on_the_latent_grid():
+    """train.mouth_loss_weight: cells fully inside the grown lip box weigh 1 + w, cells outside 1,
+    a cell the box edge cuts in half 1 + w / 2; the box follows each frame's own landmarks."""
+    from training.step import mouth_region_weights
+
+    lm = torch.full((1, 2, 68, 2), 0.5)
+    lips = torch.tensor([[0.25, 0.5], [0.5, 0.75]])  # frame 0: lips span x 0.25-0.5, y 0.5-0.75
+    lm[0, 0, 48:68] = lips.repeat(10, 1)
+    lm[0, 1, 48:68] = lips.repeat(10, 1) - torch.tensor([0.25, 0.5])  # frame 1: top-left quarter
+    w = mouth_region_weights(lm, 4, 4, weight=3.0, margin=0.0)
+    assert w.shape == (1, 2, 1, 4, 4)
+    expect0 = torch.ones(4, 4)
+    expect0[2, 1] = 4.0  # cell rows 0.5-0.75, cols 0.25-0.5
+    assert torch.allclose(w[0, 0, 0], expect0)
+    expect1 = torch.ones(4, 4)
+    expect1[0, 0] = 4.0
+    assert torch.allclose(w[0, 1, 0], expect1)
+    # grown by half its size on each side: x 0.125-0.625, y 0.375-0.875; cell [1, 0] is half covered
+    # along y and half along x: a quarter
+    grown = mouth_region_weights(lm[:, :1], 4, 4, weight=2.0, margin=0.5)[0, 0, 0]
+    assert torch.allclose(grown[2, 1], torch.tensor(3.0)) and torch.allclose(grown[1, 0], torch.tensor(1.5))
+    assert torch.allclose(grown[0], torch.ones(4)) and torch.allclose(grown[:, 3], torch.ones(4))
+
+
+def test_mouth_loss_weight_adds_the_mouth_cells_error_and_only_there():
+    """An error only outside the mouth gives the same loss with or without the mouth weight; an
+    error only inside it is counted 1 + w times; no landmarks in the batch is a named error."""
+    from core.sections import TrainConfig
+    from training.errors import TrainingError
+    from training.step import diffusion_loss, make_noise_scheduler
+
+    sched = make_noise_scheduler(TrainConfig())
+    latents = torch.zeros(1, 2, 4, 4, 4)
+    t = torch.tensor([500])
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(latents.shape, generator=g)
+    lm = torch.full((1, 2, 68, 2), 0.5)
+    lm[..., 48:68, :] = torch.tensor([[0.25, 0.5], [0.5, 0.75]]).repeat(10, 1)  # the cell [2, 1]
+    inside = torch.zeros(4, 4, dtype=torch.bool)
+    inside[2, 1] = True
+
+    class Off(torch.nn.Module):  # the target plus an error of 1 on the cells of ``where``
+        def __init__(self, where):
+            super().__init__()
+            self.where = where
+
+        def forward(self, noisy_latents, timesteps):
+            return noise + self.where.float()
+
+    batch = {"latents": latents, "landmarks": lm}
+    for where, factor in ((~inside, 1.0), (inside, 4.0)):
+        plain = diffusion_loss(Off(where), batch, sched, torch.Generator().manual_seed(0), t)
+        weighted = diffusion_loss(Off(where), batch, sched, torch.Generator().manual_seed(0), t,
+                                  mouth_weight=3.0, mouth_margin=0.0)
+        assert float(weighted) == pytest.approx(float(plain) * factor, rel=1e-5)
+    with pytest.raises(TrainingError, match="mouth_loss_weight"):
+        diffusion_loss(Off(inside), {"latents": latents}, sched, torch.Generator().manual_seed(0), t, mouth_weight=1.0)
+
+
+def test_audio_use_is_zero_for_a_model_that_ignores_the_audio_and_one_for_one_that_needs_it():
+    """val_audio_gain (training.evaluation.audio_use): the mouth error with each clip's own audio
+    against another clip's. A model blind to the audio scores exactly 0; a model that predicts the
+    target only with the right audio (error 1 everywhere with another) scores 1."""
+    from core.sections import TrainConfig
+    from training.evaluation import audio_use
+    from training.step import make_noise_scheduler
+
+    sched = make_noise_scheduler(TrainConfig())  # epsilon: the target is the noise
+    latents = torch.randn(3, 2, 4, 4, 4)
+    audio = torch.randn(3, 2, 5, 2, 8)
+    lm = torch.full((3, 2, 68, 2), 0.5)
+    lm[..., 48:68, :] = torch.tensor([[0.3, 0.5], [0.7, 0.8]]).repeat(10, 1)
+    batch = {"latents": latents, "audio": audio, "landmarks": lm}
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))  # seed 0, batch 0
+
+    class Blind(torch.nn.Module):
+        def forward(self, noisy_latents, timesteps, audio):
+            return noisy_latents * 0.5
+
+    class Listens(torch.nn.Module):
+        def forward(self, noisy_latents, timesteps, audio):
+            right = torch.tensor([float(torch.equal(a, b)) for a, b in zip(audio, batch["audio"])])
+            return noise + (1.0 - right).view(-1, 1, 1, 1, 1)
+
+    blind = audio_use(Blind(), [batch], sched, [100, 900], 0, torch.device("cpu"))
+    assert blind["val_audio_gain"] == 0.0 and blind["val_mouth_loss"] > 0
+    listens = audio_use(Listens(), [batch], sched, [100, 900], 0, torch.device("cpu"))
+    assert listens["val_mouth_loss"] == pytest.approx(0.0, abs=1e-9)
+    assert listens["val_mouth_loss_other_audio"] == pytest.approx(1.0)
+    assert listens["val_audio_gain"] == pytest.approx(1.0)
+    assert audio_use(Blind(), [{"latents": latents}], sched, [100], 0, torch.device("cpu")) == {}  # stage 1
+
+
 # --- Ray Train runs ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

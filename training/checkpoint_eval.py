@@ -12,7 +12,8 @@ One evaluation, on the persisted checkpoint folder:
    keeps an EMA), float32, on the task's device (CUDA when the task has a GPU);
 2. validation loss on the test split (``training/evaluation.py``: fixed timesteps and noise, so
    values are comparable across steps) and the loss plot;
-3. stage 2: a sample video of the first test clip and its Glo / Exp statistics; with
+3. stage 2: the audio use (``val_audio_gain``: the mouth's prediction error with each clip's own
+   audio against another clip's), a sample video of the first test clip and its Glo / Exp statistics; with
    ``train.eval_videos > 0`` the evaluation job's metrics (``evaluate_package``: psnr, ssim, lmd,
    sync, ...; logged as ``eval_<name>`` from its ``mean`` entry) on that many test videos;
 4. metrics and artifacts go to the stage's MLflow run at the checkpoint's step; the metrics are
@@ -78,6 +79,9 @@ class CheckpointEvaluator:
         precision = tc.mixed_precision if device.type == "cuda" else "no"
         metrics = evaluation.validation_loss(net, batches, make_noise_scheduler(tc), tc.eval_timesteps, tc.seed,
                                              device, precision, latent_loss_weights(tc, self.cfg.weights))
+        if self.stage == 2:
+            metrics.update(evaluation.audio_use(net, batches, make_noise_scheduler(tc), tc.eval_timesteps, tc.seed,
+                                                device, precision, tc.mouth_loss_margin))
         self._log(lambda run: run.log_metrics(metrics, step))
         self._log(lambda run: run.log_artifact(self._loss_plot(run, step, tmp), "eval"))
         if self.stage == 2 and batches:

@@ -6,6 +6,8 @@ loss plot, and a short sample video of the current model.
   every evaluation of a run scores the same noisy inputs: the numbers are comparable across
   steps. The test split is read with the condition switches all off (``LoopySampleSource``
   with a non-train split). Metrics: ``val_loss`` (mean) and ``val_loss_t<T>`` per timestep.
+* Audio use (stage 2, :func:`audio_use`): the prediction's error over the mouth with each clip's
+  own audio against another clip's, at the same fixed timesteps and noise: ``val_audio_gain``.
 * Sample video (stage 2): the first test clip's reference latent and audio, generated with
   :class:`inference.sampler.LoopySampler` (``train.eval_sample_steps`` DDIM steps) from a package
   of the current weights, decoded by the package's VAE, written as mp4 (no audio track: the
@@ -56,7 +58,7 @@ from pipelines.faces.detect import make_detector
 from pipelines.faces.motion_stats import clip_motion_stats, motion_stats_ratio
 from pipelines.metrics.identity import ArcFaceEmbedder, FaceDescriber, VideoIdentity, split_identity, video_identity
 from pipelines.reader.source import LoopySampleSource, collate
-from training.step import diffusion_loss, to_device
+from training.step import diffusion_loss, mouth_region_weights, prediction_and_target, to_device
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,49 @@ def validation_loss(model: torch.nn.Module, batches: Sequence[dict[str, torch.Te
     out = {f"val_loss_t{t}": float(np.mean(v)) for t, v in per_t.items()}
     out["val_loss"] = float(np.mean(list(out.values())))
     return out
+
+
+@torch.no_grad()
+def audio_use(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], noise_scheduler,
+              timesteps: Sequence[int], seed: int, device: torch.device, mixed_precision: str = "no",
+              mouth_margin: float = 0.5) -> dict[str, float]:
+    """Does the denoiser use the audio? The squared error of its prediction over the mouth (the
+    cells of :func:`training.step.mouth_region_weights`, each weighed by the share the mouth box
+    covers) with each clip's own audio, and with the audio of the next clip of the batch (the same
+    noisy input, the same noise), at each fixed timestep. Keys: ``val_mouth_loss``,
+    ``val_mouth_loss_other_audio`` and ``val_audio_gain`` = 1 - own / other (0: the audio is
+    ignored; > 0: the right audio predicts the mouth better). Stage-2 batches of two or more clips
+    only (audio and landmarks); {} otherwise. Independent of the sampler and of any face detector,
+    so it shows the audio path learning long before a generated mouth moves."""
+    usable = [b for b in batches if "audio" in b and "landmarks" in b and b["latents"].shape[0] >= 2]
+    if not usable:
+        return {}
+    was_training = model.training
+    model.eval()
+    own, other = [], []
+    try:
+        for i, batch in enumerate(usable):
+            batch = to_device(batch, device)
+            swapped = dict(batch, audio=torch.roll(batch["audio"], 1, 0))
+            latents = batch["latents"]
+            cover = mouth_region_weights(batch["landmarks"], latents.shape[-2], latents.shape[-1], 1.0,
+                                         mouth_margin) - 1.0  # [B, F, 1, h, w]
+            norm = float(cover.sum()) * latents.shape[2]
+            if norm <= 0:
+                continue
+            for t in timesteps:
+                ts = torch.full((latents.shape[0],), int(t), dtype=torch.long)
+                for target_list, b in ((own, batch), (other, swapped)):
+                    gen = torch.Generator().manual_seed(seed * 7919 + i)  # the same noise for both
+                    pred, target = prediction_and_target(model, b, noise_scheduler, gen, ts, mixed_precision)
+                    target_list.append(float(((pred - target) ** 2 * cover).sum()) / norm)
+    finally:
+        model.train(was_training)
+    if not own:
+        return {}
+    mouth, mouth_other = float(np.mean(own)), float(np.mean(other))
+    return {"val_mouth_loss": mouth, "val_mouth_loss_other_audio": mouth_other,
+            "val_audio_gain": 1.0 - mouth / mouth_other if mouth_other > 0 else float("nan")}
 
 
 def plot_losses(series: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "") -> Path:
@@ -238,6 +283,7 @@ def evaluate_row(sampler: LoopySampler, detector, data_dir: str | Path, row: dic
                                 source=row.get("source"))
         result = evaluate_video(sampler, video, detector, steps if steps is not None else eval_cfg.steps,
                                 max_lag=eval_cfg.max_lag, min_detect_side=eval_cfg.min_detect_side,
+                                detrend_s=eval_cfg.sync_detrend_s,
                                 codec=eval_cfg.codec_metrics)
     except (InferenceError, PipelineError) as exc:
         log.warning("evaluation of %s rejected: %s", vid, exc)

@@ -333,6 +333,8 @@ def _train(job: StageJob, rank: int, world: int, device: torch.device, logger: O
     ema = EMAModel(params, decay=tc.ema_decay, foreach=True) if tc.ema_decay else None
     noise_scheduler = make_noise_scheduler(tc)
     channel_weights = latent_loss_weights(tc, job.cfg.weights)  # None: every latent channel alike
+    # stage 1 has no audio: the mouth of its target frame is not predictable, so no extra weight
+    mouth_weight = tc.mouth_loss_weight if job.stage == 2 else 0.0
     fp16_scaler: Union[torch.amp.GradScaler, None] = (
         torch.amp.GradScaler("cuda") if device.type == "cuda" and tc.mixed_precision == "fp16" else None)
 
@@ -389,7 +391,8 @@ def _train(job: StageJob, rank: int, world: int, device: torch.device, logger: O
             t_start = time.perf_counter()
             try:  # steps are numbered 1..max_steps (as in the metrics)
                 res = train_step(model, batch, optimizer, lr_scheduler, noise_scheduler, tc, state.step + 1, rank,
-                                 device, ema=ema, fp16_scaler=fp16_scaler, channel_weights=channel_weights)
+                                 device, ema=ema, fp16_scaler=fp16_scaler, channel_weights=channel_weights,
+                                 mouth_weight=mouth_weight)
             except NonFiniteLossError as err:  # every rank raises at the same step (agreed flag)
                 _report_nan(job, rank, err, logger)
                 return

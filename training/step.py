@@ -5,7 +5,9 @@ Shapes: ``latents`` [B, F, 4, h, w] (F = 12 clip frames, 1 in stage 1); timestep
 0..num_train_timesteps-1, the same for every frame of a clip (seed defect 17); noise
 [B, F, 4, h, w]. The loss is the MSE between the prediction and its target (the noise, or the
 velocity with ``train.prediction_type=v_prediction``), each latent channel weighted alike or, with
-``train.latent_loss_weight=pixel``, by its decoded pixel energy (:func:`latent_loss_weights`).
+``train.latent_loss_weight=pixel``, by its decoded pixel energy (:func:`latent_loss_weights`), and in
+stage 2 with ``train.mouth_loss_weight`` > 0 each latent cell over the mouth more
+(:func:`mouth_region_weights`).
 
 Randomness of a step (timesteps and noise) comes from a generator seeded by (seed, rank, step),
 so a resumed run draws exactly the noise the uninterrupted run drew at the same step.
@@ -112,15 +114,42 @@ def latent_loss_weights(tc: TrainConfig, weights: WeightsConfig) -> Optional[tor
     return (energy / energy.mean()).float()
 
 
-def diffusion_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], noise_scheduler,
-                   generator: torch.Generator, timesteps: Optional[torch.Tensor] = None,
-                   mixed_precision: str = "no", channel_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """MSE between the model's prediction and its target at one timestep per clip (``timesteps``
-    [B], default: uniform draws from ``generator``): the noise added to ``batch["latents"]``
-    (``epsilon``), or the velocity ``sqrt(a) eps - sqrt(1 - a) x0`` (``v_prediction``, diffusers'
-    ``get_velocity``), as ``noise_scheduler.config.prediction_type`` says. ``channel_weights`` [C]
-    (mean 1, :func:`latent_loss_weights`) weighs the squared error of each latent channel; None:
-    the plain MSE."""
+MOUTH_LANDMARKS = slice(48, 68)  # iBUG-300W: outer and inner lip
+
+
+def mouth_region_weights(landmarks: torch.Tensor, height: int, width: int, weight: float,
+                         margin: float) -> torch.Tensor:
+    """Per-cell loss weights [B, F, 1, height, width] for ``train.mouth_loss_weight``: 1 + ``weight``
+    x the share of each latent cell covered by the mouth box of its frame.
+
+    ``landmarks`` [B, F, 68, 2]: crop-normalised (x, y in 0..1, the reader's, already mirrored with
+    the latents). The box is the lip landmarks' (48-67) bounding box grown by ``margin`` x its
+    width / height on each side (the jaw and cheeks move with the lips), clipped to the crop.
+    Cell (i, j) spans [i / height, (i + 1) / height] x [j / width, (j + 1) / width]; its coverage is
+    the product of the box's overlaps along y and x, so a box edge inside a cell weighs it
+    partly (no jump when the mouth moves by less than a cell)."""
+    lips = landmarks[..., MOUTH_LANDMARKS, :].float()
+    lo, hi = lips.amin(dim=-2), lips.amax(dim=-2)  # [B, F, 2] (x, y)
+    grow = (hi - lo) * margin
+    lo, hi = (lo - grow).clamp(0.0, 1.0), (hi + grow).clamp(0.0, 1.0)
+
+    def overlap(n: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [B, F, n] share of each cell
+        edges = torch.arange(n + 1, device=a.device, dtype=torch.float32) / n
+        start = torch.maximum(edges[:-1], a.unsqueeze(-1))
+        end = torch.minimum(edges[1:], b.unsqueeze(-1))
+        return (end - start).clamp(min=0.0) * n
+
+    cover = overlap(height, lo[..., 1], hi[..., 1]).unsqueeze(-1) * overlap(width, lo[..., 0], hi[..., 0]).unsqueeze(-2)
+    return (1.0 + weight * cover).unsqueeze(2)
+
+
+def prediction_and_target(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], noise_scheduler,
+                          generator: torch.Generator, timesteps: Optional[torch.Tensor] = None,
+                          mixed_precision: str = "no") -> tuple[torch.Tensor, torch.Tensor]:
+    """(the model's prediction float32, its target) [B, F, C, h, w] at one timestep per clip
+    (``timesteps`` [B], default: uniform draws from ``generator``; then the noise from it): the
+    noise added to ``batch["latents"]`` (``epsilon``), or the velocity ``sqrt(a) eps - sqrt(1 - a) x0``
+    (``v_prediction``, diffusers' ``get_velocity``), as ``noise_scheduler.config.prediction_type`` says."""
     latents = batch["latents"]
     device = latents.device
     b = latents.shape[0]
@@ -130,7 +159,7 @@ def diffusion_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], no
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # broadcasts alpha_t over F, C, h, w
     with autocast_context(device, mixed_precision):
-        eps = model(**model_inputs(model, batch), noisy_latents=noisy, timesteps=timesteps)
+        pred = model(**model_inputs(model, batch), noisy_latents=noisy, timesteps=timesteps)
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise
@@ -138,10 +167,31 @@ def diffusion_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], no
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"train.prediction_type {kind!r} is not epsilon or v_prediction")
-    if channel_weights is None:
-        return F.mse_loss(eps.float(), target)
-    weights = channel_weights.to(device=device, dtype=torch.float32).view(1, 1, -1, 1, 1)  # over [B, F, C, h, w]
-    return ((eps.float() - target) ** 2 * weights).mean()
+    return pred.float(), target
+
+
+def diffusion_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], noise_scheduler,
+                   generator: torch.Generator, timesteps: Optional[torch.Tensor] = None,
+                   mixed_precision: str = "no", channel_weights: Optional[torch.Tensor] = None,
+                   mouth_weight: float = 0.0, mouth_margin: float = 0.5) -> torch.Tensor:
+    """MSE between the model's prediction and its target (:func:`prediction_and_target`).
+    ``channel_weights`` [C] (mean 1, :func:`latent_loss_weights`) weighs the squared error of
+    each latent channel; None: the plain MSE. ``mouth_weight`` > 0: each latent cell's error is
+    also weighed by :func:`mouth_region_weights` of ``batch["landmarks"]`` (the mean is still over
+    every cell, so the weights add to the loss rather than reshare it)."""
+    pred, target = prediction_and_target(model, batch, noise_scheduler, generator, timesteps, mixed_precision)
+    if channel_weights is None and mouth_weight <= 0.0:
+        return F.mse_loss(pred, target)
+    err = (pred - target) ** 2  # [B, F, C, h, w]
+    device = err.device
+    if channel_weights is not None:
+        err = err * channel_weights.to(device=device, dtype=torch.float32).view(1, 1, -1, 1, 1)
+    if mouth_weight > 0.0:
+        if "landmarks" not in batch:
+            raise TrainingError("train.mouth_loss_weight > 0 needs the clip's landmarks in the batch")
+        err = err * mouth_region_weights(batch["landmarks"].to(device), err.shape[-2], err.shape[-1],
+                                         mouth_weight, mouth_margin)
+    return err.mean()
 
 
 def ranks_agree_bad(local_bad: bool, device: torch.device) -> bool:
@@ -164,7 +214,7 @@ MIN_FP16_SCALE = 1.0
 def train_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], optimizer, lr_scheduler,
                noise_scheduler, cfg: TrainConfig, step: int, rank: int, device: torch.device,
                ema=None, fp16_scaler: Optional[torch.amp.GradScaler] = None,
-               channel_weights: Optional[torch.Tensor] = None) -> StepResult:
+               channel_weights: Optional[torch.Tensor] = None, mouth_weight: float = 0.0) -> StepResult:
     """Step number ``step`` (1-based): forward, backward (DDP averages gradients), clip, update.
 
     Bad steps are agreed across ranks before any update: each rank's "my loss is not finite" flag
@@ -173,13 +223,15 @@ def train_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], optimi
     "loss of another rank") and nobody is left waiting in the next step's all-reduce. A
     non-finite averaged gradient norm (the same on every rank) stops all ranks too; with fp16 it
     is first treated as a loss-scale overflow (skipped update) while the scale is above
-    :data:`MIN_FP16_SCALE`."""
+    :data:`MIN_FP16_SCALE`. ``mouth_weight``: ``train.mouth_loss_weight`` in stage 2, 0 in stage 1
+    (the caller's choice: :func:`diffusion_loss`)."""
     model.train()
     provenance = batch_provenance(batch)
     batch = to_device(batch, device)
     lr = optimizer.param_groups[0]["lr"]
     loss = diffusion_loss(model, batch, noise_scheduler, step_generator(cfg.seed, rank, step),
-                          mixed_precision=cfg.mixed_precision, channel_weights=channel_weights)
+                          mixed_precision=cfg.mixed_precision, channel_weights=channel_weights,
+                          mouth_weight=mouth_weight, mouth_margin=cfg.mouth_loss_margin)
     optimizer.zero_grad(set_to_none=True)
     (fp16_scaler.scale(loss) if fp16_scaler is not None else loss).backward()
     if fp16_scaler is not None:
