@@ -94,7 +94,7 @@ class DemoSettings:
     stage1_step_ratio: float = 6.0
     # train.mouth_loss_weight of stage 2 (docs/METHOD.md 8). Off: in the demo's 200 stage-2 steps no
     # weight made the mouth follow the audio with faces kept; 1200 steps with weight 4 (and stage 1
-    # at 1200) meet every test-split target but take ~14 more minutes than the demo's budget
+    # at 1200) meet every test-split target but the demo then takes 28 minutes
     # (docs/EVALUATION.md "Does the tiny preset learn?"; demo.py --mouth-loss-weight)
     mouth_loss_weight: float = 0.0
     reference_concat: bool = True  # model.reference_concat (docs/METHOD.md 7): the portrait by position too
