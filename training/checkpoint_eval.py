@@ -77,10 +77,11 @@ class CheckpointEvaluator:
         if not batches:
             log.warning("%s has no test-split samples: validation loss skipped", self.data_dir)
         precision = tc.mixed_precision if device.type == "cuda" else "no"
-        metrics = evaluation.validation_loss(net, batches, make_noise_scheduler(tc), tc.eval_timesteps, tc.seed,
+        scheduler = make_noise_scheduler(tc)
+        metrics = evaluation.validation_loss(net, batches, scheduler, tc.eval_timesteps, tc.seed,
                                              device, precision, latent_loss_weights(tc, self.cfg.weights))
         if self.stage == 2:
-            metrics.update(evaluation.audio_use(net, batches, make_noise_scheduler(tc), tc.eval_timesteps, tc.seed,
+            metrics.update(evaluation.audio_use(net, batches, scheduler, tc.eval_timesteps, tc.seed,
                                                 device, precision, tc.mouth_loss_margin))
         self._log(lambda run: run.log_metrics(metrics, step))
         self._log(lambda run: run.log_artifact(self._loss_plot(run, step, tmp), "eval"))

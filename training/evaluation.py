@@ -71,6 +71,11 @@ def load_test_batches(data_dir: str | Path, reader_cfg, batch_size: int, max_bat
     return [collate([source.load(s) for s in specs[i:i + batch_size]]) for i in range(0, len(specs), batch_size)]
 
 
+def eval_noise_generator(seed: int, batch_index: int) -> torch.Generator:
+    """The generator of test batch ``batch_index``'s noise: the same at every evaluation of a run."""
+    return torch.Generator().manual_seed(seed * 7919 + batch_index)
+
+
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], noise_scheduler,
                     timesteps: Sequence[int], seed: int, device: torch.device,
@@ -87,7 +92,7 @@ def validation_loss(model: torch.nn.Module, batches: Sequence[dict[str, torch.Te
             batch = to_device(batch, device)
             b = batch["latents"].shape[0]
             for t in per_t:
-                gen = torch.Generator().manual_seed(seed * 7919 + i)
+                gen = eval_noise_generator(seed, i)
                 ts = torch.full((b,), t, dtype=torch.long)
                 per_t[t].append(float(diffusion_loss(model, batch, noise_scheduler, gen, ts, mixed_precision,
                                                             channel_weights)))
@@ -110,14 +115,15 @@ def audio_use(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]
     ignored; > 0: the right audio predicts the mouth better). Stage-2 batches of two or more clips
     only (audio and landmarks); {} otherwise. Independent of the sampler and of any face detector,
     so it shows the audio path learning long before a generated mouth moves."""
-    usable = [b for b in batches if "audio" in b and "landmarks" in b and b["latents"].shape[0] >= 2]
+    usable = [(i, b) for i, b in enumerate(batches)
+              if "audio" in b and "landmarks" in b and b["latents"].shape[0] >= 2]
     if not usable:
         return {}
     was_training = model.training
     model.eval()
     own, other = [], []
     try:
-        for i, batch in enumerate(usable):
+        for i, batch in usable:  # i: the batch's index, so its noise is validation_loss's
             batch = to_device(batch, device)
             swapped = dict(batch, audio=torch.roll(batch["audio"], 1, 0))
             latents = batch["latents"]
@@ -129,7 +135,7 @@ def audio_use(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]
             for t in timesteps:
                 ts = torch.full((latents.shape[0],), int(t), dtype=torch.long)
                 for target_list, b in ((own, batch), (other, swapped)):
-                    gen = torch.Generator().manual_seed(seed * 7919 + i)  # the same noise for both
+                    gen = eval_noise_generator(seed, i)  # the same noise for both
                     pred, target = prediction_and_target(model, b, noise_scheduler, gen, ts, mixed_precision)
                     target_list.append(float(((pred - target) ** 2 * cover).sum()) / norm)
     finally:
